@@ -1,0 +1,57 @@
+"""Immutable descriptions of the randomised mechanisms a training run applied.
+
+An event says *what happened* in one optimizer step; accountants (``rdp``,
+``prv``, ``pld``) turn a sequence of events into (ε, δ). Events never change
+meaning: a new kind of mechanism gets a new event class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["PoissonGaussian", "validate_sample_rate", "validate_noise_multiplier"]
+
+
+def validate_sample_rate(sample_rate: float) -> float:
+    """Return ``sample_rate`` as a float, or raise ``ValueError`` unless 0 < q <= 1."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+        raise ValueError(f"Expected sample_rate to be a number, got {sample_rate!r}")
+    if not (0.0 < sample_rate <= 1.0):
+        raise ValueError(f"Expected 0 < sample_rate={sample_rate} <= 1")
+    return float(sample_rate)
+
+
+def validate_noise_multiplier(noise_multiplier: float) -> float:
+    """Return ``noise_multiplier`` as a float, or raise ``ValueError`` unless finite and >= 0."""
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
+        raise ValueError(f"Expected noise_multiplier to be a number, got {noise_multiplier!r}")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0.0):
+        raise ValueError(f"Expected noise_multiplier={noise_multiplier} to be finite and >= 0")
+    return float(noise_multiplier)
+
+
+@dataclass(frozen=True, slots=True)
+class PoissonGaussian:
+    """One step of the Poisson-subsampled Gaussian mechanism (DP-SGD step).
+
+    Every example joins the logical batch independently with probability
+    ``sample_rate``; the sum of the clipped per-example gradients (each of L2
+    norm at most C) gets Gaussian noise of std ``noise_multiplier · C``.
+
+    Attributes:
+        sample_rate: q, probability that one example is in the logical batch
+            (unitless, 0 < q <= 1). For dpclip: expected logical batch / N.
+        noise_multiplier: σ, noise std divided by the clipping bound C
+            (unitless, >= 0). σ = 0 means no privacy (ε = ∞).
+
+    A Poisson draw at rate q split afterwards into k micro-batches is this very
+    event: the split does not change which examples meet the noise.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        validate_sample_rate(self.sample_rate)
+        validate_noise_multiplier(self.noise_multiplier)

@@ -1,0 +1,369 @@
+"""PrivacyEngine: make a model, optimizer, criterion and loader private, Opacus-style."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.optim import Optimizer
+from torch.utils.data import BatchSampler, DataLoader
+
+import accounting
+from accounting import Ledger, PoissonGaussian
+from dpclip.clipping import PerSampleClipper, validate_module
+from dpclip.loss import DPCriterion
+from dpclip.optimizer import DPOptimizer
+from dpclip.sampling import (
+    FixedSchedule,
+    GroupedBatchSampler,
+    MicroBatchSchedule,
+    PlannedSchedule,
+    PoissonMicroBatchSampler,
+    wrap_data_loader,
+)
+
+__all__ = ["LogicalBatchPlan", "PrivacyEngine"]
+
+# Objects already made private (by any engine): wrapping twice would clip twice.
+_CLAIMED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class LogicalBatchPlan:
+    """Sizes of one training run's logical batches.
+
+    Attributes:
+        dataset_size: N.
+        logical_batch_size: L, expected examples per optimizer step.
+        micro_batch_size: B with ``accumulation_steps`` (the loader's batch size),
+            or M, the largest micro-batch, with ``max_physical_batch_size``.
+        accumulation_steps: k micro-batches per logical batch, or None when
+            the count varies (``max_physical_batch_size``).
+        sample_rate: q = L / N.
+        steps_per_epoch: optimizer steps in one pass of the returned loader.
+        poisson: whether logical batches are Poisson samples (what ε assumes).
+    """
+
+    dataset_size: int
+    logical_batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int | None
+    sample_rate: float
+    steps_per_epoch: int
+    poisson: bool
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected {name}={value!r} to be an int >= 1")
+    return value
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 < value < math.inf
+    ):
+        raise ValueError(f"Expected {name}={value!r} to be a finite number > 0")
+    return float(value)
+
+
+def plan_logical_batches(
+    data_loader: DataLoader,
+    *,
+    accumulation_steps: int | None,
+    max_physical_batch_size: int | None,
+    poisson_sampling: bool,
+) -> LogicalBatchPlan:
+    """Validate the loader and batching arguments; derive L, q and steps per epoch."""
+    if not isinstance(data_loader, DataLoader):
+        raise ValueError(f"Expected data_loader to be a torch DataLoader, got {type(data_loader)}")
+    if accumulation_steps is not None and max_physical_batch_size is not None:
+        raise ValueError(
+            "pass accumulation_steps (loader batch = micro-batch) or max_physical_batch_size "
+            "(loader batch = logical batch), not both"
+        )
+    try:
+        n = len(data_loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError("data_loader.dataset must have a len(): dpclip samples by index") from None
+    if n < 1:
+        raise ValueError("data_loader.dataset is empty")
+    batch = data_loader.batch_size
+    if batch is None:
+        raise ValueError(
+            "data_loader.batch_size is None (custom batch_sampler): dpclip reads the "
+            "batch size from it; build the loader with batch_size="
+        )
+    if max_physical_batch_size is not None:
+        m = _positive_int("max_physical_batch_size", max_physical_batch_size)
+        k, logical, micro = None, batch, m
+        if not poisson_sampling and not isinstance(data_loader.batch_sampler, BatchSampler):
+            raise ValueError(
+                "poisson_sampling=False with max_physical_batch_size needs a loader built "
+                "with batch_size= (a torch BatchSampler)"
+            )
+    else:
+        k = _positive_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
+        logical, micro = k * batch, batch
+    if logical > n:
+        raise ValueError(
+            f"logical batch L={logical} exceeds the dataset size N={n} (sample rate L/N > 1)"
+        )
+    if poisson_sampling:
+        steps = n // logical
+    elif k is not None:
+        steps = math.ceil(len(data_loader) / k)
+    else:
+        steps = len(data_loader)
+    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, bool(poisson_sampling))
+
+
+class PrivacyEngine:
+    """Drop-in replacement for ``opacus.PrivacyEngine`` with correct accumulation.
+
+    Args:
+        accountant: how ``get_epsilon`` turns the ledger into ε: "prv"
+            (default, tight numerical bound), "rdp" or "pld".
+        secure_mode: must be False for now: noise comes from torch's
+            generators, which are not cryptographically secure.
+
+    Example (see examples/quickstart.py for a full run)::
+
+        engine = PrivacyEngine(accountant="prv")
+        model, optimizer, criterion, loader = engine.make_private(
+            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
+            data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            accumulation_steps=4)
+    """
+
+    def __init__(self, accountant: str = "prv", secure_mode: bool = False) -> None:
+        if accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(
+                f"Expected accountant={accountant!r} to be one of {sorted(accounting.ACCOUNTANTS)}"
+            )
+        if secure_mode:
+            raise ValueError(
+                "secure_mode=True is not supported: dpclip draws noise and batches with torch's "
+                "generators, which are not cryptographically secure"
+            )
+        self.accountant = accountant
+        self.secure_mode = False
+        self.ledger = Ledger()
+        self.plan: LogicalBatchPlan | None = None
+        self.noise_multiplier: float | None = None
+        self.max_grad_norm: float | None = None
+        self.optimizer: DPOptimizer | None = None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (= events in the ledger)."""
+        return self.ledger.steps
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        criterion: nn.Module,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        accumulation_steps: int | None = None,
+        max_physical_batch_size: int | None = None,
+        poisson_sampling: bool = True,
+        noise_generator: torch.Generator | None = None,
+        sample_generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+        """Wrap the training objects; returns (module, optimizer, criterion, data_loader).
+
+        Args:
+            module: the model; trained in place and returned as is (hooks added).
+            optimizer: a ``torch.optim`` optimizer over the model's parameters.
+            criterion: a loss module with a ``reduction`` of "mean" or "sum".
+            data_loader: its ``batch_size`` is the micro-batch size B, or with
+                ``max_physical_batch_size`` the logical batch size L.
+            noise_multiplier: σ, noise std divided by max_grad_norm (unitless, >= 0).
+            max_grad_norm: C, the per-example L2 gradient bound (> 0).
+            accumulation_steps: k micro-batches per optimizer step (default 1):
+                expected logical batch L = k·B.
+            max_physical_batch_size: instead of k: logical batches of expected
+                size L = loader batch size, split into micro-batches of at most M
+                (the BatchMemoryManager migration).
+            poisson_sampling: True (default): each step draws a Poisson logical
+                batch at q = L/N and splits it (exactly what ε assumes). False:
+                the loader's own batches are used, k at a time, and ε is flagged
+                as assuming a sampling that did not happen.
+            noise_generator: source of the Gaussian noise; default: a new
+                generator seeded from the operating system.
+            sample_generator: source of the Poisson sampling; same default.
+
+        Returns:
+            The same module; a ``DPOptimizer`` (step once per logical batch);
+            a ``DPCriterion`` whose losses' ``backward()`` clips and accumulates;
+            a loader of micro-batches whose ``len()`` is exact: steps per epoch
+            (N // L with Poisson sampling) times k, or with
+            ``max_physical_batch_size`` the micro-batches of the next epoch.
+        """
+        if self.optimizer is not None:
+            raise RuntimeError(
+                "this PrivacyEngine already made a model private; use one engine per training run"
+            )
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"Expected module to be an nn.Module, got {type(module)}")
+        if not isinstance(optimizer, Optimizer) or isinstance(optimizer, DPOptimizer):
+            raise ValueError(
+                f"Expected optimizer to be a plain torch.optim optimizer, got {type(optimizer)}"
+            )
+        for name, obj in (("module", module), ("optimizer", optimizer)):
+            if obj in _CLAIMED:
+                raise RuntimeError(
+                    f"this {name} was already made private; make_private it once (build a "
+                    "fresh model and optimizer for a new run)"
+                )
+        if getattr(criterion, "reduction", None) not in ("mean", "sum"):
+            raise ValueError(
+                "Expected criterion to be a loss module with reduction 'mean' or 'sum' "
+                f"(e.g. nn.CrossEntropyLoss()), got {criterion!r}"
+            )
+        noise_multiplier = accounting.events.validate_noise_multiplier(noise_multiplier)
+        max_grad_norm = _positive_float("max_grad_norm", max_grad_norm)
+        if not isinstance(poisson_sampling, bool):
+            raise ValueError(f"Expected poisson_sampling to be a bool, got {poisson_sampling!r}")
+        for name, gen in (("noise_generator", noise_generator), ("sample_generator", sample_generator)):
+            if gen is not None and not isinstance(gen, torch.Generator):
+                raise ValueError(f"Expected {name} to be a torch.Generator, got {type(gen)}")
+        plan = plan_logical_batches(
+            data_loader,
+            accumulation_steps=accumulation_steps,
+            max_physical_batch_size=max_physical_batch_size,
+            poisson_sampling=poisson_sampling,
+        )
+        validate_module(module)
+        trainable = {p for p in module.parameters() if p.requires_grad}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p not in trainable:
+                    raise ValueError(
+                        "the optimizer has a parameter that is not a trainable parameter of "
+                        "module: build the optimizer from module.parameters()"
+                    )
+
+        # All arguments are valid: from here on, state changes.
+        device = next(iter(trainable)).device
+        if noise_generator is None:
+            noise_generator = _os_seeded_generator(device)
+        if sample_generator is None:
+            sample_generator = _os_seeded_generator(torch.device("cpu"))
+        schedule: MicroBatchSchedule
+        if plan.poisson and plan.accumulation_steps is not None:
+            schedule = FixedSchedule(plan.accumulation_steps)
+        else:
+            schedule = PlannedSchedule()
+        if plan.poisson:
+            batch_sampler = PoissonMicroBatchSampler(
+                num_samples=plan.dataset_size,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps_per_epoch,
+                generator=sample_generator,
+                micro_batches=plan.accumulation_steps,
+                max_micro_batch_size=None if plan.accumulation_steps else plan.micro_batch_size,
+                schedule=schedule if isinstance(schedule, PlannedSchedule) else None,
+            )
+        else:
+            batch_sampler = GroupedBatchSampler(
+                data_loader.batch_sampler,
+                schedule,  # type: ignore[arg-type]
+                micro_batches=plan.accumulation_steps,
+                max_micro_batch_size=None if plan.accumulation_steps else plan.micro_batch_size,
+            )
+        clipper = PerSampleClipper(module, max_grad_norm)
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            clipper=clipper,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=plan.logical_batch_size,
+            schedule=schedule,
+            ledger=self.ledger,
+            event=PoissonGaussian(plan.sample_rate, noise_multiplier),
+            generator=noise_generator,
+        )
+        _CLAIMED.add(module)
+        _CLAIMED.add(optimizer)
+        self.plan = plan
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = dp_optimizer
+        loader = wrap_data_loader(data_loader, batch_sampler)
+        return module, dp_optimizer, DPCriterion(criterion, dp_optimizer), loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        criterion: nn.Module,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float,
+        accumulation_steps: int | None = None,
+        max_physical_batch_size: int | None = None,
+        poisson_sampling: bool = True,
+        noise_generator: torch.Generator | None = None,
+        sample_generator: torch.Generator | None = None,
+    ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+        """``make_private`` with the smallest σ (this engine's accountant) such that
+        ``epochs`` epochs of optimizer steps at q = L/N are (target_epsilon, target_delta)-DP."""
+        epochs = _positive_int("epochs", epochs)
+        plan = plan_logical_batches(
+            data_loader,
+            accumulation_steps=accumulation_steps,
+            max_physical_batch_size=max_physical_batch_size,
+            poisson_sampling=poisson_sampling,
+        )
+        sigma = accounting.calibrate_noise(
+            target_epsilon=target_epsilon,
+            delta=target_delta,
+            sample_rate=plan.sample_rate,
+            steps=epochs * plan.steps_per_epoch,
+            method=self.accountant,
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            accumulation_steps=accumulation_steps,
+            max_physical_batch_size=max_physical_batch_size,
+            poisson_sampling=poisson_sampling,
+            noise_generator=noise_generator,
+            sample_generator=sample_generator,
+        )
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta``, by this engine's accountant.
+
+        Warns when the loader's batches were not Poisson samples: ε then
+        assumes an amplification by sampling that the run did not have.
+        """
+        if self.plan is not None and not self.plan.poisson:
+            warnings.warn(
+                "poisson_sampling=False: ε assumes Poisson sampling at q = L/N, which this "
+                "run's fixed shuffled batches do not provide",
+                stacklevel=2,
+            )
+        return self.ledger.epsilon(delta, method=self.accountant)
+
+
+def _os_seeded_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))

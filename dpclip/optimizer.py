@@ -1,0 +1,236 @@
+"""The accumulating DP optimizer: one noisy, accounted update per logical batch.
+
+Each micro-batch's clipped gradient sum goes into an accumulator that
+``zero_grad()`` never touches. When the logical batch is complete, ``step()``
+sets ``param.grad = (S + N(0, σ²C²·I)) / L``, runs the user's optimizer and
+records one event in the ledger. L is the *expected* logical batch size:
+dividing by the realised size would leak it (Abadi et al. 2016 normalise by
+the expected lot size too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from accounting import Ledger, PoissonGaussian
+from dpclip.clipping import PerSampleClipper
+from dpclip.sampling import MicroBatchSchedule
+
+__all__ = ["DPOptimizer", "LogicalBatchError", "private_gradient"]
+
+
+class LogicalBatchError(RuntimeError):
+    """``step()`` or ``backward()`` does not match the logical-batch boundary."""
+
+
+def private_gradient(
+    clipped_sum: torch.Tensor,
+    *,
+    noise_std: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The DP-SGD gradient (S + N(0, noise_std² I)) / L for one parameter.
+
+    Args:
+        clipped_sum: S, the sum of clipped per-sample gradients over the logical batch.
+        noise_std: σ·C, the noise standard deviation in gradient units (0: no noise).
+        expected_batch_size: L, the expected logical batch size (not the realised one).
+        generator: where the noise comes from; on another device than S, the
+            noise is drawn there and moved.
+    """
+    if noise_std == 0.0:
+        return clipped_sum / expected_batch_size
+    noise = torch.normal(
+        0.0,
+        noise_std,
+        size=clipped_sum.shape,
+        generator=generator,
+        device=generator.device,
+        dtype=clipped_sum.dtype,
+    )
+    return (clipped_sum + noise.to(clipped_sum.device)) / expected_batch_size
+
+
+class DPOptimizer(Optimizer):
+    """Wraps a ``torch.optim`` optimizer; the training loop stays as it was.
+
+    Two loop styles give the same updates:
+    1. ``step()`` and ``zero_grad()`` after every micro-batch (BatchMemoryManager
+       style): a ``step()`` inside a logical batch is skipped (returns None).
+    2. ``backward()`` on every micro-batch, ``step()`` once the logical batch's
+       micro-batches are all in (Hugging Face style).
+    A ``step()`` that fits neither, or a ``backward()`` past the end of a
+    logical batch, raises ``LogicalBatchError`` naming both counts and leaves
+    the accumulator as it was.
+
+    Args:
+        optimizer: the user's optimizer over (a subset of) the model's trainable parameters.
+        clipper: per-sample clipping of the model.
+        noise_multiplier: σ, noise std divided by max_grad_norm (unitless, >= 0).
+        max_grad_norm: C, per-sample L2 clipping bound.
+        expected_batch_size: L, the expected logical batch size.
+        schedule: micro-batches per logical batch.
+        ledger: receives ``event`` once per optimizer step.
+        event: the mechanism one step applies.
+        generator: noise source.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        clipper: PerSampleClipper,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        schedule: MicroBatchSchedule,
+        ledger: Ledger,
+        event: PoissonGaussian,
+        generator: torch.Generator,
+    ) -> None:
+        # The wrapped optimizer keeps param_groups and state; no super().__init__ (as Opacus).
+        self.original_optimizer = optimizer
+        self.clipper = clipper
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.schedule = schedule
+        self.ledger = ledger
+        self.event = event
+        self.generator = generator
+        self._accumulator: dict[torch.Tensor, torch.Tensor] = {}
+        self._micro_batches = 0  # backward() calls in the current logical batch
+        self._since_step_call = 0  # backward() calls since the last step() call
+        self._planned: int | None = None  # micro-batches of the current logical batch
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters this optimizer updates."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.original_optimizer.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self.original_optimizer.defaults = defaults
+
+    @property
+    def micro_batches_accumulated(self) -> int:
+        """Micro-batches in the accumulator since the last optimizer step."""
+        return self._micro_batches
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise RuntimeError(
+            "parameters cannot be added to a DP optimizer: clipping covers the model as it "
+            "was made private; build the optimizer with all its parameters first"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``param.grad``; the accumulated clipped sum is kept until ``step()``."""
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def accumulate(self, loss_per_sample: torch.Tensor) -> None:
+        """Add this micro-batch's clipped gradient sum (called by the loss's ``backward()``).
+
+        An empty micro-batch (B = 0) adds nothing but counts as a micro-batch.
+        """
+        planned = self._planned if self._planned is not None else self.schedule.next_logical_batch()
+        if self._micro_batches >= planned:
+            raise LogicalBatchError(
+                f"backward() on micro-batch {self._micro_batches + 1} of a logical batch of "
+                f"{planned} micro-batches: call optimizer.step() when the logical batch is complete"
+            )
+        self._planned = planned
+        if loss_per_sample.numel() > 0:
+            sums = self.clipper.clipped_sum(loss_per_sample)
+        else:
+            sums = {}
+            self.clipper.discard()
+        for p in self.params:
+            s = sums.get(p)
+            if s is None:
+                continue
+            if p in self._accumulator:
+                self._accumulator[p].add_(s)
+            else:
+                self._accumulator[p] = s.detach().clone()
+        self._micro_batches += 1
+        self._since_step_call += 1
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply one DP update if the logical batch is complete, else skip (loop style 1).
+
+        Returns the closure's loss (or None); None for a skipped step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        n, since = self._micro_batches, self._since_step_call
+        if since == 0:
+            raise LogicalBatchError(
+                "step() called with no backward() since the previous step(): "
+                f"{n} micro-batches accumulated"
+            )
+        planned = int(self._planned)  # set by every backward(), and since > 0
+        if n < planned:
+            if since == 1:
+                self._since_step_call = 0
+                return None
+            raise LogicalBatchError(
+                f"step() after {n} micro-batches, but the logical batch has {planned} "
+                f"micro-batches (step after every micro-batch, or once after all {planned})"
+            )
+        noise_std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            s = self._accumulator.get(p)
+            if s is None:
+                s = torch.zeros_like(p)
+            p.grad = private_gradient(
+                s,
+                noise_std=noise_std,
+                expected_batch_size=self.expected_batch_size,
+                generator=self.generator,
+            )
+        self.original_optimizer.step()
+        self.ledger.record(self.event)
+        self._accumulator = {}
+        self._micro_batches = 0
+        self._since_step_call = 0
+        self._planned = None
+        return loss
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, "
+            f"max_grad_norm={self.max_grad_norm}, expected_batch_size={self.expected_batch_size})"
+        )
