@@ -186,6 +186,15 @@ class DPOptimizer(Optimizer):
         self._micro_batches += 1
         self._since_step_call += 1
 
+    def add_empty_micro_batch(self) -> None:
+        """Count a micro-batch with no examples without running the model.
+
+        Poisson micro-batches can be empty; ``nn.MultiheadAttention`` cannot run
+        a forward pass on an empty batch, so a loop over such a model calls this
+        instead of ``criterion(model(x), y).backward()`` when ``len(y) == 0``.
+        """
+        self.accumulate(torch.empty(0))
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Apply one DP update if the logical batch is complete, else skip (loop style 1).
 

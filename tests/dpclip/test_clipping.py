@@ -1,0 +1,160 @@
+"""Per-sample norms and clipped sums against independent references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from dpclip import NonFiniteNormError, PerSampleClipper, clip_factors
+from tests.dpclip.models import TinyTransformer, make_data
+
+
+def test_clip_factors_edge_cases():
+    norms = torch.tensor([0.0, 0.5, 1.0, 4.0])
+    torch.testing.assert_close(clip_factors(norms, 1.0), torch.tensor([1.0, 1.0, 1.0, 0.25]))
+    clipped = clip_factors(norms, 2.0) * norms
+    assert (clipped <= 2.0).all()
+
+
+def _clipped_reference(model, x, y, C):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+    f = torch.clamp(C / norms, max=1.0)
+    return {k: torch.einsum("i,i...->...", f, v) for k, v in g.items()}, norms
+
+
+def _clipped_sum(model, x, y, C):
+    clipper = PerSampleClipper(model, C)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    sums = clipper.clipped_sum(losses)
+    clipper.remove()
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: s for p, s in sums.items()}
+
+
+class TiedAndRepeated(nn.Module):
+    """The head reuses the embedding matrix; one Linear runs twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 12, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h = self.emb(tokens).mean(1)
+        h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        return self.head(h)
+
+
+class FourDimLinear(nn.Module):
+    """A Linear on [B, H, T, D]: Opacus's ghost norm has no rule for 4-D inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(x).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("case", ["tied", "fourdim"])
+def test_tied_repeated_and_unusual_shapes_match_reference(case):
+    torch.manual_seed(0)
+    if case == "tied":
+        model = TiedAndRepeated().double()
+        x = torch.randint(0, 12, (6, 4))
+        y = torch.randint(0, 12, (6,))
+    else:
+        model = FourDimLinear().double()
+        x = torch.randn(6, 2, 4, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,))
+    _, norms = _clipped_reference(model, x, y, 1.0)
+    C = float(norms.median())
+    expected, _ = _clipped_reference(model, x, y, C)
+    got = _clipped_sum(model, x, y, C)
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+
+
+def test_dropout_in_attention_uses_the_real_forward_masks():
+    # With dropout, a recomputed forward would draw other masks; the reference
+    # here is a per-example autograd loop over the very same forward pass.
+    torch.manual_seed(0)
+    model = TinyTransformer(dropout=0.3).double().train()
+    x, y = make_data("transformer", 6, torch.Generator().manual_seed(1))
+    clipper = PerSampleClipper(model, 0.05)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    params = list(model.parameters())
+    per_sample = [torch.autograd.grad(losses[i], params, retain_graph=True) for i in range(6)]
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in per_sample])
+    assert (norms > 0.05).all()
+    factors = torch.clamp(0.05 / norms, max=1.0)
+    expected = [sum(f * gs[j] for f, gs in zip(factors, per_sample)) for j in range(len(params))]
+    got = clipper.clipped_sum(losses)
+    torch.testing.assert_close(clipper.last_norms, norms, atol=1e-10, rtol=0)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(got[p], e, atol=1e-10, rtol=0)
+
+
+def test_in_place_change_of_a_hooked_output_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
+    with pytest.raises(RuntimeError, match="modified in place"):
+        clipper.clipped_sum(losses)
+
+
+def test_non_finite_norm_raises_and_returns_nothing():
+    model = nn.Linear(3, 2)
+    clipper = PerSampleClipper(model, 1.0)
+    x = torch.tensor([[1.0, 2.0, 3.0], [float("inf"), 0.0, 0.0]])
+    losses = F.cross_entropy(model(x), torch.tensor([0, 1]), reduction="none")
+    with pytest.raises(NonFiniteNormError, match="1 of 2"):
+        clipper.clipped_sum(losses)
+
+
+class ForeignWeight(nn.Module):
+    """Uses a child's weight without calling the child: nothing records it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return F.linear(x, self.a.weight)
+
+
+def test_parameter_without_per_sample_gradient_is_an_error_not_a_silent_zero():
+    model = ForeignWeight()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1]), reduction="none")
+    with pytest.raises(RuntimeError, match="no per-sample gradient"):
+        clipper.clipped_sum(losses)
+
+
+def test_frozen_parameters_are_left_out():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 2, (5,)), reduction="none")
+    sums = clipper.clipped_sum(losses)
+    assert set(sums) == {model[2].weight, model[2].bias}
+
+
+def test_remove_detaches_every_hook():
+    model = TinyTransformer()
+    clipper = PerSampleClipper(model, 1.0)
+    assert any(m._forward_hooks for m in model.modules())
+    clipper.remove()
+    assert not any(m._forward_hooks for m in model.modules())
