@@ -158,3 +158,23 @@ def test_remove_detaches_every_hook():
     assert any(m._forward_hooks for m in model.modules())
     clipper.remove()
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_linear_and_embedding_use_ghost_norms_without_per_sample_gradients():
+    from tests.dpclip.models import EmbeddingBagOfWords
+
+    model = EmbeddingBagOfWords().double()
+    clipper = PerSampleClipper(model, 1.0)
+    ghost_calls = []
+    for unit in clipper.units:
+        if isinstance(unit.module, (nn.Linear, nn.Embedding)):
+            rule = unit.ghost
+            unit.ghost = lambda m, a, b, rule=rule: ghost_calls.append(m) or rule(m, a, b)
+
+            def refuse(*_):
+                raise AssertionError("per-sample gradients materialised for a ghost layer")
+
+            unit.grad_sampler = refuse
+    x, y = make_data("embedding", 5, torch.Generator().manual_seed(0))
+    clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    assert {id(m) for m in ghost_calls} == {id(model.emb), id(model.proj), id(model.head)}
