@@ -6,7 +6,7 @@ accountant ("rdp", "prv", "pld") turns the ledger into (ε, δ).
 
 from accounting.accountant import Accountant, UnsupportedEventError
 from accounting.calibrate import calibrate_noise, epsilon_for
-from accounting.events import PoissonGaussian
+from accounting.events import IndependentPoissonGaussian, PoissonGaussian
 from accounting.ledger import Ledger
 from accounting.pld import PldAccountant
 from accounting.prv import PrvAccountant
@@ -16,6 +16,7 @@ from accounting.registry import ACCOUNTANTS, make_accountant
 __all__ = [
     "ACCOUNTANTS",
     "Accountant",
+    "IndependentPoissonGaussian",
     "Ledger",
     "PldAccountant",
     "PoissonGaussian",

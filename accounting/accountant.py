@@ -11,11 +11,10 @@ import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from accounting.events import PoissonGaussian
+from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian
 
 __all__ = ["Accountant", "UnsupportedEventError", "validate_delta"]
 
-Event = PoissonGaussian
 
 
 class UnsupportedEventError(ValueError):

@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PoissonGaussian", "validate_sample_rate", "validate_noise_multiplier"]
+__all__ = [
+    "Event",
+    "IndependentPoissonGaussian",
+    "PoissonGaussian",
+    "validate_noise_multiplier",
+    "validate_sample_rate",
+]
 
 
 def validate_sample_rate(sample_rate: float) -> float:
@@ -55,3 +61,45 @@ class PoissonGaussian:
     def __post_init__(self) -> None:
         validate_sample_rate(self.sample_rate)
         validate_noise_multiplier(self.noise_multiplier)
+
+
+@dataclass(frozen=True, slots=True)
+class IndependentPoissonGaussian:
+    """k independent Poisson micro-batches at rate q each, summed under one noise draw.
+
+    What a user gets by accumulating k micro-batches from an Opacus
+    ``DPDataLoader`` (each drawn independently at q) before one noisy step.
+    An example lands in Binomial(k, q) of the micro-batches, so its
+    contribution to the sum has sensitivity j·C with probability
+    C(k, j) q^j (1 - q)^(k - j): a mixture of Gaussians (Choquette-Choo et al.
+    2023, arXiv:2310.15526), which only the PLD accountant composes exactly.
+    Recording it as one Poisson step at k·q (what Opacus does) under-counts ε.
+
+    Attributes:
+        sample_rate: q, each micro-batch's per-example inclusion probability (0 < q <= 1).
+        noise_multiplier: σ, noise std divided by the clipping bound C (>= 0).
+        micro_batches: k >= 1, micro-batches summed before the noise.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+    micro_batches: int
+
+    def __post_init__(self) -> None:
+        validate_sample_rate(self.sample_rate)
+        validate_noise_multiplier(self.noise_multiplier)
+        k = self.micro_batches
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Expected micro_batches={k!r} to be an int >= 1")
+
+    def sensitivity_distribution(self) -> tuple[list[float], list[float]]:
+        """(sensitivities 0..k in units of C, their Binomial(k, q) probabilities)."""
+        k, q = self.micro_batches, self.sample_rate
+        return (
+            [float(j) for j in range(k + 1)],
+            [math.comb(k, j) * q**j * (1.0 - q) ** (k - j) for j in range(k + 1)],
+        )
+
+
+#: Any event a ledger records.
+Event = PoissonGaussian | IndependentPoissonGaussian

@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Any
 
-from accounting.events import PoissonGaussian
+from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian
 from accounting.registry import make_accountant
 
 __all__ = ["Ledger", "STATE_VERSION"]
 
 STATE_VERSION = 1
-_EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (PoissonGaussian,)}
+_EVENT_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (PoissonGaussian, IndependentPoissonGaussian)
+}
 
 
 class Ledger:
@@ -33,7 +35,7 @@ class Ledger:
     def __init__(self) -> None:
         self._entries: list[list[Any]] = []
 
-    def record(self, event: PoissonGaussian, count: int = 1) -> None:
+    def record(self, event: Event, count: int = 1) -> None:
         """Append ``count`` applications of ``event`` (count: int >= 1)."""
         if type(event) not in _EVENT_TYPES.values():
             raise ValueError(f"Expected an accounting event, got {event!r}")
@@ -45,7 +47,7 @@ class Ledger:
             self._entries.append([event, count])
 
     @property
-    def entries(self) -> tuple[tuple[PoissonGaussian, int], ...]:
+    def entries(self) -> tuple[tuple[Event, int], ...]:
         """The (event, count) runs, oldest first."""
         return tuple((event, count) for event, count in self._entries)
 
@@ -59,6 +61,8 @@ class Ledger:
 
         method: "rdp" (dp-accounting RDP), "prv" (prv-accountant, upper bound)
         or "pld" (dp-accounting PLD, pessimistic). 0.0 for an empty ledger.
+        Raises ``UnsupportedEventError`` (naming the accountants that can) when
+        ``method`` cannot account a recorded event exactly.
         """
         accountant = make_accountant(method)
         for event, count in self._entries:
