@@ -123,6 +123,7 @@ class _Unit:
     params: tuple[nn.Parameter, ...]
     ghost: Sampler | None
     grad_sampler: Sampler | None
+    shared: bool = False  # some parameter is also owned by another module (tied weights)
 
 
 @dataclass(eq=False)
@@ -156,8 +157,9 @@ def _build_units(module: nn.Module) -> list[_Unit]:
         params = tuple(p for p in sub._parameters.values() if p is not None and p.requires_grad)
         if not params:
             continue
-        ghost = NORM_SAMPLERS.get(type(sub)) if not shared.intersection(params) else None
-        units.append(_Unit(name, sub, params, ghost, GRAD_SAMPLERS.get(type(sub))))
+        tied = bool(shared.intersection(params))
+        ghost = NORM_SAMPLERS.get(type(sub)) if not tied else None
+        units.append(_Unit(name, sub, params, ghost, GRAD_SAMPLERS.get(type(sub)), tied))
     return units
 
 
@@ -195,6 +197,7 @@ class PerSampleClipper:
         )
         self._owner_name = {p: u.name for u in self.units for p in u.params}
         self._calls: list[_Call] = []
+        self._audited = False
         #: per-sample gradient norms ‖g_i‖ of the last micro-batch (not private: debugging only)
         self.last_norms: torch.Tensor | None = None
         self._handles = [
@@ -253,7 +256,7 @@ class PerSampleClipper:
         if bad:
             raise NonFiniteNormError(
                 f"{bad} of {batch} per-sample gradient norms are NaN or infinite; "
-                "this micro-batch was not accumulated"
+                "this micro-batch was not accumulated (it counts as empty in its logical batch)"
             )
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
@@ -293,6 +296,8 @@ class PerSampleClipper:
         for call in calls:
             call.backprops = [next(it) for _ in call.outputs]
         used = [c for c in calls if any(b is not None for b in c.backprops)]
+        if not self._audited:
+            self._audited = self._audit(loss_per_sample, used)
         for call in used:
             for t, b in zip(call.outputs, call.backprops):
                 if b is not None and (t.dim() == 0 or t.shape[0] != batch):
@@ -313,6 +318,15 @@ class PerSampleClipper:
                 for n in norms:
                     sq = sq + n.to(sq.dtype) ** 2
                 continue
+            if unit.grad_sampler is None and (len(unit_calls) > 1 or unit.shared):
+                # Its per-sample gradients come through the recorded graph, which would also
+                # count the other calls' (or the other owner's) use of the same parameters.
+                raise RuntimeError(
+                    f"module {unit.name!r} ({type(unit.module).__name__}) runs "
+                    f"{len(unit_calls)} times per forward or shares parameters with another "
+                    "module; dpclip supports that only for layers with a per-sample rule "
+                    f"({', '.join(sorted(t.__name__ for t in GRAD_SAMPLERS))})"
+                )
             for call in unit_calls:
                 for p, g in self._per_sample_grads(unit, call).items():
                     per_sample[p] = per_sample[p] + g if p in per_sample else g
@@ -320,9 +334,50 @@ class PerSampleClipper:
             sq = sq + g.reshape(batch, -1).to(sq.dtype).pow(2).sum(dim=1)
         return sq, covered
 
+    def _audit(self, loss_per_sample: torch.Tensor, used: list[_Call]) -> bool:
+        """Once, on the first micro-batch: the recorded module calls must account for
+        each parameter's whole gradient. A weight also used outside its own module
+        (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped."""
+        full = torch.autograd.grad(
+            loss_per_sample.sum(), self.params, retain_graph=True, allow_unused=True
+        )
+        if any(f is not None and not torch.isfinite(f).all() for f in full):
+            return False  # the non-finite check refuses this micro-batch; audit the next one
+        own: dict[nn.Parameter, torch.Tensor] = {}
+        for call in used:
+            unit = call.unit
+            if unit.grad_sampler is not None and len(call.outputs) == 1 and call.activations:
+                # from this call's own inputs: paths through earlier calls don't leak in
+                per_sample = unit.grad_sampler(unit.module, call.activations, call.backprops[0])
+                grads = [per_sample[p].sum(0) if p in per_sample else None for p in unit.params]
+            else:  # single call, unshared (checked in _squared_norms): the graph is its own
+                pairs = [(t, b) for t, b in zip(call.outputs, call.backprops) if b is not None]
+                grads = torch.autograd.grad(
+                    [t for t, _ in pairs],
+                    unit.params,
+                    grad_outputs=[b for _, b in pairs],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            for p, g in zip(unit.params, grads):
+                if g is not None:
+                    own[p] = own[p] + g if p in own else g
+        for p, f in zip(self.params, full):
+            if f is None:
+                continue
+            o = own.get(p, torch.zeros_like(f))
+            if not torch.allclose(o, f, rtol=1e-4, atol=1e-6 * float(f.abs().max()) + 1e-12):
+                raise RuntimeError(
+                    f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
+                    "gradient from outside its own module's forward (e.g. a tied weight passed "
+                    "to F.linear): its per-sample norm would be wrong; tie weights by sharing "
+                    "the module attribute (head.weight = emb.weight) instead"
+                )
+        return True
+
     @staticmethod
     def _ghost_norms(unit: _Unit, call: _Call) -> list[torch.Tensor] | None:
-        if unit.ghost is None or len(call.outputs) != 1:
+        if unit.ghost is None or len(call.outputs) != 1 or not call.activations:
             return None
         norms = unit.ghost(unit.module, call.activations, call.backprops[0])
         if not all(p in norms for p in unit.params):
@@ -331,7 +386,7 @@ class PerSampleClipper:
 
     @staticmethod
     def _per_sample_grads(unit: _Unit, call: _Call) -> dict[nn.Parameter, torch.Tensor]:
-        if unit.grad_sampler is not None and len(call.outputs) == 1:
+        if unit.grad_sampler is not None and len(call.outputs) == 1 and call.activations:
             grads = unit.grad_sampler(unit.module, call.activations, call.backprops[0])
             if all(p in grads for p in unit.params):
                 return {p: grads[p] for p in unit.params}

@@ -273,7 +273,7 @@ class PrivacyEngine:
                 generator=sample_generator,
                 micro_batches=plan.accumulation_steps,
                 max_micro_batch_size=None if plan.accumulation_steps else plan.micro_batch_size,
-                schedule=schedule if isinstance(schedule, PlannedSchedule) else None,
+                schedule=schedule,
             )
         else:
             batch_sampler = GroupedBatchSampler(

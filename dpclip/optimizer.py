@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from accounting import Ledger, PoissonGaussian
-from dpclip.clipping import PerSampleClipper
+from dpclip.clipping import NonFiniteNormError, PerSampleClipper
 from dpclip.sampling import MicroBatchSchedule
 
 __all__ = ["DPOptimizer", "LogicalBatchError", "private_gradient"]
@@ -107,6 +107,7 @@ class DPOptimizer(Optimizer):
         self._micro_batches = 0  # backward() calls in the current logical batch
         self._since_step_call = 0  # backward() calls since the last step() call
         self._planned: int | None = None  # micro-batches of the current logical batch
+        self._pass = schedule.pass_id  # loader pass the current logical batch came from
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -169,12 +170,26 @@ class DPOptimizer(Optimizer):
                 f"backward() on micro-batch {self._micro_batches + 1} of a logical batch of "
                 f"{planned} micro-batches: call optimizer.step() when the logical batch is complete"
             )
+        if self._pass != self.schedule.pass_id and self._micro_batches > 0:
+            raise LogicalBatchError(
+                f"a new pass over the data loader began while the logical batch had "
+                f"{self._micro_batches} of {planned} micro-batches: call optimizer.step() to "
+                "apply it (one accounted step) before training on the new pass"
+            )
         self._planned = planned
-        if loss_per_sample.numel() > 0:
-            sums = self.clipper.clipped_sum(loss_per_sample)
-        else:
-            sums = {}
-            self.clipper.discard()
+        self._pass = self.schedule.pass_id
+        try:
+            if loss_per_sample.numel() > 0:
+                sums = self.clipper.clipped_sum(loss_per_sample)
+            else:
+                sums = {}
+                self.clipper.discard()
+        except NonFiniteNormError:
+            # Counted as an empty micro-batch: the logical-batch boundaries stay where the
+            # sampler put them, and no non-finite value reaches the accumulator.
+            self._micro_batches += 1
+            self._since_step_call += 1
+            raise
         for p in self.params:
             s = sums.get(p)
             if s is None:
@@ -198,6 +213,9 @@ class DPOptimizer(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Apply one DP update if the logical batch is complete, else skip (loop style 1).
 
+        A logical batch cut short by a new pass over the loader (a ``break``)
+        is applied as it is: a subset of one Poisson draw, accounted as one step.
+
         Returns the closure's loss (or None); None for a skipped step.
         """
         loss = None
@@ -205,13 +223,14 @@ class DPOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         n, since = self._micro_batches, self._since_step_call
-        if since == 0:
+        interrupted = n > 0 and self._pass != self.schedule.pass_id
+        if since == 0 and not interrupted:
             raise LogicalBatchError(
                 "step() called with no backward() since the previous step(): "
                 f"{n} micro-batches accumulated"
             )
-        planned = int(self._planned)  # set by every backward(), and since > 0
-        if n < planned:
+        planned = int(self._planned)  # set by every backward(), and n > 0 or since > 0
+        if n < planned and not interrupted:
             if since == 1:
                 self._since_step_call = 0
                 return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,16 +35,37 @@ __all__ = [
 
 
 class MicroBatchSchedule:
-    """How many micro-batches the next logical batch has."""
+    """How many micro-batches the next logical batch has, and which loader pass it is from."""
+
+    def __init__(self) -> None:
+        #: increases each time a pass over the data loader starts
+        self.pass_id = 0
+        self._active = False
 
     def next_logical_batch(self) -> int:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @contextmanager
+    def loader_pass(self) -> Iterator[None]:
+        """Mark one pass over the loader; a second one may not start inside it."""
+        if self._active:
+            raise RuntimeError(
+                "a second pass over the DP data loader started while another is in progress "
+                "(their logical batches would interleave): evaluate on the original loader"
+            )
+        self._active = True
+        self.pass_id += 1
+        try:
+            yield
+        finally:
+            self._active = False
 
 
 class FixedSchedule(MicroBatchSchedule):
     """Every logical batch is ``micro_batches`` micro-batches (``accumulation_steps``)."""
 
     def __init__(self, micro_batches: int) -> None:
+        super().__init__()
         self.micro_batches = micro_batches
 
     def next_logical_batch(self) -> int:
@@ -54,6 +76,7 @@ class PlannedSchedule(MicroBatchSchedule):
     """Micro-batch counts queued by a sampler, one per logical batch, in order."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._counts: deque[int] = deque()
 
     def start_epoch(self, counts: Sequence[int]) -> None:
@@ -91,8 +114,8 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
             (``accumulation_steps``); sizes differ by at most one, some may be empty.
         max_micro_batch_size: M; instead of ``micro_batches``, split each logical
             batch into ceil(size / M) micro-batches (at least one).
-        schedule: filled with each logical batch's micro-batch count when an
-            epoch starts (only with ``max_micro_batch_size``).
+        schedule: told when a pass starts; with ``max_micro_batch_size`` (a
+            ``PlannedSchedule``) also given each logical batch's micro-batch count.
         generator: source of randomness; reproducible runs pass a seeded one.
 
     ``len()`` is the exact number of micro-batches of the next epoch:
@@ -109,7 +132,7 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
         generator: torch.Generator,
         micro_batches: int | None = None,
         max_micro_batch_size: int | None = None,
-        schedule: PlannedSchedule | None = None,
+        schedule: MicroBatchSchedule | None = None,
     ) -> None:
         if (micro_batches is None) == (max_micro_batch_size is None):
             raise ValueError("pass exactly one of micro_batches and max_micro_batch_size")
@@ -140,13 +163,15 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
         return sum(self._parts(s) for s in self._next_sizes)
 
     def __iter__(self) -> Iterator[list[int]]:
-        sizes = self._next_sizes if self._next_sizes is not None else self._draw_sizes()
-        self._next_sizes = None
-        if self.schedule is not None:
-            self.schedule.start_epoch([self._parts(s) for s in sizes])
-        for size in sizes:
-            subset = torch.randperm(self.num_samples, generator=self.generator)[:size].tolist()
-            yield from split_evenly(subset, self._parts(size))
+        schedule = self.schedule if self.schedule is not None else MicroBatchSchedule()
+        with schedule.loader_pass():
+            sizes = self._next_sizes if self._next_sizes is not None else self._draw_sizes()
+            self._next_sizes = None
+            if isinstance(schedule, PlannedSchedule):
+                schedule.start_epoch([self._parts(s) for s in sizes])
+            for size in sizes:
+                subset = torch.randperm(self.num_samples, generator=self.generator)[:size].tolist()
+                yield from split_evenly(subset, self._parts(size))
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
@@ -194,16 +219,16 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return split_evenly(batch, self._parts(len(batch)))
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.micro_batches is not None:
-            n, k = len(self.batch_sampler), self.micro_batches
-            self.schedule.start_epoch([k] * (n // k) + ([n % k] if n % k else []))
-            yield from self.batch_sampler
-            return
-        batches = [list(b) for b in self.batch_sampler]
-        splits = [self._split(b) for b in batches]
-        self.schedule.start_epoch([len(s) for s in splits])
-        for s in splits:
-            yield from s
+        with self.schedule.loader_pass():
+            if self.micro_batches is not None:
+                n, k = len(self.batch_sampler), self.micro_batches
+                self.schedule.start_epoch([k] * (n // k) + ([n % k] if n % k else []))
+                yield from self.batch_sampler
+                return
+            splits = [self._split(list(b)) for b in self.batch_sampler]
+            self.schedule.start_epoch([len(s) for s in splits])
+            for s in splits:
+                yield from s
 
 
 def _empty_aware_collate(dataset: Any, collate_fn: Any) -> Any:

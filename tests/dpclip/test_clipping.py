@@ -139,7 +139,7 @@ def test_parameter_without_per_sample_gradient_is_an_error_not_a_silent_zero():
     model = ForeignWeight()
     clipper = PerSampleClipper(model, 1.0)
     losses = F.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1]), reduction="none")
-    with pytest.raises(RuntimeError, match="no per-sample gradient"):
+    with pytest.raises(RuntimeError, match="outside its own module"):
         clipper.clipped_sum(losses)
 
 
@@ -165,6 +165,9 @@ def test_linear_and_embedding_use_ghost_norms_without_per_sample_gradients():
 
     model = EmbeddingBagOfWords().double()
     clipper = PerSampleClipper(model, 1.0)
+    x, y = make_data("embedding", 5, torch.Generator().manual_seed(0))
+    # the first micro-batch is audited once with per-sample gradients; later ones are not
+    clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     ghost_calls = []
     for unit in clipper.units:
         if isinstance(unit.module, (nn.Linear, nn.Embedding)):
@@ -175,6 +178,61 @@ def test_linear_and_embedding_use_ghost_norms_without_per_sample_gradients():
                 raise AssertionError("per-sample gradients materialised for a ghost layer")
 
             unit.grad_sampler = refuse
-    x, y = make_data("embedding", 5, torch.Generator().manual_seed(0))
     clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     assert {id(m) for m in ghost_calls} == {id(model.emb), id(model.proj), id(model.head)}
+
+
+class FunctionalTiedHead(nn.Module):
+    """GPT-2 style: the output layer reuses the embedding through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+
+    def forward(self, tokens):
+        return F.linear(torch.tanh(self.emb(tokens).mean(1)), self.emb.weight)
+
+
+def test_weight_used_outside_its_module_is_refused_not_under_clipped():
+    model = FunctionalTiedHead()
+    clipper = PerSampleClipper(model, 0.01)
+    x, y = torch.randint(0, 12, (3, 4)), torch.randint(0, 12, (3,))
+    with pytest.raises(RuntimeError, match="outside its own module"):
+        clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+
+
+def test_keyword_only_layer_input_falls_back_to_exact_per_sample_gradients():
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(input=x)
+
+    torch.manual_seed(0)
+    model = KeywordCall().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    _, norms = _clipped_reference(model, x, y, 1.0)
+    C = float(norms.median())
+    expected, _ = _clipped_reference(model, x, y, C)
+    got = _clipped_sum(model, x, y, C)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+
+
+def test_attention_called_twice_is_refused_not_double_counted():
+    class TwiceAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.attn(x, x, x, need_weights=False)[0]
+            return self.attn(h, h, h, need_weights=False)[0].mean(1)
+
+    model = TwiceAttention()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(3, 5, 4)), torch.tensor([0, 1, 2]), reduction="none")
+    with pytest.raises(RuntimeError, match="runs 2 times"):
+        clipper.clipped_sum(losses)

@@ -171,3 +171,41 @@ def test_private_gradient_is_sum_plus_noise_over_expected_batch():
     noise = torch.normal(0.0, 2.0, size=(3,), generator=torch.Generator().manual_seed(0))
     out = dpclip.private_gradient(s, noise_std=2.0, expected_batch_size=3, generator=g1)
     torch.testing.assert_close(out, (s + noise) / 3)
+
+
+def test_breaking_out_mid_logical_batch_never_merges_two_poisson_draws():
+    run = make_run("mlp", n=64, batch_size=4, accumulation_steps=2, noise_multiplier=0.0)
+    for xb, yb in run.loader:  # one micro-batch of a two-micro-batch logical batch
+        run.criterion(run.model(xb), yb).backward()
+        run.optimizer.step()  # a skip
+        break
+    xb, yb = next(iter(run.loader))  # a new pass: a new Poisson draw
+    with pytest.raises(dpclip.LogicalBatchError, match="new pass"):
+        run.criterion(run.model(xb), yb).backward()
+    assert run.optimizer.micro_batches_accumulated == 1
+    run.optimizer.step()  # the cut-short logical batch is applied as one accounted step
+    assert run.engine.steps == 1 and run.optimizer.micro_batches_accumulated == 0
+
+
+def test_second_pass_while_one_is_running_is_refused():
+    run = make_run("mlp", n=96, batch_size=16, accumulation_steps=None, max_physical_batch_size=5)
+    it = iter(run.loader)
+    next(it)
+    with pytest.raises(RuntimeError, match="second pass"):
+        next(iter(run.loader))
+
+
+def test_non_finite_micro_batch_counts_as_empty_so_boundaries_stay_aligned():
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    bad = run.x[:4].clone()
+    bad[0, 0] = float("nan")
+    before = run.params()
+    with pytest.raises(dpclip.NonFiniteNormError, match="counts as empty|not accumulated"):
+        run.criterion(run.model(bad), run.y[:4]).backward()
+    assert run.optimizer.micro_batches_accumulated == 1
+    run.criterion(run.model(run.x[4:8]), run.y[4:8]).backward()
+    run.optimizer.step()
+    expected, _ = run.reference(before, run.x[4:8], run.y[4:8], run.optimizer.max_grad_norm, 8)
+    for name, p in run.model.named_parameters():
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
