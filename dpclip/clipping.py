@@ -296,6 +296,19 @@ class PerSampleClipper:
         for call in calls:
             call.backprops = [next(it) for _ in call.outputs]
         used = [c for c in calls if any(b is not None for b in c.backprops)]
+        by_unit: dict[_Unit, list[_Call]] = {}
+        for call in used:
+            by_unit.setdefault(call.unit, []).append(call)
+        for unit, unit_calls in by_unit.items():
+            if unit.grad_sampler is None and (len(unit_calls) > 1 or unit.shared):
+                # Its per-sample gradients come through the recorded graph, which would also
+                # count the other calls' (or the other owner's) use of the same parameters.
+                raise RuntimeError(
+                    f"module {unit.name!r} ({type(unit.module).__name__}) runs "
+                    f"{len(unit_calls)} times per forward or shares parameters with another "
+                    "module; dpclip supports that only for layers with a per-sample rule "
+                    f"({', '.join(sorted(t.__name__ for t in GRAD_SAMPLERS))})"
+                )
         if not self._audited:
             self._audited = self._audit(loss_per_sample, used)
         for call in used:
@@ -309,24 +322,12 @@ class PerSampleClipper:
         sq = loss_per_sample.new_zeros(batch)
         covered: set[nn.Parameter] = set()
         per_sample: dict[nn.Parameter, torch.Tensor] = {}
-        by_unit: dict[_Unit, list[_Call]] = {}
-        for call in used:
-            by_unit.setdefault(call.unit, []).append(call)
         for unit, unit_calls in by_unit.items():
             covered.update(unit.params)
             if len(unit_calls) == 1 and (norms := self._ghost_norms(unit, unit_calls[0])):
                 for n in norms:
                     sq = sq + n.to(sq.dtype) ** 2
                 continue
-            if unit.grad_sampler is None and (len(unit_calls) > 1 or unit.shared):
-                # Its per-sample gradients come through the recorded graph, which would also
-                # count the other calls' (or the other owner's) use of the same parameters.
-                raise RuntimeError(
-                    f"module {unit.name!r} ({type(unit.module).__name__}) runs "
-                    f"{len(unit_calls)} times per forward or shares parameters with another "
-                    "module; dpclip supports that only for layers with a per-sample rule "
-                    f"({', '.join(sorted(t.__name__ for t in GRAD_SAMPLERS))})"
-                )
             for call in unit_calls:
                 for p, g in self._per_sample_grads(unit, call).items():
                     per_sample[p] = per_sample[p] + g if p in per_sample else g

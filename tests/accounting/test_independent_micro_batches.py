@@ -20,10 +20,10 @@ def test_one_micro_batch_is_the_plain_poisson_step():
     assert mixture == pytest.approx(plain, rel=1e-3)
 
 
-@pytest.mark.parametrize("q, sigma, steps", [(0.01, 1.0, 1000), (0.05, 2.0, 300), (0.002, 0.8, 2000)])
+@pytest.mark.parametrize("q, sigma, steps", [(0.01, 1.0, 200), (0.05, 2.0, 100)])
 def test_never_below_the_naive_k_q_accounting_and_monotone_in_k(q, sigma, steps):
     exact = []
-    for k in (1, 2, 4, 8):
+    for k in (1, 2, 4):
         e = _eps(acc.IndependentPoissonGaussian(q, sigma, k), steps)
         naive = _eps(acc.PoissonGaussian(min(1.0, k * q), sigma), steps)
         assert e >= naive * (1 - 1e-3)
