@@ -11,10 +11,9 @@ import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian
+from accounting.events import Event, PoissonGaussian
 
 __all__ = ["Accountant", "UnsupportedEventError", "validate_delta"]
-
 
 
 class UnsupportedEventError(ValueError):

@@ -346,23 +346,10 @@ class PerSampleClipper:
             return False  # the non-finite check refuses this micro-batch; audit the next one
         own: dict[nn.Parameter, torch.Tensor] = {}
         for call in used:
-            unit = call.unit
-            if unit.grad_sampler is not None and len(call.outputs) == 1 and call.activations:
-                # from this call's own inputs: paths through earlier calls don't leak in
-                per_sample = unit.grad_sampler(unit.module, call.activations, call.backprops[0])
-                grads = [per_sample[p].sum(0) if p in per_sample else None for p in unit.params]
-            else:  # single call, unshared (checked in _squared_norms): the graph is its own
-                pairs = [(t, b) for t, b in zip(call.outputs, call.backprops) if b is not None]
-                grads = torch.autograd.grad(
-                    [t for t, _ in pairs],
-                    unit.params,
-                    grad_outputs=[b for _, b in pairs],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            for p, g in zip(unit.params, grads):
-                if g is not None:
-                    own[p] = own[p] + g if p in own else g
+            # per-call rules see only this call's inputs and output gradients, so paths
+            # through other calls don't leak in (graph-path units are single and unshared)
+            for p, g in self._per_sample_grads(call.unit, call).items():
+                own[p] = own[p] + g.sum(0) if p in own else g.sum(0)
         for p, f in zip(self.params, full):
             if f is None:
                 continue
