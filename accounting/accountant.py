@@ -8,12 +8,14 @@ they share: composition bookkeeping and the "unsupported event" error.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from accounting.events import Event, PoissonGaussian
 
-__all__ = ["Accountant", "UnsupportedEventError", "validate_delta"]
+__all__ = ["Accountant", "UnsupportedEventError", "increments", "validate_delta"]
 
 
 class UnsupportedEventError(ValueError):
@@ -28,19 +30,26 @@ def validate_delta(delta: float) -> float:
 
 
 class Accountant(ABC):
-    """Composes events and reports ε for a target δ.
+    """Composes events and reports ε for a target δ, at the end or along the way.
 
     Subclasses set ``name``, ``error_bound`` (a sentence that says how far the
-    reported ε may be from the true ε, and on which side) and ``supported``
-    (the event types they account exactly), and implement ``_epsilon``.
+    reported ε may be from the true ε, and on which side), ``supported`` (the
+    event types they account exactly) and ``approximate`` (True when the
+    result is an estimate, not a bound), and implement ``_epsilons``.
     """
 
     name: ClassVar[str]
     error_bound: ClassVar[str]
     supported: ClassVar[tuple[type, ...]] = (PoissonGaussian,)
+    approximate: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._entries: list[tuple[Event, int]] = []
+
+    @property
+    def steps(self) -> int:
+        """Number of events composed so far."""
+        return sum(count for _, count in self._entries)
 
     def supports(self, event: object) -> bool:
         """Whether this accountant accounts ``event`` exactly (no approximation)."""
@@ -51,9 +60,11 @@ class Accountant(ABC):
         if not self.supports(event):
             from accounting.registry import accountants_supporting
 
+            capable = accountants_supporting(event)
+            hint = "" if capable else " (Ledger.epsilon reports it with a warning, or no_amplification=True)"
             raise UnsupportedEventError(
                 f"accountant {self.name!r} cannot account {event!r}; "
-                f"accountants that can: {accountants_supporting(event) or 'none'}"
+                f"accountants that can: {capable or 'none'}{hint}"
             )
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"Expected count={count!r} to be an int >= 0")
@@ -70,10 +81,70 @@ class Accountant(ABC):
         delta = validate_delta(delta)
         if not self._entries:
             return 0.0
-        if any(event.noise_multiplier == 0.0 for event, _ in self._entries):
-            return math.inf
-        return float(self._epsilon(delta))
+        return self.get_epsilon_curve(delta, [self.steps])[0]
+
+    def get_epsilon_curve(self, delta: float, steps: Sequence[int]) -> list[float]:
+        """ε after the first t composed events, for each t in ``steps``.
+
+        One pass over the composition: each accountant carries its state from
+        one point to the next instead of starting again (RDP and GDP add up,
+        PLD composes the increment, PRV discretises once).
+
+        Args:
+            delta: target δ, 0 < δ < 1.
+            steps: strictly increasing event counts, each in 1..``self.steps``.
+
+        Returns:
+            ε at each point; ``math.inf`` from the first σ = 0 event on.
+        """
+        delta = validate_delta(delta)
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in steps):
+            raise ValueError(f"Expected steps={list(steps)!r} to be ints")
+        points = [int(t) for t in steps]
+        if any(b <= a for a, b in zip(points, points[1:])):
+            raise ValueError(f"Expected steps={list(steps)!r} to be strictly increasing ints")
+        if points and not (1 <= points[0] and points[-1] <= self.steps):
+            raise ValueError(
+                f"Expected steps={list(steps)!r} within 1..{self.steps} (the events composed)"
+            )
+        noisy: list[tuple[Event, int]] = []  # the composition up to the first σ = 0 event
+        for event, count in self._entries:
+            if event.noise_multiplier == 0.0:
+                break
+            noisy.append((event, count))
+        noisy_steps = sum(count for _, count in noisy)
+        finite = [t for t in points if t <= noisy_steps]
+        values = [float(e) for e in self._epsilons(noisy, delta, finite)] if finite else []
+        return values + [math.inf] * (len(points) - len(finite))
 
     @abstractmethod
-    def _epsilon(self, delta: float) -> float:
-        """ε for the non-empty, all-noisy composition in ``self._entries``."""
+    def _epsilons(
+        self, entries: list[tuple[Event, int]], delta: float, checkpoints: list[int]
+    ) -> list[float]:
+        """ε of ``entries`` (all noisy) at each checkpoint (non-empty, increasing, in range)."""
+
+
+def increments(
+    entries: Sequence[tuple[Event, int]], checkpoints: Sequence[int]
+) -> Iterator[tuple[Event, int] | None]:
+    """Walk a composition in order, cut at the checkpoints.
+
+    Yields ``(event, count)`` pieces whose counts add up to the composition
+    up to the last checkpoint, and ``None`` each time the pieces so far reach
+    the next checkpoint. Nothing past the last checkpoint is yielded.
+    """
+    targets = iter(checkpoints)
+    target = next(targets, None)
+    done = 0
+    for event, count in entries:
+        while target is not None and count > 0:
+            take = min(count, target - done)
+            if take:
+                yield event, take
+                done += take
+                count -= take
+            if done == target:
+                yield None
+                target = next(targets, None)
+        if target is None:
+            return

@@ -1,40 +1,97 @@
-"""Noise calibration: the smallest noise multiplier that meets a privacy target."""
+"""Calibration: the noise a privacy target needs, and the steps a budget allows.
+
+Both invert ε(σ, T), which decreases in σ and increases in T, by bisection.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 from accounting.accountant import validate_delta
-from accounting.events import PoissonGaussian, validate_sample_rate
+from accounting.events import (
+    Event,
+    IndependentPoissonGaussian,
+    PoissonGaussian,
+    validate_noise_multiplier,
+    validate_sample_rate,
+)
+from accounting.ledger import Ledger
 from accounting.registry import make_accountant
 
-__all__ = ["calibrate_noise", "epsilon_for"]
+__all__ = ["calibrate_noise", "epsilon_for", "max_steps", "steps_for_epochs"]
 
 #: Largest σ tried before a target is declared out of reach.
 MAX_NOISE_MULTIPLIER = 1e4
+#: Most steps ``max_steps`` searches.
+MAX_STEPS = 10**9
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected {name}={value!r} to be an int >= 1")
+    return value
+
+
+def _target(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < math.inf):
+        raise ValueError(f"Expected {name}={value!r} to be finite and > 0")
+    return float(value)
+
+
+def step_event(sample_rate: float, noise_multiplier: float, micro_batches: int = 1) -> Event:
+    """One DP-SGD step: a Poisson draw at ``sample_rate`` (``micro_batches`` = 1), or
+    ``micro_batches`` independent Poisson draws at ``sample_rate`` each under one noise."""
+    if micro_batches == 1:
+        return PoissonGaussian(sample_rate, noise_multiplier)
+    return IndependentPoissonGaussian(sample_rate, noise_multiplier, micro_batches)
+
+
+def steps_for_epochs(epochs: float, sample_rate: float, micro_batches: int = 1) -> int:
+    """Optimizer steps in ``epochs`` passes: epochs / (micro_batches · q), rounded up."""
+    epochs = _target("epochs", epochs)
+    return max(1, math.ceil(round(epochs / (micro_batches * sample_rate), 9)))
 
 
 def epsilon_for(
-    noise_multiplier: float, *, delta: float, sample_rate: float, steps: int, method: str = "prv"
+    noise_multiplier: float,
+    *,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    method: str = "prv",
+    micro_batches: int = 1,
 ) -> float:
-    """ε after ``steps`` Poisson-subsampled Gaussian steps at (sample_rate, noise_multiplier)."""
-    if noise_multiplier == 0.0:
-        return math.inf
-    accountant = make_accountant(method)
-    accountant.compose(PoissonGaussian(sample_rate, noise_multiplier), steps)
-    return accountant.get_epsilon(delta)
+    """ε after ``steps`` DP-SGD steps at (sample_rate, noise_multiplier), by ``method``."""
+    ledger = Ledger()
+    ledger.record(step_event(sample_rate, noise_multiplier, micro_batches), steps)
+    return ledger.epsilon(delta, method)
 
 
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
     sample_rate: float,
-    steps: int,
+    steps: int | None = None,
     method: str = "prv",
     rtol: float = 1e-3,
+    *,
+    epochs: float | None = None,
+    micro_batches: int = 1,
 ) -> float:
-    """Noise multiplier σ (noise std ÷ max_grad_norm) such that ``steps`` DP-SGD steps
-    at ``sample_rate`` are (``target_epsilon``, ``delta``)-DP under accountant ``method``.
+    """Noise multiplier σ (noise std ÷ max_grad_norm) such that the run is
+    (``target_epsilon``, ``delta``)-DP under accountant ``method``.
+
+    Args:
+        target_epsilon: ε > 0.
+        delta: δ, 0 < δ < 1.
+        sample_rate: q per Poisson draw (logical batch / N for dpclip's sampler).
+        steps: optimizer steps; or instead
+        epochs: passes over the data, i.e. ``steps_for_epochs(epochs, q, k)`` steps.
+        method: accountant name ("prv", "rdp", "pld", "gdp").
+        rtol: relative tolerance on σ.
+        micro_batches: k > 1 for k independent Poisson micro-batches per step
+            (``IndependentPoissonGaussian``, accountable by "pld" only).
 
     ε is decreasing in σ, so a bracket [lo, hi] with ε(lo) > target >= ε(hi) is
     bisected until (hi - lo) <= rtol · hi. The returned σ is ``hi``: always on the
@@ -44,20 +101,24 @@ def calibrate_noise(
     Raises:
         ValueError: bad arguments, or no σ <= 1e4 reaches the target.
     """
-    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
-        0.0 < target_epsilon < math.inf
-    ):
-        raise ValueError(f"Expected target_epsilon={target_epsilon!r} to be finite and > 0")
+    target_epsilon = _target("target_epsilon", target_epsilon)
     delta = validate_delta(delta)
     sample_rate = validate_sample_rate(sample_rate)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Expected steps={steps!r} to be an int >= 1")
+    micro_batches = _positive_int("micro_batches", micro_batches)
+    if (steps is None) == (epochs is None):
+        raise ValueError("pass exactly one of steps and epochs")
+    steps = _positive_int("steps", steps) if epochs is None else steps_for_epochs(epochs, sample_rate, micro_batches)
     if not (0.0 < rtol < 1.0):
         raise ValueError(f"Expected 0 < rtol={rtol!r} < 1")
-    make_accountant(method)  # validates the name before any work
+    accountant = make_accountant(method)  # validates the name before any work
+    if not accountant.supports(step_event(sample_rate, 1.0, micro_batches)):
+        accountant.compose(step_event(sample_rate, 1.0, micro_batches))  # raises, naming who can
 
     def eps(sigma: float) -> float:
-        return epsilon_for(sigma, delta=delta, sample_rate=sample_rate, steps=steps, method=method)
+        return epsilon_for(
+            sigma, delta=delta, sample_rate=sample_rate, steps=steps, method=method,
+            micro_batches=micro_batches,
+        )
 
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:
@@ -75,3 +136,73 @@ def calibrate_noise(
         else:
             hi = mid
     return hi
+
+
+def max_steps(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    noise_multiplier: float,
+    method: str = "prv",
+    *,
+    micro_batches: int = 1,
+    spent: Ledger | None = None,
+) -> int:
+    """The most further steps whose total ε stays within ``target_epsilon``.
+
+    Args:
+        target_epsilon, delta: the budget.
+        sample_rate, noise_multiplier, micro_batches: the step to repeat, as
+            for ``calibrate_noise``.
+        method: accountant name.
+        spent: what the run has already recorded (default: nothing).
+
+    Returns:
+        T >= 0 with ε(spent + T steps) <= target_epsilon < ε(spent + T + 1 steps),
+        found by doubling then integer bisection (exact for a monotone ε).
+
+    Raises:
+        ValueError: bad arguments, or the budget allows more than 10⁹ steps.
+    """
+    target_epsilon = _target("target_epsilon", target_epsilon)
+    delta = validate_delta(delta)
+    event = step_event(
+        validate_sample_rate(sample_rate),
+        validate_noise_multiplier(noise_multiplier),
+        _positive_int("micro_batches", micro_batches),
+    )
+    make_accountant(method).compose(event)  # validates the method and that it accounts event
+    if spent is not None and not isinstance(spent, Ledger):
+        raise ValueError(f"Expected spent to be a Ledger, got {type(spent)}")
+
+    def fits(steps: int) -> bool:
+        trial = Ledger()
+        if spent is not None:
+            trial.merge(spent)
+        if steps:
+            trial.record(event, steps)
+        return trial.epsilon(delta, method) <= target_epsilon
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if not fits(0):
+            found = 0
+        else:
+            lo, hi = 0, 1
+            while fits(hi):
+                lo, hi = hi, 2 * hi
+                if hi > MAX_STEPS:
+                    raise ValueError(
+                        f"the budget target_epsilon={target_epsilon} allows more than "
+                        f"{MAX_STEPS:.0e} steps at noise_multiplier={noise_multiplier}"
+                    )
+            while hi - lo > 1:  # fits(lo) and not fits(hi)
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid
+            found = lo
+    for message in {str(w.message): w for w in caught}.values():
+        warnings.warn(message.message, message.category, stacklevel=2)
+    return found

@@ -1,7 +1,7 @@
 """Immutable descriptions of the randomised mechanisms a training run applied.
 
 An event says *what happened* in one optimizer step; accountants (``rdp``,
-``prv``, ``pld``) turn a sequence of events into (ε, δ). Events never change
+``prv``, ``pld``, ``gdp``) turn a sequence of events into (ε, δ). Events never change
 meaning: a new kind of mechanism gets a new event class.
 """
 
@@ -14,6 +14,7 @@ __all__ = [
     "Event",
     "IndependentPoissonGaussian",
     "PoissonGaussian",
+    "ShuffledGaussian",
     "validate_noise_multiplier",
     "validate_sample_rate",
 ]
@@ -101,5 +102,32 @@ class IndependentPoissonGaussian:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ShuffledGaussian:
+    """One step over shuffled fixed-size batches (a pass over a permutation), Gaussian noise.
+
+    What a plain shuffled ``DataLoader`` gives (dpclip's ``poisson_sampling=False``).
+    No amplification-by-sampling theorem covers this scheme: the ε usually
+    quoted for it is the Poisson one at q = batch / N, which is *not* a
+    guarantee (Chua et al. 2024, arXiv:2403.17673, show shuffling can be much
+    worse). ``Ledger.epsilon`` reports that figure with a warning, or with
+    ``no_amplification=True`` a sound bound: every example is in at most one
+    batch per epoch, so each epoch costs one Gaussian mechanism of
+    sensitivity C (as TF Privacy's ``compute_dp_sgd_privacy_statement``).
+
+    Attributes:
+        sample_rate: batch size / N, the fraction of the data one step uses
+            (unitless, 0 < q <= 1); one epoch is 1/q steps.
+        noise_multiplier: σ, noise std divided by the clipping bound C (>= 0).
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        validate_sample_rate(self.sample_rate)
+        validate_noise_multiplier(self.noise_multiplier)
+
+
 #: Any event a ledger records.
-Event = PoissonGaussian | IndependentPoissonGaussian
+Event = PoissonGaussian | IndependentPoissonGaussian | ShuffledGaussian

@@ -6,18 +6,42 @@ a million identical steps cost one entry.
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
-from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian
+from accounting.accountant import validate_delta
+from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian, ShuffledGaussian
 from accounting.registry import make_accountant
 
-__all__ = ["Ledger", "STATE_VERSION"]
+__all__ = ["Ledger", "STATE_VERSION", "SamplingAssumptionWarning"]
 
 STATE_VERSION = 1
 _EVENT_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (PoissonGaussian, IndependentPoissonGaussian)
+    cls.__name__: cls for cls in (PoissonGaussian, IndependentPoissonGaussian, ShuffledGaussian)
 }
+
+
+class SamplingAssumptionWarning(UserWarning):
+    """ε assumes an amplification by sampling that the recorded run did not have."""
+
+
+def _epochs(steps: int, sample_rate: float) -> int:
+    """Epochs that ``steps`` shuffled steps touch, rounded up (each epoch is 1/q steps)."""
+    return math.ceil(round(steps * sample_rate, 9))
+
+
+def _as_composable(event: Event, steps: int, no_amplification: bool) -> tuple[Event, int]:
+    """The accountable (event, count) that ``steps`` applications of ``event`` amount to."""
+    if not isinstance(event, ShuffledGaussian):
+        return event, steps
+    if no_amplification:
+        # Each example is in at most one batch per epoch: one Gaussian mechanism
+        # (q = 1) per epoch, as TF Privacy's "each example occurring once per epoch".
+        return PoissonGaussian(1.0, event.noise_multiplier), _epochs(steps, event.sample_rate)
+    return PoissonGaussian(event.sample_rate, event.noise_multiplier), steps
 
 
 class Ledger:
@@ -56,18 +80,109 @@ class Ledger:
         """Total number of recorded events (optimizer steps for dpclip)."""
         return sum(count for _, count in self._entries)
 
-    def epsilon(self, delta: float, method: str = "prv") -> float:
+    def epsilon(self, delta: float, method: str = "prv", *, no_amplification: bool = False) -> float:
         """ε of everything recorded, at ``delta``, by accountant ``method``.
 
-        method: "rdp" (dp-accounting RDP), "prv" (prv-accountant, upper bound)
-        or "pld" (dp-accounting PLD, pessimistic). 0.0 for an empty ledger.
-        Raises ``UnsupportedEventError`` (naming the accountants that can) when
-        ``method`` cannot account a recorded event exactly.
+        Args:
+            delta: target δ, 0 < δ < 1.
+            method: "prv" (prv-accountant, upper bound), "rdp" (dp-accounting
+                RDP), "pld" (dp-accounting PLD, pessimistic) or "gdp"
+                (central-limit *approximation*, may under-report). Each
+                accountant's ``error_bound`` states its error.
+            no_amplification: for ``ShuffledGaussian`` steps, report the sound
+                bound (one Gaussian mechanism per epoch) instead of the Poisson
+                figure at the same q, which comes with a ``SamplingAssumptionWarning``.
+
+        Returns:
+            ε; 0.0 for an empty ledger, ``math.inf`` once a step had σ = 0.
+
+        Raises:
+            UnsupportedEventError: ``method`` cannot account a recorded event
+                exactly; the message names the accountants that can.
+        """
+        if not self._entries:
+            make_accountant(method)  # validates the name
+            validate_delta(delta)
+            return 0.0
+        return self.epsilon_curve(
+            delta, method, steps=[self.steps], no_amplification=no_amplification, _stacklevel=3
+        )[0][1]
+
+    def epsilon_curve(
+        self,
+        delta: float,
+        method: str = "prv",
+        *,
+        points: int = 50,
+        steps: Sequence[int] | None = None,
+        no_amplification: bool = False,
+        _stacklevel: int = 2,
+    ) -> list[tuple[int, float]]:
+        """ε after each of several step counts: the privacy spent along the run.
+
+        Computed in one pass over the ledger (the accountant's state is carried
+        from point to point), so a curve costs about as much as its last point.
+
+        Args:
+            delta, method, no_amplification: as for ``epsilon``.
+            points: how many evenly spaced step counts from 1 to ``self.steps``
+                (the last one always included); ignored when ``steps`` is given.
+            steps: the step counts to report, increasing, each in 1..``self.steps``.
+
+        Returns:
+            ``[(step, ε), ...]``; empty for an empty ledger.
         """
         accountant = make_accountant(method)
+        total = self.steps
+        if steps is None:
+            if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+                raise ValueError(f"Expected points={points!r} to be an int >= 1")
+            if total == 0:
+                return []
+            steps = sorted({round(1 + i * (total - 1) / max(1, points - 1)) for i in range(points)})
+        checkpoints = list(steps)
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in checkpoints) or any(
+            b <= a for a, b in zip(checkpoints, checkpoints[1:])
+        ):
+            raise ValueError(f"Expected steps={checkpoints!r} to be increasing ints")
+        if checkpoints and not (1 <= checkpoints[0] and checkpoints[-1] <= total):
+            raise ValueError(f"Expected steps={checkpoints!r} within 1..{total} (steps recorded)")
+        if not no_amplification and any(isinstance(e, ShuffledGaussian) for e, _ in self._entries):
+            warnings.warn(
+                "the ledger has steps over shuffled fixed-size batches: their ε is the Poisson "
+                "figure at the same sample rate, which assumes an amplification by sampling that "
+                "shuffling does not give (not a guarantee); pass no_amplification=True for a "
+                "sound bound",
+                SamplingAssumptionWarning,
+                stacklevel=_stacklevel,
+            )
         for event, count in self._entries:
-            accountant.compose(event, count)
-        return accountant.get_epsilon(delta)
+            accountant.compose(*_as_composable(event, count, no_amplification))
+        # Where each checkpoint falls in the composed (possibly per-epoch) sequence.
+        mapped, done, composed, i = [], 0, 0, 0
+        for event, count in self._entries:
+            while i < len(checkpoints) and checkpoints[i] <= done + count:
+                mapped.append(composed + _as_composable(event, checkpoints[i] - done, no_amplification)[1])
+                i += 1
+            done += count
+            composed += _as_composable(event, count, no_amplification)[1]
+        unique = sorted(set(mapped))
+        values = dict(zip(unique, accountant.get_epsilon_curve(delta, unique)))
+        return [(t, values[m]) for t, m in zip(checkpoints, mapped)]
+
+    def merge(self, other: "Ledger") -> None:
+        """Append ``other``'s entries after this ledger's (runs that happened in that order).
+
+        For a run resumed in a fresh process: load the first part with
+        ``load_state_dict`` (or keep its ledger) and merge the ledger of the
+        part that followed; ε then covers the whole run.
+        """
+        if not isinstance(other, Ledger):
+            raise ValueError(f"Expected a Ledger to merge, got {type(other)}")
+        if other is self:
+            raise ValueError("cannot merge a ledger into itself (that would double its steps)")
+        for event, count in other.entries:
+            self.record(event, count)
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot; ``load_state_dict`` restores it exactly."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant as _GooglePld
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from accounting.accountant import Accountant
-from accounting.events import IndependentPoissonGaussian, PoissonGaussian
-from accounting.rdp import to_dp_event
+from accounting.accountant import Accountant, increments
+from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian
 
 __all__ = ["PldAccountant"]
 
@@ -25,15 +23,35 @@ class PldAccountant(Accountant):
         f"about steps × {VALUE_DISCRETIZATION_INTERVAL} in the worst case, far less in practice"
     )
 
-    def _epsilon(self, delta: float) -> float:
-        acc = _GooglePld(value_discretization_interval=VALUE_DISCRETIZATION_INTERVAL)
-        for event, count in self._entries:
-            acc.compose(_to_dp_event(event), count)
-        return acc.get_epsilon(delta)
+    def _epsilons(self, entries: list, delta: float, checkpoints: list[int]) -> list[float]:
+        # Each distinct event's PLD is built once; the running composition takes
+        # each increment (self-composed by FFT) instead of starting again.
+        base: dict[Event, pld_lib.PrivacyLossDistribution] = {}
+        running, out = None, []
+        for piece in increments(entries, checkpoints):
+            if piece is None:
+                out.append(running.get_epsilon_for_delta(delta))
+                continue
+            event, count = piece
+            if event not in base:
+                base[event] = _event_pld(event)
+            step = base[event].self_compose(count)
+            running = step if running is None else running.compose(step)
+        return out
 
 
-def _to_dp_event(event: PoissonGaussian | IndependentPoissonGaussian) -> dp_event.DpEvent:
+def _event_pld(event: PoissonGaussian | IndependentPoissonGaussian) -> pld_lib.PrivacyLossDistribution:
+    """dp-accounting's PLD for one event, as its ``PLDAccountant`` builds it."""
     if isinstance(event, IndependentPoissonGaussian):
         sensitivities, probs = event.sensitivity_distribution()
-        return dp_event.MixtureOfGaussiansDpEvent(event.noise_multiplier, sensitivities, probs)
-    return to_dp_event(event)
+        return pld_lib.from_mixture_gaussian_mechanism(
+            standard_deviation=event.noise_multiplier,
+            sensitivities=sensitivities,
+            sampling_probs=probs,
+            value_discretization_interval=VALUE_DISCRETIZATION_INTERVAL,
+        )
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=event.noise_multiplier,
+        sampling_prob=event.sample_rate,
+        value_discretization_interval=VALUE_DISCRETIZATION_INTERVAL,
+    )

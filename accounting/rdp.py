@@ -5,7 +5,7 @@ from __future__ import annotations
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant as _GoogleRdp
 
-from accounting.accountant import Accountant
+from accounting.accountant import Accountant, increments
 from accounting.events import PoissonGaussian
 
 __all__ = ["RdpAccountant", "to_dp_event"]
@@ -28,8 +28,12 @@ class RdpAccountant(Accountant):
         "typically 5-20 % above the optimal ε for DP-SGD settings"
     )
 
-    def _epsilon(self, delta: float) -> float:
-        acc = _GoogleRdp()
-        for event, count in self._entries:
-            acc.compose(to_dp_event(event), count)
-        return acc.get_epsilon(delta)
+    def _epsilons(self, entries: list, delta: float, checkpoints: list[int]) -> list[float]:
+        # RDP adds up over compositions: one running accountant serves every checkpoint.
+        acc, out = _GoogleRdp(), []
+        for piece in increments(entries, checkpoints):
+            if piece is None:
+                out.append(acc.get_epsilon(delta))
+            else:
+                acc.compose(to_dp_event(piece[0]), piece[1])
+        return out
