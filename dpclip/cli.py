@@ -69,7 +69,10 @@ def _epsilons(sigma: float, args: argparse.Namespace) -> dict[str, float]:
 
 
 def _table(epsilons: dict[str, float]) -> str:
-    return "".join(f"epsilon[{m}] {e:.6g}\n" for m, e in epsilons.items())
+    def label(method: str) -> str:
+        return "  (approximation, not a bound)" if accounting.ACCOUNTANTS[method].approximate else ""
+
+    return "".join(f"epsilon[{m}] {e:.6g}{label(m)}\n" for m, e in epsilons.items())
 
 
 if __name__ == "__main__":

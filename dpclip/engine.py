@@ -11,11 +11,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from opacus.utils.uniform_sampler import (
+    DistributedUniformWithReplacementSampler,
+    UniformWithReplacementSampler,
+)
 from torch.optim import Optimizer
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 
 import accounting
-from accounting import Ledger, PoissonGaussian
+from accounting import Event, Ledger, PoissonGaussian, ShuffledGaussian
+from accounting.calibrate import step_event
 from dpclip.clipping import PerSampleClipper, validate_module
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer
@@ -25,10 +30,11 @@ from dpclip.sampling import (
     MicroBatchSchedule,
     PlannedSchedule,
     PoissonMicroBatchSampler,
+    Sampling,
     wrap_data_loader,
 )
 
-__all__ = ["LogicalBatchPlan", "PrivacyEngine"]
+__all__ = ["LogicalBatchPlan", "PrivacyEngine", "plan_logical_batches"]
 
 # Objects already made private (by any engine): wrapping twice would clip twice.
 _CLAIMED: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -36,27 +42,40 @@ _CLAIMED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class LogicalBatchPlan:
-    """Sizes of one training run's logical batches.
+    """Sizes of one training run's logical batches, and how they are drawn.
 
     Attributes:
         dataset_size: N.
-        logical_batch_size: L, expected examples per optimizer step.
-        micro_batch_size: B with ``accumulation_steps`` (the loader's batch size),
-            or M, the largest micro-batch, with ``max_physical_batch_size``.
+        logical_batch_size: L, expected examples per optimizer step (the
+            divisor of the clipped sum; not an integer for an Opacus
+            ``DPDataLoader``, whose expected batch is q·N).
+        micro_batch_size: B with ``accumulation_steps`` (expected, for a
+            ``DPDataLoader``), or M, the largest micro-batch, with
+            ``max_physical_batch_size``.
         accumulation_steps: k micro-batches per logical batch, or None when
             the count varies (``max_physical_batch_size``).
-        sample_rate: q = L / N.
+        sample_rate: q of one draw: L/N for a Poisson logical batch or a
+            shuffled batch; each micro-batch's rate for independent Poisson
+            micro-batches.
         steps_per_epoch: optimizer steps in one pass of the returned loader.
-        poisson: whether logical batches are Poisson samples (what ε assumes).
+        sampling: how batches are drawn, which fixes the event each step records.
     """
 
     dataset_size: int
-    logical_batch_size: int
-    micro_batch_size: int
+    logical_batch_size: float
+    micro_batch_size: float
     accumulation_steps: int | None
     sample_rate: float
     steps_per_epoch: int
-    poisson: bool
+    sampling: Sampling
+
+    def event(self, noise_multiplier: float, micro_batches: int) -> Event:
+        """The privacy event of one optimizer step that summed ``micro_batches`` micro-batches."""
+        if self.sampling is Sampling.SHUFFLED:
+            return ShuffledGaussian(self.sample_rate, noise_multiplier)
+        if self.sampling is Sampling.INDEPENDENT_POISSON:
+            return step_event(self.sample_rate, noise_multiplier, micro_batches)
+        return PoissonGaussian(self.sample_rate, noise_multiplier)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -80,7 +99,12 @@ def plan_logical_batches(
     max_physical_batch_size: int | None,
     poisson_sampling: bool,
 ) -> LogicalBatchPlan:
-    """Validate the loader and batching arguments; derive L, q and steps per epoch."""
+    """Validate the loader and batching arguments; derive L, q, steps per epoch and the sampling.
+
+    A loader drawn by Opacus's ``UniformWithReplacementSampler`` (an Opacus
+    ``DPDataLoader``) keeps its own sampler: each of its batches is a Poisson
+    draw at its ``sample_rate``.
+    """
     if not isinstance(data_loader, DataLoader):
         raise ValueError(f"Expected data_loader to be a torch DataLoader, got {type(data_loader)}")
     if accumulation_steps is not None and max_physical_batch_size is not None:
@@ -88,12 +112,19 @@ def plan_logical_batches(
             "pass accumulation_steps (loader batch = micro-batch) or max_physical_batch_size "
             "(loader batch = logical batch), not both"
         )
+    if not isinstance(poisson_sampling, bool):
+        raise ValueError(f"Expected poisson_sampling to be a bool, got {poisson_sampling!r}")
     try:
         n = len(data_loader.dataset)  # type: ignore[arg-type]
     except TypeError:
         raise ValueError("data_loader.dataset must have a len(): dpclip samples by index") from None
     if n < 1:
         raise ValueError("data_loader.dataset is empty")
+    sampler = data_loader.batch_sampler
+    if isinstance(sampler, DistributedUniformWithReplacementSampler):
+        raise ValueError("distributed Opacus DPDataLoaders are not supported")
+    if isinstance(sampler, UniformWithReplacementSampler):
+        return _plan_opacus_poisson(sampler, n, accumulation_steps, max_physical_batch_size, poisson_sampling)
     batch = data_loader.batch_size
     if batch is None:
         raise ValueError(
@@ -103,11 +134,6 @@ def plan_logical_batches(
     if max_physical_batch_size is not None:
         m = _positive_int("max_physical_batch_size", max_physical_batch_size)
         k, logical, micro = None, batch, m
-        if not poisson_sampling and not isinstance(data_loader.batch_sampler, BatchSampler):
-            raise ValueError(
-                "poisson_sampling=False with max_physical_batch_size needs a loader built "
-                "with batch_size= (a torch BatchSampler)"
-            )
     else:
         k = _positive_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
         logical, micro = k * batch, batch
@@ -116,12 +142,34 @@ def plan_logical_batches(
             f"logical batch L={logical} exceeds the dataset size N={n} (sample rate L/N > 1)"
         )
     if poisson_sampling:
-        steps = n // logical
-    elif k is not None:
-        steps = math.ceil(len(data_loader) / k)
+        steps, sampling = n // logical, Sampling.POISSON
     else:
-        steps = len(data_loader)
-    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, bool(poisson_sampling))
+        steps = math.ceil(len(data_loader) / k) if k is not None else len(data_loader)
+        sampling = Sampling.SHUFFLED
+    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, sampling)
+
+
+def _plan_opacus_poisson(
+    sampler: UniformWithReplacementSampler,
+    n: int,
+    accumulation_steps: int | None,
+    max_physical_batch_size: int | None,
+    poisson_sampling: bool,
+) -> LogicalBatchPlan:
+    q = float(sampler.sample_rate)
+    if not poisson_sampling:
+        raise ValueError(
+            "poisson_sampling=False, but data_loader is an Opacus DPDataLoader, whose batches "
+            "are Poisson draws: leave poisson_sampling at True"
+        )
+    draws = len(sampler)
+    if max_physical_batch_size is not None:
+        # Each draw is one logical batch, split: exactly one Poisson step at q.
+        m = _positive_int("max_physical_batch_size", max_physical_batch_size)
+        return LogicalBatchPlan(n, q * n, m, None, q, draws, Sampling.POISSON)
+    k = _positive_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
+    sampling = Sampling.POISSON if k == 1 else Sampling.INDEPENDENT_POISSON
+    return LogicalBatchPlan(n, k * q * n, q * n, k, q, math.ceil(draws / k), sampling)
 
 
 class PrivacyEngine:
@@ -129,7 +177,9 @@ class PrivacyEngine:
 
     Args:
         accountant: how ``get_epsilon`` turns the ledger into ε: "prv"
-            (default, tight numerical bound), "rdp" or "pld".
+            (default, tight numerical bound), "rdp", "pld" (the only one for
+            an Opacus ``DPDataLoader`` accumulated over k > 1 micro-batches)
+            or "gdp" (an approximation, not a bound).
         secure_mode: must be False for now: noise comes from torch's
             generators, which are not cryptographically secure.
 
@@ -197,8 +247,12 @@ class PrivacyEngine:
                 (the BatchMemoryManager migration).
             poisson_sampling: True (default): each step draws a Poisson logical
                 batch at q = L/N and splits it (exactly what ε assumes). False:
-                the loader's own batches are used, k at a time, and ε is flagged
-                as assuming a sampling that did not happen.
+                the loader's own shuffled batches are used, k at a time; the
+                ledger records ``ShuffledGaussian`` steps, whose ε comes with a
+                warning (no amplification by sampling applies). An Opacus
+                ``DPDataLoader`` keeps its own sampler: with k > 1 its micro-
+                batches are independent Poisson draws, recorded as
+                ``IndependentPoissonGaussian`` (exact with accountant "pld").
             noise_generator: source of the Gaussian noise; default: a new
                 generator seeded from the operating system.
             sample_generator: source of the Poisson sampling; same default.
@@ -233,8 +287,6 @@ class PrivacyEngine:
             )
         noise_multiplier = accounting.events.validate_noise_multiplier(noise_multiplier)
         max_grad_norm = _positive_float("max_grad_norm", max_grad_norm)
-        if not isinstance(poisson_sampling, bool):
-            raise ValueError(f"Expected poisson_sampling to be a bool, got {poisson_sampling!r}")
         for name, gen in (("noise_generator", noise_generator), ("sample_generator", sample_generator)):
             if gen is not None and not isinstance(gen, torch.Generator):
                 raise ValueError(f"Expected {name} to be a torch.Generator, got {type(gen)}")
@@ -244,6 +296,14 @@ class PrivacyEngine:
             max_physical_batch_size=max_physical_batch_size,
             poisson_sampling=poisson_sampling,
         )
+        if plan.sampling is Sampling.INDEPENDENT_POISSON:
+            largest = plan.event(noise_multiplier, plan.accumulation_steps)
+            if not accounting.ACCOUNTANTS[self.accountant]().supports(largest):
+                raise ValueError(
+                    f"accountant={self.accountant!r} cannot account this run's steps exactly "
+                    f"({largest!r}): use PrivacyEngine(accountant="
+                    f"{accounting.accountants_supporting(largest)[0]!r})"
+                )
         validate_module(module)
         trainable = {p for p in module.parameters() if p.requires_grad}
         for group in optimizer.param_groups:
@@ -261,18 +321,19 @@ class PrivacyEngine:
         if sample_generator is None:
             sample_generator = _os_seeded_generator(torch.device("cpu"))
         schedule: MicroBatchSchedule
-        if plan.poisson and plan.accumulation_steps is not None:
+        own_sampler = isinstance(data_loader.batch_sampler, UniformWithReplacementSampler)
+        if plan.sampling is Sampling.POISSON and not own_sampler and plan.accumulation_steps:
             schedule = FixedSchedule(plan.accumulation_steps)
         else:
             schedule = PlannedSchedule()
-        if plan.poisson:
+        if plan.sampling is Sampling.POISSON and not own_sampler:
             batch_sampler = PoissonMicroBatchSampler(
                 num_samples=plan.dataset_size,
                 sample_rate=plan.sample_rate,
                 steps=plan.steps_per_epoch,
                 generator=sample_generator,
                 micro_batches=plan.accumulation_steps,
-                max_micro_batch_size=None if plan.accumulation_steps else plan.micro_batch_size,
+                max_micro_batch_size=None if plan.accumulation_steps else int(plan.micro_batch_size),
                 schedule=schedule,
             )
         else:
@@ -280,7 +341,7 @@ class PrivacyEngine:
                 data_loader.batch_sampler,
                 schedule,  # type: ignore[arg-type]
                 micro_batches=plan.accumulation_steps,
-                max_micro_batch_size=None if plan.accumulation_steps else plan.micro_batch_size,
+                max_micro_batch_size=None if plan.accumulation_steps else int(plan.micro_batch_size),
             )
         clipper = PerSampleClipper(module, max_grad_norm)
         dp_optimizer = DPOptimizer(
@@ -291,7 +352,7 @@ class PrivacyEngine:
             expected_batch_size=plan.logical_batch_size,
             schedule=schedule,
             ledger=self.ledger,
-            event=PoissonGaussian(plan.sample_rate, noise_multiplier),
+            step_event=lambda micro_batches: plan.event(noise_multiplier, micro_batches),
             generator=noise_generator,
         )
         _CLAIMED.add(module)
@@ -329,12 +390,22 @@ class PrivacyEngine:
             max_physical_batch_size=max_physical_batch_size,
             poisson_sampling=poisson_sampling,
         )
+        independent = plan.sampling is Sampling.INDEPENDENT_POISSON
+        if plan.sampling is Sampling.SHUFFLED:
+            warnings.warn(
+                "poisson_sampling=False: σ is calibrated as if batches were Poisson samples at "
+                f"q = L/N; shuffled batches give no such amplification, so ε={target_epsilon} is "
+                "not guaranteed",
+                accounting.SamplingAssumptionWarning,
+                stacklevel=2,
+            )
         sigma = accounting.calibrate_noise(
             target_epsilon=target_epsilon,
             delta=target_delta,
             sample_rate=plan.sample_rate,
             steps=epochs * plan.steps_per_epoch,
             method=self.accountant,
+            micro_batches=plan.accumulation_steps if independent else 1,
         )
         return self.make_private(
             module=module,
@@ -350,19 +421,14 @@ class PrivacyEngine:
             sample_generator=sample_generator,
         )
 
-    def get_epsilon(self, delta: float) -> float:
+    def get_epsilon(self, delta: float, *, no_amplification: bool = False) -> float:
         """ε spent so far at ``delta``, by this engine's accountant.
 
-        Warns when the loader's batches were not Poisson samples: ε then
-        assumes an amplification by sampling that the run did not have.
+        With ``poisson_sampling=False`` the ledger holds ``ShuffledGaussian``
+        steps: ε is then the Poisson figure with a ``SamplingAssumptionWarning``,
+        or with ``no_amplification=True`` the sound per-epoch bound.
         """
-        if self.plan is not None and not self.plan.poisson:
-            warnings.warn(
-                "poisson_sampling=False: ε assumes Poisson sampling at q = L/N, which this "
-                "run's fixed shuffled batches do not provide",
-                stacklevel=2,
-            )
-        return self.ledger.epsilon(delta, method=self.accountant)
+        return self.ledger.epsilon(delta, method=self.accountant, no_amplification=no_amplification)
 
 
 def _os_seeded_generator(device: torch.device) -> torch.Generator:

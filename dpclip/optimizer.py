@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from accounting import Ledger, PoissonGaussian
+from accounting import Event, Ledger
 from dpclip.clipping import NonFiniteNormError, PerSampleClipper
 from dpclip.sampling import MicroBatchSchedule
 
@@ -75,8 +75,9 @@ class DPOptimizer(Optimizer):
         max_grad_norm: C, per-sample L2 clipping bound.
         expected_batch_size: L, the expected logical batch size.
         schedule: micro-batches per logical batch.
-        ledger: receives ``event`` once per optimizer step.
-        event: the mechanism one step applies.
+        ledger: receives one event per optimizer step.
+        step_event: the mechanism of a step, given how many micro-batches it
+            summed (empty ones included).
         generator: noise source.
     """
 
@@ -90,7 +91,7 @@ class DPOptimizer(Optimizer):
         expected_batch_size: float,
         schedule: MicroBatchSchedule,
         ledger: Ledger,
-        event: PoissonGaussian,
+        step_event: Callable[[int], Event],
         generator: torch.Generator,
     ) -> None:
         # The wrapped optimizer keeps param_groups and state; no super().__init__ (as Opacus).
@@ -101,7 +102,7 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = expected_batch_size
         self.schedule = schedule
         self.ledger = ledger
-        self.event = event
+        self.step_event = step_event
         self.generator = generator
         self._accumulator: dict[torch.Tensor, torch.Tensor] = {}
         self._micro_batches = 0  # backward() calls in the current logical batch
@@ -249,8 +250,9 @@ class DPOptimizer(Optimizer):
                 expected_batch_size=self.expected_batch_size,
                 generator=self.generator,
             )
+        event = self.step_event(n)
         self.original_optimizer.step()
-        self.ledger.record(self.event)
+        self.ledger.record(event)
         self._accumulator = {}
         self._micro_batches = 0
         self._since_step_call = 0

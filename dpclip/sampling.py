@@ -13,6 +13,7 @@ that the sampler fills: an explicit plan, not a signal from the loader.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from torch.utils._pytree import tree_map
 
 __all__ = [
     "FixedSchedule",
+    "Sampling",
     "GroupedBatchSampler",
     "MicroBatchSchedule",
     "PlannedSchedule",
@@ -32,6 +34,18 @@ __all__ = [
     "split_evenly",
     "wrap_data_loader",
 ]
+
+
+class Sampling(enum.Enum):
+    """How a run's logical batches are drawn; it decides the privacy event each step records."""
+
+    #: One Poisson draw at q = L/N per step, split into micro-batches (dpclip's sampler).
+    POISSON = "poisson"
+    #: Each micro-batch an independent Poisson draw at q (an Opacus ``DPDataLoader``
+    #: accumulated k times): a mixture of Gaussians, accounted exactly by PLD.
+    INDEPENDENT_POISSON = "independent-poisson"
+    #: The loader's own shuffled fixed-size batches: no amplification by sampling.
+    SHUFFLED = "shuffled"
 
 
 class MicroBatchSchedule:
@@ -175,7 +189,7 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
-    """The user's own batches (not Poisson), as logical batches of micro-batches.
+    """The loader's own batches, as logical batches of micro-batches.
 
     With ``accumulation_steps=k`` each group of k consecutive batches is one
     logical batch; when the epoch's batch count is not a multiple of k, the
@@ -200,23 +214,22 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.schedule = schedule
         self.micro_batches = micro_batches
         self.max_micro_batch_size = max_micro_batch_size
+        self._next_epoch: list[list[list[int]]] | None = None
 
     def __len__(self) -> int:
         if self.micro_batches is not None:
             return len(self.batch_sampler)
-        return sum(self._parts(size) for size in self._batch_sizes())
+        if self._next_epoch is None:
+            self._next_epoch = self._draw_epoch()
+        return sum(len(split) for split in self._next_epoch)
 
-    def _batch_sizes(self) -> list[int]:
-        # A torch BatchSampler's sizes are fixed even when its order is shuffled.
-        bs = self.batch_sampler
-        full, rest = divmod(len(bs.sampler), bs.batch_size)
-        return [bs.batch_size] * full + ([rest] if rest and not bs.drop_last else [])
-
-    def _parts(self, size: int) -> int:
-        return max(1, math.ceil(size / self.max_micro_batch_size))
+    def _draw_epoch(self) -> list[list[list[int]]]:
+        # The epoch's batches are drawn early (as the Poisson sampler draws its sizes)
+        # so that len() is exact even when the sizes are random.
+        return [self._split(list(batch)) for batch in self.batch_sampler]
 
     def _split(self, batch: list[int]) -> list[list[int]]:
-        return split_evenly(batch, self._parts(len(batch)))
+        return split_evenly(batch, max(1, math.ceil(len(batch) / self.max_micro_batch_size)))
 
     def __iter__(self) -> Iterator[list[int]]:
         with self.schedule.loader_pass():
@@ -225,7 +238,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
                 self.schedule.start_epoch([k] * (n // k) + ([n % k] if n % k else []))
                 yield from self.batch_sampler
                 return
-            splits = [self._split(list(b)) for b in self.batch_sampler]
+            splits = self._next_epoch if self._next_epoch is not None else self._draw_epoch()
+            self._next_epoch = None
             self.schedule.start_epoch([len(s) for s in splits])
             for s in splits:
                 yield from s

@@ -1,0 +1,156 @@
+"""The engine records the privacy event of the sampling that actually happened."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset
+
+import accounting as acc
+import dpclip
+from tests.dpclip.models import MLP, make_data, reference_update
+
+N, SEED = 60, 7
+
+
+def _setup(accountant="pld", **loader_kwargs):
+    gen = torch.Generator().manual_seed(0)
+    x, y = make_data("mlp", N, gen, torch.float64)
+    torch.manual_seed(0)
+    model = MLP().double()
+    reference_model = MLP().double()
+    reference_model.load_state_dict(model.state_dict())
+    dataset = TensorDataset(x, y)
+    loader = DPDataLoader(dataset, sample_rate=0.1, generator=torch.Generator().manual_seed(SEED))
+    engine = dpclip.PrivacyEngine(accountant=accountant)
+    kwargs = dict(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+    kwargs.update(loader_kwargs)
+    return engine, kwargs, reference_model, x, y
+
+
+def test_opacus_dp_data_loader_accumulated_is_an_exact_mixture():
+    engine, kwargs, reference_model, x, y = _setup()
+    model, opt, crit, loader = engine.make_private(accumulation_steps=3, **kwargs)
+    # The user's own sampler draws the micro-batches: the same seed gives the same batches.
+    replica = UniformWithReplacementSampler(
+        num_samples=N, sample_rate=0.1, generator=torch.Generator().manual_seed(SEED)
+    )
+    expected_batches = list(replica)
+    assert len(loader) == len(expected_batches) == 10
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen, first_three = [], []
+    for i, (xb, yb) in enumerate(loader):
+        seen.append(len(yb))
+        if i < 3:
+            first_three.append((xb, yb))
+        crit(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+        if i == 2:  # the first logical batch: 3 independent draws, divided by L = 3·q·N
+            x3 = torch.cat([b[0] for b in first_three])
+            y3 = torch.cat([b[1] for b in first_three])
+            expected, _ = reference_update(reference_model, initial, x3, y3, 0.5, 3 * 0.1 * N)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(initial[name] - p.detach(), expected[name], atol=1e-12, rtol=0)
+    assert seen == [len(b) for b in expected_batches]
+    # 10 draws at k = 3: three logical batches of 3 and a last one of 1.
+    assert engine.ledger.entries == (
+        (acc.IndependentPoissonGaussian(0.1, 0.0, 3), 3),
+        (acc.PoissonGaussian(0.1, 0.0), 1),
+    )
+    assert engine.plan.logical_batch_size == pytest.approx(18.0)
+    assert engine.plan.sampling is dpclip.sampling.Sampling.INDEPENDENT_POISSON
+
+
+def test_mixture_needs_an_accountant_that_can_account_it_and_says_which():
+    engine, kwargs, *_ = _setup(accountant="prv")
+    hooks_before = sum(len(m._forward_hooks) for m in kwargs["module"].modules())
+    with pytest.raises(ValueError, match=r"accountant='prv'.*IndependentPoissonGaussian.*'pld'"):
+        engine.make_private(accumulation_steps=2, **kwargs)
+    assert sum(len(m._forward_hooks) for m in kwargs["module"].modules()) == hooks_before
+    assert engine.optimizer is None
+
+
+@pytest.mark.parametrize("batching", [dict(accumulation_steps=1), dict(max_physical_batch_size=4)])
+def test_opacus_dp_data_loader_as_one_poisson_draw_per_step(batching):
+    engine, kwargs, *_ = _setup(accountant="rdp")
+    model, opt, crit, loader = engine.make_private(**batching, **kwargs)
+    for xb, yb in loader:
+        crit(model(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    assert engine.ledger.entries == ((acc.PoissonGaussian(0.1, 0.0), 10),)
+    assert engine.plan.logical_batch_size == pytest.approx(6.0)
+
+
+def test_opacus_dp_data_loader_refuses_poisson_sampling_false():
+    engine, kwargs, *_ = _setup()
+    with pytest.raises(ValueError, match="DPDataLoader"):
+        engine.make_private(accumulation_steps=2, poisson_sampling=False, **kwargs)
+
+
+def test_make_private_with_epsilon_calibrates_for_the_mixture(monkeypatch):
+    calls = []
+
+    def fake_calibrate(**kwargs):
+        calls.append(kwargs)
+        return 1.25
+
+    monkeypatch.setattr(acc, "calibrate_noise", fake_calibrate)
+    engine, kwargs, *_ = _setup()
+    kwargs.pop("noise_multiplier")
+    engine.make_private_with_epsilon(
+        accumulation_steps=3, target_epsilon=2.0, target_delta=1e-5, epochs=2, **kwargs
+    )
+    assert len(calls) == 1
+    assert calls[0]["micro_batches"] == 3  # k independent draws per step: the mixture
+    assert calls[0]["sample_rate"] == 0.1  # each draw's rate, not k·q
+    assert calls[0]["steps"] == 2 * 4  # 10 draws per epoch in groups of 3 (the last short)
+    assert calls[0]["method"] == "pld"
+    assert engine.noise_multiplier == 1.25
+
+
+def test_shuffled_batches_record_shuffled_steps_and_offer_the_sound_bound():
+    gen = torch.Generator().manual_seed(0)
+    x, y = make_data("mlp", 64, gen, torch.float64)
+    model = MLP().double()
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    model, opt, crit, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True),
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        accumulation_steps=2,
+        poisson_sampling=False,
+    )
+    for _ in range(3):
+        for xb, yb in loader:
+            crit(model(xb), yb).backward()
+            opt.step()
+            opt.zero_grad()
+    assert engine.ledger.entries == ((acc.ShuffledGaussian(16 / 64, 2.0), 12),)
+    with pytest.warns(acc.SamplingAssumptionWarning):
+        assumed = engine.get_epsilon(1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sound = engine.get_epsilon(1e-5, no_amplification=True)
+    # Three epochs, each example once per epoch: three Gaussian mechanisms at σ = 2.
+    three_gaussians = acc.Ledger()
+    three_gaussians.record(acc.PoissonGaussian(1.0, 2.0), 3)
+    assert sound == pytest.approx(three_gaussians.epsilon(1e-5, "rdp"))
+    assert sound > assumed
