@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench-accounting
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Benchmarks are not tests: minutes, machine-dependent, run on demand.
+bench-accounting: $(STAMP)
+	$(BIN)/python benchmarks/accounting_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,7 +11,7 @@ from prv_accountant import composers
 from prv_accountant.accountant import compute_safe_domain_size
 from scipy.fft import next_fast_len
 
-from accounting.accountant import Accountant
+from accounting.accountant import Accountant, increments
 from accounting.events import PoissonGaussian
 from accounting.rdp import to_dp_event
 
@@ -54,18 +54,13 @@ class PrvAccountant(Accountant):
     def _epsilons(self, entries: list, delta: float, checkpoints: list[int]) -> list[float]:
         # Composition order does not change ε: one PRV per distinct event, counted.
         distinct = list(dict.fromkeys(event for event, _ in entries))
-        totals = [0] * len(distinct)
-        prefixes: list[list[int]] = []
-        targets, done = iter(checkpoints), 0
-        target = next(targets)
-        for event, count in entries:
-            i = distinct.index(event)
-            while target is not None and done + count >= target:
-                take = target - done
-                prefixes.append([*totals[:i], totals[i] + take, *totals[i + 1 :]])
-                target = next(targets, None)
-            totals[i] += count
-            done += count
+        totals = [sum(c for e, c in entries if e == event) for event in distinct]
+        prefixes, counts = [], [0] * len(distinct)
+        for piece in increments(entries, checkpoints):
+            if piece is None:
+                prefixes.append(list(counts))
+            else:
+                counts[distinct.index(piece[0])] += piece[1]
         delta_error = delta * DELTA_ERROR_FRACTION
         rdp_epsilon = _rdp_epsilon(entries, delta)
         error = eps_error(rdp_epsilon)
@@ -84,8 +79,8 @@ class PrvAccountant(Accountant):
                 "use method='pld'"
             ) from None
         out = []
-        for counts in prefixes:
-            used = [(sc, n) for sc, n in zip(composer.self_composers, counts) if n > 0]
+        for prefix in prefixes:
+            used = [(sc, n) for sc, n in zip(composer.self_composers, prefix) if n > 0]
             parts = [sc.compute_composition([n]) for sc, n in used]
             composed = composers.ConvolutionTree(parts).compute_composition([1] * len(parts))
             _, _, upper = composed.compute_epsilon(delta, delta_error, error)
