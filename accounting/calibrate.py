@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from accounting.accountant import validate_delta
+from accounting.accountant import UnsupportedEventError, validate_delta
 from accounting.events import (
     Event,
     IndependentPoissonGaussian,
@@ -138,6 +138,19 @@ def calibrate_noise(
     return hi
 
 
+#: Factors around the GDP estimate tried first by ``max_steps``.
+_AROUND = (0.5, 0.7, 0.85, 0.95, 1.05, 1.15, 1.3, 1.6, 2.0)
+
+
+def _gdp_guess(target_epsilon: float, delta: float, event: Event, spent: Ledger | None) -> int | None:
+    """``max_steps`` under the GDP approximation (microseconds), or None where GDP cannot say."""
+    try:
+        return max_steps(target_epsilon, delta, event.sample_rate, event.noise_multiplier, "gdp",
+                         micro_batches=getattr(event, "micro_batches", 1), spent=spent)
+    except (UnsupportedEventError, ValueError):
+        return None
+
+
 def max_steps(
     target_epsilon: float,
     delta: float,
@@ -158,8 +171,9 @@ def max_steps(
         spent: what the run has already recorded (default: nothing).
 
     Returns:
-        T >= 0 with ε(spent + T steps) <= target_epsilon < ε(spent + T + 1 steps),
-        found by doubling then integer bisection (exact for a monotone ε).
+        T >= 0 with ε(spent + T steps) <= target_epsilon < ε(spent + T + 1 steps):
+        bracketed ×16 at a time, then narrowed ninefold per round, each round
+        one ``epsilon_curve`` (so PRV discretises once per round, not per count).
 
     Raises:
         ValueError: bad arguments, or the budget allows more than 10⁹ steps.
@@ -175,33 +189,50 @@ def max_steps(
     if spent is not None and not isinstance(spent, Ledger):
         raise ValueError(f"Expected spent to be a Ledger, got {type(spent)}")
 
-    def fits(steps: int) -> bool:
+    base = spent.steps if spent is not None else 0
+
+    def epsilons(counts: list[int]) -> list[float]:
+        # One ledger, one curve: the accountant's set-up is shared by all the counts.
         trial = Ledger()
         if spent is not None:
             trial.merge(spent)
-        if steps:
-            trial.record(event, steps)
-        return trial.epsilon(delta, method) <= target_epsilon
+        trial.record(event, counts[-1])
+        return [e for _, e in trial.epsilon_curve(delta, method, steps=[base + t for t in counts])]
+
+    def first_failure(counts: list[int]) -> tuple[int | None, int | None]:
+        """(largest count that fits before the first that does not, that first failing count)."""
+        fit = None
+        for t, eps in zip(counts, epsilons(counts)):
+            if eps > target_epsilon:
+                return fit, t
+            fit = t
+        return fit, None
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if not fits(0):
+        lo, hi = first_failure([1])
+        if hi is not None:  # not even one more step fits
             found = 0
         else:
-            lo, hi = 0, 1
-            while fits(hi):
-                lo, hi = hi, 2 * hi
-                if hi > MAX_STEPS:
+            lo = 1
+            guess = _gdp_guess(target_epsilon, delta, event, spent) if method != "gdp" else None
+            if guess:  # the CLT estimate is close: bracket around it first
+                fit, hi = first_failure(sorted({max(1, round(guess * f)) for f in _AROUND}))
+                lo = fit if fit is not None else lo
+            while hi is None:  # bracket: ×16 per round
+                if lo * 2 > MAX_STEPS:
                     raise ValueError(
                         f"the budget target_epsilon={target_epsilon} allows more than "
                         f"{MAX_STEPS:.0e} steps at noise_multiplier={noise_multiplier}"
                     )
-            while hi - lo > 1:  # fits(lo) and not fits(hi)
-                mid = (lo + hi) // 2
-                if fits(mid):
-                    lo = mid
-                else:
-                    hi = mid
+                fit, hi = first_failure([lo * 2**i for i in range(1, 5)])
+                lo = fit if fit is not None else lo
+            while hi - lo > 1:  # fits(lo) and not fits(hi): 9 sub-intervals per round
+                n = min(8, hi - lo - 1)
+                counts = sorted({lo + round((hi - lo) * (i + 1) / (n + 1)) for i in range(n)} - {lo, hi})
+                fit, fail = first_failure(counts)
+                lo = fit if fit is not None else lo
+                hi = fail if fail is not None else hi
             found = lo
     for message in {str(w.message): w for w in caught}.values():
         warnings.warn(message.message, message.category, stacklevel=2)

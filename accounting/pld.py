@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from accounting.accountant import Accountant, increments
@@ -40,6 +42,7 @@ class PldAccountant(Accountant):
         return out
 
 
+@functools.lru_cache(maxsize=16)  # events are immutable; PLDs are never mutated
 def _event_pld(event: PoissonGaussian | IndependentPoissonGaussian) -> pld_lib.PrivacyLossDistribution:
     """dp-accounting's PLD for one event, as its ``PLDAccountant`` builds it."""
     if isinstance(event, IndependentPoissonGaussian):

@@ -13,7 +13,7 @@ from scipy.fft import next_fast_len
 
 from accounting.accountant import Accountant, increments
 from accounting.events import PoissonGaussian
-from accounting.rdp import to_dp_event
+from accounting.rdp import quiet_rdp_warnings, to_dp_event
 
 __all__ = ["DELTA_ERROR_FRACTION", "EPS_ERROR", "EPS_ERROR_MAX", "EPS_ERROR_RELATIVE", "PrvAccountant", "eps_error"]
 
@@ -90,9 +90,10 @@ class PrvAccountant(Accountant):
 
 def _rdp_epsilon(entries: list[tuple[PoissonGaussian, int]], delta: float) -> float:
     acc = _GoogleRdp()
-    for event, count in entries:
-        acc.compose(to_dp_event(event), count)
-    return acc.get_epsilon(delta)
+    with quiet_rdp_warnings():
+        for event, count in entries:
+            acc.compose(to_dp_event(event), count)
+        return acc.get_epsilon(delta)
 
 
 def _discretise(

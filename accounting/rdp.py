@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant as _GoogleRdp
 
 from accounting.accountant import Accountant, increments
 from accounting.events import PoissonGaussian
 
-__all__ = ["RdpAccountant", "to_dp_event"]
+__all__ = ["RdpAccountant", "quiet_rdp_warnings", "to_dp_event"]
+
+
+@contextlib.contextmanager
+def quiet_rdp_warnings() -> Iterator[None]:
+    """Silence dp-accounting's "failed to converge ... Excluding this order" log lines.
+
+    Dropping an order only loosens the RDP bound (ε is the minimum over the
+    orders that remain), so the lines are noise to a user, printed per call.
+    """
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def to_dp_event(event: PoissonGaussian) -> dp_accounting.DpEvent:
@@ -31,9 +51,10 @@ class RdpAccountant(Accountant):
     def _epsilons(self, entries: list, delta: float, checkpoints: list[int]) -> list[float]:
         # RDP adds up over compositions: one running accountant serves every checkpoint.
         acc, out = _GoogleRdp(), []
-        for piece in increments(entries, checkpoints):
-            if piece is None:
-                out.append(acc.get_epsilon(delta))
-            else:
-                acc.compose(to_dp_event(piece[0]), piece[1])
+        with quiet_rdp_warnings():
+            for piece in increments(entries, checkpoints):
+                if piece is None:
+                    out.append(acc.get_epsilon(delta))
+                else:
+                    acc.compose(to_dp_event(piece[0]), piece[1])
         return out

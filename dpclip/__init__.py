@@ -1,10 +1,14 @@
 """dpclip: DP-SGD for PyTorch with ghost clipping and correct gradient accumulation."""
 
+from dpclip import callbacks
+from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import NonFiniteNormError, PerSampleClipper, clip_factors
 from dpclip.engine import LogicalBatchPlan, PrivacyEngine
 from dpclip.loss import DPCriterion, DPLoss
 from dpclip.optimizer import DPOptimizer, LogicalBatchError, private_gradient
-from dpclip.sampling import GroupedBatchSampler, PoissonMicroBatchSampler
+from dpclip.progress import progress
+from dpclip.report import PrivacyReport
+from dpclip.sampling import GroupedBatchSampler, PoissonMicroBatchSampler, Sampling
 
 __version__ = "0.1.0"
 
@@ -18,8 +22,14 @@ __all__ = [
     "NonFiniteNormError",
     "PerSampleClipper",
     "PoissonMicroBatchSampler",
+    "PrivacyBudget",
+    "PrivacyBudgetExceeded",
     "PrivacyEngine",
+    "PrivacyReport",
+    "Sampling",
     "__version__",
+    "callbacks",
     "clip_factors",
     "private_gradient",
+    "progress",
 ]

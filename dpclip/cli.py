@@ -1,32 +1,65 @@
-"""The ``dpclip`` command line (also ``python -m dpclip``)."""
+"""The ``dpclip`` command line (also ``python -m dpclip``).
+
+Every command takes ``--json`` and then prints one JSON object. Errors (a
+missing file, a bad number, an impossible target) exit with status 2 and one
+line on stderr, no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 import accounting
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpclip", description="DP-SGD privacy accounting from the command line."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dpclip", description="DP-SGD privacy accounting and reports.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     methods = sorted(accounting.ACCOUNTANTS)
 
-    cal = sub.add_parser(
-        "calibrate", help="noise multiplier for a target (ε, δ) over Poisson-sampled steps"
-    )
+    rep = sub.add_parser("report", help="the privacy report of a run (saved report or engine checkpoint)")
+    rep.add_argument("run", help="a report JSON (report.to_json()), an engine state JSON "
+                     "(engine.state_dict()), or a torch checkpoint holding one under 'privacy_engine'")
+    rep.add_argument("--delta", type=float, help="δ for an engine checkpoint (default: its budget's δ)")
+    fmt = rep.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the report's JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    rep.add_argument("--plot", metavar="OUT.png", help="also write ε versus step as a PNG")
+
+    cal = sub.add_parser("calibrate", help="noise multiplier σ for a target (ε, δ)")
     cal.add_argument("--target-epsilon", type=float, required=True)
     cal.add_argument("--delta", type=float, required=True)
-    cal.add_argument("--sample-rate", type=float, required=True, help="q = L/N per step")
-    cal.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    cal.add_argument("--accountant", choices=methods, default="prv")
+    rate = cal.add_argument_group("sample rate: --sample-rate, or --dataset-size with --batch-size "
+                                  "and --accumulation-steps")
+    rate.add_argument("--sample-rate", type=float, help="q = L/N per optimizer step")
+    rate.add_argument("--dataset-size", type=int, help="N")
+    rate.add_argument("--batch-size", type=int, help="B, the micro-batch")
+    rate.add_argument("--accumulation-steps", type=int, default=None, help="k (default 1): L = k·B")
+    length = cal.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data")
+    cal.add_argument("--accountant", choices=methods, default="prv", help="calibrate with (default prv)")
     cal.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bud = sub.add_parser("budget", help="how many optimizer steps an (ε, δ) budget allows")
+    bud.add_argument("--epsilon", type=float, required=True, help="the budget ε")
+    bud.add_argument("--delta", type=float, required=True)
+    bud.add_argument("--sample-rate", type=float, required=True, help="q = L/N per optimizer step")
+    bud.add_argument("--noise-multiplier", type=float, required=True, help="σ = noise std / C")
+    bud.add_argument("--accountant", choices=methods, default="prv")
+    bud.add_argument("--json", action="store_true", help="print one JSON object")
 
     eps = sub.add_parser("epsilon", help="ε after some Poisson-sampled Gaussian steps")
     eps.add_argument("--noise-multiplier", type=float, required=True, help="σ = noise std / C")
@@ -42,28 +75,101 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "calibrate":
-            sigma = accounting.calibrate_noise(
-                args.target_epsilon, args.delta, args.sample_rate, args.steps, method=args.accountant
-            )
-            epsilons = _epsilons(sigma, args)
-            out = {"noise_multiplier": sigma, "epsilon": epsilons}
-            text = f"noise_multiplier {sigma:.6g}\n" + _table(epsilons)
-        else:
-            epsilons = _epsilons(args.noise_multiplier, args)
-            out = {"epsilon": epsilons}
-            text = _table(epsilons)
-    except ValueError as err:
-        parser.exit(2, f"dpclip {args.command}: error: {err}\n")
+        out, text = _COMMANDS[args.command](args)
+    except (ValueError, OSError, ImportError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        parser.exit(2, f"dpclip {args.command}: error: {message}\n")
     print(json.dumps(out) if args.json else text, end="" if not args.json else "\n")
     return 0
 
 
-def _epsilons(sigma: float, args: argparse.Namespace) -> dict[str, float]:
+def _report(args: argparse.Namespace) -> tuple[Any, str]:
+    from dpclip.report import REPORT_SCHEMA, PrivacyReport, make_report
+
+    data = _load_run(Path(args.run))
+    if data.get("schema") == REPORT_SCHEMA:
+        if args.delta is not None:
+            raise ValueError(f"{args.run} is a saved report at its own delta={data.get('delta')}; "
+                             "--delta applies to engine checkpoints")
+        report = PrivacyReport.from_dict(data)
+    else:
+        from dpclip.engine import ENGINE_SCHEMA
+
+        if data.get("schema") != ENGINE_SCHEMA:
+            raise ValueError(f"{args.run} is neither a {REPORT_SCHEMA} report nor a {ENGINE_SCHEMA} state")
+        delta = args.delta
+        if delta is None:
+            if data.get("budget") is None:
+                raise ValueError("pass --delta: this checkpoint has no budget whose δ could be used")
+            delta = data["budget"]["delta"]
+        report = make_report(data, delta)
+    if args.plot:
+        report.plot(args.plot)
+    if args.json:
+        return json.loads(report.to_json()), ""
+    return None, report.to_markdown() if args.markdown else str(report)
+
+
+def _load_run(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        import torch  # a torch checkpoint; weights_only: nothing in it is executed
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is one clear line
+            raise ValueError(f"{path} is neither JSON nor a torch checkpoint ({type(err).__name__})") from None
+        if isinstance(data, dict) and "privacy_engine" in data:
+            data = data["privacy_engine"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a report or an engine state")
+    return data
+
+
+def _calibrate(args: argparse.Namespace) -> tuple[Any, str]:
+    if args.sample_rate is not None:
+        if args.dataset_size is not None or args.batch_size is not None or args.accumulation_steps is not None:
+            raise ValueError("pass --sample-rate or --dataset-size/--batch-size/--accumulation-steps, not both")
+        q = args.sample_rate
+        steps = args.steps if args.epochs is None else accounting.calibrate.steps_for_epochs(args.epochs, q)
+    else:
+        if args.dataset_size is None or args.batch_size is None:
+            raise ValueError("pass --sample-rate, or --dataset-size and --batch-size (and --accumulation-steps)")
+        n, b, k = args.dataset_size, args.batch_size, args.accumulation_steps or 1
+        if min(n, b, k) < 1 or k * b > n:
+            raise ValueError(f"need 1 <= k·B = {k * b} <= N = {n}")
+        q = k * b / n
+        # As dpclip's Poisson sampler: N // L optimizer steps per epoch.
+        steps = args.steps if args.epochs is None else max(1, math.ceil(args.epochs * (n // (k * b))))
+    if steps is None or steps < 1:
+        raise ValueError(f"need --steps >= 1, got {steps}")
+    sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, q, steps, method=args.accountant)
+    epsilons = _epsilons(sigma, args.delta, q, steps)
+    out = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "accountant": args.accountant,
+           "epsilon": epsilons}
+    text = f"noise_multiplier {sigma:.6g}  (sample_rate {q:.6g}, steps {steps}, calibrated with {args.accountant})\n"
+    return out, text + _table(epsilons)
+
+
+def _budget(args: argparse.Namespace) -> tuple[Any, str]:
+    steps = accounting.max_steps(args.epsilon, args.delta, args.sample_rate, args.noise_multiplier, args.accountant)
+    eps = accounting.epsilon_for(args.noise_multiplier, delta=args.delta, sample_rate=args.sample_rate,
+                                 steps=steps, method=args.accountant) if steps else 0.0
+    out = {"steps": steps, "epsilon": eps, "accountant": args.accountant}
+    return out, f"steps {steps}  (epsilon {eps:.6g} at delta {args.delta:g}, {args.accountant})\n"
+
+
+def _epsilon(args: argparse.Namespace) -> tuple[Any, str]:
+    epsilons = _epsilons(args.noise_multiplier, args.delta, args.sample_rate, args.steps)
+    return {"epsilon": epsilons}, _table(epsilons)
+
+
+def _epsilons(sigma: float, delta: float, q: float, steps: int) -> dict[str, float]:
     return {
-        m: accounting.epsilon_for(
-            sigma, delta=args.delta, sample_rate=args.sample_rate, steps=args.steps, method=m
-        )
+        m: accounting.epsilon_for(sigma, delta=delta, sample_rate=q, steps=steps, method=m)
         for m in sorted(accounting.ACCOUNTANTS)
     }
 
@@ -73,6 +179,9 @@ def _table(epsilons: dict[str, float]) -> str:
         return "  (approximation, not a bound)" if accounting.ACCOUNTANTS[method].approximate else ""
 
     return "".join(f"epsilon[{m}] {e:.6g}{label(m)}\n" for m, e in epsilons.items())
+
+
+_COMMANDS = {"report": _report, "calibrate": _calibrate, "budget": _budget, "epsilon": _epsilon}
 
 
 if __name__ == "__main__":

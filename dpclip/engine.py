@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +23,11 @@ from torch.utils.data import DataLoader
 import accounting
 from accounting import Event, Ledger, PoissonGaussian, ShuffledGaussian
 from accounting.calibrate import step_event
+from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import PerSampleClipper, validate_module
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer
+from dpclip.report import PrivacyReport, make_report
 from dpclip.sampling import (
     FixedSchedule,
     GroupedBatchSampler,
@@ -34,7 +38,10 @@ from dpclip.sampling import (
     wrap_data_loader,
 )
 
-__all__ = ["LogicalBatchPlan", "PrivacyEngine", "plan_logical_batches"]
+__all__ = ["ENGINE_SCHEMA", "LogicalBatchPlan", "PrivacyEngine", "plan_logical_batches"]
+
+#: Version tag of ``PrivacyEngine.state_dict()``.
+ENGINE_SCHEMA = "dpclip.engine/1"
 
 # Objects already made private (by any engine): wrapping twice would clip twice.
 _CLAIMED: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -209,6 +216,9 @@ class PrivacyEngine:
         self.noise_multiplier: float | None = None
         self.max_grad_norm: float | None = None
         self.optimizer: DPOptimizer | None = None
+        self.budget: PrivacyBudget | None = None
+        # (ledger steps when computed, steps allowed from there) for the budget cap
+        self._budget_cache: tuple[int, int] | None = None
 
     @property
     def steps(self) -> int:
@@ -229,6 +239,8 @@ class PrivacyEngine:
         poisson_sampling: bool = True,
         noise_generator: torch.Generator | None = None,
         sample_generator: torch.Generator | None = None,
+        max_epsilon: float | None = None,
+        target_delta: float | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """Wrap the training objects; returns (module, optimizer, criterion, data_loader).
 
@@ -256,6 +268,12 @@ class PrivacyEngine:
             noise_generator: source of the Gaussian noise; default: a new
                 generator seeded from the operating system.
             sample_generator: source of the Poisson sampling; same default.
+            max_epsilon: a budget cap (with ``target_delta``): the optimizer
+                raises ``PrivacyBudgetExceeded`` instead of taking the step
+                that would take ε (this engine's accountant) past it, before
+                any noise or parameter change, and the step is not recorded.
+                Steps with fewer micro-batches than k count as full ones.
+            target_delta: the δ at which ``max_epsilon`` is measured.
 
         Returns:
             The same module; a ``DPOptimizer`` (step once per logical batch);
@@ -314,6 +332,12 @@ class PrivacyEngine:
                         "module: build the optimizer from module.parameters()"
                     )
 
+        budget = None
+        if (max_epsilon is None) != (target_delta is None):
+            raise ValueError("pass max_epsilon and target_delta together (the budget is ε at a δ)")
+        if max_epsilon is not None:
+            budget = PrivacyBudget(max_epsilon, target_delta, self.accountant)
+
         # All arguments are valid: from here on, state changes.
         device = next(iter(trainable)).device
         if noise_generator is None:
@@ -354,6 +378,7 @@ class PrivacyEngine:
             ledger=self.ledger,
             step_event=lambda micro_batches: plan.event(noise_multiplier, micro_batches),
             generator=noise_generator,
+            step_guard=self._check_budget,
         )
         _CLAIMED.add(module)
         _CLAIMED.add(optimizer)
@@ -361,6 +386,10 @@ class PrivacyEngine:
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.optimizer = dp_optimizer
+        self.budget = budget
+        self._budget_cache = None
+        if budget is not None:
+            self._budget_state()  # the steps the cap allows, known from the start
         loader = wrap_data_loader(data_loader, batch_sampler)
         return module, dp_optimizer, DPCriterion(criterion, dp_optimizer), loader
 
@@ -380,6 +409,7 @@ class PrivacyEngine:
         poisson_sampling: bool = True,
         noise_generator: torch.Generator | None = None,
         sample_generator: torch.Generator | None = None,
+        max_epsilon: float | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """``make_private`` with the smallest σ (this engine's accountant) such that
         ``epochs`` epochs of optimizer steps at q = L/N are (target_epsilon, target_delta)-DP."""
@@ -419,6 +449,8 @@ class PrivacyEngine:
             poisson_sampling=poisson_sampling,
             noise_generator=noise_generator,
             sample_generator=sample_generator,
+            max_epsilon=max_epsilon,
+            target_delta=None if max_epsilon is None else target_delta,
         )
 
     def get_epsilon(self, delta: float, *, no_amplification: bool = False) -> float:
@@ -429,6 +461,91 @@ class PrivacyEngine:
         or with ``no_amplification=True`` the sound per-epoch bound.
         """
         return self.ledger.epsilon(delta, method=self.accountant, no_amplification=no_amplification)
+
+
+    @property
+    def steps_remaining(self) -> int | None:
+        """Optimizer steps the budget cap still allows (None without a cap)."""
+        if self.budget is None or self.plan is None or self.noise_multiplier is None:
+            return None
+        base, allowed = self._budget_state()
+        return max(0, allowed - (self.ledger.steps - base))
+
+    def _budget_state(self) -> tuple[int, int]:
+        if self._budget_cache is None or self._budget_cache[0] > self.ledger.steps:
+            # The k-micro-batch event dominates shorter logical batches: count every step as one.
+            event = self.plan.event(self.noise_multiplier, self.plan.accumulation_steps or 1)
+            self._budget_cache = (self.ledger.steps, self.budget.steps_allowed(self.ledger, event))
+        return self._budget_cache
+
+    def _check_budget(self, event: accounting.Event) -> None:
+        if self.budget is None:
+            return
+        if self.steps_remaining == 0:
+            raise PrivacyBudgetExceeded(
+                f"step {self.ledger.steps + 1} would take ε past max_epsilon={self.budget.max_epsilon:g} "
+                f"at delta={self.budget.delta:g} ({self.budget.method}); it was not taken: "
+                f"ε so far is {self.ledger.epsilon(self.budget.delta, self.budget.method):.4f}"
+            )
+
+    def add_step_callback(self, callback: Callable[["PrivacyEngine"], None]) -> None:
+        """Call ``callback(engine)`` after every optimizer step (e.g. ``dpclip.callbacks.CSVLogger``)."""
+        if self.optimizer is None:
+            raise RuntimeError("call make_private before adding step callbacks")
+        self.optimizer.step_callbacks.append(lambda: callback(self))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the privacy of the run depends on, JSON-serialisable (schema ``dpclip.engine/1``).
+
+        Save it with the model checkpoint; ``load_state_dict`` resumes the
+        ledger, ``dpclip report`` reads it.
+        """
+        if self.plan is None:
+            raise RuntimeError("nothing to save: call make_private first")
+        plan = dataclasses.asdict(self.plan)
+        plan["sampling"] = self.plan.sampling.value
+        budget = None
+        if self.budget is not None:
+            budget = {
+                "max_epsilon": self.budget.max_epsilon,
+                "delta": self.budget.delta,
+                "steps_remaining": self.steps_remaining,
+            }
+        return {
+            "schema": ENGINE_SCHEMA,
+            "accountant": self.accountant,
+            "secure_mode": self.secure_mode,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "plan": plan,
+            "budget": budget,
+            "ledger": self.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: restore the ledger saved by ``state_dict`` into this engine.
+
+        The engine must have been made private with the same sampling, σ and C
+        (checked), so that the ledger goes on describing one run.
+        """
+        if not isinstance(state, dict) or state.get("schema") != ENGINE_SCHEMA:
+            raise ValueError(f"Expected an engine state with schema {ENGINE_SCHEMA!r}")
+        mine = self.state_dict()
+        for key in ("noise_multiplier", "max_grad_norm"):
+            if state[key] != mine[key]:
+                raise ValueError(f"saved {key}={state[key]!r} differs from this engine's {mine[key]!r}")
+        if state["plan"] != mine["plan"]:
+            raise ValueError(f"saved batching {state['plan']} differs from this engine's {mine['plan']}")
+        self.ledger.load_state_dict(state["ledger"])
+        self._budget_cache = None
+
+    def report(self, delta: float | None = None) -> PrivacyReport:
+        """The run's ``PrivacyReport`` at ``delta`` (default: the budget's δ)."""
+        if delta is None:
+            if self.budget is None:
+                raise ValueError("pass delta (there is no budget whose δ could be used)")
+            delta = self.budget.delta
+        return make_report(self.state_dict(), delta)
 
 
 def _os_seeded_generator(device: torch.device) -> torch.Generator:

@@ -78,6 +78,9 @@ class DPOptimizer(Optimizer):
         ledger: receives one event per optimizer step.
         step_event: the mechanism of a step, given how many micro-batches it
             summed (empty ones included).
+        step_guard: called with a step's event before noise is drawn or any
+            parameter changes; raising refuses the step (the budget cap).
+        step_callbacks: called after each optimizer step, once it is recorded.
         generator: noise source.
     """
 
@@ -93,6 +96,7 @@ class DPOptimizer(Optimizer):
         ledger: Ledger,
         step_event: Callable[[int], Event],
         generator: torch.Generator,
+        step_guard: Callable[[Event], None] | None = None,
     ) -> None:
         # The wrapped optimizer keeps param_groups and state; no super().__init__ (as Opacus).
         self.original_optimizer = optimizer
@@ -103,6 +107,8 @@ class DPOptimizer(Optimizer):
         self.schedule = schedule
         self.ledger = ledger
         self.step_event = step_event
+        self.step_guard = step_guard
+        self.step_callbacks: list[Callable[[], None]] = []
         self.generator = generator
         self._accumulator: dict[torch.Tensor, torch.Tensor] = {}
         self._micro_batches = 0  # backward() calls in the current logical batch
@@ -239,6 +245,9 @@ class DPOptimizer(Optimizer):
                 f"step() after {n} micro-batches, but the logical batch has {planned} "
                 f"micro-batches (step after every micro-batch, or once after all {planned})"
             )
+        event = self.step_event(n)
+        if self.step_guard is not None:
+            self.step_guard(event)  # may refuse: nothing has changed yet
         noise_std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             s = self._accumulator.get(p)
@@ -250,13 +259,14 @@ class DPOptimizer(Optimizer):
                 expected_batch_size=self.expected_batch_size,
                 generator=self.generator,
             )
-        event = self.step_event(n)
         self.original_optimizer.step()
         self.ledger.record(event)
         self._accumulator = {}
         self._micro_batches = 0
         self._since_step_call = 0
         self._planned = None
+        for callback in self.step_callbacks:
+            callback()
         return loss
 
     def __repr__(self) -> str:

@@ -4,12 +4,16 @@ Run: make demo   (or: python examples/quickstart.py)
 
 The digits data ships inside scikit-learn: nothing is downloaded. The loader's
 batch size is the micro-batch (B = 16); accumulation_steps = 4 makes the
-expected logical batch L = 64, sampled by Poisson sampling at q = L/N.
+expected logical batch L = 64, sampled by Poisson sampling at q = L/N. The
+run is capped at ε = 8 (δ = 1e-5); it ends by printing the privacy report
+and writing its plot to build/privacy_report.png.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,6 +25,8 @@ import dpclip
 
 DELTA = 1e-5
 EPOCHS = 15
+MAX_EPSILON = 8.0
+PLOT = Path("build/privacy_report.png")
 
 
 class DigitsCNN(nn.Module):
@@ -66,6 +72,8 @@ def main() -> None:
         accumulation_steps=4,
         noise_generator=torch.Generator().manual_seed(1),
         sample_generator=torch.Generator().manual_seed(2),
+        max_epsilon=MAX_EPSILON,
+        target_delta=DELTA,
     )
     plan = engine.plan
     print(
@@ -78,7 +86,9 @@ def main() -> None:
     start = time.perf_counter()
     for epoch in range(1, EPOCHS + 1):
         model.train()
-        for x_micro, y_micro in train_loader:
+        bar = dpclip.progress(train_loader, engine, delta=DELTA, desc=f"epoch {epoch:2d}",
+                              leave=False, file=sys.stdout, disable=not sys.stdout.isatty())
+        for x_micro, y_micro in bar:
             loss = criterion(model(x_micro), y_micro)
             loss.backward()
             optimizer.step()  # applies once per logical batch, skips in between
@@ -89,8 +99,12 @@ def main() -> None:
                 f"epsilon {engine.get_epsilon(DELTA):.3f}  (delta={DELTA}, steps={engine.steps})"
             )
     print(f"trained in {time.perf_counter() - start:.1f} s")
-    print(f"final: test accuracy {accuracy(model, x_test, y_test):.3f}, "
-          f"epsilon {engine.get_epsilon(DELTA):.3f} at delta {DELTA} ({engine.accountant})")
+    print(f"final: test accuracy {accuracy(model, x_test, y_test):.3f}\n")
+    report = engine.report(DELTA)
+    print(report)
+    PLOT.parent.mkdir(exist_ok=True)
+    report.plot(str(PLOT))
+    print(f"plot of epsilon versus step: {PLOT}")
 
 
 @torch.no_grad()

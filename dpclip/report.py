@@ -1,0 +1,318 @@
+"""PrivacyReport: what privacy a training run got, and why, in forms to read or archive.
+
+Built from an engine's state (``PrivacyEngine.report`` or ``dpclip report
+CHECKPOINT``); every ε in it is ``accounting`` run on the run's own ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import accounting
+from accounting import Ledger
+
+__all__ = ["PrivacyReport", "REPORT_SCHEMA", "make_report"]
+
+#: Version tag of the JSON layout; a new layout gets a new tag.
+REPORT_SCHEMA = "dpclip.report/1"
+#: Accountants reported side by side, in this order.
+METHODS = ("prv", "pld", "rdp", "gdp")
+#: ε at or above this fraction of max_epsilon is "nearly exceeded".
+NEARLY_EXCEEDED = 0.9
+#: Below this σ accountant numerics are least reliable.
+SMALL_NOISE_MULTIPLIER = 0.5
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """The privacy of one training run at one δ.
+
+    Attributes:
+        epsilon: ε by accountant ("prv", "pld", "rdp", "gdp"); None where the
+            accountant cannot account the run's events exactly.
+        approximate: accountants in ``epsilon`` whose figure is an estimate,
+            not a bound ("gdp").
+        epsilon_no_amplification: for shuffled batches, the sound bound (PLD,
+            one Gaussian mechanism per epoch); None otherwise.
+        delta: δ.
+        accountant: the engine's accountant (the one the budget uses).
+        steps: optimizer steps taken (= ledger events).
+        epochs: steps / steps per epoch (passes over the loader).
+        dataset_size: N.
+        sample_rate: q of one Poisson draw (see ``LogicalBatchPlan``).
+        logical_batch_size: L, expected examples per step.
+        micro_batch_size: B (expected B for an Opacus DPDataLoader; the largest
+            micro-batch M with max_physical_batch_size).
+        accumulation_steps: k, or None when it varies (max_physical_batch_size).
+        noise_multiplier: σ, noise std / max_grad_norm.
+        max_grad_norm: C, per-example L2 clipping bound.
+        sampling: "poisson", "independent-poisson" or "shuffled".
+        secure_mode: whether noise came from a cryptographically secure source.
+        max_epsilon: the budget cap, or None.
+        steps_remaining: optimizer steps the cap still allows, or None.
+        versions: dpclip, opacus and torch versions that produced the report.
+        warnings: every condition that qualifies the numbers above.
+        ledger: the run's ledger state (``accounting.Ledger.state_dict``).
+    """
+
+    epsilon: dict[str, float | None]
+    approximate: tuple[str, ...]
+    epsilon_no_amplification: float | None
+    delta: float
+    accountant: str
+    steps: int
+    epochs: float
+    dataset_size: int
+    sample_rate: float
+    logical_batch_size: float
+    micro_batch_size: float
+    accumulation_steps: int | None
+    noise_multiplier: float
+    max_grad_norm: float
+    sampling: str
+    secure_mode: bool
+    max_epsilon: float | None
+    steps_remaining: int | None
+    versions: dict[str, str]
+    warnings: tuple[str, ...]
+    ledger: dict[str, Any] = field(repr=False)
+
+    # ---- formats -------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``"schema": "dpclip.report/1"`` first."""
+        out: dict[str, Any] = {"schema": REPORT_SCHEMA}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """``to_dict`` as JSON; ε = ∞ (a run with a σ = 0 step) is written as the string "inf"."""
+        return json.dumps(_encode(self.to_dict()), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrivacyReport":
+        """Inverse of ``to_dict``; refuses another schema."""
+        if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
+            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"Expected a report with schema {REPORT_SCHEMA!r}, got {got!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - data.keys()
+        if missing:
+            raise ValueError(f"report is missing fields: {sorted(missing)}")
+        values = {k: _decode(data[k]) for k in names}
+        values["approximate"] = tuple(values["approximate"])
+        values["warnings"] = tuple(values["warnings"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyReport":
+        """Inverse of ``to_json``."""
+        return cls.from_dict(json.loads(text))
+
+    def _rows(self) -> list[tuple[str, str]]:
+        rows = []
+        for method in METHODS:
+            eps = self.epsilon.get(method)
+            note = "  (approximation, not a bound)" if method in self.approximate else ""
+            if eps is None:
+                value = "n/a (cannot account these steps exactly)"
+            else:
+                value = f"{eps:.4f}{note}"
+            mark = " *" if method == self.accountant else ""
+            rows.append((f"epsilon [{method}]{mark}", value))
+        if self.epsilon_no_amplification is not None:
+            rows.append(("epsilon, no amplification", f"{self.epsilon_no_amplification:.4f}  (pld)"))
+        rows += [
+            ("delta", f"{self.delta:g}"),
+            ("optimizer steps", str(self.steps)),
+            ("epochs", f"{self.epochs:.2f}"),
+            ("dataset size N", str(self.dataset_size)),
+            ("sample rate q", f"{self.sample_rate:.6g}"),
+            ("logical batch L", f"{self.logical_batch_size:g}"),
+            ("micro-batch B", f"{self.micro_batch_size:g}"),
+            ("accumulation steps k", "varies" if self.accumulation_steps is None else str(self.accumulation_steps)),
+            ("noise multiplier sigma", f"{self.noise_multiplier:.6g}"),
+            ("max grad norm C", f"{self.max_grad_norm:g}"),
+            ("sampling", self.sampling),
+            ("secure mode", str(self.secure_mode)),
+        ]
+        if self.max_epsilon is not None:
+            rows.append(("budget max_epsilon", f"{self.max_epsilon:g}"))
+            rows.append(("steps remaining", str(self.steps_remaining)))
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in self.versions.items())))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self._rows()
+        width = max(len(k) for k, _ in rows)
+        lines = ["dpclip privacy report", "=" * (width + 40)]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines.append(f"{'':{width}}  * the engine's accountant")
+        lines += [f"warning: {w}" for w in self.warnings] or ["warnings: none"]
+        return "\n".join(lines) + "\n"
+
+    def to_markdown(self) -> str:
+        """A two-column Markdown table, then the warnings as a list."""
+        lines = ["| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self._rows()]
+        lines.append("")
+        lines += [f"- **warning:** {w}" for w in self.warnings] or ["No warnings."]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str, points: int = 30) -> Any:
+        """Write a PNG of ε versus step, one curve per accountant, and the budget line.
+
+        Returns the matplotlib ``Figure`` (headless: the Agg backend).
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("plot() needs matplotlib: pip install 'dpclip[report]'") from None
+        ledger = Ledger()
+        ledger.load_state_dict(self.ledger)
+        fig = Figure(figsize=(6.4, 4.0))
+        ax = fig.add_subplot()
+        for method in METHODS:
+            if self.epsilon.get(method) is None or ledger.steps == 0:
+                continue
+            curve = _quiet(lambda: ledger.epsilon_curve(self.delta, method, points=points))
+            approx = method in self.approximate
+            ax.plot(
+                [t for t, _ in curve],
+                [e for _, e in curve],
+                label=f"{method} (approximation)" if approx else method,
+                linestyle=":" if approx else "-",
+            )
+        if self.max_epsilon is not None:
+            ax.axhline(self.max_epsilon, color="red", linestyle="--", label=f"budget ε = {self.max_epsilon:g}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"ε at δ = {self.delta:g}")
+        ax.set_title(f"privacy spent (σ = {self.noise_multiplier:.3g}, q = {self.sample_rate:.3g}, {self.sampling})")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.savefig(path, format="png", dpi=100)
+        return fig
+
+
+def make_report(state: dict[str, Any], delta: float) -> PrivacyReport:
+    """The report for an engine state (``PrivacyEngine.state_dict()``) at ``delta``."""
+    delta = accounting.accountant.validate_delta(delta)
+    plan, ledger = state["plan"], Ledger()
+    ledger.load_state_dict(state["ledger"])
+    epsilon: dict[str, float | None] = {}
+    for method in METHODS:
+        try:
+            epsilon[method] = _quiet(lambda: ledger.epsilon(delta, method))
+        except accounting.UnsupportedEventError:
+            epsilon[method] = None
+    shuffled = plan["sampling"] == "shuffled"
+    no_amp = ledger.epsilon(delta, "pld", no_amplification=True) if shuffled and ledger.steps else None
+    budget = state.get("budget")
+    n, sigma = plan["dataset_size"], state["noise_multiplier"]
+    main_eps = epsilon.get(state["accountant"])
+    warnings: list[str] = []
+    if shuffled:
+        warnings.append(
+            "sampling is shuffled fixed-size batches, not Poisson: every ε above assumes Poisson "
+            "sampling at q (no amplification guarantee applies to shuffling); the sound bound is "
+            "'epsilon, no amplification'"
+        )
+    if delta >= 1.0 / n:
+        warnings.append(
+            f"delta={delta:g} >= 1/N = {1.0 / n:.3g}: releasing one random example outright meets "
+            "that δ; choose δ well below 1/N"
+        )
+    if budget is not None and main_eps is not None:
+        if main_eps > budget["max_epsilon"]:
+            warnings.append(f"budget exceeded: ε={main_eps:.4f} > max_epsilon={budget['max_epsilon']:g}")
+        elif main_eps >= NEARLY_EXCEEDED * budget["max_epsilon"]:
+            warnings.append(
+                f"budget nearly exhausted: ε={main_eps:.4f} is {100 * main_eps / budget['max_epsilon']:.0f} % "
+                f"of max_epsilon={budget['max_epsilon']:g} ({budget['steps_remaining']} steps remain)"
+            )
+    if sigma < SMALL_NOISE_MULTIPLIER:
+        warnings.append(
+            f"noise_multiplier={sigma:g} < {SMALL_NOISE_MULTIPLIER}: ε grows fast and the "
+            "accountants' numerics are least reliable here"
+        )
+    k, micro, logical = plan["accumulation_steps"], plan["micro_batch_size"], plan["logical_batch_size"]
+    if k is None and logical % micro:
+        warnings.append(
+            f"k·B differs from the logical batch: L={logical:g} is not a multiple of "
+            f"max_physical_batch_size={micro:g}, so micro-batches are uneven "
+            f"(about {math.ceil(logical / micro)} per step)"
+        )
+    if main_eps is None:
+        warnings.append(
+            f"the engine's accountant {state['accountant']!r} cannot account these steps; see pld"
+        )
+    return PrivacyReport(
+        epsilon=epsilon,
+        approximate=tuple(m for m in METHODS if accounting.ACCOUNTANTS[m].approximate),
+        epsilon_no_amplification=no_amp,
+        delta=delta,
+        accountant=state["accountant"],
+        steps=ledger.steps,
+        epochs=ledger.steps / plan["steps_per_epoch"] if plan["steps_per_epoch"] else 0.0,
+        dataset_size=n,
+        sample_rate=plan["sample_rate"],
+        logical_batch_size=logical,
+        micro_batch_size=micro,
+        accumulation_steps=k,
+        noise_multiplier=sigma,
+        max_grad_norm=state["max_grad_norm"],
+        sampling=plan["sampling"],
+        secure_mode=state["secure_mode"],
+        max_epsilon=None if budget is None else budget["max_epsilon"],
+        steps_remaining=None if budget is None else budget["steps_remaining"],
+        versions=_versions(),
+        warnings=tuple(warnings),
+        ledger=state["ledger"],
+    )
+
+
+def _quiet(fn: Any) -> Any:
+    """Run ``fn`` without the shuffled-sampling warning: the report carries it itself."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", accounting.SamplingAssumptionWarning)
+        return fn()
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("dpclip", "opacus", "torch"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _encode(value: Any) -> Any:
+    # JSON has no infinity: ε = ∞ (a σ = 0 step) is written as the string "inf".
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if value == "inf":
+        return math.inf
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
