@@ -61,6 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     bud.add_argument("--accountant", choices=methods, default="prv")
     bud.add_argument("--json", action="store_true", help="print one JSON object")
 
+    cmp = sub.add_parser("compare", help="dpclip vs Opacus BatchMemoryManager on the same model and batches")
+    cmp.add_argument("--model", required=True,
+                     help="mlp, cnn, transformer (built in), tiny, or module:function returning a "
+                          "dpclip.workloads.Workload")
+    cmp.add_argument("--logical-batch", type=int, required=True, help="L, expected examples per step")
+    cmp.add_argument("--micro-batch", type=int, required=True, help="B, most examples per forward/backward")
+    cmp.add_argument("--steps", type=int, required=True, help="timed optimizer steps")
+    cmp.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    cmp.add_argument("--repeats", type=int, default=1, help="runs per method, interleaved (default 1)")
+    cmp.add_argument("--noise-multiplier", type=float, default=1.0)
+    cmp.add_argument("--max-grad-norm", type=float, default=1.0)
+    cmp.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    cmp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    cmp.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
+                     help="write the result as JSON to OUT.json (or print it)")
+    cmp.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    cmp.add_argument("--plot", metavar="OUT.png", help="also write time and memory bars as a PNG")
+
     eps = sub.add_parser("epsilon", help="ε after some Poisson-sampled Gaussian steps")
     eps.add_argument("--noise-multiplier", type=float, required=True, help="σ = noise std / C")
     eps.add_argument("--delta", type=float, required=True)
@@ -79,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         parser.exit(2, f"dpclip {args.command}: error: {message}\n")
-    print(json.dumps(out) if args.json else text, end="" if not args.json else "\n")
+    # compare --json OUT.json writes the file and prints the table; bare --json prints JSON.
+    as_json = args.json == "-" if args.command == "compare" else bool(args.json)
+    print(json.dumps(out) if as_json else text, end="\n" if as_json else "")
     return 0
 
 
@@ -181,7 +201,24 @@ def _table(epsilons: dict[str, float]) -> str:
     return "".join(f"epsilon[{m}] {e:.6g}{label(m)}\n" for m, e in epsilons.items())
 
 
-_COMMANDS = {"report": _report, "calibrate": _calibrate, "budget": _budget, "epsilon": _epsilon}
+def _compare(args: argparse.Namespace) -> tuple[Any, str]:
+    from dpclip import compare
+
+    methods = compare.METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(","))
+    result = compare.run(
+        args.model, logical_batch=args.logical_batch, micro_batch=args.micro_batch, steps=args.steps,
+        noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, methods=methods,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+    )
+    if args.plot:
+        result.plot(args.plot)
+    if args.json not in (None, "-"):
+        Path(args.json).write_text(result.to_json())
+    return json.loads(result.to_json()), result.to_markdown()
+
+
+_COMMANDS = {"report": _report, "calibrate": _calibrate, "budget": _budget, "compare": _compare,
+             "epsilon": _epsilon}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,526 @@
+"""dpclip against Opacus BatchMemoryManager on the same model, data and logical batches.
+
+Each method trains the same Poisson logical batches (drawn once, from ``seed``),
+split into micro-batches of at most ``micro_batch`` examples:
+
+- ``nonprivate``: plain accumulation of Σℓ/L, no clipping, no noise;
+- ``opacus-hooks-bmm``: Opacus hooks mode + ``BatchMemoryManager``;
+- ``opacus-ghost-bmm``: Opacus ghost clipping + ``BatchMemoryManager``;
+- ``opacus-ghost-accumulate``: Opacus ghost made private on a micro-batch
+  loader and accumulated naively (the broken case, shown for contrast);
+- ``dpclip``: ghost clipping + accumulation, the model as built.
+
+Opacus refuses ``nn.MultiheadAttention``: its rows run the model after
+``ModuleValidator.fix`` (``DPMultiheadAttention`` with the same weights), and
+the row's ``note`` says so.
+
+Measurement, per method and repeat, in a fresh process (``isolate=True``):
+1. correctness: one logical step with σ = 0, SGD lr = 1 (training mode,
+   which Opacus needs: a model with dropout makes the check inexact);
+   ``max_abs_update_diff`` is the largest |Δθ − reference| where the
+   reference is Σᵢ min(1, C/‖gᵢ‖) gᵢ / L with gᵢ from ``torch.func``
+   (None for ``nonprivate``, which does not clip);
+2. timing: ``warmup`` + ``steps`` logical steps at the given σ; step time is
+   the wall time of one logical step (every micro-batch's forward and
+   backward, and the optimizer step), the median over the steps after warm-up;
+3. memory: on CPU, the peak resident set size sampled every millisecond by a
+   thread during the timed steps, minus the resident size just before them;
+   on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before.
+Methods are interleaved (the order rotates each repeat) so machine noise hits
+all alike; each row reports the median over repeats and min / max of the
+per-repeat medians. ε is each library's own RDP accountant at ``delta``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+
+__all__ = ["COMPARE_SCHEMA", "METHODS", "ComparisonResult", "Row", "run"]
+
+COMPARE_SCHEMA = "dpclip.compare/1"
+METHODS = ("nonprivate", "opacus-hooks-bmm", "opacus-ghost-bmm", "opacus-ghost-accumulate", "dpclip")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method's measurements (times in seconds, memory in MiB)."""
+
+    method: str
+    max_abs_update_diff: float | None
+    epsilon: float
+    steps: int
+    step_time_s: float
+    step_time_min_s: float
+    step_time_max_s: float
+    peak_memory_mb: float
+    time_ratio: float | None
+    memory_ratio: float | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """Rows in method order, the run's configuration and the machine it ran on."""
+
+    rows: tuple[Row, ...]
+    config: dict[str, Any]
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, method: str) -> Row:
+        return next(r for r in self.rows if r.method == method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": COMPARE_SCHEMA,
+            "config": self.config,
+            "environment": self.environment,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        def encode(v: Any) -> Any:
+            if isinstance(v, float) and math.isinf(v):
+                return "inf"
+            if isinstance(v, dict):
+                return {k: encode(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [encode(x) for x in v]
+            return v
+
+        return json.dumps(encode(self.to_dict()), indent=indent)
+
+    def to_markdown(self) -> str:
+        head = ("| method | max abs update diff | ε | steps | step time (s) min / median / max "
+                "| peak memory (MiB) | time × nonprivate | memory × nonprivate | note |")
+        lines = [head, "|" + "---|" * 9]
+        for r in self.rows:
+            diff = "—" if r.max_abs_update_diff is None else f"{r.max_abs_update_diff:.1e}"
+            eps = "∞" if math.isinf(r.epsilon) else f"{r.epsilon:.3f}"
+            ratio = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+            lines.append(
+                f"| {r.method} | {diff} | {eps} | {r.steps} | {r.step_time_min_s:.4f} / "
+                f"{r.step_time_s:.4f} / {r.step_time_max_s:.4f} | {r.peak_memory_mb:.1f} | "
+                f"{ratio(r.time_ratio)} | {ratio(r.memory_ratio)} | {r.note} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> Any:
+        """Bar charts of step time and peak memory per method (PNG); returns the Figure."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(9, 3.5))
+        for i, (attr, label) in enumerate((("step_time_s", "step time (s)"), ("peak_memory_mb", "peak memory (MiB)"))):
+            ax = fig.add_subplot(1, 2, i + 1)
+            ax.bar([r.method for r in self.rows], [getattr(r, attr) for r in self.rows])
+            ax.set_ylabel(label)
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100)
+        return fig
+
+
+# ---- the common work ------------------------------------------------------------------
+
+
+class _FixedBatches(Sampler[list[int]]):
+    """Yields the pre-drawn logical batches, the same for every method."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self.batches])
+
+
+def _draw_batches(n: int, logical_batch: int, count: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    q = logical_batch / n
+    return [torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist() for _ in range(count)]
+
+
+def _split(batch: list[int], micro_batch: int) -> list[list[int]]:
+    """Consecutive chunks of at most ``micro_batch`` (as Opacus's BatchSplittingSampler)."""
+    parts = max(1, math.ceil(len(batch) / micro_batch))
+    size, extra = divmod(len(batch), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(batch[start:end])
+        start = end
+    return out
+
+
+def _collate(dataset: Dataset, idx: list[int], device: torch.device) -> tuple[Any, Any]:
+    x, y = default_collate([dataset[i] for i in idx])
+    return x.to(device), y.to(device)
+
+
+def _reference_update(model: nn.Module, criterion: nn.Module, x: Any, y: Any, c: float, logical: float) -> dict[str, torch.Tensor]:
+    """Σᵢ min(1, C/‖gᵢ‖) gᵢ / L by name, gᵢ from torch.func (no dpclip or Opacus code)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], xi: Any, yi: Any) -> torch.Tensor:
+        return criterion(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+    factors = torch.clamp(c / norms, max=1.0)
+    return {k: torch.einsum("i,i...->...", factors.to(v.dtype), v) / logical for k, v in g.items()}
+
+
+# ---- the methods: each returns (trainer, epsilon(), module whose state_dict is compared, note)
+
+
+def _opacus_model(model: nn.Module) -> tuple[nn.Module, str]:
+    from opacus.validators import ModuleValidator
+
+    if ModuleValidator.is_valid(model):
+        return model, ""
+    return ModuleValidator.fix(model), "Opacus ran it with DPMultiheadAttention (ModuleValidator.fix, same weights)"
+
+
+def _setup(method: str, model: nn.Module, criterion: nn.Module, dataset: Dataset, cfg: dict[str, Any],
+           sigma: float, lr: float) -> tuple[Callable[[list[list[int]]], Iterator[None]], Callable[[], float], nn.Module, str]:
+    device = torch.device(cfg["device"])
+    L, B, C = cfg["logical_batch"], cfg["micro_batch"], cfg["max_grad_norm"]
+    noise = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
+
+    def micro(batch: list[int]) -> Iterator[tuple[Any, Any]]:
+        for part in _split(batch, B):
+            yield _collate(dataset, part, device)
+
+    if method == "nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+        def train(batches: list[list[int]]) -> Iterator[None]:
+            for batch in batches:
+                for x, y in micro(batch):
+                    (criterion(model(x), y) * len(y) / L).backward()
+                opt.step()
+                opt.zero_grad()
+                yield
+
+        return train, lambda: math.inf, model, ""
+
+    if method == "dpclip":
+        import dpclip
+        from dpclip.sampling import GroupedBatchSampler, wrap_data_loader
+
+        engine = dpclip.PrivacyEngine(accountant="rdp")
+        model, opt, crit, _ = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=criterion,
+            data_loader=DataLoader(dataset, batch_size=L), noise_multiplier=sigma, max_grad_norm=C,
+            max_physical_batch_size=B, noise_generator=noise,
+        )
+
+        def train(batches: list[list[int]]) -> Iterator[None]:
+            loader = wrap_data_loader(
+                DataLoader(dataset, batch_size=L),
+                GroupedBatchSampler(_FixedBatches(batches), opt.schedule, max_micro_batch_size=B),
+            )
+            for x, y in loader:
+                taken = engine.steps
+                crit(model(x.to(device)), y.to(device)).backward()
+                opt.step()  # a skip until the logical batch is complete
+                opt.zero_grad()
+                if engine.steps > taken:
+                    yield
+
+        return train, lambda: engine.get_epsilon(cfg["delta"]), model, ""
+
+    import warnings
+
+    from opacus import PrivacyEngine as OpacusEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    model, note = _opacus_model(model)
+    engine = OpacusEngine(accountant="rdp")
+    ghost = method != "opacus-hooks-bmm"
+    accumulate = method == "opacus-ghost-accumulate"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+            data_loader=DataLoader(dataset, batch_size=B if accumulate else L),
+            noise_multiplier=sigma, max_grad_norm=C, poisson_sampling=True, noise_generator=noise,
+            **({"criterion": criterion, "grad_sample_mode": "ghost"} if ghost else {}),
+        )
+    # Opacus returns (module, optimizer, criterion, loader) in ghost mode, else (module, optimizer, loader).
+    gsm, opt = made[0], made[1]
+    crit, dp_loader = (made[2], made[3]) if ghost else (criterion, made[2])
+    if accumulate:
+        note = (note + "; " if note else "") + "made private on the micro-batch loader, accumulated naively"
+
+        def train(batches: list[list[int]]) -> Iterator[None]:
+            for batch in batches:
+                for x, y in micro(batch):
+                    crit(gsm(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+                yield
+    else:
+        def train(batches: list[list[int]]) -> Iterator[None]:
+            loader = DataLoader(dataset, batch_sampler=_FixedBatches(batches), collate_fn=dp_loader.collate_fn)
+            with BatchMemoryManager(data_loader=loader, max_physical_batch_size=B, optimizer=opt) as mem:
+                counts = iter([max(1, math.ceil(len(b) / B)) for b in batches])
+                left = next(counts)
+                for x, y in mem:
+                    crit(gsm(x.to(device)), y.to(device)).backward()
+                    opt.step()
+                    opt.zero_grad()
+                    left -= 1
+                    if left == 0:
+                        yield
+                        left = next(counts, 0)
+
+    return train, lambda: engine.get_epsilon(cfg["delta"]), gsm._module, note
+
+
+def _measure(job: dict[str, Any]) -> dict[str, Any]:
+    """One method, one repeat: correctness pass, then the timed steps (run in a fresh process)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # Opacus's RNG and hook warnings, repeated per run, say nothing about the comparison.
+        warnings.simplefilter("ignore")
+        return _measure_quietly(job)
+
+
+def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
+    cfg = job["config"]
+    torch.set_num_threads(cfg["threads"])
+    model_fn, dataset, criterion = _resolve(job["workload"])
+    method, batches = job["method"], job["batches"]
+    device = torch.device(cfg["device"])
+
+    diff = None
+    if method != "nonprivate":
+        torch.manual_seed(cfg["seed"])
+        reference_model = model_fn().to(device).train()
+        model = copy.deepcopy(reference_model)
+        train, _, module, _ = _setup(method, model, criterion, dataset, cfg, sigma=0.0, lr=1.0)
+        before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        next(train(batches[:1]))
+        after = module.state_dict()
+        x, y = _collate(dataset, batches[0], device)
+        expected = _reference_update(reference_model, criterion, x, y, cfg["max_grad_norm"], cfg["logical_batch"])
+        diff = max(float((before[k] - after[k] - expected[k]).abs().max()) for k in expected)
+
+    torch.manual_seed(cfg["seed"])
+    model = model_fn().to(device).train()
+    train, epsilon, _, note = _setup(method, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])
+    times: list[float] = []
+    memory = _PeakMemory(device)
+    steps = train(batches)
+    for _ in range(cfg["warmup"]):  # first-call set-up is neither timed nor counted as memory
+        next(steps)
+        times.append(math.nan)
+    with memory:
+        start = time.perf_counter()
+        for _ in steps:
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+    timed = times[cfg["warmup"]:]
+    return {
+        "method": method,
+        "max_abs_update_diff": diff,
+        "epsilon": float(epsilon()),
+        "steps": len(times),
+        "step_time_s": statistics.median(timed),
+        "peak_memory_mb": memory.peak_mb,
+        "note": note,
+    }
+
+
+class _PeakMemory:
+    """Peak memory above the level at entry: sampled RSS on CPU, allocator peak on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mb = device, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._peak = _rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = (max(self._peak, _rss()) - self._base) / 2**20
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the high-water mark is the best there is
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _resolve(workload: Any) -> tuple[Callable[[], nn.Module], Dataset, nn.Module]:
+    if isinstance(workload, str):
+        from dpclip.workloads import load_workload
+
+        w = load_workload(workload)
+        return w.model_fn, w.dataset, w.criterion
+    return workload
+
+
+def run(
+    model_fn: Callable[[], nn.Module] | str,
+    dataset: Dataset | None = None,
+    criterion: nn.Module | None = None,
+    *,
+    logical_batch: int,
+    micro_batch: int,
+    steps: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    methods: Sequence[str] = METHODS,
+    delta: float = 1e-5,
+    warmup: int = 1,
+    repeats: int = 1,
+    seed: int = 0,
+    threads: int = 2,
+    lr: float = 0.1,
+    isolate: bool = True,
+    device: str | None = None,
+) -> ComparisonResult:
+    """Run every method on the same logical batches; one ``Row`` per method.
+
+    Args:
+        model_fn: builds a fresh model (a module-level function, so that it can
+            be sent to a fresh process), or a workload spec ("mlp", "cnn",
+            "transformer", "tiny" or "module:function") that each process loads.
+        dataset, criterion: the data (indexable, yielding (x, y)) and a loss
+            module with reduction "mean"; not needed with a workload spec.
+        logical_batch: L, expected examples per optimizer step (q = L/N).
+        micro_batch: B, the most examples per forward/backward.
+        steps: timed optimizer steps (after ``warmup`` more).
+        noise_multiplier, max_grad_norm: σ and C for every private method.
+        methods: a subset of ``METHODS``, in the order of the rows.
+        delta: δ for ε.
+        repeats: how many times each method runs (interleaved).
+        threads: ``torch.set_num_threads`` in each run.
+        isolate: each (method, repeat) in its own process, so that its peak
+            memory is its own; False runs in this process (peak memory then
+            includes what this process already held: for quick checks only).
+        device: "cpu" or "cuda" (default: cuda when available).
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"Expected methods from {list(METHODS)}, got {list(methods)}")
+    for name, value in (("logical_batch", logical_batch), ("micro_batch", micro_batch), ("steps", steps),
+                        ("repeats", repeats), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected {name}={value!r} to be an int >= 1")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"Expected warmup={warmup!r} to be an int >= 0")
+    workload: Any = model_fn if isinstance(model_fn, str) else (model_fn, dataset, criterion)
+    if not isinstance(model_fn, str) and (dataset is None or criterion is None):
+        raise ValueError("pass dataset and criterion with a model_fn (or a workload spec string)")
+    n = len(_resolve(workload)[1])  # type: ignore[arg-type]
+    if logical_batch > n:
+        raise ValueError(f"logical_batch={logical_batch} exceeds the dataset size {n}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = {
+        "logical_batch": logical_batch, "micro_batch": micro_batch, "steps": steps, "warmup": warmup,
+        "noise_multiplier": float(noise_multiplier), "max_grad_norm": float(max_grad_norm),
+        "delta": delta, "repeats": repeats, "seed": seed, "threads": threads, "lr": lr,
+        "device": device, "dataset_size": n, "isolate": isolate,
+        "workload": model_fn if isinstance(model_fn, str) else getattr(model_fn, "__qualname__", repr(model_fn)),
+    }
+    batches = _draw_batches(n, logical_batch, warmup + steps, seed)
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    order = list(methods)
+    for r in range(repeats):
+        for method in order[r % len(order):] + order[: r % len(order)]:
+            job = {"method": method, "workload": workload, "batches": batches, "config": config}
+            results[method].append(_in_fresh_process(job) if isolate else _measure(job))
+    rows = _rows(methods, results)
+    environment = {
+        "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "processor": platform.processor(),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "opacus": _version("opacus"), "dpclip": _version("dpclip"),
+        "cuda": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
+    return ComparisonResult(tuple(rows), config, environment)
+
+
+def _in_fresh_process(job: dict[str, Any]) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure, job).result()
+
+
+def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> list[Row]:
+    base = results.get("nonprivate")
+    base_time = statistics.median(r["step_time_s"] for r in base) if base else None
+    base_mem = statistics.median(r["peak_memory_mb"] for r in base) if base else None
+    rows = []
+    for m in methods:
+        rs = results[m]
+        t = [r["step_time_s"] for r in rs]
+        mem = statistics.median(r["peak_memory_mb"] for r in rs)
+        diffs = [r["max_abs_update_diff"] for r in rs if r["max_abs_update_diff"] is not None]
+        rows.append(Row(
+            method=m,
+            max_abs_update_diff=max(diffs) if diffs else None,
+            epsilon=rs[0]["epsilon"],
+            steps=rs[0]["steps"],
+            step_time_s=statistics.median(t),
+            step_time_min_s=min(t),
+            step_time_max_s=max(t),
+            peak_memory_mb=mem,
+            time_ratio=statistics.median(t) / base_time if base_time else None,
+            memory_ratio=mem / base_mem if base_mem and base_mem > 0 else None,
+            note=rs[0]["note"],
+        ))
+    return rows
+
+
+def _version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,80 @@
+"""dpclip.compare on a tiny model: the same update as Opacus hooks + BMM, the broken naive
+accumulation shows, ε agrees, the JSON schema holds, and the CLI runs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dpclip import compare
+from dpclip.workloads import tiny
+
+
+@pytest.fixture(scope="module")
+def result():
+    w = tiny()
+    return compare.run(
+        w.model_fn, w.dataset, w.criterion, logical_batch=16, micro_batch=4, steps=3,
+        noise_multiplier=1.0, max_grad_norm=0.5, isolate=False,
+    )
+
+
+def test_same_update_as_opacus_hooks_bmm_and_the_naive_accumulation_is_off(result):
+    assert [r.method for r in result.rows] == list(compare.METHODS)
+    assert result.row("dpclip").max_abs_update_diff <= 1e-6
+    assert result.row("opacus-hooks-bmm").max_abs_update_diff <= 1e-6
+    assert result.row("opacus-ghost-bmm").max_abs_update_diff <= 1e-6
+    assert result.row("opacus-ghost-accumulate").max_abs_update_diff > 1e-3
+    assert result.row("nonprivate").max_abs_update_diff is None
+
+
+def test_epsilon_of_dpclip_equals_opacus_bmm_for_the_same_run(result):
+    dp = result.row("dpclip").epsilon
+    for method in ("opacus-hooks-bmm", "opacus-ghost-bmm"):
+        # The same steps at the same q; Opacus's RDP orders differ slightly from dp-accounting's.
+        assert result.row(method).epsilon == pytest.approx(dp, rel=2e-3)
+    assert result.row("opacus-ghost-accumulate").epsilon < dp  # it records q = B/N: under-counts
+    assert math.isinf(result.row("nonprivate").epsilon)
+    assert all(r.steps == 4 for r in result.rows)  # warm-up + timed
+
+
+def test_json_schema(result):
+    data = json.loads(result.to_json())
+    assert data["schema"] == compare.COMPARE_SCHEMA
+    assert set(data) == {"schema", "config", "environment", "rows"}
+    expected = {"method", "max_abs_update_diff", "epsilon", "steps", "step_time_s", "step_time_min_s",
+                "step_time_max_s", "peak_memory_mb", "time_ratio", "memory_ratio", "note"}
+    for row in data["rows"]:
+        assert set(row) == expected
+    assert data["rows"][0]["time_ratio"] == 1.0
+    assert data["config"]["logical_batch"] == 16 and data["environment"]["torch"]
+
+
+def test_bad_arguments_are_named():
+    w = tiny()
+    with pytest.raises(ValueError, match="methods"):
+        compare.run(w.model_fn, w.dataset, w.criterion, logical_batch=16, micro_batch=4, steps=1,
+                    noise_multiplier=1.0, max_grad_norm=1.0, methods=["opacus-magic"])
+    with pytest.raises(ValueError, match="micro_batch"):
+        compare.run(w.model_fn, w.dataset, w.criterion, logical_batch=16, micro_batch=0, steps=1,
+                    noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_cli_runs_end_to_end_with_each_method_in_its_own_process(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "dpclip", "compare", "--model", "tiny", "--logical-batch", "16",
+         "--micro-batch", "4", "--steps", "2", "--methods", "nonprivate,dpclip", "--json",
+         str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("| method |")
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["nonprivate", "dpclip"]
+    assert data["rows"][1]["max_abs_update_diff"] <= 1e-6
+    assert data["config"]["isolate"] is True
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
