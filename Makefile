@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting
+.PHONY: demo test install clean bench-accounting bench-compare
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 # Benchmarks are not tests: minutes, machine-dependent, run on demand.
 bench-accounting: $(STAMP)
 	$(BIN)/python benchmarks/accounting_bench.py
+
+bench-compare: $(STAMP)
+	$(BIN)/python benchmarks/compare_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,7 +17,7 @@ from accounting.events import (
     validate_sample_rate,
 )
 from accounting.ledger import Ledger
-from accounting.registry import make_accountant
+from accounting.registry import ACCOUNTANTS, make_accountant
 
 __all__ = ["calibrate_noise", "epsilon_for", "max_steps", "steps_for_epochs"]
 
@@ -25,6 +25,8 @@ __all__ = ["calibrate_noise", "epsilon_for", "max_steps", "steps_for_epochs"]
 MAX_NOISE_MULTIPLIER = 1e4
 #: Most steps ``max_steps`` searches.
 MAX_STEPS = 10**9
+#: Most steps it evaluates with PRV, whose grid (memory) grows with the step count.
+MAX_PRV_STEPS = 10**6
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -111,6 +113,7 @@ def calibrate_noise(
     if not (0.0 < rtol < 1.0):
         raise ValueError(f"Expected 0 < rtol={rtol!r} < 1")
     accountant = make_accountant(method)  # validates the name before any work
+    _refuse_approximation(method, "calibration")
     if not accountant.supports(step_event(sample_rate, 1.0, micro_batches)):
         accountant.compose(step_event(sample_rate, 1.0, micro_batches))  # raises, naming who can
 
@@ -145,7 +148,7 @@ _AROUND = (0.5, 0.7, 0.85, 0.95, 1.05, 1.15, 1.3, 1.6, 2.0)
 def _gdp_guess(target_epsilon: float, delta: float, event: Event, spent: Ledger | None) -> int | None:
     """``max_steps`` under the GDP approximation (microseconds), or None where GDP cannot say."""
     try:
-        return max_steps(target_epsilon, delta, event.sample_rate, event.noise_multiplier, "gdp",
+        return _max_steps(target_epsilon, delta, event.sample_rate, event.noise_multiplier, "gdp",
                          micro_batches=getattr(event, "micro_batches", 1), spent=spent)
     except (UnsupportedEventError, ValueError):
         return None
@@ -176,8 +179,34 @@ def max_steps(
         one ``epsilon_curve`` (so PRV discretises once per round, not per count).
 
     Raises:
-        ValueError: bad arguments, or the budget allows more than 10⁹ steps.
+        ValueError: bad arguments, an approximate accountant ("gdp": a budget
+            needs a bound), or more steps than the accountant can evaluate
+            (10⁹; 10⁶ for "prv", whose grid grows with the step count).
     """
+    _refuse_approximation(method, "a budget")
+    return _max_steps(target_epsilon, delta, sample_rate, noise_multiplier, method,
+                      micro_batches=micro_batches, spent=spent)
+
+
+def _refuse_approximation(method: str, what: str) -> None:
+    cls = ACCOUNTANTS.get(method)
+    if cls is not None and cls.approximate:
+        raise ValueError(
+            f"accountant {method!r} is an approximation, not a bound: {what} needs one of "
+            f"{sorted(m for m, c in ACCOUNTANTS.items() if not c.approximate)}"
+        )
+
+
+def _max_steps(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    noise_multiplier: float,
+    method: str,
+    *,
+    micro_batches: int = 1,
+    spent: Ledger | None = None,
+) -> int:
     target_epsilon = _target("target_epsilon", target_epsilon)
     delta = validate_delta(delta)
     event = step_event(
@@ -216,14 +245,21 @@ def max_steps(
         else:
             lo = 1
             guess = _gdp_guess(target_epsilon, delta, event, spent) if method != "gdp" else None
+            limit = MAX_PRV_STEPS if method == "prv" else MAX_STEPS
+            if guess and guess > limit:
+                raise ValueError(
+                    f"the budget target_epsilon={target_epsilon} allows about {guess:.2g} steps, more "
+                    f"than accountant {method!r} evaluates ({limit:.0e}); use pld or rdp"
+                )
             if guess:  # the CLT estimate is close: bracket around it first
                 fit, hi = first_failure(sorted({max(1, round(guess * f)) for f in _AROUND}))
                 lo = fit if fit is not None else lo
             while hi is None:  # bracket: ×16 per round
-                if lo * 2 > MAX_STEPS:
+                if lo * 16 > limit:
                     raise ValueError(
                         f"the budget target_epsilon={target_epsilon} allows more than "
-                        f"{MAX_STEPS:.0e} steps at noise_multiplier={noise_multiplier}"
+                        f"{lo:.0e} steps at noise_multiplier={noise_multiplier}, past what accountant "
+                        f"{method!r} evaluates ({limit:.0e})"
                     )
                 fit, hi = first_failure([lo * 2**i for i in range(1, 5)])
                 lo = fit if fit is not None else lo
@@ -233,6 +269,9 @@ def max_steps(
                 fit, fail = first_failure(counts)
                 lo = fit if fit is not None else lo
                 hi = fail if fail is not None else hi
+            # Curve points share one grid; confirm the answer with a fresh evaluation.
+            while lo > 0 and epsilons([lo])[0] > target_epsilon:
+                lo -= 1
             found = lo
     for message in {str(w.message): w for w in caught}.values():
         warnings.warn(message.message, message.category, stacklevel=2)

@@ -116,17 +116,23 @@ class ShuffledGaussian:
     sensitivity C (as TF Privacy's ``compute_dp_sgd_privacy_statement``).
 
     Attributes:
-        sample_rate: batch size / N, the fraction of the data one step uses
-            (unitless, 0 < q <= 1); one epoch is 1/q steps.
+        sample_rate: batch size / N (unitless, 0 < q <= 1), for the Poisson figure.
         noise_multiplier: σ, noise std divided by the clipping bound C (>= 0).
+        steps_per_epoch: optimizer steps in one pass over the loader (>= 1); the
+            bound counts ceil(steps / steps_per_epoch) epochs per ledger run,
+            which assumes each run of steps starts with a fresh pass.
     """
 
     sample_rate: float
     noise_multiplier: float
+    steps_per_epoch: int
 
     def __post_init__(self) -> None:
         validate_sample_rate(self.sample_rate)
         validate_noise_multiplier(self.noise_multiplier)
+        n = self.steps_per_epoch
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Expected steps_per_epoch={n!r} to be an int >= 1")
 
 
 #: Any event a ledger records.

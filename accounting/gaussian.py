@@ -19,6 +19,9 @@ from scipy.special import log_ndtr
 
 from accounting.accountant import validate_delta
 
+#: Above this μ = Δ/s, ``gaussian_epsilon`` reports ∞ (ε would exceed ~5·10⁷).
+MAX_MU = 1e4
+
 __all__ = [
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
@@ -50,7 +53,8 @@ def gaussian_delta(epsilon: float, mu: float) -> float:
     log_first = float(log_ndtr(mu / 2.0 - epsilon / mu))
     log_second = epsilon + float(log_ndtr(-mu / 2.0 - epsilon / mu))
     # δ = Φ(a)·(1 − e^{log_second − log_first}); expm1 keeps the difference accurate.
-    return max(0.0, -math.exp(log_first) * math.expm1(log_second - log_first))
+    # δ >= 0 exactly; rounding in the far tails must not turn it into an overflow.
+    return max(0.0, -math.exp(log_first) * math.expm1(min(0.0, log_second - log_first)))
 
 
 def gaussian_epsilon(delta: float, mu: float) -> float:
@@ -62,6 +66,8 @@ def gaussian_epsilon(delta: float, mu: float) -> float:
     """
     delta = validate_delta(delta)
     mu = _check_positive("mu", mu)
+    if mu > MAX_MU:  # ε > μ²/2 − O(μ) ≈ 5e7: no meaningful privacy, and beyond the numerics
+        return math.inf
     if gaussian_delta(0.0, mu) <= delta:
         return 0.0
     hi = max(1.0, mu * mu)

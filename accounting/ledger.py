@@ -28,9 +28,9 @@ class SamplingAssumptionWarning(UserWarning):
     """ε assumes an amplification by sampling that the recorded run did not have."""
 
 
-def _epochs(steps: int, sample_rate: float) -> int:
-    """Epochs that ``steps`` shuffled steps touch, rounded up (each epoch is 1/q steps)."""
-    return math.ceil(round(steps * sample_rate, 9))
+def _epochs(steps: int, steps_per_epoch: int) -> int:
+    """Epochs that ``steps`` shuffled steps touch, rounded up, counted from an epoch start."""
+    return -(-steps // steps_per_epoch)
 
 
 def _as_composable(event: Event, steps: int, no_amplification: bool) -> tuple[Event, int]:
@@ -40,7 +40,7 @@ def _as_composable(event: Event, steps: int, no_amplification: bool) -> tuple[Ev
     if no_amplification:
         # Each example is in at most one batch per epoch: one Gaussian mechanism
         # (q = 1) per epoch, as TF Privacy's "each example occurring once per epoch".
-        return PoissonGaussian(1.0, event.noise_multiplier), _epochs(steps, event.sample_rate)
+        return PoissonGaussian(1.0, event.noise_multiplier), _epochs(steps, event.steps_per_epoch)
     return PoissonGaussian(event.sample_rate, event.noise_multiplier), steps
 
 
@@ -207,7 +207,12 @@ class Ledger:
             if cls is None:
                 raise ValueError(f"Unknown event type {item['event']!r} in ledger state")
             names = {f.name for f in fields(cls)}
-            event = cls(**{k: v for k, v in item["params"].items() if k in names})
+            if set(item["params"]) != names:
+                raise ValueError(
+                    f"ledger state for {item['event']} has parameters {sorted(item['params'])}, "
+                    f"expected {sorted(names)}"
+                )
+            event = cls(**item["params"])
             count = item["count"]
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"Expected count={count!r} to be an int >= 1 in ledger state")

@@ -35,6 +35,26 @@ class PrivacyBudget:
         ):
             raise ValueError(f"Expected max_epsilon={self.max_epsilon!r} to be finite and > 0")
         accounting.accountant.validate_delta(self.delta)
+        if accounting.ACCOUNTANTS[self.method].approximate:
+            raise ValueError(
+                f"accountant={self.method!r} is an approximation, not a bound: a budget cap needs "
+                "PrivacyEngine(accountant='prv', 'pld' or 'rdp')"
+            )
+
+    def covers(self, since: tuple[tuple[Event, int], ...], now: tuple[tuple[Event, int], ...], event: Event) -> bool:
+        """Whether ledger ``now`` is ledger ``since`` plus steps that ``event`` dominates,
+        so that a count of steps since then is all the cap needs."""
+        if len(now) < len(since) or now[: max(0, len(since) - 1)] != since[: max(0, len(since) - 1)]:
+            return False
+        rest = list(now[len(since) - 1 :]) if since else list(now)
+        if since:
+            (old_event, old_count), (cur_event, cur_count) = since[-1], rest[0]
+            if cur_event != old_event or cur_count < old_count:
+                return False
+            rest = rest[1:]
+            if old_event != event and cur_count > old_count and not _dominated(old_event, event):
+                return False
+        return all(_dominated(e, event) for e, _ in rest)
 
     def steps_allowed(self, spent: Ledger, event: Event) -> int:
         """The most further steps of ``event`` after ``spent`` within the cap (``accounting.max_steps``)."""
@@ -52,3 +72,17 @@ class PrivacyBudget:
             micro_batches=micro_batches,
             spent=spent,
         )
+
+
+def _dominated(step: Event, by: Event) -> bool:
+    """Whether one ``step`` costs no more privacy than one ``by``: the same event, or fewer
+    independent Poisson micro-batches at the same rate and noise."""
+    if step == by:
+        return True
+    if isinstance(by, accounting.IndependentPoissonGaussian):
+        same = (step.sample_rate, step.noise_multiplier) == (by.sample_rate, by.noise_multiplier)
+        if isinstance(step, accounting.PoissonGaussian):
+            return same
+        if isinstance(step, accounting.IndependentPoissonGaussian):
+            return same and step.micro_batches <= by.micro_batches
+    return False

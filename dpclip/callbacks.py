@@ -26,7 +26,13 @@ class _EpsilonLogger:
 
     def __call__(self, engine: Any) -> None:
         if engine.steps % self.every == 0:
-            self.log(engine.steps, engine.ledger.epsilon(self.delta, self.method))
+            import accounting
+
+            try:
+                eps = engine.ledger.epsilon(self.delta, self.method)
+            except accounting.UnsupportedEventError:  # e.g. rdp on a mixture: use the engine's own
+                eps = engine.ledger.epsilon(self.delta, engine.accountant)
+            self.log(engine.steps, eps)
 
     def log(self, step: int, epsilon: float) -> None:  # pragma: no cover - interface
         raise NotImplementedError

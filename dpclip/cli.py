@@ -94,13 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out, text = _COMMANDS[args.command](args)
-    except (ValueError, OSError, ImportError) as err:
+    except (ValueError, OSError, ImportError, ArithmeticError, MemoryError, KeyError, TypeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         parser.exit(2, f"dpclip {args.command}: error: {message}\n")
     # compare --json OUT.json writes the file and prints the table; bare --json prints JSON.
     as_json = args.json == "-" if args.command == "compare" else bool(args.json)
-    print(json.dumps(out) if as_json else text, end="\n" if as_json else "")
+    print(json.dumps(_json_safe(out)) if as_json else text, end="\n" if as_json else "")
     return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """ε = ∞ as the string "inf", as in the report's JSON (JSON has no infinity)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _report(args: argparse.Namespace) -> tuple[Any, str]:
@@ -161,6 +172,8 @@ def _calibrate(args: argparse.Namespace) -> tuple[Any, str]:
         n, b, k = args.dataset_size, args.batch_size, args.accumulation_steps or 1
         if min(n, b, k) < 1 or k * b > n:
             raise ValueError(f"need 1 <= k·B = {k * b} <= N = {n}")
+        if args.epochs is not None and not (0 < args.epochs < math.inf):
+            raise ValueError(f"Expected --epochs={args.epochs} to be finite and > 0")
         q = k * b / n
         # As dpclip's Poisson sampler: N // L optimizer steps per epoch.
         steps = args.steps if args.epochs is None else max(1, math.ceil(args.epochs * (n // (k * b))))

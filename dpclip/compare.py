@@ -15,17 +15,19 @@ Opacus refuses ``nn.MultiheadAttention``: its rows run the model after
 the row's ``note`` says so.
 
 Measurement, per method and repeat, in a fresh process (``isolate=True``):
-1. correctness: one logical step with σ = 0, SGD lr = 1 (training mode,
+1. correctness (after the timing): one logical step with σ = 0, SGD lr = 1 (training mode,
    which Opacus needs: a model with dropout makes the check inexact);
    ``max_abs_update_diff`` is the largest |Δθ − reference| where the
    reference is Σᵢ min(1, C/‖gᵢ‖) gᵢ / L with gᵢ from ``torch.func``
    (None for ``nonprivate``, which does not clip);
-2. timing: ``warmup`` + ``steps`` logical steps at the given σ; step time is
-   the wall time of one logical step (every micro-batch's forward and
-   backward, and the optimizer step), the median over the steps after warm-up;
-3. memory: on CPU, the peak resident set size sampled every millisecond by a
-   thread during the timed steps, minus the resident size just before them;
-   on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before.
+2. timing (first, in a process that has trained nothing yet): ``warmup`` +
+   ``steps`` logical steps at the given σ; step time is the wall time of one
+   logical step (every micro-batch's forward and backward, and the optimizer
+   step), the median over the steps after warm-up;
+3. memory, over those steps (warm-up included): on CPU, the peak resident set
+   size sampled every millisecond by a thread, minus the resident size after
+   the model, optimizer and data were set up; on CUDA,
+   ``torch.cuda.max_memory_allocated`` minus the allocation before.
 Methods are interleaved (the order rotates each repeat) so machine noise hits
 all alike; each row reports the median over repeats and min / max of the
 per-repeat medians. ε is each library's own RDP accountant at ``delta``.
@@ -314,44 +316,51 @@ def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
     method, batches = job["method"], job["batches"]
     device = torch.device(cfg["device"])
 
+    # Timed run first, so that its memory is measured from a process that has trained nothing.
+    torch.manual_seed(cfg["seed"])
+    model = model_fn().to(device).train()
+    train, epsilon, _, note = _setup(method, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])
+    times: list[float] = []
+    with _PeakMemory(device) as memory:
+        start = time.perf_counter()
+        for _ in train(batches):
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+    eps = float(epsilon())
+
     diff = None
     if method != "nonprivate":
         torch.manual_seed(cfg["seed"])
         reference_model = model_fn().to(device).train()
         model = copy.deepcopy(reference_model)
         train, _, module, _ = _setup(method, model, criterion, dataset, cfg, sigma=0.0, lr=1.0)
-        before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        before = _reference_names(module)
         next(train(batches[:1]))
-        after = module.state_dict()
+        after = _reference_names(module)
         x, y = _collate(dataset, batches[0], device)
         expected = _reference_update(reference_model, criterion, x, y, cfg["max_grad_norm"], cfg["logical_batch"])
         diff = max(float((before[k] - after[k] - expected[k]).abs().max()) for k in expected)
-
-    torch.manual_seed(cfg["seed"])
-    model = model_fn().to(device).train()
-    train, epsilon, _, note = _setup(method, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])
-    times: list[float] = []
-    memory = _PeakMemory(device)
-    steps = train(batches)
-    for _ in range(cfg["warmup"]):  # first-call set-up is neither timed nor counted as memory
-        next(steps)
-        times.append(math.nan)
-    with memory:
-        start = time.perf_counter()
-        for _ in steps:
-            now = time.perf_counter()
-            times.append(now - start)
-            start = now
-    timed = times[cfg["warmup"]:]
     return {
         "method": method,
         "max_abs_update_diff": diff,
-        "epsilon": float(epsilon()),
+        "epsilon": eps,
         "steps": len(times),
-        "step_time_s": statistics.median(timed),
+        "step_time_s": statistics.median(times[cfg["warmup"]:]),
         "peak_memory_mb": memory.peak_mb,
         "note": note,
     }
+
+
+def _reference_names(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters under the names of the model as built: Opacus's DPMultiheadAttention keeps
+    q/k/v in three Linear layers where ``nn.MultiheadAttention`` has one ``in_proj``."""
+    out = {k: v.detach().clone() for k, v in module.named_parameters()}
+    for key in [k for k in out if k.endswith("qlinear.weight") or k.endswith("qlinear.bias")]:
+        prefix, kind = key.rsplit("qlinear.", 1)
+        parts = [out.pop(f"{prefix}{p}linear.{kind}") for p in "qkv"]
+        out[f"{prefix}in_proj_{kind}"] = torch.cat(parts)
+    return out
 
 
 class _PeakMemory:

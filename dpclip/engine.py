@@ -18,7 +18,7 @@ from opacus.utils.uniform_sampler import (
     UniformWithReplacementSampler,
 )
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 import accounting
 from accounting import Event, Ledger, PoissonGaussian, ShuffledGaussian
@@ -79,7 +79,7 @@ class LogicalBatchPlan:
     def event(self, noise_multiplier: float, micro_batches: int) -> Event:
         """The privacy event of one optimizer step that summed ``micro_batches`` micro-batches."""
         if self.sampling is Sampling.SHUFFLED:
-            return ShuffledGaussian(self.sample_rate, noise_multiplier)
+            return ShuffledGaussian(self.sample_rate, noise_multiplier, self.steps_per_epoch)
         if self.sampling is Sampling.INDEPENDENT_POISSON:
             return step_event(self.sample_rate, noise_multiplier, micro_batches)
         return PoissonGaussian(self.sample_rate, noise_multiplier)
@@ -151,6 +151,13 @@ def plan_logical_batches(
     if poisson_sampling:
         steps, sampling = n // logical, Sampling.POISSON
     else:
+        inner = getattr(data_loader.batch_sampler, "sampler", None)
+        if isinstance(inner, WeightedRandomSampler) or (isinstance(inner, RandomSampler) and inner.replacement):
+            raise ValueError(
+                "poisson_sampling=False needs a loader that visits each example at most once per "
+                "pass (the no-amplification bound counts one batch per example per epoch); this "
+                "loader samples with replacement"
+            )
         steps = math.ceil(len(data_loader) / k) if k is not None else len(data_loader)
         sampling = Sampling.SHUFFLED
     return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, sampling)
@@ -217,8 +224,8 @@ class PrivacyEngine:
         self.max_grad_norm: float | None = None
         self.optimizer: DPOptimizer | None = None
         self.budget: PrivacyBudget | None = None
-        # (ledger steps when computed, steps allowed from there) for the budget cap
-        self._budget_cache: tuple[int, int] | None = None
+        # (ledger steps when computed, steps allowed from there, ledger entries then)
+        self._budget_cache: tuple[int, int, tuple[Any, ...]] | None = None
 
     @property
     def steps(self) -> int:
@@ -472,11 +479,15 @@ class PrivacyEngine:
         return max(0, allowed - (self.ledger.steps - base))
 
     def _budget_state(self) -> tuple[int, int]:
-        if self._budget_cache is None or self._budget_cache[0] > self.ledger.steps:
-            # The k-micro-batch event dominates shorter logical batches: count every step as one.
-            event = self.plan.event(self.noise_multiplier, self.plan.accumulation_steps or 1)
-            self._budget_cache = (self.ledger.steps, self.budget.steps_allowed(self.ledger, event))
-        return self._budget_cache
+        # The k-micro-batch event dominates shorter logical batches: count every step as one.
+        event = self.plan.event(self.noise_multiplier, self.plan.accumulation_steps or 1)
+        entries = self.ledger.entries
+        cache = self._budget_cache
+        if cache is None or not self.budget.covers(cache[2], entries, event):
+            # First use, or the ledger changed otherwise than by this run's steps (merge, load).
+            cache = (self.ledger.steps, self.budget.steps_allowed(self.ledger, event), entries)
+            self._budget_cache = cache
+        return cache[0], cache[1]
 
     def _check_budget(self, event: accounting.Event) -> None:
         if self.budget is None:

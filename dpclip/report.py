@@ -204,14 +204,21 @@ class PrivacyReport:
 def make_report(state: dict[str, Any], delta: float) -> PrivacyReport:
     """The report for an engine state (``PrivacyEngine.state_dict()``) at ``delta``."""
     delta = accounting.accountant.validate_delta(delta)
+    missing = {"accountant", "secure_mode", "noise_multiplier", "max_grad_norm", "plan", "ledger"} - set(state)
+    if missing:
+        raise ValueError(f"engine state is missing {sorted(missing)}")
     plan, ledger = state["plan"], Ledger()
     ledger.load_state_dict(state["ledger"])
     epsilon: dict[str, float | None] = {}
+    failed: list[str] = []
     for method in METHODS:
         try:
             epsilon[method] = _quiet(lambda: ledger.epsilon(delta, method))
         except accounting.UnsupportedEventError:
             epsilon[method] = None
+        except (ValueError, ArithmeticError) as err:  # numerics out of range, e.g. tiny σ
+            epsilon[method] = None
+            failed.append(f"accountant {method!r} could not compute ε: {str(err).splitlines()[0]}")
     shuffled = plan["sampling"] == "shuffled"
     no_amp = ledger.epsilon(delta, "pld", no_amplification=True) if shuffled and ledger.steps else None
     budget = state.get("budget")
@@ -243,12 +250,14 @@ def make_report(state: dict[str, Any], delta: float) -> PrivacyReport:
             "accountants' numerics are least reliable here"
         )
     k, micro, logical = plan["accumulation_steps"], plan["micro_batch_size"], plan["logical_batch_size"]
-    if k is None and logical % micro:
+    parts = logical / micro
+    if k is None and abs(parts - round(parts)) > 1e-9 * parts:
         warnings.append(
             f"k·B differs from the logical batch: L={logical:g} is not a multiple of "
             f"max_physical_batch_size={micro:g}, so micro-batches are uneven "
             f"(about {math.ceil(logical / micro)} per step)"
         )
+    warnings += failed
     if main_eps is None:
         warnings.append(
             f"the engine's accountant {state['accountant']!r} cannot account these steps; see pld"

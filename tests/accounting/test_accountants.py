@@ -111,7 +111,7 @@ class TestContract:
             with pytest.raises(acc.UnsupportedEventError, match=r"IndependentPoissonGaussian.*\['pld'\]"):
                 accountant.compose(mixture)
         with pytest.raises(acc.UnsupportedEventError, match="no_amplification"):
-            accountant.compose(acc.ShuffledGaussian(0.01, 1.0))
+            accountant.compose(acc.ShuffledGaussian(0.01, 1.0, 100))
 
     def test_error_bound_is_stated_and_approximations_say_so(self, method):
         cls = acc.ACCOUNTANTS[method]

@@ -41,7 +41,14 @@ def test_calibration_rejects_unreachable_targets():
         acc.calibrate_noise(1e-4, 1e-10, 1.0, 10**6, method="rdp")
 
 
-@pytest.mark.parametrize("method", ["rdp", "prv", "gdp"])
+def test_an_approximation_is_refused_for_budgets_and_calibration():
+    with pytest.raises(ValueError, match="approximation"):
+        acc.max_steps(1.5, 1e-5, 0.02, 1.2, "gdp")
+    with pytest.raises(ValueError, match="approximation"):
+        acc.calibrate_noise(1.5, 1e-5, 0.02, 100, method="gdp")
+
+
+@pytest.mark.parametrize("method", ["rdp", "prv", "pld"])
 def test_max_steps_is_the_last_step_within_budget(method):
     budget, q, sigma = 1.5, 0.02, 1.2
     steps = acc.max_steps(budget, 1e-5, q, sigma, method)

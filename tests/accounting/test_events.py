@@ -12,7 +12,7 @@ import accounting as acc
     [
         acc.PoissonGaussian(0.1, 1.0),
         acc.IndependentPoissonGaussian(0.1, 1.0, 3),
-        acc.ShuffledGaussian(0.1, 1.0),
+        acc.ShuffledGaussian(0.1, 1.0, 10),
     ],
 )
 def test_events_are_immutable_and_hashable(event):
@@ -21,13 +21,19 @@ def test_events_are_immutable_and_hashable(event):
         event.sample_rate = 0.2
 
 
-@pytest.mark.parametrize("cls", [acc.PoissonGaussian, acc.ShuffledGaussian])
-def test_bad_parameters_are_named(cls):
+@pytest.mark.parametrize(
+    "make",
+    [acc.PoissonGaussian, lambda q, s: acc.ShuffledGaussian(q, s, 10),
+     lambda q, s: acc.IndependentPoissonGaussian(q, s, 2)],
+)
+def test_bad_parameters_are_named(make):
     with pytest.raises(ValueError, match="sample_rate"):
-        cls(1.5, 1.0)
+        make(1.5, 1.0)
     with pytest.raises(ValueError, match="sample_rate"):
-        cls(0.0, 1.0)
+        make(0.0, 1.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
-        cls(0.1, -1.0)
+        make(0.1, -1.0)
     with pytest.raises(ValueError, match="noise_multiplier"):
-        cls(0.1, float("nan"))
+        make(0.1, float("nan"))
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        acc.ShuffledGaussian(0.1, 1.0, 0)

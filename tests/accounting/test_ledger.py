@@ -13,7 +13,7 @@ from tests.accounting import oracle
 
 def test_run_length_compression_and_state_dict_round_trip():
     ledger = acc.Ledger()
-    a, b = acc.PoissonGaussian(0.01, 1.0), acc.ShuffledGaussian(0.02, 1.0)
+    a, b = acc.PoissonGaussian(0.01, 1.0), acc.ShuffledGaussian(0.02, 1.0, 50)
     ledger.record(a, 500_000)
     ledger.record(a, 500_000)
     ledger.record(b)
@@ -67,7 +67,7 @@ def test_empty_ledger():
 def test_shuffled_batches_get_the_poisson_figure_only_with_a_warning():
     q, sigma = 0.01, 1.0
     ledger = acc.Ledger()
-    ledger.record(acc.ShuffledGaussian(q, sigma), 1000)  # 10 epochs
+    ledger.record(acc.ShuffledGaussian(q, sigma, 100), 1000)  # 10 epochs
     with pytest.warns(acc.SamplingAssumptionWarning, match="no_amplification=True"):
         assumed = ledger.epsilon(1e-5, "rdp")
     assert assumed == pytest.approx(oracle.rdp_epsilon(q, sigma, 1000, 1e-5), rel=1e-3)
@@ -81,11 +81,31 @@ def test_shuffled_batches_get_the_poisson_figure_only_with_a_warning():
 
 def test_shuffled_no_amplification_rounds_partial_epochs_up_along_the_curve():
     ledger = acc.Ledger()
-    ledger.record(acc.ShuffledGaussian(0.25, 2.0), 9)  # epochs of 4 steps: 2¼ epochs
+    ledger.record(acc.ShuffledGaussian(0.25, 2.0, 4), 9)  # epochs of 4 steps: 2¼ epochs
     curve = ledger.epsilon_curve(1e-5, "gdp", steps=[1, 4, 5, 9], no_amplification=True)
     mu = lambda epochs: math.sqrt(epochs) / 2.0  # noqa: E731
     expected = [acc.gaussian_epsilon(1e-5, mu(e)) for e in (1, 1, 2, 3)]
     assert [eps for _, eps in curve] == pytest.approx(expected)
+
+
+def test_no_amplification_counts_the_loaders_epochs_not_one_over_q():
+    # drop_last: N = 100, batches of 30, 3 steps per epoch (q·3 = 0.9 of the data).
+    ledger = acc.Ledger()
+    ledger.record(acc.ShuffledGaussian(0.3, 1.0, 3), 30)  # 10 epochs
+    ten_gaussians = acc.Ledger()
+    ten_gaussians.record(acc.PoissonGaussian(1.0, 1.0), 10)
+    assert ledger.epsilon(1e-5, "pld", no_amplification=True) == pytest.approx(
+        ten_gaussians.epsilon(1e-5, "pld")
+    )
+
+
+def test_load_state_dict_refuses_unknown_or_missing_parameters():
+    ledger = acc.Ledger()
+    ledger.record(acc.PoissonGaussian(0.01, 1.0), 3)
+    state = ledger.state_dict()
+    state["entries"][0]["params"]["extra"] = 1
+    with pytest.raises(ValueError, match="parameters"):
+        acc.Ledger().load_state_dict(state)
 
 
 def test_recording_checks_its_arguments_before_changing_anything():

@@ -47,7 +47,7 @@ def test_run_stops_at_exactly_the_last_allowed_step_and_the_refused_step_changes
 def test_skipped_steps_inside_a_logical_batch_are_not_refused():
     engine, model, opt, crit, loader = private_mlp(noise_multiplier=SIGMA, max_epsilon=CAP, target_delta=DELTA)
     x, y = next(iter(loader))
-    engine._budget_cache = (0, 0)  # pretend the budget is spent
+    engine._budget_cache = (0, 0, engine.ledger.entries)  # pretend the budget is spent
     crit(model(x), y).backward()
     assert opt.step() is None  # micro-batch 1 of 2: a skip, not a step
     crit(model(x), y).backward()
@@ -68,6 +68,14 @@ def test_resumed_run_counts_what_the_first_part_spent():
     assert second.steps_remaining == acc.max_steps(CAP, DELTA, Q, SIGMA, "rdp", spent=spent)
 
 
+def test_a_ledger_changed_by_merge_is_recounted_for_the_cap():
+    engine, *_ = private_mlp(noise_multiplier=SIGMA, max_epsilon=CAP, target_delta=DELTA)
+    earlier = acc.Ledger()
+    earlier.record(acc.PoissonGaussian(Q, 0.8), 5)  # a noisier earlier part of the run
+    engine.ledger.merge(earlier)
+    assert engine.steps_remaining == acc.max_steps(CAP, DELTA, Q, SIGMA, "rdp", spent=engine.ledger)
+
+
 def test_load_state_dict_refuses_another_run():
     first, *_ = private_mlp()
     other, *_ = private_mlp(noise_multiplier=2.0)
@@ -84,6 +92,7 @@ def test_load_state_dict_refuses_another_run():
         (dict(target_delta=1e-5), "together"),
         (dict(max_epsilon=-1.0, target_delta=1e-5), "max_epsilon"),
         (dict(max_epsilon=1.0, target_delta=2.0), "delta"),
+        (dict(max_epsilon=1.0, target_delta=1e-5, accountant="gdp"), "approximation"),
     ],
 )
 def test_bad_budget_is_refused_before_anything_changes(kwargs, match):

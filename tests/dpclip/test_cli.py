@@ -62,6 +62,7 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     (folder / "report.json").write_text(engine.report(1e-5).to_json())
     (folder / "engine.json").write_text(json.dumps(engine.state_dict()))
+    (folder / "malformed.json").write_text(json.dumps({"schema": "dpclip.engine/1"}))
     torch.save({"model": run[0].state_dict(), "privacy_engine": engine.state_dict()}, folder / "ckpt.pt")
     return engine, folder
 
@@ -105,6 +106,13 @@ def test_report_of_an_engine_checkpoint_recomputes_from_its_ledger(saved, name, 
         ("calibrate", "--target-epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.1"),  # no length
         ("calibrate", "--target-epsilon", "1", "--delta", "1e-5", "--steps", "10"),  # no rate
         ("frobnicate",),
+        ("report", "{folder}/malformed.json", "--delta", "1e-5"),
+        ("calibrate", "--target-epsilon", "1", "--delta", "1e-5", "--dataset-size", "1000", "--batch-size", "10",
+         "--epochs", "-5"),
+        ("calibrate", "--target-epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.01", "--epochs", "1e308"),
+        ("calibrate", "--target-epsilon", "1", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100",
+         "--accountant", "gdp"),
+        ("budget", "--epsilon", "1000", "--delta", "1e-5", "--sample-rate", "0.01", "--noise-multiplier", "5"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(saved, args):
@@ -114,3 +122,9 @@ def test_bad_arguments_exit_2_with_one_line(saved, args):
     assert out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "Traceback" not in out.stderr and "error:" in out.stderr
+
+
+def test_json_output_stays_json_when_epsilon_is_infinite():
+    out = _cli("epsilon", "--noise-multiplier", 0, "--delta", 1e-5, "--sample-rate", 0.01, "--steps", 10, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["epsilon"] == {"gdp": "inf", "pld": "inf", "prv": "inf", "rdp": "inf"}

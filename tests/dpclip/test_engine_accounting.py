@@ -143,7 +143,7 @@ def test_shuffled_batches_record_shuffled_steps_and_offer_the_sound_bound():
             crit(model(xb), yb).backward()
             opt.step()
             opt.zero_grad()
-    assert engine.ledger.entries == ((acc.ShuffledGaussian(16 / 64, 2.0), 12),)
+    assert engine.ledger.entries == ((acc.ShuffledGaussian(16 / 64, 2.0, 4), 12),)
     with pytest.warns(acc.SamplingAssumptionWarning):
         assumed = engine.get_epsilon(1e-5)
     with warnings.catch_warnings():
@@ -154,3 +154,39 @@ def test_shuffled_batches_record_shuffled_steps_and_offer_the_sound_bound():
     three_gaussians.record(acc.PoissonGaussian(1.0, 2.0), 3)
     assert sound == pytest.approx(three_gaussians.epsilon(1e-5, "rdp"))
     assert sound > assumed
+
+
+def test_shuffled_with_drop_last_counts_the_loaders_epochs():
+    gen = torch.Generator().manual_seed(0)
+    x, y = make_data("mlp", 100, gen, torch.float64)
+    model = MLP().double()
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    model, opt, crit, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=30, shuffle=True, drop_last=True),
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+    )
+    for _ in range(10):
+        for xb, yb in loader:
+            crit(model(xb), yb).backward()
+            opt.step()
+            opt.zero_grad()
+    assert engine.steps == 30
+    ten_gaussians = acc.Ledger()
+    ten_gaussians.record(acc.PoissonGaussian(1.0, 1.0), 10)
+    assert engine.get_epsilon(1e-5, no_amplification=True) == pytest.approx(ten_gaussians.epsilon(1e-5, "rdp"))
+
+
+def test_shuffled_refuses_a_loader_that_samples_with_replacement():
+    x, y = make_data("mlp", 40, torch.Generator().manual_seed(0), torch.float64)
+    dataset = TensorDataset(x, y)
+    model = MLP().double()
+    with pytest.raises(ValueError, match="with replacement"):
+        dpclip.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=DataLoader(dataset, batch_size=8,
+                                   sampler=torch.utils.data.RandomSampler(dataset, replacement=True)),
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+        )

@@ -122,6 +122,15 @@ def test_warning_small_noise_multiplier():
     assert not _warnings(engine.report(1e-5), "< 0.5")
 
 
+def test_an_accountant_that_fails_on_tiny_noise_is_reported_not_raised():
+    engine, *rest = private_mlp(noise_multiplier=0.1, batch_size=20)
+    train(engine, *rest, epochs=2)
+    report = engine.report(1e-5)  # prv cannot discretise here; the report still comes
+    assert report.epsilon["prv"] is None
+    assert any("'prv' could not compute" in w for w in report.warnings)
+    assert report.epsilon["rdp"] == engine.ledger.epsilon(1e-5, "rdp")
+
+
 def test_warning_k_times_b_differs_from_the_logical_batch():
     engine, *_ = private_mlp(batch_size=20, accumulation_steps=None, max_physical_batch_size=8)
     assert _warnings(engine.report(1e-5), "k·B differs")
