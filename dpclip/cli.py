@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import accounting
+from dpclip.report import json_safe
 
 __all__ = ["main"]
 
@@ -99,19 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"dpclip {args.command}: error: {message}\n")
     # compare --json OUT.json writes the file and prints the table; bare --json prints JSON.
     as_json = args.json == "-" if args.command == "compare" else bool(args.json)
-    print(json.dumps(_json_safe(out)) if as_json else text, end="\n" if as_json else "")
+    print(json.dumps(json_safe(out)) if as_json else text, end="\n" if as_json else "")
     return 0
-
-
-def _json_safe(value: Any) -> Any:
-    """ε = ∞ as the string "inf", as in the report's JSON (JSON has no infinity)."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _report(args: argparse.Namespace) -> tuple[Any, str]:

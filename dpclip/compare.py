@@ -55,6 +55,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from dpclip.report import json_safe
+from dpclip.sampling import split_evenly
+
 __all__ = ["COMPARE_SCHEMA", "METHODS", "ComparisonResult", "Row", "run"]
 
 COMPARE_SCHEMA = "dpclip.compare/1"
@@ -98,16 +101,8 @@ class ComparisonResult:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        def encode(v: Any) -> Any:
-            if isinstance(v, float) and math.isinf(v):
-                return "inf"
-            if isinstance(v, dict):
-                return {k: encode(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [encode(x) for x in v]
-            return v
-
-        return json.dumps(encode(self.to_dict()), indent=indent)
+        """``to_dict`` as JSON; ε = ∞ (the nonprivate row) is the string "inf"."""
+        return json.dumps(json_safe(self.to_dict()), indent=indent)
 
     def to_markdown(self) -> str:
         head = ("| method | max abs update diff | ε | steps | step time (s) min / median / max "
@@ -162,15 +157,8 @@ def _draw_batches(n: int, logical_batch: int, count: int, seed: int) -> list[lis
 
 
 def _split(batch: list[int], micro_batch: int) -> list[list[int]]:
-    """Consecutive chunks of at most ``micro_batch`` (as Opacus's BatchSplittingSampler)."""
-    parts = max(1, math.ceil(len(batch) / micro_batch))
-    size, extra = divmod(len(batch), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        out.append(batch[start:end])
-        start = end
-    return out
+    """ceil(len / B) near-equal chunks of at most ``micro_batch`` (as Opacus's BatchSplittingSampler)."""
+    return split_evenly(batch, max(1, math.ceil(len(batch) / micro_batch)))
 
 
 def _collate(dataset: Dataset, idx: list[int], device: torch.device) -> tuple[Any, Any]:

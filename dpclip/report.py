@@ -16,7 +16,7 @@ from typing import Any
 import accounting
 from accounting import Ledger
 
-__all__ = ["PrivacyReport", "REPORT_SCHEMA", "make_report"]
+__all__ = ["PrivacyReport", "REPORT_SCHEMA", "json_safe", "make_report"]
 
 #: Version tag of the JSON layout; a new layout gets a new tag.
 REPORT_SCHEMA = "dpclip.report/1"
@@ -94,7 +94,7 @@ class PrivacyReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         """``to_dict`` as JSON; ε = ∞ (a run with a σ = 0 step) is written as the string "inf"."""
-        return json.dumps(_encode(self.to_dict()), indent=indent)
+        return json.dumps(json_safe(self.to_dict()), indent=indent)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrivacyReport":
@@ -306,14 +306,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _encode(value: Any) -> Any:
-    # JSON has no infinity: ε = ∞ (a σ = 0 step) is written as the string "inf".
+def json_safe(value: Any) -> Any:
+    """``value`` with every float ∞ replaced by the string "inf": JSON has no infinity,
+    and ε = ∞ (a run with a σ = 0 step) must survive a round trip."""
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value
 
 
