@@ -6,7 +6,6 @@ a million identical steps cost one entry.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, fields

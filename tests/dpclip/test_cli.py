@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import accounting as acc
 import dpclip
 from tests.accounting import oracle
 from tests.dpclip.private_run import private_mlp, train

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dpclip
 from accounting import PoissonGaussian
 from tests.dpclip.helpers import make_run, train_logical_batch
-from tests.dpclip.models import MLP, TinyTransformer, reference_update
+from tests.dpclip.models import MLP, TinyTransformer
 
 
 def _micro_batches(run, k, b, offset=0):
