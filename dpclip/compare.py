@@ -466,6 +466,17 @@ def run(
         "device": device, "dataset_size": n, "isolate": isolate,
         "workload": model_fn if isinstance(model_fn, str) else getattr(model_fn, "__qualname__", repr(model_fn)),
     }
+    if isolate and not isinstance(model_fn, str):
+        import pickle
+
+        try:
+            pickle.dumps(workload)
+        except Exception as err:  # noqa: BLE001 - any pickling failure gets the same advice
+            raise ValueError(
+                "isolate=True sends model_fn, dataset and criterion to fresh processes, so they "
+                f"must be picklable (a module-level function, not a lambda): {err}; or pass "
+                "isolate=False"
+            ) from None
     batches = _draw_batches(n, logical_batch, warmup + steps, seed)
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     order = list(methods)

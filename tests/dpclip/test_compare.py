@@ -64,6 +64,13 @@ def test_bad_arguments_are_named():
                     noise_multiplier=1.0, max_grad_norm=1.0)
 
 
+def test_isolated_runs_need_a_picklable_model_factory():
+    w = tiny()
+    with pytest.raises(ValueError, match="picklable"):
+        compare.run(lambda: w.model_fn(), w.dataset, w.criterion, logical_batch=16, micro_batch=4,
+                    steps=1, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
 def test_cli_runs_end_to_end_with_each_method_in_its_own_process(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dpclip", "compare", "--model", "tiny", "--logical-batch", "16",
