@@ -13,9 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
-from accounting.events import Event, PoissonGaussian
+from accounting.events import Event, PoissonGaussian, validate_int
 
-__all__ = ["Accountant", "UnsupportedEventError", "increments", "validate_delta"]
+__all__ = ["Accountant", "UnsupportedEventError", "increments", "validate_delta", "validate_steps"]
 
 
 class UnsupportedEventError(ValueError):
@@ -66,8 +66,7 @@ class Accountant(ABC):
                 f"accountant {self.name!r} cannot account {event!r}; "
                 f"accountants that can: {capable or 'none'}{hint}"
             )
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"Expected count={count!r} to be an int >= 0")
+        validate_int("count", count, minimum=0)
         if count:
             self._entries.append((event, count))
         return self
@@ -98,15 +97,7 @@ class Accountant(ABC):
             ε at each point; ``math.inf`` from the first σ = 0 event on.
         """
         delta = validate_delta(delta)
-        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in steps):
-            raise ValueError(f"Expected steps={list(steps)!r} to be ints")
-        points = [int(t) for t in steps]
-        if any(b <= a for a, b in zip(points, points[1:])):
-            raise ValueError(f"Expected steps={list(steps)!r} to be strictly increasing ints")
-        if points and not (1 <= points[0] and points[-1] <= self.steps):
-            raise ValueError(
-                f"Expected steps={list(steps)!r} within 1..{self.steps} (the events composed)"
-            )
+        points = validate_steps(steps, self.steps)
         noisy: list[tuple[Event, int]] = []  # the composition up to the first σ = 0 event
         for event, count in self._entries:
             if event.noise_multiplier == 0.0:
@@ -122,6 +113,18 @@ class Accountant(ABC):
         self, entries: list[tuple[Event, int]], delta: float, checkpoints: list[int]
     ) -> list[float]:
         """ε of ``entries`` (all noisy) at each checkpoint (non-empty, increasing, in range)."""
+
+
+def validate_steps(steps: Sequence[int], total: int) -> list[int]:
+    """``steps`` as a list, or ``ValueError`` unless strictly increasing ints in 1..``total``."""
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in steps):
+        raise ValueError(f"Expected steps={list(steps)!r} to be ints")
+    points = [int(t) for t in steps]
+    if any(b <= a for a, b in zip(points, points[1:])):
+        raise ValueError(f"Expected steps={points!r} to be strictly increasing ints")
+    if points and not (1 <= points[0] and points[-1] <= total):
+        raise ValueError(f"Expected steps={points!r} within 1..{total} (the steps recorded)")
+    return points
 
 
 def increments(

@@ -13,7 +13,9 @@ from accounting.events import (
     Event,
     IndependentPoissonGaussian,
     PoissonGaussian,
+    validate_int,
     validate_noise_multiplier,
+    validate_positive,
     validate_sample_rate,
 )
 from accounting.ledger import Ledger
@@ -29,18 +31,6 @@ MAX_STEPS = 10**9
 MAX_PRV_STEPS = 10**6
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected {name}={value!r} to be an int >= 1")
-    return value
-
-
-def _target(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < math.inf):
-        raise ValueError(f"Expected {name}={value!r} to be finite and > 0")
-    return float(value)
-
-
 def step_event(sample_rate: float, noise_multiplier: float, micro_batches: int = 1) -> Event:
     """One DP-SGD step: a Poisson draw at ``sample_rate`` (``micro_batches`` = 1), or
     ``micro_batches`` independent Poisson draws at ``sample_rate`` each under one noise."""
@@ -51,7 +41,7 @@ def step_event(sample_rate: float, noise_multiplier: float, micro_batches: int =
 
 def steps_for_epochs(epochs: float, sample_rate: float, micro_batches: int = 1) -> int:
     """Optimizer steps in ``epochs`` passes: epochs / (micro_batches · q), rounded up."""
-    epochs = _target("epochs", epochs)
+    epochs = validate_positive("epochs", epochs)
     return max(1, math.ceil(round(epochs / (micro_batches * sample_rate), 9)))
 
 
@@ -103,13 +93,13 @@ def calibrate_noise(
     Raises:
         ValueError: bad arguments, or no σ <= 1e4 reaches the target.
     """
-    target_epsilon = _target("target_epsilon", target_epsilon)
+    target_epsilon = validate_positive("target_epsilon", target_epsilon)
     delta = validate_delta(delta)
     sample_rate = validate_sample_rate(sample_rate)
-    micro_batches = _positive_int("micro_batches", micro_batches)
+    micro_batches = validate_int("micro_batches", micro_batches)
     if (steps is None) == (epochs is None):
         raise ValueError("pass exactly one of steps and epochs")
-    steps = _positive_int("steps", steps) if epochs is None else steps_for_epochs(epochs, sample_rate, micro_batches)
+    steps = validate_int("steps", steps) if epochs is None else steps_for_epochs(epochs, sample_rate, micro_batches)
     if not (0.0 < rtol < 1.0):
         raise ValueError(f"Expected 0 < rtol={rtol!r} < 1")
     accountant = make_accountant(method)  # validates the name before any work
@@ -207,12 +197,12 @@ def _max_steps(
     micro_batches: int = 1,
     spent: Ledger | None = None,
 ) -> int:
-    target_epsilon = _target("target_epsilon", target_epsilon)
+    target_epsilon = validate_positive("target_epsilon", target_epsilon)
     delta = validate_delta(delta)
     event = step_event(
         validate_sample_rate(sample_rate),
         validate_noise_multiplier(noise_multiplier),
-        _positive_int("micro_batches", micro_batches),
+        validate_int("micro_batches", micro_batches),
     )
     make_accountant(method).compose(event)  # validates the method and that it accounts event
     if spent is not None and not isinstance(spent, Ledger):

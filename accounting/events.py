@@ -15,9 +15,25 @@ __all__ = [
     "IndependentPoissonGaussian",
     "PoissonGaussian",
     "ShuffledGaussian",
+    "validate_int",
     "validate_noise_multiplier",
+    "validate_positive",
     "validate_sample_rate",
 ]
+
+
+def validate_int(name: str, value: int, minimum: int = 1) -> int:
+    """Return ``value``, or raise ``ValueError`` naming ``name`` unless an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected {name}={value!r} to be an int >= {minimum}")
+    return value
+
+
+def validate_positive(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming ``name`` unless finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value < math.inf):
+        raise ValueError(f"Expected {name}={value!r} to be a finite number > 0")
+    return float(value)
 
 
 def validate_sample_rate(sample_rate: float) -> float:
@@ -89,9 +105,7 @@ class IndependentPoissonGaussian:
     def __post_init__(self) -> None:
         validate_sample_rate(self.sample_rate)
         validate_noise_multiplier(self.noise_multiplier)
-        k = self.micro_batches
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Expected micro_batches={k!r} to be an int >= 1")
+        validate_int("micro_batches", self.micro_batches)
 
     def sensitivity_distribution(self) -> tuple[list[float], list[float]]:
         """(sensitivities 0..k in units of C, their Binomial(k, q) probabilities)."""
@@ -130,9 +144,7 @@ class ShuffledGaussian:
     def __post_init__(self) -> None:
         validate_sample_rate(self.sample_rate)
         validate_noise_multiplier(self.noise_multiplier)
-        n = self.steps_per_epoch
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"Expected steps_per_epoch={n!r} to be an int >= 1")
+        validate_int("steps_per_epoch", self.steps_per_epoch)
 
 
 #: Any event a ledger records.

@@ -18,6 +18,7 @@ from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
 from accounting.accountant import validate_delta
+from accounting.events import validate_positive
 
 #: Above this μ = Δ/s, ``gaussian_epsilon`` reports ∞ (ε would exceed ~5·10⁷).
 MAX_MU = 1e4
@@ -28,14 +29,6 @@ __all__ = [
     "gaussian_delta",
     "gaussian_epsilon",
 ]
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0.0 < value < math.inf
-    ):
-        raise ValueError(f"Expected {name}={value!r} to be a finite number > 0")
-    return float(value)
 
 
 def gaussian_delta(epsilon: float, mu: float) -> float:
@@ -49,7 +42,7 @@ def gaussian_delta(epsilon: float, mu: float) -> float:
     """
     if not (epsilon >= 0.0):
         raise ValueError(f"Expected epsilon={epsilon!r} >= 0")
-    mu = _check_positive("mu", mu)
+    mu = validate_positive("mu", mu)
     log_first = float(log_ndtr(mu / 2.0 - epsilon / mu))
     log_second = epsilon + float(log_ndtr(-mu / 2.0 - epsilon / mu))
     # δ = Φ(a)·(1 − e^{log_second − log_first}); expm1 keeps the difference accurate.
@@ -65,7 +58,7 @@ def gaussian_epsilon(delta: float, mu: float) -> float:
     the exact ε. 0.0 when δ(0) <= ``delta`` already.
     """
     delta = validate_delta(delta)
-    mu = _check_positive("mu", mu)
+    mu = validate_positive("mu", mu)
     if mu > MAX_MU:  # ε > μ²/2 − O(μ) ≈ 5e7: no meaningful privacy, and beyond the numerics
         return math.inf
     if gaussian_delta(0.0, mu) <= delta:
@@ -103,9 +96,9 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
         >>> round(classic_gaussian_sigma(1.0 - 1e-9, 1e-5), 3)
         4.845
     """
-    epsilon = _check_positive("epsilon", epsilon)
+    epsilon = validate_positive("epsilon", epsilon)
     delta = validate_delta(delta)
-    sensitivity = _check_positive("sensitivity", sensitivity)
+    sensitivity = validate_positive("sensitivity", sensitivity)
     # δ(ε; μ) increases with μ = Δ/s: find the largest μ with δ <= target.
     excess = lambda mu: gaussian_delta(epsilon, mu) - delta  # noqa: E731
     lo, hi = 1e-3, 1.0
@@ -129,12 +122,12 @@ def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.
     Raises:
         ValueError: for ε >= 1, where the theorem does not hold.
     """
-    epsilon = _check_positive("epsilon", epsilon)
+    epsilon = validate_positive("epsilon", epsilon)
     if epsilon >= 1.0:
         raise ValueError(
             f"Expected epsilon={epsilon!r} < 1: the classic Gaussian mechanism bound does not "
             "hold for ε >= 1; use analytic_gaussian_sigma"
         )
     delta = validate_delta(delta)
-    sensitivity = _check_positive("sensitivity", sensitivity)
+    sensitivity = validate_positive("sensitivity", sensitivity)
     return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon

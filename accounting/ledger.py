@@ -11,8 +11,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
-from accounting.accountant import validate_delta
-from accounting.events import Event, IndependentPoissonGaussian, PoissonGaussian, ShuffledGaussian
+from accounting.accountant import validate_delta, validate_steps
+from accounting.events import (
+    Event,
+    IndependentPoissonGaussian,
+    PoissonGaussian,
+    ShuffledGaussian,
+    validate_int,
+)
 from accounting.registry import make_accountant
 
 __all__ = ["Ledger", "STATE_VERSION", "SamplingAssumptionWarning"]
@@ -62,8 +68,7 @@ class Ledger:
         """Append ``count`` applications of ``event`` (count: int >= 1)."""
         if type(event) not in _EVENT_TYPES.values():
             raise ValueError(f"Expected an accounting event, got {event!r}")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"Expected count={count!r} to be an int >= 1")
+        validate_int("count", count)
         if self._entries and self._entries[-1][0] == event:
             self._entries[-1][1] += count
         else:
@@ -137,18 +142,11 @@ class Ledger:
         accountant = make_accountant(method)
         total = self.steps
         if steps is None:
-            if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-                raise ValueError(f"Expected points={points!r} to be an int >= 1")
+            validate_int("points", points)
             if total == 0:
                 return []
             steps = sorted({round(1 + i * (total - 1) / max(1, points - 1)) for i in range(points)})
-        checkpoints = list(steps)
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in checkpoints) or any(
-            b <= a for a, b in zip(checkpoints, checkpoints[1:])
-        ):
-            raise ValueError(f"Expected steps={checkpoints!r} to be increasing ints")
-        if checkpoints and not (1 <= checkpoints[0] and checkpoints[-1] <= total):
-            raise ValueError(f"Expected steps={checkpoints!r} within 1..{total} (steps recorded)")
+        checkpoints = validate_steps(steps, total)
         if not no_amplification and any(isinstance(e, ShuffledGaussian) for e, _ in self._entries):
             warnings.warn(
                 "the ledger has steps over shuffled fixed-size batches: their ε is the Poisson "

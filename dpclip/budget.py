@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import accounting
@@ -30,10 +29,7 @@ class PrivacyBudget:
     method: str
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_epsilon, bool) or not isinstance(self.max_epsilon, (int, float)) or not (
-            0.0 < self.max_epsilon < math.inf
-        ):
-            raise ValueError(f"Expected max_epsilon={self.max_epsilon!r} to be finite and > 0")
+        accounting.events.validate_positive("max_epsilon", self.max_epsilon)
         accounting.accountant.validate_delta(self.delta)
         if accounting.ACCOUNTANTS[self.method].approximate:
             raise ValueError(

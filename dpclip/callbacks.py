@@ -20,8 +20,7 @@ class _EpsilonLogger:
 
         accounting.accountant.validate_delta(delta)
         accounting.make_accountant(method)  # validates the name
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Expected every={every!r} to be an int >= 1")
+        accounting.events.validate_int("every", every)
         self.delta, self.method, self.every = delta, method, every
 
     def __call__(self, engine: Any) -> None:

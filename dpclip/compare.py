@@ -55,7 +55,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from dpclip.report import json_safe
+from accounting.events import validate_int
+from dpclip.report import json_safe, package_versions
 from dpclip.sampling import split_evenly
 
 __all__ = ["COMPARE_SCHEMA", "METHODS", "ComparisonResult", "Row", "run"]
@@ -448,10 +449,8 @@ def run(
         raise ValueError(f"Expected methods from {list(METHODS)}, got {list(methods)}")
     for name, value in (("logical_batch", logical_batch), ("micro_batch", micro_batch), ("steps", steps),
                         ("repeats", repeats), ("threads", threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected {name}={value!r} to be an int >= 1")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"Expected warmup={warmup!r} to be an int >= 0")
+        validate_int(name, value)
+    validate_int("warmup", warmup, minimum=0)
     workload: Any = model_fn if isinstance(model_fn, str) else (model_fn, dataset, criterion)
     if not isinstance(model_fn, str) and (dataset is None or criterion is None):
         raise ValueError("pass dataset and criterion with a model_fn (or a workload spec string)")
@@ -487,8 +486,7 @@ def run(
     rows = _rows(methods, results)
     environment = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "processor": platform.processor(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "opacus": _version("opacus"), "dpclip": _version("dpclip"),
+        "cpus": os.cpu_count(), "python": platform.python_version(), **package_versions(),
         "cuda": torch.cuda.get_device_name() if device == "cuda" else None,
     }
     return ComparisonResult(tuple(rows), config, environment)
@@ -523,12 +521,3 @@ def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> l
             note=rs[0]["note"],
         ))
     return rows
-
-
-def _version(name: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

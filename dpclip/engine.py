@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 import accounting
 from accounting import Event, Ledger, PoissonGaussian, ShuffledGaussian
 from accounting.calibrate import step_event
+from accounting.events import validate_int, validate_positive
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import PerSampleClipper, validate_module
 from dpclip.loss import DPCriterion
@@ -85,20 +86,6 @@ class LogicalBatchPlan:
         return PoissonGaussian(self.sample_rate, noise_multiplier)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected {name}={value!r} to be an int >= 1")
-    return value
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0 < value < math.inf
-    ):
-        raise ValueError(f"Expected {name}={value!r} to be a finite number > 0")
-    return float(value)
-
-
 def plan_logical_batches(
     data_loader: DataLoader,
     *,
@@ -139,10 +126,10 @@ def plan_logical_batches(
             "batch size from it; build the loader with batch_size="
         )
     if max_physical_batch_size is not None:
-        m = _positive_int("max_physical_batch_size", max_physical_batch_size)
+        m = validate_int("max_physical_batch_size", max_physical_batch_size)
         k, logical, micro = None, batch, m
     else:
-        k = _positive_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
+        k = validate_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
         logical, micro = k * batch, batch
     if logical > n:
         raise ValueError(
@@ -179,9 +166,9 @@ def _plan_opacus_poisson(
     draws = len(sampler)
     if max_physical_batch_size is not None:
         # Each draw is one logical batch, split: exactly one Poisson step at q.
-        m = _positive_int("max_physical_batch_size", max_physical_batch_size)
+        m = validate_int("max_physical_batch_size", max_physical_batch_size)
         return LogicalBatchPlan(n, q * n, m, None, q, draws, Sampling.POISSON)
-    k = _positive_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
+    k = validate_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
     sampling = Sampling.POISSON if k == 1 else Sampling.INDEPENDENT_POISSON
     return LogicalBatchPlan(n, k * q * n, q * n, k, q, math.ceil(draws / k), sampling)
 
@@ -311,7 +298,7 @@ class PrivacyEngine:
                 f"(e.g. nn.CrossEntropyLoss()), got {criterion!r}"
             )
         noise_multiplier = accounting.events.validate_noise_multiplier(noise_multiplier)
-        max_grad_norm = _positive_float("max_grad_norm", max_grad_norm)
+        max_grad_norm = validate_positive("max_grad_norm", max_grad_norm)
         for name, gen in (("noise_generator", noise_generator), ("sample_generator", sample_generator)):
             if gen is not None and not isinstance(gen, torch.Generator):
                 raise ValueError(f"Expected {name} to be a torch.Generator, got {type(gen)}")
@@ -420,7 +407,7 @@ class PrivacyEngine:
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """``make_private`` with the smallest σ (this engine's accountant) such that
         ``epochs`` epochs of optimizer steps at q = L/N are (target_epsilon, target_delta)-DP."""
-        epochs = _positive_int("epochs", epochs)
+        epochs = validate_int("epochs", epochs)
         plan = plan_logical_batches(
             data_loader,
             accumulation_steps=accumulation_steps,

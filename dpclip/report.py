@@ -16,7 +16,7 @@ from typing import Any
 import accounting
 from accounting import Ledger
 
-__all__ = ["PrivacyReport", "REPORT_SCHEMA", "json_safe", "make_report"]
+__all__ = ["PrivacyReport", "REPORT_SCHEMA", "json_safe", "make_report", "package_versions"]
 
 #: Version tag of the JSON layout; a new layout gets a new tag.
 REPORT_SCHEMA = "dpclip.report/1"
@@ -281,7 +281,7 @@ def make_report(state: dict[str, Any], delta: float) -> PrivacyReport:
         secure_mode=state["secure_mode"],
         max_epsilon=None if budget is None else budget["max_epsilon"],
         steps_remaining=None if budget is None else budget["steps_remaining"],
-        versions=_versions(),
+        versions=package_versions(),
         warnings=tuple(warnings),
         ledger=state["ledger"],
     )
@@ -296,7 +296,8 @@ def _quiet(fn: Any) -> Any:
         return fn()
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Installed versions of dpclip, opacus and torch ("unknown" if not installed)."""
     out = {}
     for name in ("dpclip", "opacus", "torch"):
         try:
