@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting bench-compare
+.PHONY: demo test install clean bench-accounting bench-compare bench-profile
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench-accounting: $(STAMP)
 
 bench-compare: $(STAMP)
 	$(BIN)/python benchmarks/compare_bench.py
+
+# Per-phase time of a dpclip step next to non-private training (MODEL=, B=, CLIPPING=, DEVICE=).
+bench-profile: $(STAMP)
+	$(BIN)/python benchmarks/phase_profile.py --model $(or $(MODEL),transformer) \
+		--micro-batch $(or $(B),32) --clipping $(or $(CLIPPING),auto) --device $(or $(DEVICE),cpu)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

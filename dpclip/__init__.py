@@ -2,7 +2,7 @@
 
 from dpclip import callbacks
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
-from dpclip.clipping import NonFiniteNormError, PerSampleClipper, clip_factors
+from dpclip.clipping import STRATEGIES, NonFiniteNormError, PerSampleClipper, clip_factors
 from dpclip.engine import LogicalBatchPlan, PrivacyEngine
 from dpclip.loss import DPCriterion, DPLoss
 from dpclip.optimizer import DPOptimizer, LogicalBatchError, private_gradient
@@ -26,6 +26,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PrivacyEngine",
     "PrivacyReport",
+    "STRATEGIES",
     "Sampling",
     "__version__",
     "callbacks",

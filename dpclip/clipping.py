@@ -5,22 +5,24 @@ g_i = ∇_θ ℓ_i, this module computes
 
     S = Σ_i c_i · g_i,   c_i = min(1, C / ‖g_i‖)
 
-without keeping g_i when it can. Two backward passes, as in ghost clipping
-(Li et al. 2022, "Large language models can be strong differentially private
-learners"; Opacus's ``grad_sample_mode="ghost"``):
+with one backward pass (book-keeping, Bu et al. 2023): forward hooks record
+each layer call's input; one backward gives the gradient of Σ ℓ_i with respect
+to each recorded *output* (no parameter gradients). Then, per layer call
+(``dpclip.layers``):
 
-1. gradients of Σ ℓ_i with respect to every hooked module *output* (no
-   parameter gradients); from each module's input activations and output
-   gradients, per-sample gradient norms:
-   - ghost norms (Opacus's norm samplers: Linear, Embedding) where a module
-     ran once and owns its parameters alone;
-   - else per-sample gradients from Opacus's grad samplers (Conv, LayerNorm,
-     GroupNorm, …), summed over repeated calls and tied parameters;
-   - else (any other module, e.g. ``nn.MultiheadAttention``) per-sample
-     gradients by a batched vector-Jacobian product through the module's own
-     recorded graph, so dropout masks and masks passed as keyword arguments
-     are exactly those of the real forward.
-2. gradient of Σ c_i ℓ_i with respect to the parameters: S itself.
+- the per-sample norms, by ghost norm or per-sample gradient, whichever the
+  shapes make cheaper (or as the ``clipping`` strategy says);
+- S directly from the same tensors (for Linear Σ_i c_i·g_iᵀa_i), no second
+  backward.
+
+Layer calls are Linear, Conv1d/Conv2d, Embedding, the layers Opacus has
+per-sample rules for (LayerNorm, GroupNorm, …) and the projections inside
+``nn.MultiheadAttention`` (``dpclip.attention``). A parameter used by several
+calls (a layer run twice, tied weights) gets its per-sample gradients summed
+before the norm. Any other module that owns parameters gets exact per-sample
+gradients by a batched vector-Jacobian product through its own recorded graph
+(so dropout masks and keyword inputs are those of the real forward), and its
+part of S by one vector-Jacobian product with the clipped output gradients.
 
 Unlike Opacus, nothing is written to ``param.grad`` and no attribute is added
 to a parameter or module: the caller owns where S is accumulated.
@@ -29,7 +31,6 @@ to a parameter or module: the caller owns where S is accumulated.
 from __future__ import annotations
 
 import math
-
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,27 +38,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from opacus.grad_sample.grad_sample_module import GradSampleModule
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-    GradSampleModuleFastGradientClipping,
-)
+from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten
 
+from dpclip.attention import AttentionRecorder
+from dpclip.layers import LINEAR, STRATEGIES, LayerCall, Rule, row_sq_norms, rule_for, sq_norms
+
 __all__ = [
-    "GRAD_SAMPLERS",
-    "NORM_SAMPLERS",
+    "STRATEGIES",
     "NonFiniteNormError",
     "PerSampleClipper",
     "clip_factors",
+    "validate_clipping",
     "validate_module",
 ]
-
-Sampler = Callable[[nn.Module, list[Any], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
-
-#: Ghost-norm rules by exact module type: (layer, activations, output grads) -> {param: norms [B]}.
-NORM_SAMPLERS: Mapping[type, Sampler] = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
-#: Per-sample gradient rules by exact module type: -> {param: grads [B, *param.shape]}.
-GRAD_SAMPLERS: Mapping[type, Sampler] = GradSampleModule.GRAD_SAMPLERS
 
 #: Modules that use their children's parameters without calling the children
 #: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
@@ -118,51 +112,76 @@ def validate_module(module: nn.Module) -> None:
 
 @dataclass(eq=False)
 class _Unit:
-    """A module whose forward calls are recorded, and the parameters it answers for."""
+    """A module whose forward calls are recorded, and the parameters it answers for.
+
+    ``rule``: its layer rule (its calls become ``LayerCall``s); ``attention``: an
+    ``nn.MultiheadAttention`` whose projections become ``LayerCall``s; neither:
+    per-sample gradients through the recorded graph.
+    """
 
     name: str
     module: nn.Module
     params: tuple[nn.Parameter, ...]
-    ghost: Sampler | None
-    grad_sampler: Sampler | None
+    rule: Rule | None
+    strategy: str
+    attention: bool = False
     shared: bool = False  # some parameter is also owned by another module (tied weights)
 
 
 @dataclass(eq=False)
-class _Call:
+class _GraphCall:
     unit: _Unit
-    activations: list[Any]
     outputs: list[torch.Tensor]
     versions: list[int]
     backprops: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def _build_units(module: nn.Module) -> list[_Unit]:
+def _build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[_Unit]:
     owners: dict[nn.Parameter, int] = {}
     for sub in module.modules():
         for p in sub._parameters.values():
             if p is not None and p.requires_grad:
                 owners[p] = owners.get(p, 0) + 1
     shared = {p for p, n in owners.items() if n > 1}
+    default = clipping if isinstance(clipping, str) else "auto"
+    overrides = {} if isinstance(clipping, str) else dict(clipping)
 
     units: list[_Unit] = []
     opaque: list[nn.Module] = []
     for name, sub in module.named_modules():
         if any(sub is not o and _is_descendant(sub, o) for o in opaque):
             continue
+        strategy = overrides.pop(name, default)
         if isinstance(sub, OPAQUE_MODULES):
             opaque.append(sub)
             params = tuple(p for p in sub.parameters() if p.requires_grad)
             if params:
-                units.append(_Unit(name, sub, params, None, None))
+                tied = bool(shared.intersection(params))
+                units.append(_Unit(name, sub, params, None, strategy, attention=True, shared=tied))
             continue
         params = tuple(p for p in sub._parameters.values() if p is not None and p.requires_grad)
         if not params:
             continue
         tied = bool(shared.intersection(params))
-        ghost = NORM_SAMPLERS.get(type(sub)) if not tied else None
-        units.append(_Unit(name, sub, params, ghost, GRAD_SAMPLERS.get(type(sub)), tied))
+        units.append(_Unit(name, sub, params, rule_for(sub), strategy, shared=tied))
+    if overrides:
+        raise ValueError(
+            f"clipping names {sorted(overrides)}, which are not modules with trainable parameters "
+            f"of this model (those are: {[u.name for u in units]})"
+        )
     return units
+
+
+def validate_clipping(module: nn.Module, clipping: str | Mapping[str, str]) -> None:
+    """Raise ``ValueError`` unless ``clipping`` is a strategy name or maps names of
+    ``module``'s submodules that own trainable parameters to strategy names."""
+    values = [clipping] if isinstance(clipping, str) else list(getattr(clipping, "values", list)())
+    if not isinstance(clipping, (str, Mapping)) or any(v not in STRATEGIES for v in values):
+        raise ValueError(
+            f"Expected clipping to be one of {STRATEGIES} or a mapping from module name to one "
+            f"of them, got {clipping!r}"
+        )
+    _build_units(module, clipping)
 
 
 def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
@@ -176,35 +195,59 @@ def _one_hot_cotangent(backprops: torch.Tensor) -> torch.Tensor:
     return eye.view(b, b, *([1] * (backprops.dim() - 1))) * backprops.unsqueeze(0)
 
 
+def _rows_scaled(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    return t * factors.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+
+
 class PerSampleClipper:
-    """Records module calls during the forward pass and turns per-sample losses
+    """Records layer calls during the forward pass and turns per-sample losses
     into the clipped gradient sum S = Σ_i min(1, C/‖g_i‖) · g_i.
 
-    The clipper registers one forward hook per unit (a module that owns
-    trainable parameters) and keeps what it records in its own state until the
-    next ``clipped_sum`` call. ``remove()`` detaches the hooks.
+    The clipper registers forward hooks on the modules that own trainable
+    parameters and keeps what they record in its own state until the next
+    ``clipped_sum`` call. ``remove()`` detaches the hooks. Frozen parameters
+    (``requires_grad=False``) are not recorded and cost nothing.
 
     Args:
         module: the model, trained in place (its parameters are the ones used).
         max_grad_norm: C > 0, the per-sample L2 clipping bound.
+        clipping: how per-sample norms are computed where a layer has both rules:
+            "auto" (mixed: per layer, ghost norm or per-sample gradients,
+            whichever costs less for its shapes: ``dpclip.layers.Rule.costs``;
+            for Linear on T positions, d inputs, p outputs, ghost when
+            T²(d+p) < 16·p·d), "ghost", "per_sample"; or a
+            mapping from module names (as in ``named_modules``) to those, "auto"
+            for the modules it leaves out. The result is the same up to rounding.
     """
 
-    def __init__(self, module: nn.Module, max_grad_norm: float) -> None:
+    def __init__(
+        self, module: nn.Module, max_grad_norm: float, clipping: str | Mapping[str, str] = "auto"
+    ) -> None:
         validate_module(module)
+        validate_clipping(module, clipping)
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
-        self.units = _build_units(module)
+        self.units = _build_units(module, clipping)
         self.params: tuple[nn.Parameter, ...] = tuple(
             p for p in module.parameters() if p.requires_grad
         )
         self._owner_name = {p: u.name for u in self.units for p in u.params}
-        self._calls: list[_Call] = []
+        self._calls: list[LayerCall | _GraphCall] = []
         self._audited = False
+        self._recorders: dict[nn.Module, AttentionRecorder] = {}
         #: per-sample gradient norms ‖g_i‖ of the last micro-batch (not private: debugging only)
         self.last_norms: torch.Tensor | None = None
-        self._handles = [
-            u.module.register_forward_hook(self._recorder(u), with_kwargs=True) for u in self.units
-        ]
+        self._handles = []
+        for u in self.units:
+            if u.attention:
+                self._handles.append(u.module.register_forward_pre_hook(self._attention_enter(u)))
+                self._handles.append(
+                    u.module.register_forward_hook(self._attention_exit(u), always_call=True)
+                )
+            else:
+                self._handles.append(
+                    u.module.register_forward_hook(self._recorder(u), with_kwargs=True)
+                )
 
     def remove(self) -> None:
         """Detach the hooks; the module is as it was before."""
@@ -226,18 +269,67 @@ class PerSampleClipper:
             ]
             if not outputs:
                 return
-            activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-            self._calls.append(_Call(unit, activations, outputs, [t._version for t in outputs]))
+            if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
+                names = {id(p): n for n, p in module._parameters.items() if p is not None}
+                if any(id(p) not in names for p in unit.params):
+                    return  # run with other parameters (torch.func.functional_call): not training
+                targets = {names[id(p)]: (p, None) for p in unit.params}
+                activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+                self._calls.append(
+                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy,
+                              version=outputs[0]._version)
+                )
+                return
+            self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs]))
 
         return hook
 
-    def clipped_sum(self, loss_per_sample: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    def _attention_enter(self, unit: _Unit) -> Callable[..., None]:
+        recorder = AttentionRecorder(unit.params)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled() and module not in self._recorders:
+                recorder.reset()
+                self._recorders[module] = recorder
+                recorder.__enter__()
+
+        return hook
+
+    def _attention_exit(self, unit: _Unit) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            recorder = self._recorders.pop(module, None)
+            if recorder is None:
+                return
+            recorder.__exit__(None, None, None)
+            outputs = [
+                t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            if not outputs:
+                return
+            if recorder.unsupported is not None or not recorder.projections:
+                self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs]))
+                return
+            for x, y, targets, layout in recorder.projections:
+                self._calls.append(
+                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy,
+                              layout=layout, version=y._version)
+                )
+
+        return hook
+
+    def clipped_sum(
+        self,
+        loss_per_sample: torch.Tensor,
+        out: dict[nn.Parameter, torch.Tensor] | None = None,
+    ) -> dict[nn.Parameter, torch.Tensor]:
         """S for this micro-batch: {param: Σ_i c_i ∇_param ℓ_i} for every trainable
         parameter that got a gradient (a parameter left out got none).
 
         Args:
             loss_per_sample: shape [B], ℓ_i of each example, attached to the
                 graph of the forward pass recorded since the last call.
+            out: an accumulator to add S into, in place (missing parameters get
+                zeros first); returned. Untouched when this raises.
 
         Raises:
             NonFiniteNormError: a per-sample norm is NaN/inf (nothing returned).
@@ -252,106 +344,207 @@ class PerSampleClipper:
         if not loss_per_sample.requires_grad:
             raise RuntimeError("the loss does not require grad: no parameter depends on it")
         batch = loss_per_sample.shape[0]
-        sq_norms, covered = self._squared_norms(loss_per_sample, calls, batch)
-        norms = sq_norms.sqrt()
-        bad = int((~torch.isfinite(norms)).sum())
+        # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
+        with record_function("dpclip.backward"):
+            layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
+        with record_function("dpclip.norms"):
+            sq = loss_per_sample.new_zeros(batch)
+            for n in self._layer_sq_norms(layer_calls):
+                sq = sq + n.to(sq.dtype)
+            for g in self._graph_per_sample(graph_calls).values():
+                sq = sq + row_sq_norms(g).to(sq.dtype)
+            norms = sq.sqrt()
+            bad = int((~torch.isfinite(norms)).sum())
         if bad:
             raise NonFiniteNormError(
                 f"{bad} of {batch} per-sample gradient norms are NaN or infinite; "
                 "this micro-batch was not accumulated (it counts as empty in its logical batch)"
             )
+        if full is not None:
+            self._audit(full, layer_calls, graph_calls, batch)
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
-        grads = torch.autograd.grad(
-            (factors * loss_per_sample).sum(), self.params, allow_unused=True
-        )
-        result = {}
-        for p, g in zip(self.params, grads):
-            if g is None:
-                continue
-            if p not in covered:
-                raise RuntimeError(
-                    f"parameter of {self._owner_name.get(p, 'an unhooked module')!r} received a "
-                    "gradient but no per-sample gradient was computed for it: its forward was "
-                    "not recorded (run the forward pass with grad enabled, between backward "
-                    "calls) or it is used outside its own module's forward"
-                )
-            result[p] = g
-        return result
+        with record_function("dpclip.clipped_sum"):
+            return self._sum(layer_calls, graph_calls, factors, False, {} if out is None else out)
 
-    def _squared_norms(
-        self, loss_per_sample: torch.Tensor, calls: list[_Call], batch: int
-    ) -> tuple[torch.Tensor, set[nn.Parameter]]:
+    def _backward(
+        self, loss_per_sample: torch.Tensor, calls: list[LayerCall | _GraphCall], batch: int
+    ) -> tuple[list[LayerCall], list[_GraphCall], tuple[torch.Tensor | None, ...] | None]:
+        """The one backward pass: gradients of Σ ℓ_i at every recorded output (and, on
+        the first micro-batch only, at the parameters, for the audit)."""
         for call in calls:
-            if any(t._version != v for t, v in zip(call.outputs, call.versions)):
+            outs = [call.output] if isinstance(call, LayerCall) else call.outputs
+            versions = [call.version] if isinstance(call, LayerCall) else call.versions
+            if any(t._version != v for t, v in zip(outs, versions)):
+                name = self._owner_name.get(next(iter(self._params_of(call))), "?")
                 raise RuntimeError(
-                    f"the output of module {call.unit.name!r} was modified in place after its "
+                    f"the output of module {name!r} was modified in place after its "
                     "forward (e.g. by nn.ReLU(inplace=True)); use the out-of-place version"
                 )
-        flat = [t for c in calls for t in c.outputs]
-        backprops = (
-            torch.autograd.grad(loss_per_sample.sum(), flat, retain_graph=True, allow_unused=True)
-            if flat
-            else ()
-        )
-        it = iter(backprops)
+        graph_calls = [c for c in calls if isinstance(c, _GraphCall)]
+        flat = [c.output if isinstance(c, LayerCall) else t for c in calls
+                for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
+        audit = not self._audited
+        inputs = flat + (list(self.params) if audit else [])
+        grads = torch.autograd.grad(
+            loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls), allow_unused=True
+        ) if inputs else ()
+        it = iter(grads[: len(flat)])
+        layer_calls: list[LayerCall] = []
+        used_graph: list[_GraphCall] = []
         for call in calls:
-            call.backprops = [next(it) for _ in call.outputs]
-        used = [c for c in calls if any(b is not None for b in c.backprops)]
-        by_unit: dict[_Unit, list[_Call]] = {}
+            if isinstance(call, LayerCall):
+                call.backprop = next(it)
+                if call.backprop is not None:
+                    layer_calls.append(call)
+            else:
+                call.backprops = [next(it) for _ in call.outputs]
+                if any(b is not None for b in call.backprops):
+                    used_graph.append(call)
+        self._check_graph_units(used_graph)
+        for call in layer_calls:
+            if call.backprop.dim() == 0 or call.layout(call.backprop).shape[0] != batch:
+                self._batch_error(call.module, call.output, batch)
+        for call in used_graph:
+            for t, b in zip(call.outputs, call.backprops):
+                if b is not None and (t.dim() == 0 or t.shape[0] != batch):
+                    self._batch_error(call.unit.module, t, batch)
+        return layer_calls, used_graph, (grads[len(flat):] if audit else None)
+
+    def _batch_error(self, module: nn.Module, t: torch.Tensor, batch: int) -> None:
+        name = next((u.name for u in self.units if u.module is module), type(module).__name__)
+        raise RuntimeError(
+            f"an output of module {name!r} has shape {tuple(t.shape)} but "
+            f"the loss has {batch} per-sample values: dpclip needs batch-first tensors"
+        )
+
+    @staticmethod
+    def _params_of(call: LayerCall | _GraphCall) -> list[nn.Parameter]:
+        if isinstance(call, LayerCall):
+            return [p for p, _ in call.targets.values()]
+        return list(call.unit.params)
+
+    @staticmethod
+    def _check_graph_units(used: list[_GraphCall]) -> None:
+        by_unit: dict[_Unit, int] = {}
         for call in used:
-            by_unit.setdefault(call.unit, []).append(call)
-        for unit, unit_calls in by_unit.items():
-            if unit.grad_sampler is None and (len(unit_calls) > 1 or unit.shared):
+            by_unit[call.unit] = by_unit.get(call.unit, 0) + 1
+        for unit, n in by_unit.items():
+            if n > 1 or unit.shared:
                 # Its per-sample gradients come through the recorded graph, which would also
                 # count the other calls' (or the other owner's) use of the same parameters.
                 raise RuntimeError(
                     f"module {unit.name!r} ({type(unit.module).__name__}) runs "
-                    f"{len(unit_calls)} times per forward or shares parameters with another "
+                    f"{n} times per forward or shares parameters with another "
                     "module; dpclip supports that only for layers with a per-sample rule "
-                    f"({', '.join(sorted(t.__name__ for t in GRAD_SAMPLERS))})"
+                    "(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, …)"
                 )
-        if not self._audited:
-            self._audited = self._audit(loss_per_sample, used)
-        for call in used:
-            for t, b in zip(call.outputs, call.backprops):
-                if b is not None and (t.dim() == 0 or t.shape[0] != batch):
-                    raise RuntimeError(
-                        f"an output of module {call.unit.name!r} has shape {tuple(t.shape)} but "
-                        f"the loss has {batch} per-sample values: dpclip needs batch-first tensors"
-                    )
 
-        sq = loss_per_sample.new_zeros(batch)
-        covered: set[nn.Parameter] = set()
-        per_sample: dict[nn.Parameter, torch.Tensor] = {}
-        for unit, unit_calls in by_unit.items():
-            covered.update(unit.params)
-            if len(unit_calls) == 1 and (norms := self._ghost_norms(unit, unit_calls[0])):
-                for n in norms:
-                    sq = sq + n.to(sq.dtype) ** 2
+    @staticmethod
+    def _layer_sq_norms(calls: list[LayerCall]) -> list[torch.Tensor]:
+        """‖g_i‖² contributions, one per group of calls whose parameters overlap."""
+        uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
+        for call in calls:
+            for p, rows in call.targets.values():
+                uses.setdefault(p, []).append((call, rows))
+        group = {call: call for call in calls}
+
+        def find(c: LayerCall) -> LayerCall:
+            while group[c] is not c:
+                c = group[c]
+            return c
+
+        for entries in uses.values():
+            for i, (a, ra) in enumerate(entries):
+                for b, rb in entries[i + 1:]:
+                    if _overlap(ra, rb):
+                        group[find(a)] = find(b)
+        groups: dict[LayerCall, list[LayerCall]] = {}
+        for call in calls:
+            groups.setdefault(find(call), []).append(call)
+        out = []
+        for members in groups.values():
+            if len(members) == 1:
+                out.append(sq_norms(members[0]))
                 continue
-            for call in unit_calls:
-                for p, g in self._per_sample_grads(unit, call).items():
-                    per_sample[p] = per_sample[p] + g if p in per_sample else g
-        for g in per_sample.values():
-            sq = sq + g.reshape(batch, -1).to(sq.dtype).pow(2).sum(dim=1)
-        return sq, covered
+            summed: dict[tuple[nn.Parameter, int, int], torch.Tensor] = {}
+            for call in members:
+                call.per_sample = call.rule.per_sample_grads(call)
+                for role, g in call.per_sample.items():
+                    p, rows = call.targets[role]
+                    key = p
+                    full = summed.get(key)
+                    if full is None:
+                        full = summed[key] = torch.zeros((g.shape[0], *p.shape), dtype=g.dtype,
+                                                         device=g.device)
+                    if rows is None:
+                        full += g
+                    else:
+                        full[:, rows] += g
+            out.append(sum(row_sq_norms(g) for g in summed.values()))
+        return out
 
-    def _audit(self, loss_per_sample: torch.Tensor, used: list[_Call]) -> bool:
-        """Once, on the first micro-batch: the recorded module calls must account for
-        each parameter's whole gradient. A weight also used outside its own module
+    @staticmethod
+    def _graph_per_sample(calls: list[_GraphCall]) -> dict[nn.Parameter, torch.Tensor]:
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for call in calls:
+            outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
+            cots = [_one_hot_cotangent(b) for b in call.backprops if b is not None]
+            with warnings.catch_warnings():
+                # vmap over some backward kernels (CPU attention) falls back to a loop and says so
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                grads = torch.autograd.grad(
+                    outs, call.unit.params, grad_outputs=cots, retain_graph=True,
+                    allow_unused=True, is_grads_batched=True,
+                )
+            for p, g in zip(call.unit.params, grads):
+                if g is not None:
+                    out[p] = g
+        return out
+
+    @staticmethod
+    def _sum(
+        layer_calls: list[LayerCall],
+        graph_calls: list[_GraphCall],
+        factors: torch.Tensor,
+        retain_graph: bool,
+        out: dict[nn.Parameter, torch.Tensor],
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        """Add Σ_i c_i g_i into ``out`` (zeros allocated for parameters it lacks)."""
+
+        def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
+            if p not in out:
+                out[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            return out[p] if rows is None else out[p][rows]
+
+        for call in layer_calls:
+            views = {role: target(p, rows) for role, (p, rows) in call.targets.items()}
+            call.rule.clipped_sum(call, factors, views)
+        for i, call in enumerate(graph_calls):
+            outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
+            cots = [_rows_scaled(b, factors) for b in call.backprops if b is not None]
+            grads = torch.autograd.grad(
+                outs, call.unit.params, grad_outputs=cots,
+                retain_graph=retain_graph or i + 1 < len(graph_calls), allow_unused=True,
+            )
+            for p, g in zip(call.unit.params, grads):
+                if g is not None:
+                    target(p, None).add_(g)
+        return out
+
+    def _audit(
+        self,
+        full: tuple[torch.Tensor | None, ...],
+        layer_calls: list[LayerCall],
+        graph_calls: list[_GraphCall],
+        batch: int,
+    ) -> None:
+        """Once, on the first micro-batch: the recorded calls must account for each
+        parameter's whole gradient. A weight also used outside its own module
         (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped."""
-        full = torch.autograd.grad(
-            loss_per_sample.sum(), self.params, retain_graph=True, allow_unused=True
-        )
         if any(f is not None and not torch.isfinite(f).all() for f in full):
-            return False  # the non-finite check refuses this micro-batch; audit the next one
-        own: dict[nn.Parameter, torch.Tensor] = {}
-        for call in used:
-            # per-call rules see only this call's inputs and output gradients, so paths
-            # through other calls don't leak in (graph-path units are single and unshared)
-            for p, g in self._per_sample_grads(call.unit, call).items():
-                own[p] = own[p] + g.sum(0) if p in own else g.sum(0)
+            return  # the non-finite check refuses this micro-batch; audit the next one
+        own = self._sum(layer_calls, graph_calls, torch.ones(batch), retain_graph=True, out={})
         for p, f in zip(self.params, full):
             if f is None:
                 continue
@@ -366,34 +559,10 @@ class PerSampleClipper:
                     "to F.linear): its per-sample norm would be wrong; tie weights by sharing "
                     "the module attribute (head.weight = emb.weight) instead"
                 )
+        self._audited = True
+
+
+def _overlap(a: slice | None, b: slice | None) -> bool:
+    if a is None or b is None:
         return True
-
-    @staticmethod
-    def _ghost_norms(unit: _Unit, call: _Call) -> list[torch.Tensor] | None:
-        if unit.ghost is None or len(call.outputs) != 1 or not call.activations:
-            return None
-        norms = unit.ghost(unit.module, call.activations, call.backprops[0])
-        if not all(p in norms for p in unit.params):
-            return None  # the rule does not cover this input shape: fall back
-        return [norms[p] for p in unit.params]
-
-    @staticmethod
-    def _per_sample_grads(unit: _Unit, call: _Call) -> dict[nn.Parameter, torch.Tensor]:
-        if unit.grad_sampler is not None and len(call.outputs) == 1 and call.activations:
-            grads = unit.grad_sampler(unit.module, call.activations, call.backprops[0])
-            if all(p in grads for p in unit.params):
-                return {p: grads[p] for p in unit.params}
-        outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
-        cots = [_one_hot_cotangent(b) for b in call.backprops if b is not None]
-        with warnings.catch_warnings():
-            # vmap over some backward kernels (CPU attention) falls back to a loop and says so
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            grads = torch.autograd.grad(
-                outs,
-                unit.params,
-                grad_outputs=cots,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        return {p: g for p, g in zip(unit.params, grads) if g is not None}
+    return a.start < b.stop and b.start < a.stop

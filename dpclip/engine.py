@@ -7,7 +7,7 @@ import math
 import secrets
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from accounting import Event, Ledger, PoissonGaussian, ShuffledGaussian
 from accounting.calibrate import step_event
 from accounting.events import validate_int, validate_positive
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
-from dpclip.clipping import PerSampleClipper, validate_module
+from dpclip.clipping import PerSampleClipper, validate_clipping, validate_module
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer
 from dpclip.report import PrivacyReport, make_report
@@ -235,6 +235,7 @@ class PrivacyEngine:
         sample_generator: torch.Generator | None = None,
         max_epsilon: float | None = None,
         target_delta: float | None = None,
+        clipping: str | Mapping[str, str] = "auto",
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """Wrap the training objects; returns (module, optimizer, criterion, data_loader).
 
@@ -268,6 +269,11 @@ class PrivacyEngine:
                 any noise or parameter change, and the step is not recorded.
                 Steps with fewer micro-batches than k count as full ones.
             target_delta: the δ at which ``max_epsilon`` is measured.
+            clipping: how per-sample gradient norms are computed, per layer:
+                "auto" (default: ghost norm or per-sample gradient, whichever the
+                layer's shapes make cheaper), "ghost", "per_sample", or a mapping
+                from module names to these ("auto" for the rest). All give the
+                same update up to rounding; see ``dpclip.PerSampleClipper``.
 
         Returns:
             The same module; a ``DPOptimizer`` (step once per logical batch);
@@ -317,6 +323,7 @@ class PrivacyEngine:
                     f"{accounting.accountants_supporting(largest)[0]!r})"
                 )
         validate_module(module)
+        validate_clipping(module, clipping)
         trainable = {p for p in module.parameters() if p.requires_grad}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -361,7 +368,7 @@ class PrivacyEngine:
                 micro_batches=plan.accumulation_steps,
                 max_micro_batch_size=None if plan.accumulation_steps else int(plan.micro_batch_size),
             )
-        clipper = PerSampleClipper(module, max_grad_norm)
+        clipper = PerSampleClipper(module, max_grad_norm, clipping)
         dp_optimizer = DPOptimizer(
             optimizer,
             clipper=clipper,
@@ -404,6 +411,7 @@ class PrivacyEngine:
         noise_generator: torch.Generator | None = None,
         sample_generator: torch.Generator | None = None,
         max_epsilon: float | None = None,
+        clipping: str | Mapping[str, str] = "auto",
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """``make_private`` with the smallest σ (this engine's accountant) such that
         ``epochs`` epochs of optimizer steps at q = L/N are (target_epsilon, target_delta)-DP."""
@@ -445,6 +453,7 @@ class PrivacyEngine:
             sample_generator=sample_generator,
             max_epsilon=max_epsilon,
             target_delta=None if max_epsilon is None else target_delta,
+            clipping=clipping,
         )
 
     def get_epsilon(self, delta: float, *, no_amplification: bool = False) -> float:

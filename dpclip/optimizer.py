@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from accounting import Event, Ledger
@@ -33,6 +34,7 @@ def private_gradient(
     noise_std: float,
     expected_batch_size: float,
     generator: torch.Generator,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """The DP-SGD gradient (S + N(0, noise_std² I)) / L for one parameter.
 
@@ -42,9 +44,10 @@ def private_gradient(
         expected_batch_size: L, the expected logical batch size (not the realised one).
         generator: where the noise comes from; on another device than S, the
             noise is drawn there and moved.
+        inplace: write the result into ``clipped_sum`` and return it.
     """
     if noise_std == 0.0:
-        return clipped_sum / expected_batch_size
+        return clipped_sum.div_(expected_batch_size) if inplace else clipped_sum / expected_batch_size
     noise = torch.normal(
         0.0,
         noise_std,
@@ -53,7 +56,10 @@ def private_gradient(
         device=generator.device,
         dtype=clipped_sum.dtype,
     )
-    return (clipped_sum + noise.to(clipped_sum.device)) / expected_batch_size
+    noise = noise.to(clipped_sum.device)
+    if inplace:
+        return clipped_sum.add_(noise).div_(expected_batch_size)
+    return noise.add_(clipped_sum).div_(expected_batch_size)
 
 
 class DPOptimizer(Optimizer):
@@ -187,9 +193,9 @@ class DPOptimizer(Optimizer):
         self._pass = self.schedule.pass_id
         try:
             if loss_per_sample.numel() > 0:
-                sums = self.clipper.clipped_sum(loss_per_sample)
+                # S goes straight into the accumulator: no parameter-sized copy per micro-batch
+                self.clipper.clipped_sum(loss_per_sample, out=self._accumulator)
             else:
-                sums = {}
                 self.clipper.discard()
         except NonFiniteNormError:
             # Counted as an empty micro-batch: the logical-batch boundaries stay where the
@@ -197,14 +203,6 @@ class DPOptimizer(Optimizer):
             self._micro_batches += 1
             self._since_step_call += 1
             raise
-        for p in self.params:
-            s = sums.get(p)
-            if s is None:
-                continue
-            if p in self._accumulator:
-                self._accumulator[p].add_(s)
-            else:
-                self._accumulator[p] = s.detach().clone()
         self._micro_batches += 1
         self._since_step_call += 1
 
@@ -249,17 +247,20 @@ class DPOptimizer(Optimizer):
         if self.step_guard is not None:
             self.step_guard(event)  # may refuse: nothing has changed yet
         noise_std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            s = self._accumulator.get(p)
-            if s is None:
-                s = torch.zeros_like(p)
-            p.grad = private_gradient(
-                s,
-                noise_std=noise_std,
-                expected_batch_size=self.expected_batch_size,
-                generator=self.generator,
-            )
-        self.original_optimizer.step()
+        with record_function("dpclip.noise"):
+            for p in self.params:
+                s = self._accumulator.get(p)
+                if s is None:
+                    s = torch.zeros_like(p)
+                p.grad = private_gradient(
+                    s,
+                    noise_std=noise_std,
+                    expected_batch_size=self.expected_batch_size,
+                    generator=self.generator,
+                    inplace=True,  # the accumulator becomes the gradient: no copy
+                )
+        with record_function("dpclip.optimizer_step"):
+            self.original_optimizer.step()
         self.ledger.record(event)
         self._accumulator = {}
         self._micro_batches = 0

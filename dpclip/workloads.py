@@ -56,12 +56,13 @@ class CNN(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token embedding, positional embedding, 2 ``nn.TransformerEncoderLayer``, mean-pool head."""
+    """Token and learned position embeddings (``nn.Embedding`` each, as GPT-2 / BERT),
+    2 ``nn.TransformerEncoderLayer``, mean-pool head."""
 
     def __init__(self, vocab: int = 1000, d: int = 128, heads: int = 4, layers: int = 2, seq: int = 64) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
+        self.pos = nn.Embedding(seq, d)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
             for _ in range(layers)
@@ -69,7 +70,8 @@ class Transformer(nn.Module):
         self.head = nn.Linear(d, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.emb(tokens) + self.pos[: tokens.shape[1]]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        h = self.emb(tokens) + self.pos(positions)
         for layer in self.layers:
             h = layer(h)
         return self.head(h.mean(dim=1))

@@ -45,6 +45,7 @@ def make_run(
     poisson_sampling: bool = True,
     seed: int = 0,
     model: nn.Module | None = None,
+    clipping: str = "auto",
 ) -> Run:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -74,6 +75,7 @@ def make_run(
         poisson_sampling=poisson_sampling,
         noise_generator=torch.Generator().manual_seed(seed + 1),
         sample_generator=torch.Generator().manual_seed(seed + 2),
+        clipping=clipping,
     )
     return Run(engine, model, reference_model, dp_opt, crit, loader, x, y)
 

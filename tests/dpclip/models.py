@@ -65,12 +65,55 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class Conv1dNet(nn.Module):
+    """Conv1d with stride, padding and dilation; GroupNorm over one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, 3, stride=2, padding=1, dilation=2)
+        self.norm = nn.GroupNorm(1, 5)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.norm(self.conv(x))).mean(dim=-1))
+
+
+class AttentionVariants(nn.Module):
+    """``nn.MultiheadAttention`` called directly, each path of its in-projection:
+    self-attention returning weights (explicit softmax), cross-attention with key
+    is value (split weight), with three distinct inputs (chunked weight), and
+    kdim = vdim ≠ embed_dim (separate projection weights) with a padding mask;
+    an embedding with a padding row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8, padding_idx=0)
+        self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.triple = nn.MultiheadAttention(8, 2, batch_first=True, bias=False)
+        self.ctx = nn.Linear(8, 6)
+        self.sep = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        a, _ = self.self_attn(h, h, h)
+        memory = torch.tanh(h[:, :3])
+        c, _ = self.cross(a, memory, memory, need_weights=False)
+        t, _ = self.triple(c, memory, memory * 2.0, need_weights=False)
+        m = self.ctx(h)
+        s, _ = self.sep(t, m, m, key_padding_mask=tokens == 0, need_weights=False)
+        return self.head(s.mean(dim=1))
+
+
 def make_data(kind: str, n: int, generator: torch.Generator, dtype=torch.float64):
     y = torch.randint(0, CLASSES, (n,), generator=generator)
     if kind == "mlp":
         return torch.randn(n, 10, generator=generator, dtype=dtype), y
     if kind == "cnn":
         return torch.randn(n, 1, 8, 8, generator=generator, dtype=dtype), y
+    if kind == "conv1d":
+        return torch.randn(n, 3, 12, generator=generator, dtype=dtype), y
     tokens = torch.randint(1, VOCAB, (n, SEQ), generator=generator)
     tokens[:, -2:] *= torch.rand(n, 1, generator=generator) < 0.5  # padded tails
     return tokens, y
@@ -81,6 +124,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "embedding": EmbeddingBagOfWords,
     "cnn": SmallCNN,
     "transformer": TinyTransformer,
+    "conv1d": Conv1dNet,
+    "attention": AttentionVariants,
 }
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from dpclip import NonFiniteNormError, PerSampleClipper, clip_factors
+from dpclip.layers import EmbeddingRule, LinearRule
 from tests.dpclip.models import TinyTransformer, make_data
 
 
@@ -20,7 +21,7 @@ def test_clip_factors_edge_cases():
 
 
 def _clipped_reference(model, x, y, C):
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def loss(p, xi, yi):
         return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
@@ -31,8 +32,8 @@ def _clipped_reference(model, x, y, C):
     return {k: torch.einsum("i,i...->...", f, v) for k, v in g.items()}, norms
 
 
-def _clipped_sum(model, x, y, C):
-    clipper = PerSampleClipper(model, C)
+def _clipped_sum(model, x, y, C, clipping="auto"):
+    clipper = PerSampleClipper(model, C, clipping)
     losses = F.cross_entropy(model(x), y, reduction="none")
     sums = clipper.clipped_sum(losses)
     clipper.remove()
@@ -67,10 +68,29 @@ class FourDimLinear(nn.Module):
         return self.fc(x).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("case", ["tied", "fourdim"])
-def test_tied_repeated_and_unusual_shapes_match_reference(case):
+class PositionalParameter(nn.Module):
+    """A parameter used directly in the root's forward: per-sample gradients through the
+    recorded graph (no layer rule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.pos = nn.Parameter(torch.randn(4, 6))
+        self.head = nn.Linear(6, 12)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens) + self.pos).mean(1))
+
+
+@pytest.mark.parametrize("clipping", ["auto", "ghost", "per_sample"])
+@pytest.mark.parametrize("case", ["tied", "fourdim", "positional"])
+def test_tied_repeated_and_unusual_shapes_match_reference(case, clipping):
     torch.manual_seed(0)
-    if case == "tied":
+    if case == "positional":
+        model = PositionalParameter().double()
+        x = torch.randint(0, 12, (6, 4))
+        y = torch.randint(0, 12, (6,))
+    elif case == "tied":
         model = TiedAndRepeated().double()
         x = torch.randint(0, 12, (6, 4))
         y = torch.randint(0, 12, (6,))
@@ -81,7 +101,7 @@ def test_tied_repeated_and_unusual_shapes_match_reference(case):
     _, norms = _clipped_reference(model, x, y, 1.0)
     C = float(norms.median())
     expected, _ = _clipped_reference(model, x, y, C)
-    got = _clipped_sum(model, x, y, C)
+    got = _clipped_sum(model, x, y, C, clipping)
     assert set(got) == set(expected)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
@@ -160,26 +180,112 @@ def test_remove_detaches_every_hook():
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_linear_and_embedding_use_ghost_norms_without_per_sample_gradients():
+def _spy(monkeypatch, rule_type):
+    seen = {"ghost": [], "per_sample": [], "clipped_sum": []}
+    for method in seen:
+        attr = {"ghost": "ghost_sq_norms", "per_sample": "per_sample_grads"}.get(method, method)
+        original = getattr(rule_type, attr)
+
+        def spy(self, call, *args, original=original, method=method):
+            seen[method].append(call.module)
+            return original(self, call, *args)
+
+        monkeypatch.setattr(rule_type, attr, spy)
+    return seen
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_strategy_decides_between_ghost_norms_and_per_sample_gradients(monkeypatch, clipping):
     from tests.dpclip.models import EmbeddingBagOfWords
 
     model = EmbeddingBagOfWords().double()
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, clipping)
     x, y = make_data("embedding", 5, torch.Generator().manual_seed(0))
-    # the first micro-batch is audited once with per-sample gradients; later ones are not
+    seen = {kind: _spy(monkeypatch, kind) for kind in (LinearRule, EmbeddingRule)}
     clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
-    ghost_calls = []
-    for unit in clipper.units:
-        if isinstance(unit.module, (nn.Linear, nn.Embedding)):
-            rule = unit.ghost
-            unit.ghost = lambda m, a, b, rule=rule: ghost_calls.append(m) or rule(m, a, b)
+    used = {id(m) for s in seen.values() for m in s[clipping]}
+    other = "per_sample" if clipping == "ghost" else "ghost"
+    assert used == {id(model.emb), id(model.proj), id(model.head)}
+    assert not any(s[other] for s in seen.values())
 
-            def refuse(*_):
-                raise AssertionError("per-sample gradients materialised for a ghost layer")
 
-            unit.grad_sampler = refuse
+def test_auto_picks_per_layer_by_shape_and_names_override_it(monkeypatch):
+    class Shapes(nn.Module):
+        """Linears on 1 position (ghost) and one on 40 positions of width 2 (per-sample:
+        T²(d+p) > 16·p·d)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide = nn.Linear(30, 20)
+            self.long = nn.Linear(2, 2)
+            self.head = nn.Linear(20, 3)
+
+        def forward(self, x):
+            h = self.wide(x[:, 0])
+            return self.head(h) + self.long(x[:, :, :2]).mean(1).sum(1, keepdim=True)
+
+    model = Shapes().double()
+    x = torch.randn(4, 40, 30, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    expected, _ = _clipped_reference(model, x, y, 0.5)
+    for clipping, ghost in (
+        ("auto", {"wide", "head"}),
+        ({"wide": "per_sample"}, {"head"}),
+        ({"long": "ghost"}, {"wide", "head", "long"}),
+    ):
+        seen = _spy(monkeypatch, LinearRule)
+        clipper = PerSampleClipper(model, 0.5, clipping)
+        got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+        clipper.remove()
+        names = {id(m): n for n, m in model.named_modules()}
+        assert {names[id(m)] for m in seen["ghost"]} == ghost, clipping
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[p], expected[n], atol=1e-10, rtol=0)
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    "clipping, match",
+    [("fast", "one of"), ({"head": "exact"}, "one of"), ({"nothere": "ghost"}, "nothere"), (3, "one of")],
+)
+def test_bad_clipping_is_refused_before_any_hook(clipping, match):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
+        PerSampleClipper(model, 1.0, clipping)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "embedding", "cnn", "conv1d", "transformer", "attention"])
+def test_one_backward_pass_per_micro_batch(monkeypatch, kind):
+    # Book-keeping: after the first (audited) micro-batch, the clipped sum comes from the
+    # tensors of one backward pass; no second pass through the model.
+    from tests.dpclip.models import MODELS
+
+    model = MODELS[kind]().double()
+    clipper = PerSampleClipper(model, 0.1)
+    x, y = make_data(kind, 6, torch.Generator().manual_seed(0))
     clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
-    assert {id(m) for m in ghost_calls} == {id(model.emb), id(model.proj), id(model.head)}
+    passes = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: passes.append(1) or real_grad(*a, **k))
+    clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    assert len(passes) == 1
+
+
+def test_frozen_backbone_records_nothing_and_builds_no_graph():
+    body = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 64))
+    body.requires_grad_(False)
+    model = nn.Sequential(body, nn.Tanh(), nn.Linear(64, 3)).double()
+    clipper = PerSampleClipper(model, 0.5)
+    assert [u.name for u in clipper.units] == ["2"]
+    x, y = torch.randn(5, 64, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert not model[0](x).requires_grad  # no graph through the frozen part
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    assert [c.module for c in clipper._calls] == [model[2]]
+    got = clipper.clipped_sum(losses)
+    expected, _ = _clipped_reference(model, x, y, 0.5)
+    assert set(got) == {model[2].weight, model[2].bias}
+    torch.testing.assert_close(got[model[2].weight], expected["2.weight"], atol=1e-10, rtol=0)
 
 
 class FunctionalTiedHead(nn.Module):
@@ -221,7 +327,7 @@ def test_keyword_only_layer_input_falls_back_to_exact_per_sample_gradients():
         torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
 
 
-def test_attention_called_twice_is_refused_not_double_counted():
+def test_attention_called_twice_sums_per_sample_gradients_before_the_norm():
     class TwiceAttention(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -231,8 +337,35 @@ def test_attention_called_twice_is_refused_not_double_counted():
             h = self.attn(x, x, x, need_weights=False)[0]
             return self.attn(h, h, h, need_weights=False)[0].mean(1)
 
-    model = TwiceAttention()
+    torch.manual_seed(0)
+    model = TwiceAttention().double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+    _, norms = _clipped_reference(model, x, y, 1.0)
+    expected, _ = _clipped_reference(model, x, y, float(norms.median()))
+    got = _clipped_sum(model, x, y, float(norms.median()))
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+
+
+def test_module_with_its_own_parameter_runs_twice_is_refused_not_double_counted():
+    class TwicePositional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return x + self.pos
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add = TwicePositional()
+
+        def forward(self, x):
+            return self.add(self.add(x)).mean(1)
+
+    model = Model()
     clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(torch.randn(3, 5, 4)), torch.tensor([0, 1, 2]), reduction="none")
+    losses = F.cross_entropy(model(torch.randn(3, 3, 4)), torch.tensor([0, 1, 2]), reduction="none")
     with pytest.raises(RuntimeError, match="runs 2 times"):
         clipper.clipped_sum(losses)

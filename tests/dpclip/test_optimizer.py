@@ -209,3 +209,31 @@ def test_non_finite_micro_batch_counts_as_empty_so_boundaries_stay_aligned():
     for name, p in run.model.named_parameters():
         assert torch.isfinite(p).all()
         torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_each_phase_of_a_step_is_labelled_for_the_profiler():
+    # benchmarks/phase_profile.py reports time per phase from these ranges
+    from torch.profiler import profile
+
+    run = make_run("mlp", batch_size=4, accumulation_steps=2, noise_multiplier=1.0)
+    micro = [(run.x[i * 4 : (i + 1) * 4], run.y[i * 4 : (i + 1) * 4]) for i in range(2)]
+    train_logical_batch(run, micro, 2)  # the first micro-batch is audited; profile the next
+    with profile() as prof:
+        train_logical_batch(run, micro, 2)
+    names = {e.key for e in prof.key_averages()}
+    phases = {"backward", "norms", "clipped_sum", "noise", "optimizer_step"}
+    assert {f"dpclip.{p}" for p in phases} <= names
+    assert run.engine.steps == 2
+
+
+def test_step_turns_the_accumulator_into_the_gradient_without_a_copy():
+    run = make_run("mlp", batch_size=4, accumulation_steps=1, noise_multiplier=1.0)
+    run.criterion(run.model(run.x[:4]), run.y[:4]).backward()
+    accumulated = {p: t.data_ptr() for p, t in run.optimizer._accumulator.items()}
+    assert set(accumulated) == set(run.model.parameters())
+    grads = {}
+    run.optimizer.original_optimizer.step = lambda: grads.update(
+        {p: p.grad.data_ptr() for p in run.model.parameters()}
+    )
+    run.optimizer.step()
+    assert grads == accumulated

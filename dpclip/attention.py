@@ -1,0 +1,124 @@
+"""``nn.MultiheadAttention`` as built, seen as the linear projections it computes.
+
+The module computes its q/k/v and output projections inside
+``F.multi_head_attention_forward`` from parameters it passes in, so no module
+hook sees them. While a hooked attention module runs forward, a torch-function
+mode reroutes that call to torch's own function, rebound so that its
+``linear`` records each projection: input, output and the parameter rows used.
+The attention itself (masks, dropout, kernels) is torch's unchanged code.
+Inside that function tensors are [T, B, E], or [T·B, E] with the batch index
+inner, which the recorded layout undoes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from dpclip.layers import Target
+
+__all__ = ["AttentionRecorder", "Projection"]
+
+#: (input, output, {"weight": target, "bias": target}, layout) of one projection
+Projection = tuple[torch.Tensor, torch.Tensor, dict[str, Target], Callable[[torch.Tensor], torch.Tensor]]
+
+_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _rebind(fn: Callable[..., Any], namespace: dict[str, Any]) -> Callable[..., Any]:
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+class AttentionRecorder(TorchFunctionMode):
+    """Active during each forward call of an attention module; ``projections``
+    holds what the last call recorded, or ``unsupported`` says why nothing was.
+
+    Args:
+        params: the module's trainable parameters (frozen ones are not recorded).
+    """
+
+    def __init__(self, params: tuple[nn.Parameter, ...]) -> None:
+        super().__init__()
+        self._params = {id(p): p for p in params}
+        self.projections: list[Projection] = []
+        self.unsupported: str | None = None
+        self._batch = 0
+        self.reset()
+        namespace = dict(vars(F))
+        # already dispatched here: the rebound copy must not dispatch to modes again
+        namespace["has_torch_function"] = lambda *_: False
+        namespace["linear"] = self._linear
+        namespace["_in_projection_packed"] = _rebind(F._in_projection_packed, namespace)
+        namespace["_in_projection"] = _rebind(F._in_projection, namespace)
+        self._forward = _rebind(F.multi_head_attention_forward, namespace)
+
+    def reset(self) -> None:
+        """Forget the last call's projections (before the next forward)."""
+        self.projections = []
+        self.unsupported = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: A002 - torch's signature
+        kwargs = kwargs or {}
+        if func is not F.multi_head_attention_forward:
+            return func(*args, **kwargs)
+        bound = _SIGNATURE.bind(*args, **kwargs).arguments
+        why = self._why_unsupported(bound)
+        if why is not None:
+            self.unsupported = why
+            return func(*args, **kwargs)
+        self._batch = bound["query"].shape[1]
+        return self._forward(*args, **kwargs)
+
+    @staticmethod
+    def _why_unsupported(arguments: dict[str, Any]) -> str | None:
+        if arguments["query"].dim() != 3:
+            return "unbatched input"
+        for name in ("bias_k", "bias_v", "static_k", "static_v"):
+            if arguments.get(name) is not None:
+                return f"{name} is set"
+        if arguments.get("add_zero_attn"):
+            return "add_zero_attn=True"
+        return None
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        targets = {}
+        for role, t in (("weight", weight), ("bias", bias)):
+            target = self._target(t)
+            if target is not None:
+                targets[role] = target
+        if targets and y.requires_grad:
+            batch = self._batch
+
+            def layout(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(-1, batch, t.shape[-1]).transpose(0, 1)
+
+            self.projections.append((x.detach(), y, targets, layout))
+        return y
+
+    def _target(self, t: torch.Tensor | None) -> Target | None:
+        if t is None:
+            return None
+        if id(t) in self._params:
+            return self._params[id(t)], None
+        base = t._base
+        if base is not None and id(base) in self._params and t.stride() == base.stride():
+            offset = t.storage_offset() - base.storage_offset()
+            start, rest = divmod(offset, base.stride(0))
+            if rest == 0 and t.shape[1:] == base.shape[1:]:
+                return self._params[id(base)], slice(start, start + t.shape[0])
+        if t.requires_grad and not isinstance(t, nn.Parameter) and (base is None or base.requires_grad):
+            raise RuntimeError(
+                "nn.MultiheadAttention projected with a tensor that is not one of its parameters "
+                f"(shape {tuple(t.shape)}): dpclip cannot attribute its gradient"
+            )
+        return None  # a frozen parameter
