@@ -18,7 +18,7 @@ the first two from the shapes. The costs counted here (``Rule.costs``) are
 multiply-adds per example, with each number of a materialised per-sample
 gradient counted ``MEMORY_WEIGHT`` times: it is written, read for the norm and
 read again for the clipped sum, at memory speed rather than matrix-multiply
-speed. For a Linear layer that is ghost when T²(d+p) < 16·p·d.
+speed. For a Linear layer that is ghost when T²(d+p) < 64·p·d.
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ __all__ = [
 #: Strategy names: "auto" (cheaper of the two by shape), "ghost", "per_sample".
 STRATEGIES = ("auto", "ghost", "per_sample")
 
-#: Cost of one number of a materialised per-sample gradient, in multiply-adds: written
-#: once, read twice, memory-bound (measured on CPU: ~16 against a batched matmul).
-MEMORY_WEIGHT = 16.0
+#: Cost of one number of a materialised per-sample gradient, in multiply-adds. It is
+#: written once and read twice at memory speed (~16 multiply-adds' time on CPU), and it
+#: stays in memory until the clipping factors are known, alongside every layer's
+#: activations and output gradients; 64 makes "auto" keep per-sample gradients only where
+#: they are small next to the ghost norm's work (convolutions, long sequences of narrow
+#: layers), so that accumulating keeps its memory advantage.
+MEMORY_WEIGHT = 64.0
 
 #: A parameter, or a block of its leading rows (``nn.MultiheadAttention`` projects q, k
 #: and v with row blocks of one ``in_proj_weight``).

@@ -70,7 +70,8 @@ class Transformer(nn.Module):
         self.head = nn.Linear(d, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        # contiguous: Opacus's embedding rule views its input
+        positions = torch.arange(tokens.shape[1], device=tokens.device).repeat(tokens.shape[0], 1)
         h = self.emb(tokens) + self.pos(positions)
         for layer in self.layers:
             h = layer(h)

@@ -212,7 +212,7 @@ def test_strategy_decides_between_ghost_norms_and_per_sample_gradients(monkeypat
 def test_auto_picks_per_layer_by_shape_and_names_override_it(monkeypatch):
     class Shapes(nn.Module):
         """Linears on 1 position (ghost) and one on 40 positions of width 2 (per-sample:
-        T²(d+p) > 16·p·d)."""
+        T²(d+p) > 64·p·d)."""
 
         def __init__(self) -> None:
             super().__init__()

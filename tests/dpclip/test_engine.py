@@ -266,6 +266,8 @@ def _fresh():
         (dict(module=nn.MultiheadAttention(4, 2)), "batch_first=False"),
         (dict(module=nn.LSTM(4, 4, batch_first=True)), "DPLSTM"),
         (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)), "not a trainable"),
+        (dict(clipping="fastest"), "clipping"),
+        (dict(clipping={"no.such.layer": "ghost"}), "no.such.layer"),
     ],
 )
 def test_bad_input_is_refused_before_any_state_changes(change, match):
