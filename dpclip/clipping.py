@@ -218,6 +218,8 @@ class PerSampleClipper:
             T²(d+p) < 64·p·d), "ghost", "per_sample"; or a
             mapping from module names (as in ``named_modules``) to those, "auto"
             for the modules it leaves out. The result is the same up to rounding.
+            A parameter used by several calls (a layer run twice, tied weights)
+            always gets per-sample gradients, summed before the norm.
     """
 
     def __init__(
@@ -235,6 +237,8 @@ class PerSampleClipper:
         self._calls: list[LayerCall | _GraphCall] = []
         self._audited = False
         self._recorders: dict[nn.Module, AttentionRecorder] = {}
+        #: True while S is being added into an accumulator (still True if that failed)
+        self.writing = False
         #: per-sample gradient norms ‖g_i‖ of the last micro-batch (not private: debugging only)
         self.last_norms: torch.Tensor | None = None
         self._handles = []
@@ -267,17 +271,14 @@ class PerSampleClipper:
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            if not outputs:
-                return
+            names = {id(p): n for n, p in module._parameters.items() if p is not None}
+            if not outputs or any(id(p) not in names for p in unit.params):
+                return  # nothing to train, or other parameters (torch.func.functional_call)
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
-                names = {id(p): n for n, p in module._parameters.items() if p is not None}
-                if any(id(p) not in names for p in unit.params):
-                    return  # run with other parameters (torch.func.functional_call): not training
                 targets = {names[id(p)]: (p, None) for p in unit.params}
                 activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
                 self._calls.append(
-                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy,
-                              version=outputs[0]._version)
+                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
                 )
                 return
             self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs]))
@@ -288,6 +289,9 @@ class PerSampleClipper:
         recorder = AttentionRecorder(unit.params)
 
         def hook(module: nn.Module, args: tuple) -> None:
+            current = {id(p) for p in module.parameters()}
+            if any(id(p) not in current for p in unit.params):
+                return  # run with other parameters (torch.func.functional_call): not training
             if torch.is_grad_enabled() and module not in self._recorders:
                 recorder.reset()
                 self._recorders[module] = recorder
@@ -311,8 +315,7 @@ class PerSampleClipper:
                 return
             for x, y, targets, layout in recorder.projections:
                 self._calls.append(
-                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy,
-                              layout=layout, version=y._version)
+                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy, layout=layout)
                 )
 
         return hook
@@ -329,7 +332,8 @@ class PerSampleClipper:
             loss_per_sample: shape [B], ℓ_i of each example, attached to the
                 graph of the forward pass recorded since the last call.
             out: an accumulator to add S into, in place (missing parameters get
-                zeros first); returned. Untouched when this raises.
+                zeros first); returned. Untouched when this raises, unless
+                ``writing`` is left True (an error, e.g. out of memory, while adding).
 
         Raises:
             NonFiniteNormError: a per-sample norm is NaN/inf (nothing returned).
@@ -361,11 +365,14 @@ class PerSampleClipper:
                 "this micro-batch was not accumulated (it counts as empty in its logical batch)"
             )
         if full is not None:
-            self._audit(full, layer_calls, graph_calls, batch)
+            self._audit(full, layer_calls, graph_calls, norms.new_ones(batch))
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
         with record_function("dpclip.clipped_sum"):
-            return self._sum(layer_calls, graph_calls, factors, False, {} if out is None else out)
+            self.writing = True  # an error from here on leaves ``out`` partly added to
+            result = self._sum(layer_calls, graph_calls, factors, False, {} if out is None else out)
+            self.writing = False
+            return result
 
     def _backward(
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | _GraphCall], batch: int
@@ -373,13 +380,18 @@ class PerSampleClipper:
         """The one backward pass: gradients of Σ ℓ_i at every recorded output (and, on
         the first micro-batch only, at the parameters, for the audit)."""
         for call in calls:
-            outs = [call.output] if isinstance(call, LayerCall) else call.outputs
-            versions = [call.version] if isinstance(call, LayerCall) else call.versions
-            if any(t._version != v for t, v in zip(outs, versions)):
+            # the recorded tensors share version counters with the model's: an in-place
+            # change after the forward would feed stale values to the norms
+            if isinstance(call, LayerCall):
+                changed = call.versions != call.current_versions()
+            else:
+                changed = any(t._version != v for t, v in zip(call.outputs, call.versions))
+            if changed:
                 name = self._owner_name.get(next(iter(self._params_of(call))), "?")
                 raise RuntimeError(
-                    f"the output of module {name!r} was modified in place after its "
-                    "forward (e.g. by nn.ReLU(inplace=True)); use the out-of-place version"
+                    f"the input or output of module {name!r} was modified in place after its "
+                    "forward (e.g. by nn.ReLU(inplace=True) or x += layer(x)); use the "
+                    "out-of-place version"
                 )
         graph_calls = [c for c in calls if isinstance(c, _GraphCall)]
         flat = [c.output if isinstance(c, LayerCall) else t for c in calls
@@ -401,7 +413,7 @@ class PerSampleClipper:
                 call.backprops = [next(it) for _ in call.outputs]
                 if any(b is not None for b in call.backprops):
                     used_graph.append(call)
-        self._check_graph_units(used_graph)
+        self._check_graph_units(used_graph, layer_calls)
         for call in layer_calls:
             if call.backprop.dim() == 0 or call.layout(call.backprop).shape[0] != batch:
                 self._batch_error(call.module, call.output, batch)
@@ -425,11 +437,12 @@ class PerSampleClipper:
         return list(call.unit.params)
 
     @staticmethod
-    def _check_graph_units(used: list[_GraphCall]) -> None:
+    def _check_graph_units(used: list[_GraphCall], layer_calls: list[LayerCall]) -> None:
         by_unit: dict[_Unit, int] = {}
         for call in used:
             by_unit[call.unit] = by_unit.get(call.unit, 0) + 1
         for unit, n in by_unit.items():
+            n += sum(1 for c in layer_calls if c.module is unit.module)
             if n > 1 or unit.shared:
                 # Its per-sample gradients come through the recorded graph, which would also
                 # count the other calls' (or the other owner's) use of the same parameters.
@@ -537,14 +550,14 @@ class PerSampleClipper:
         full: tuple[torch.Tensor | None, ...],
         layer_calls: list[LayerCall],
         graph_calls: list[_GraphCall],
-        batch: int,
+        ones: torch.Tensor,
     ) -> None:
         """Once, on the first micro-batch: the recorded calls must account for each
         parameter's whole gradient. A weight also used outside its own module
         (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped."""
         if any(f is not None and not torch.isfinite(f).all() for f in full):
             return  # the non-finite check refuses this micro-batch; audit the next one
-        own = self._sum(layer_calls, graph_calls, torch.ones(batch), retain_graph=True, out={})
+        own = self._sum(layer_calls, graph_calls, ones, retain_graph=True, out={})
         for p, f in zip(self.params, full):
             if f is None:
                 continue

@@ -82,9 +82,17 @@ class LayerCall:
     targets: dict[str, Target]
     strategy: str = "auto"
     layout: Layout = batch_first
-    version: int = 0
     backprop: torch.Tensor | None = None
     per_sample: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    versions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.versions = self.current_versions()
+
+    def current_versions(self) -> tuple[int, ...]:
+        """Version counters of the output and the tensor inputs (in-place changes bump them)."""
+        tensors = [self.output, *(a for a in self.activations if isinstance(a, torch.Tensor))]
+        return tuple(t._version for t in tensors)
 
     def uses_ghost(self) -> bool:
         if self.strategy == "per_sample" or not self.rule.has_ghost(self):
@@ -354,8 +362,10 @@ def rule_for(module: nn.Module) -> Rule | None:
     kind = type(module)
     if kind is nn.Linear:
         return LINEAR
-    if kind in (nn.Conv1d, nn.Conv2d):
-        if module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None  # Opacus's conv rule unfolds with zero padding of the given size
+        if kind in (nn.Conv1d, nn.Conv2d) and module.groups == 1:
             return _CONV
     if kind is nn.Embedding:
         if not module.sparse and module.max_norm is None and not module.scale_grad_by_freq:

@@ -121,6 +121,7 @@ class DPOptimizer(Optimizer):
         self._since_step_call = 0  # backward() calls since the last step() call
         self._planned: int | None = None  # micro-batches of the current logical batch
         self._pass = schedule.pass_id  # loader pass the current logical batch came from
+        self._lost: str | None = None  # why the current logical batch cannot be applied
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -203,8 +204,23 @@ class DPOptimizer(Optimizer):
             self._micro_batches += 1
             self._since_step_call += 1
             raise
+        except Exception as err:
+            if self.clipper.writing:
+                # part of S is in the accumulator and cannot be taken out: the logical batch
+                # is lost; its step() says so instead of applying it (boundaries kept)
+                self.clipper.writing = False
+                self._lost = f"{type(err).__name__}: {err}"
+                self._micro_batches += 1
+                self._since_step_call += 1
+            raise
         self._micro_batches += 1
         self._since_step_call += 1
+
+    def _reset_logical_batch(self) -> None:
+        self._accumulator = {}
+        self._micro_batches = 0
+        self._since_step_call = 0
+        self._planned = None
 
     def add_empty_micro_batch(self) -> None:
         """Count a micro-batch with no examples without running the model.
@@ -243,6 +259,14 @@ class DPOptimizer(Optimizer):
                 f"step() after {n} micro-batches, but the logical batch has {planned} "
                 f"micro-batches (step after every micro-batch, or once after all {planned})"
             )
+        if self._lost is not None:
+            reason, self._lost = self._lost, None
+            self._reset_logical_batch()
+            raise LogicalBatchError(
+                "this logical batch was not applied: adding a micro-batch's clipped gradients "
+                f"into the accumulator failed part-way ({reason}); no step was taken or "
+                "recorded, and training can go on with the next logical batch"
+            )
         event = self.step_event(n)
         if self.step_guard is not None:
             self.step_guard(event)  # may refuse: nothing has changed yet
@@ -259,13 +283,11 @@ class DPOptimizer(Optimizer):
                     generator=self.generator,
                     inplace=True,  # the accumulator becomes the gradient: no copy
                 )
+        # the accumulator is the noisy gradient now: whatever happens next, never reuse it
+        self._reset_logical_batch()
         with record_function("dpclip.optimizer_step"):
             self.original_optimizer.step()
         self.ledger.record(event)
-        self._accumulator = {}
-        self._micro_batches = 0
-        self._since_step_call = 0
-        self._planned = None
         for callback in self.step_callbacks:
             callback()
         return loss

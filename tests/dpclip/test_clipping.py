@@ -41,6 +41,18 @@ def _clipped_sum(model, x, y, C, clipping="auto"):
     return {names[p]: s for p, s in sums.items()}
 
 
+def _assert_matches_reference(model, x, y, clipping="auto"):
+    """dpclip's clipped sum equals the torch.func one at C = the median norm (clipping binds
+    for about half the examples)."""
+    _, norms = _clipped_reference(model, x, y, 1.0)
+    C = float(norms.median())
+    expected, _ = _clipped_reference(model, x, y, C)
+    got = _clipped_sum(model, x, y, C, clipping)
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+
+
 class TiedAndRepeated(nn.Module):
     """The head reuses the embedding matrix; one Linear runs twice per forward."""
 
@@ -98,13 +110,7 @@ def test_tied_repeated_and_unusual_shapes_match_reference(case, clipping):
         model = FourDimLinear().double()
         x = torch.randn(6, 2, 4, 5, dtype=torch.float64)
         y = torch.randint(0, 3, (6,))
-    _, norms = _clipped_reference(model, x, y, 1.0)
-    C = float(norms.median())
-    expected, _ = _clipped_reference(model, x, y, C)
-    got = _clipped_sum(model, x, y, C, clipping)
-    assert set(got) == set(expected)
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+    _assert_matches_reference(model, x, y, clipping)
 
 
 def test_dropout_in_attention_uses_the_real_forward_masks():
@@ -319,12 +325,7 @@ def test_keyword_only_layer_input_falls_back_to_exact_per_sample_gradients():
     torch.manual_seed(0)
     model = KeywordCall().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    _, norms = _clipped_reference(model, x, y, 1.0)
-    C = float(norms.median())
-    expected, _ = _clipped_reference(model, x, y, C)
-    got = _clipped_sum(model, x, y, C)
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+    _assert_matches_reference(model, x, y)
 
 
 def test_attention_called_twice_sums_per_sample_gradients_before_the_norm():
@@ -340,11 +341,7 @@ def test_attention_called_twice_sums_per_sample_gradients_before_the_norm():
     torch.manual_seed(0)
     model = TwiceAttention().double()
     x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
-    _, norms = _clipped_reference(model, x, y, 1.0)
-    expected, _ = _clipped_reference(model, x, y, float(norms.median()))
-    got = _clipped_sum(model, x, y, float(norms.median()))
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
+    _assert_matches_reference(model, x, y)
 
 
 def test_module_with_its_own_parameter_runs_twice_is_refused_not_double_counted():
@@ -369,3 +366,60 @@ def test_module_with_its_own_parameter_runs_twice_is_refused_not_double_counted(
     losses = F.cross_entropy(model(torch.randn(3, 3, 4)), torch.tensor([0, 1, 2]), reduction="none")
     with pytest.raises(RuntimeError, match="runs 2 times"):
         clipper.clipped_sum(losses)
+
+
+def test_in_place_change_of_a_recorded_input_is_refused():
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = x.clone()
+            h += self.lin(h)  # changes lin's recorded input after its forward
+            return self.head(h)
+
+    model = Residual()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
+    with pytest.raises(RuntimeError, match="modified in place"):
+        clipper.clipped_sum(losses)
+
+
+def test_layer_called_once_by_rule_and_once_through_the_graph_is_refused():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(input=torch.tanh(self.lin(x)))[:, :2]
+
+    model = Mixed()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
+    with pytest.raises(RuntimeError, match="runs 2 times"):
+        clipper.clipped_sum(losses)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_conv_with_non_zero_padding_matches_reference(padding_mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode), nn.Flatten(), nn.Linear(3 * 25, 3)
+    ).double()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _assert_matches_reference(model, x, y)
+
+
+def test_calls_with_other_parameters_are_not_recorded():
+    # torch.func.functional_call runs the hooked modules with other tensors: not training
+    from tests.dpclip.models import TinyTransformer
+
+    model = TinyTransformer()
+    clipper = PerSampleClipper(model, 1.0)
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    x, _ = make_data("transformer", 3, torch.Generator().manual_seed(0))
+    torch.func.functional_call(model, params, (x,)).sum().backward()
+    assert clipper._calls == []

@@ -237,3 +237,47 @@ def test_step_turns_the_accumulator_into_the_gradient_without_a_copy():
     )
     run.optimizer.step()
     assert grads == accumulated
+
+
+def test_error_while_adding_into_the_accumulator_loses_the_logical_batch_loudly(monkeypatch):
+    from dpclip.layers import LinearRule
+
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    micro = [(run.x[i * 4 : (i + 1) * 4], run.y[i * 4 : (i + 1) * 4]) for i in range(2)]
+    train_logical_batch(run, micro, 2)
+    before = run.params()
+    original = LinearRule.clipped_sum
+
+    def half_then_fail(self, call, factors, out):
+        original(self, call, factors, out)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(LinearRule, "clipped_sum", half_then_fail)
+    with pytest.raises(MemoryError):
+        run.criterion(run.model(micro[0][0]), micro[0][1]).backward()
+    monkeypatch.undo()
+    run.criterion(run.model(micro[1][0]), micro[1][1]).backward()
+    with pytest.raises(dpclip.LogicalBatchError, match="not applied"):
+        run.optimizer.step()
+    assert run.engine.steps == 1
+    assert all(torch.equal(before[k], v) for k, v in run.params().items())
+    train_logical_batch(run, micro, 2)  # the next logical batch trains normally
+    assert run.engine.steps == 2
+
+
+def test_failing_user_optimizer_step_is_not_recorded_and_not_retried_with_noise_twice():
+    run = make_run("mlp", batch_size=4, accumulation_steps=1, noise_multiplier=1.0)
+    run.criterion(run.model(run.x[:4]), run.y[:4]).backward()
+
+    def broken():
+        raise RuntimeError("user optimizer failed")
+
+    step = run.optimizer.original_optimizer.step
+    run.optimizer.original_optimizer.step = broken
+    with pytest.raises(RuntimeError, match="user optimizer failed"):
+        run.optimizer.step()
+    assert run.engine.steps == 0
+    assert run.optimizer.micro_batches_accumulated == 0 and not run.optimizer._accumulator
+    run.optimizer.original_optimizer.step = step
+    with pytest.raises(dpclip.LogicalBatchError, match="no backward"):
+        run.optimizer.step()
