@@ -7,7 +7,7 @@ mode reroutes that call to torch's own function, rebound so that its
 ``linear`` records each projection: input, output and the parameter rows used.
 The attention itself (masks, dropout, kernels) is torch's unchanged code.
 Inside that function tensors are [T, B, E], or [T·B, E] with the batch index
-inner, which the recorded layout undoes.
+inner: the recorded calls say so (``LayerCall.batch_inner``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from dpclip.layers import Target
 
 __all__ = ["AttentionRecorder", "Projection"]
 
-#: (input, output, {"weight": target, "bias": target}, layout) of one projection
-Projection = tuple[torch.Tensor, torch.Tensor, dict[str, Target], Callable[[torch.Tensor], torch.Tensor]]
+#: (input, output, {"weight": target, "bias": target}, batch size) of one projection;
+#: rows of input and output are ordered (position, example)
+Projection = tuple[torch.Tensor, torch.Tensor, dict[str, Target], int]
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -97,12 +98,7 @@ class AttentionRecorder(TorchFunctionMode):
             if target is not None:
                 targets[role] = target
         if targets and y.requires_grad:
-            batch = self._batch
-
-            def layout(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(-1, batch, t.shape[-1]).transpose(0, 1)
-
-            self.projections.append((x.detach(), y, targets, layout))
+            self.projections.append((x.detach(), y, targets, self._batch))
         return y
 
     def _target(self, t: torch.Tensor | None) -> Target | None:

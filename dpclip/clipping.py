@@ -313,9 +313,9 @@ class PerSampleClipper:
             if recorder.unsupported is not None or not recorder.projections:
                 self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs]))
                 return
-            for x, y, targets, layout in recorder.projections:
+            for x, y, targets, batch in recorder.projections:
                 self._calls.append(
-                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy, layout=layout)
+                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy, batch_inner=batch)
                 )
 
         return hook
@@ -415,7 +415,7 @@ class PerSampleClipper:
                     used_graph.append(call)
         self._check_graph_units(used_graph, layer_calls)
         for call in layer_calls:
-            if call.backprop.dim() == 0 or call.layout(call.backprop).shape[0] != batch:
+            if call.backprop.dim() == 0 or call.by_example(call.backprop).shape[0] != batch:
                 self._batch_error(call.module, call.output, batch)
         for call in used_graph:
             for t, b in zip(call.outputs, call.backprops):

@@ -23,6 +23,7 @@ speed. For a Linear layer that is ghost when T²(d+p) < 64·p·d.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,6 @@ __all__ = [
     "LayerCall",
     "Rule",
     "Target",
-    "batch_first",
     "row_sq_norms",
     "rule_for",
     "sq_norms",
@@ -59,14 +59,6 @@ MEMORY_WEIGHT = 64.0
 #: and v with row blocks of one ``in_proj_weight``).
 Target = tuple[nn.Parameter, slice | None]
 
-#: Maps an activation or output gradient to [B, T, features] (T: positions per example).
-Layout = Callable[[torch.Tensor], torch.Tensor]
-
-
-def batch_first(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
 @dataclass(eq=False)
 class LayerCall:
     """One forward call of a layer whose gradient has a rule.
@@ -81,13 +73,27 @@ class LayerCall:
     output: torch.Tensor
     targets: dict[str, Target]
     strategy: str = "auto"
-    layout: Layout = batch_first
+    #: B when rows are ordered (position, example), as inside attention; None: batch first
+    batch_inner: int | None = None
     backprop: torch.Tensor | None = None
     per_sample: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     versions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.versions = self.current_versions()
+
+    def by_example(self, t: torch.Tensor) -> torch.Tensor:
+        """An activation or output gradient as [B, T, features] (T positions per example)."""
+        if self.batch_inner is None:
+            return t.reshape(t.shape[0], -1, t.shape[-1])
+        return t.reshape(-1, self.batch_inner, t.shape[-1]).transpose(0, 1)
+
+    def row_factors(self, factors: torch.Tensor, rows: int) -> torch.Tensor:
+        """Per-example factors [B] spread over the call's ``rows`` rows in their own order."""
+        repeats = rows // factors.shape[0]
+        if self.batch_inner is None:
+            return factors.repeat_interleave(repeats)
+        return factors.repeat(repeats)
 
     def current_versions(self) -> tuple[int, ...]:
         """Version counters of the output and the tensor inputs (in-place changes bump them)."""
@@ -159,14 +165,14 @@ class LinearRule(Rule):
     """``y = a Wᵀ + b`` over any number of positions per example."""
 
     def _rows(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
-        a = call.layout(call.activations[0])
-        return a.to(call.backprop.dtype), call.layout(call.backprop)
+        a = call.by_example(call.activations[0])
+        return a.to(call.backprop.dtype), call.by_example(call.backprop)
 
     def has_ghost(self, call: LayerCall) -> bool:
         return True
 
     def costs(self, call: LayerCall) -> tuple[float, float]:
-        a = call.layout(call.activations[0])
+        a = call.by_example(call.activations[0])
         t, d = a.shape[1], a.shape[2]
         p = call.backprop.shape[-1]
         # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
@@ -193,13 +199,16 @@ class LinearRule(Rule):
     def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
         if call.per_sample is not None:
             return super().clipped_sum(call, factors, out)
-        a, g = self._rows(call)
+        # Σ_i c_i Σ_t g_itᵀ a_it sums over all rows: take them in the order they are stored
+        # (inside attention, position-major), so that no activation is copied to reorder it
         dtype = next(iter(out.values())).dtype  # the accumulator's (the parameter's)
-        a, g = a.to(dtype), (g * factors.to(g.dtype).view(-1, 1, 1)).to(dtype)
+        x, g = call.activations[0], call.backprop
+        a, g = x.reshape(-1, x.shape[-1]).to(dtype), g.reshape(-1, g.shape[-1])
+        g = (g * call.row_factors(factors.to(g.dtype), g.shape[0]).unsqueeze(1)).to(dtype)
         if "weight" in call.targets:
-            out["weight"].addmm_(g.reshape(-1, g.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
+            out["weight"].addmm_(g.t(), a)
         if "bias" in call.targets:
-            out["bias"].add_(g.sum(dim=(0, 1)))
+            out["bias"].add_(g.sum(dim=0))
 
 
 class ConvRule(Rule):
@@ -271,7 +280,8 @@ class ConvRule(Rule):
         )
         for dim, size in enumerate(conv.kernel_size, start=2):
             w = w.narrow(dim, 0, size)
-        return w.reshape(cin, batch, cout, *w.shape[2:]).movedim(0, 2)
+        # contiguous once, so the norm and the clipped sum read it without copying
+        return w.reshape(cin, batch, cout, *w.shape[2:]).movedim(0, 2).contiguous()
 
     def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
         if call.per_sample is not None:
@@ -329,6 +339,33 @@ class EmbeddingRule(Rule):
         out["weight"].index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]))
 
 
+class NormRule(Rule):
+    """``nn.LayerNorm`` / ``nn.GroupNorm``: y = x̂·γ + β with x̂ normalised per example, so
+    ∇γ ℓ_i = Σ_positions g_i·x̂_i and ∇β ℓ_i = Σ_positions g_i, as many numbers per example
+    as the layer has parameters: per-sample gradients are the cheap way to the norm."""
+
+    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        layer = call.module
+        x, g = call.activations[0].to(call.backprop.dtype), call.backprop
+        batch = g.shape[0]
+        if isinstance(layer, nn.LayerNorm):
+            shape = tuple(layer.normalized_shape)
+            n = math.prod(shape)
+            x_hat = F.layer_norm(x, shape, eps=layer.eps).reshape(batch, -1, n)
+            g = g.reshape(batch, -1, n)
+        else:  # channels are dim 1: [B, C, L] seen as [B, L, C]
+            shape = (layer.num_channels,)
+            x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
+            x_hat = x_hat.reshape(batch, shape[0], -1).transpose(1, 2)
+            g = g.reshape(batch, shape[0], -1).transpose(1, 2)
+        out = {}
+        if "weight" in call.targets:
+            out["weight"] = torch.einsum("btn,btn->bn", x_hat, g).reshape(batch, *shape)
+        if "bias" in call.targets:
+            out["bias"] = g.sum(dim=1).reshape(batch, *shape)
+        return out
+
+
 class OpacusRule(Rule):
     """Per-sample gradients from Opacus's rule for the layer type (LayerNorm, GroupNorm,
     InstanceNorm, RMSNorm, Conv with groups, …): their gradients have about as many
@@ -352,7 +389,7 @@ class OpacusRule(Rule):
 
 #: The linear rule, also used for the projections inside attention layers.
 LINEAR = LinearRule()
-_CONV, _EMBEDDING = ConvRule(), EmbeddingRule()
+_CONV, _EMBEDDING, _NORM = ConvRule(), EmbeddingRule(), NormRule()
 _OPACUS: Mapping[type, Callable[..., Any]] = GradSampleModule.GRAD_SAMPLERS
 
 
@@ -367,6 +404,8 @@ def rule_for(module: nn.Module) -> Rule | None:
             return None  # Opacus's conv rule unfolds with zero padding of the given size
         if kind in (nn.Conv1d, nn.Conv2d) and module.groups == 1:
             return _CONV
+    if kind in (nn.LayerNorm, nn.GroupNorm):
+        return _NORM
     if kind is nn.Embedding:
         if not module.sparse and module.max_norm is None and not module.scale_grad_by_freq:
             return _EMBEDDING
