@@ -479,17 +479,18 @@ class PerSampleClipper:
         for members in groups.values():
             if len(members) == 1:
                 out.append(sq_norms(members[0]))
+                if members[0].per_sample is not None:
+                    members[0].release()  # the clipped sum comes from the per-sample gradients
                 continue
-            summed: dict[tuple[nn.Parameter, int, int], torch.Tensor] = {}
+            summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
                 call.per_sample = call.rule.per_sample_grads(call)
+                call.release()
                 for role, g in call.per_sample.items():
                     p, rows = call.targets[role]
-                    key = p
-                    full = summed.get(key)
+                    full = summed.get(p)
                     if full is None:
-                        full = summed[key] = torch.zeros((g.shape[0], *p.shape), dtype=g.dtype,
-                                                         device=g.device)
+                        full = summed[p] = g.new_zeros((g.shape[0], *p.shape))
                     if rows is None:
                         full += g
                     else:
@@ -533,6 +534,9 @@ class PerSampleClipper:
         for call in layer_calls:
             views = {role: target(p, rows) for role, (p, rows) in call.targets.items()}
             call.rule.clipped_sum(call, factors, views)
+            if not retain_graph:  # the last use: free as we go (the audit sums twice)
+                call.release()
+                call.per_sample = None
         for i, call in enumerate(graph_calls):
             outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
             cots = [_rows_scaled(b, factors) for b in call.backprops if b is not None]

@@ -95,6 +95,12 @@ class LayerCall:
             return factors.repeat_interleave(repeats)
         return factors.repeat(repeats)
 
+    def release(self) -> None:
+        """Drop the activations and output gradient (their memory) once the call no longer
+        needs them: per-sample gradients computed, or its clipped sum added."""
+        self.activations = []
+        self.backprop = None
+
     def current_versions(self) -> tuple[int, ...]:
         """Version counters of the output and the tensor inputs (in-place changes bump them)."""
         tensors = [self.output, *(a for a in self.activations if isinstance(a, torch.Tensor))]
