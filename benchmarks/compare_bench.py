@@ -23,7 +23,7 @@ STEPS = {"mlp": (1, 5), "cnn": (1, 5), "transformer": (1, 3)}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/comparison.md")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="mlp,cnn,transformer")
     args = parser.parse_args()
     started = time.perf_counter()
