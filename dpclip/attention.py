@@ -53,7 +53,6 @@ class AttentionRecorder(TorchFunctionMode):
         self.projections: list[Projection] = []
         self.unsupported: str | None = None
         self._batch = 0
-        self.reset()
         namespace = dict(vars(F))
         # already dispatched here: the rebound copy must not dispatch to modes again
         namespace["has_torch_function"] = lambda *_: False

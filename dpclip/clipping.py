@@ -394,8 +394,7 @@ class PerSampleClipper:
                     "out-of-place version"
                 )
         graph_calls = [c for c in calls if isinstance(c, _GraphCall)]
-        flat = [c.output if isinstance(c, LayerCall) else t for c in calls
-                for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
+        flat = [t for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
         audit = not self._audited
         inputs = flat + (list(self.params) if audit else [])
         grads = torch.autograd.grad(

@@ -122,8 +122,8 @@ class Rule:
         return False
 
     def costs(self, call: LayerCall) -> tuple[float, float]:
-        """(ghost, per-sample) multiply-adds per example for this call."""
-        return (float("inf"), 0.0)
+        """(ghost, per-sample) multiply-adds per example for this call (rules with a ghost norm)."""
+        raise NotImplementedError(f"{type(self).__name__} has no ghost norm")
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
         """Σ over targets of ‖∇ ℓ_i‖², shape [B], without per-sample gradients."""
@@ -373,9 +373,8 @@ class NormRule(Rule):
 
 
 class OpacusRule(Rule):
-    """Per-sample gradients from Opacus's rule for the layer type (LayerNorm, GroupNorm,
-    InstanceNorm, RMSNorm, Conv with groups, …): their gradients have about as many
-    numbers per example as the layer has outputs, so materialising them is cheap."""
+    """Per-sample gradients from Opacus's rule for the layer type (InstanceNorm, RMSNorm,
+    grouped or 3-d convolutions, …), for layers without a rule of dpclip's own."""
 
     def __init__(self, sampler: Callable[..., dict[nn.Parameter, torch.Tensor]]) -> None:
         self.sampler = sampler
