@@ -271,9 +271,13 @@ class DPOptimizer(Optimizer):
         if self.step_guard is not None:
             self.step_guard(event)  # may refuse: nothing has changed yet
         noise_std = self.noise_multiplier * self.max_grad_norm
+        # the accumulator becomes the noisy gradient in place: from here on, whatever
+        # happens (an error in the noise or in the user's step), it is never used again
+        accumulator = self._accumulator
+        self._reset_logical_batch()
         with record_function("dpclip.noise"):
             for p in self.params:
-                s = self._accumulator.get(p)
+                s = accumulator.get(p)
                 if s is None:
                     s = torch.zeros_like(p)
                 p.grad = private_gradient(
@@ -281,10 +285,8 @@ class DPOptimizer(Optimizer):
                     noise_std=noise_std,
                     expected_batch_size=self.expected_batch_size,
                     generator=self.generator,
-                    inplace=True,  # the accumulator becomes the gradient: no copy
+                    inplace=True,
                 )
-        # the accumulator is the noisy gradient now: whatever happens next, never reuse it
-        self._reset_logical_batch()
         with record_function("dpclip.optimizer_step"):
             self.original_optimizer.step()
         self.ledger.record(event)
