@@ -53,6 +53,14 @@ def _assert_matches_reference(model, x, y, clipping="auto"):
         torch.testing.assert_close(got[k], expected[k], atol=1e-10, rtol=0)
 
 
+def _assert_refused(model, x, y, match, max_grad_norm=1.0):
+    """clipped_sum on this forward raises a RuntimeError whose message matches."""
+    clipper = PerSampleClipper(model, max_grad_norm)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    with pytest.raises(RuntimeError, match=match):
+        clipper.clipped_sum(losses)
+
+
 class TiedAndRepeated(nn.Module):
     """The head reuses the embedding matrix; one Linear runs twice per forward."""
 
@@ -135,10 +143,7 @@ def test_dropout_in_attention_uses_the_real_forward_masks():
 
 def test_in_place_change_of_a_hooked_output_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
-    clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
-    with pytest.raises(RuntimeError, match="modified in place"):
-        clipper.clipped_sum(losses)
+    _assert_refused(model, torch.randn(3, 4), torch.tensor([0, 1, 0]), "modified in place")
 
 
 def test_non_finite_norm_raises_and_returns_nothing():
@@ -163,10 +168,7 @@ class ForeignWeight(nn.Module):
 
 def test_parameter_without_per_sample_gradient_is_an_error_not_a_silent_zero():
     model = ForeignWeight()
-    clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1]), reduction="none")
-    with pytest.raises(RuntimeError, match="outside its own module"):
-        clipper.clipped_sum(losses)
+    _assert_refused(model, torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), "outside its own module")
 
 
 def test_frozen_parameters_are_left_out():
@@ -307,10 +309,8 @@ class FunctionalTiedHead(nn.Module):
 
 def test_weight_used_outside_its_module_is_refused_not_under_clipped():
     model = FunctionalTiedHead()
-    clipper = PerSampleClipper(model, 0.01)
     x, y = torch.randint(0, 12, (3, 4)), torch.randint(0, 12, (3,))
-    with pytest.raises(RuntimeError, match="outside its own module"):
-        clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    _assert_refused(model, x, y, "outside its own module", max_grad_norm=0.01)
 
 
 def test_keyword_only_layer_input_falls_back_to_exact_per_sample_gradients():
@@ -362,10 +362,7 @@ def test_module_with_its_own_parameter_runs_twice_is_refused_not_double_counted(
             return self.add(self.add(x)).mean(1)
 
     model = Model()
-    clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(torch.randn(3, 3, 4)), torch.tensor([0, 1, 2]), reduction="none")
-    with pytest.raises(RuntimeError, match="runs 2 times"):
-        clipper.clipped_sum(losses)
+    _assert_refused(model, torch.randn(3, 3, 4), torch.tensor([0, 1, 2]), "runs 2 times")
 
 
 def test_in_place_change_of_a_recorded_input_is_refused():
@@ -381,10 +378,7 @@ def test_in_place_change_of_a_recorded_input_is_refused():
             return self.head(h)
 
     model = Residual()
-    clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
-    with pytest.raises(RuntimeError, match="modified in place"):
-        clipper.clipped_sum(losses)
+    _assert_refused(model, torch.randn(3, 4), torch.tensor([0, 1, 0]), "modified in place")
 
 
 def test_layer_called_once_by_rule_and_once_through_the_graph_is_refused():
@@ -397,10 +391,7 @@ def test_layer_called_once_by_rule_and_once_through_the_graph_is_refused():
             return self.lin(input=torch.tanh(self.lin(x)))[:, :2]
 
     model = Mixed()
-    clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
-    with pytest.raises(RuntimeError, match="runs 2 times"):
-        clipper.clipped_sum(losses)
+    _assert_refused(model, torch.randn(3, 4), torch.tensor([0, 1, 0]), "runs 2 times")
 
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
