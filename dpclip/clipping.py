@@ -42,7 +42,16 @@ from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten
 
 from dpclip.attention import AttentionRecorder
-from dpclip.layers import LINEAR, STRATEGIES, LayerCall, Rule, row_sq_norms, rule_for, sq_norms
+from dpclip.layers import (
+    LINEAR,
+    STRATEGIES,
+    LayerCall,
+    Rule,
+    row_sq_norms,
+    rule_for,
+    scale_rows,
+    sq_norms,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -126,6 +135,7 @@ class _Unit:
     strategy: str
     attention: bool = False
     shared: bool = False  # some parameter is also owned by another module (tied weights)
+    roles: tuple[str, ...] = ()  # the params' names in module._parameters (not attention)
 
 
 @dataclass(eq=False)
@@ -159,11 +169,12 @@ def _build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[_
                 tied = bool(shared.intersection(params))
                 units.append(_Unit(name, sub, params, None, strategy, attention=True, shared=tied))
             continue
-        params = tuple(p for p in sub._parameters.values() if p is not None and p.requires_grad)
-        if not params:
+        named = [(r, p) for r, p in sub._parameters.items() if p is not None and p.requires_grad]
+        if not named:
             continue
+        roles, params = zip(*named)
         tied = bool(shared.intersection(params))
-        units.append(_Unit(name, sub, params, rule_for(sub), strategy, shared=tied))
+        units.append(_Unit(name, sub, params, rule_for(sub), strategy, shared=tied, roles=roles))
     if overrides:
         raise ValueError(
             f"clipping names {sorted(overrides)}, which are not modules with trainable parameters "
@@ -175,13 +186,17 @@ def _build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[_
 def validate_clipping(module: nn.Module, clipping: str | Mapping[str, str]) -> None:
     """Raise ``ValueError`` unless ``clipping`` is a strategy name or maps names of
     ``module``'s submodules that own trainable parameters to strategy names."""
+    _check_strategies(clipping)
+    _build_units(module, clipping)  # refuses names that are not such submodules
+
+
+def _check_strategies(clipping: str | Mapping[str, str]) -> None:
     values = [clipping] if isinstance(clipping, str) else list(getattr(clipping, "values", list)())
     if not isinstance(clipping, (str, Mapping)) or any(v not in STRATEGIES for v in values):
         raise ValueError(
             f"Expected clipping to be one of {STRATEGIES} or a mapping from module name to one "
             f"of them, got {clipping!r}"
         )
-    _build_units(module, clipping)
 
 
 def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
@@ -193,10 +208,6 @@ def _one_hot_cotangent(backprops: torch.Tensor) -> torch.Tensor:
     b = backprops.shape[0]
     eye = torch.eye(b, dtype=backprops.dtype, device=backprops.device)
     return eye.view(b, b, *([1] * (backprops.dim() - 1))) * backprops.unsqueeze(0)
-
-
-def _rows_scaled(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return t * factors.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
 
 
 class PerSampleClipper:
@@ -226,7 +237,7 @@ class PerSampleClipper:
         self, module: nn.Module, max_grad_norm: float, clipping: str | Mapping[str, str] = "auto"
     ) -> None:
         validate_module(module)
-        validate_clipping(module, clipping)
+        _check_strategies(clipping)
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
         self.units = _build_units(module, clipping)
@@ -271,11 +282,11 @@ class PerSampleClipper:
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            names = {id(p): n for n, p in module._parameters.items() if p is not None}
-            if not outputs or any(id(p) not in names for p in unit.params):
+            current = module._parameters
+            if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
                 return  # nothing to train, or other parameters (torch.func.functional_call)
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
-                targets = {names[id(p)]: (p, None) for p in unit.params}
+                targets = {r: (p, None) for r, p in zip(unit.roles, unit.params)}
                 activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
                 self._calls.append(
                     LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
@@ -538,7 +549,7 @@ class PerSampleClipper:
                 call.per_sample = None
         for i, call in enumerate(graph_calls):
             outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
-            cots = [_rows_scaled(b, factors) for b in call.backprops if b is not None]
+            cots = [scale_rows(b, factors) for b in call.backprops if b is not None]
             grads = torch.autograd.grad(
                 outs, call.unit.params, grad_outputs=cots,
                 retain_graph=retain_graph or i + 1 < len(graph_calls), allow_unused=True,

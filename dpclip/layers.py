@@ -41,6 +41,7 @@ __all__ = [
     "Target",
     "row_sq_norms",
     "rule_for",
+    "scale_rows",
     "sq_norms",
 ]
 
@@ -153,6 +154,11 @@ def sq_norms(call: LayerCall) -> torch.Tensor:
         return call.rule.ghost_sq_norms(call)
     call.per_sample = call.rule.per_sample_grads(call)
     return sum(row_sq_norms(g) for g in call.per_sample.values())
+
+
+def scale_rows(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Example i's slice of a batch-first tensor times c_i (factors: shape [B])."""
+    return t * factors.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
 
 
 def row_sq_norms(g: torch.Tensor) -> torch.Tensor:
@@ -294,7 +300,7 @@ class ConvRule(Rule):
             return super().clipped_sum(call, factors, out)
         conv = call.module
         x = call.activations[0]
-        g = call.backprop * factors.to(call.backprop.dtype).view(-1, *([1] * (call.backprop.dim() - 1)))
+        g = scale_rows(call.backprop, factors)
         if "weight" in call.targets:
             weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight
             out["weight"].add_(weight_grad(
@@ -341,7 +347,7 @@ class EmbeddingRule(Rule):
         if call.per_sample is not None:
             return super().clipped_sum(call, factors, out)
         ids, g = self._rows(call)
-        g = (g * factors.to(g.dtype).view(-1, 1, 1)).to(out["weight"].dtype)
+        g = scale_rows(g, factors).to(out["weight"].dtype)
         out["weight"].index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]))
 
 
