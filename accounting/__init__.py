@@ -9,6 +9,7 @@ into (ε, δ). ``calibrate_noise`` and ``max_steps`` invert it; the
 from accounting.accountant import Accountant, UnsupportedEventError
 from accounting.calibrate import calibrate_noise, epsilon_for, max_steps
 from accounting.events import (
+    CountedShuffledGaussian,
     Event,
     IndependentPoissonGaussian,
     PoissonGaussian,
@@ -30,6 +31,7 @@ from accounting.registry import ACCOUNTANTS, accountants_supporting, make_accoun
 __all__ = [
     "ACCOUNTANTS",
     "Accountant",
+    "CountedShuffledGaussian",
     "Event",
     "GdpAccountant",
     "IndependentPoissonGaussian",

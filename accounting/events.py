@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
+    "CountedShuffledGaussian",
     "Event",
     "IndependentPoissonGaussian",
     "PoissonGaussian",
@@ -147,5 +148,40 @@ class ShuffledGaussian:
         validate_int("steps_per_epoch", self.steps_per_epoch)
 
 
+@dataclass(frozen=True, slots=True)
+class CountedShuffledGaussian:
+    """One step over batches that are not Poisson draws, with the examples' uses counted.
+
+    What dpclip records for ``poisson_sampling=False``. As for
+    ``ShuffledGaussian``, no amplification by sampling is guaranteed; the sound
+    bound counts what really happened to each example instead of assuming
+    one use per epoch, so it stays a bound when a pass is cut short, resumed
+    mid-epoch, or repeats examples (``RandomSampler(num_samples=2N)``).
+
+    An example i that appears m_{i,s} times in step s's batch adds m_{i,s}·C to
+    that step's sum: a Gaussian mechanism with μ = m_{i,s}/σ. Gaussian
+    mechanisms compose by adding μ² (Dong, Roth & Su 2019, Cor. 3.3), so i's
+    loss over the run is that of W_i = Σ_s m_{i,s}² Gaussian mechanisms at σ,
+    and the run's is that of the worst example, W = max_i W_i. ``added_uses`` is
+    how much this step raised W; a run's events sum to its W.
+
+    Attributes:
+        sample_rate: batch size / N (unitless, 0 < q <= 1), for the Poisson figure
+            (not a guarantee).
+        noise_multiplier: σ, noise std divided by the clipping bound C (>= 0).
+        added_uses: the increase of W = max_i Σ_s m_{i,s}² that this step caused
+            (int >= 0; 0 when no example reached the running maximum).
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+    added_uses: int
+
+    def __post_init__(self) -> None:
+        validate_sample_rate(self.sample_rate)
+        validate_noise_multiplier(self.noise_multiplier)
+        validate_int("added_uses", self.added_uses, minimum=0)
+
+
 #: Any event a ledger records.
-Event = PoissonGaussian | IndependentPoissonGaussian | ShuffledGaussian
+Event = PoissonGaussian | IndependentPoissonGaussian | ShuffledGaussian | CountedShuffledGaussian

@@ -13,6 +13,7 @@ from typing import Any
 
 from accounting.accountant import validate_delta, validate_steps
 from accounting.events import (
+    CountedShuffledGaussian,
     Event,
     IndependentPoissonGaussian,
     PoissonGaussian,
@@ -25,8 +26,10 @@ __all__ = ["Ledger", "STATE_VERSION", "SamplingAssumptionWarning"]
 
 STATE_VERSION = 1
 _EVENT_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (PoissonGaussian, IndependentPoissonGaussian, ShuffledGaussian)
+    cls.__name__: cls
+    for cls in (PoissonGaussian, IndependentPoissonGaussian, ShuffledGaussian, CountedShuffledGaussian)
 }
+_SHUFFLED = (ShuffledGaussian, CountedShuffledGaussian)
 
 
 class SamplingAssumptionWarning(UserWarning):
@@ -40,8 +43,11 @@ def _epochs(steps: int, steps_per_epoch: int) -> int:
 
 def _as_composable(event: Event, steps: int, no_amplification: bool) -> tuple[Event, int]:
     """The accountable (event, count) that ``steps`` applications of ``event`` amount to."""
-    if not isinstance(event, ShuffledGaussian):
+    if not isinstance(event, _SHUFFLED):
         return event, steps
+    if no_amplification and isinstance(event, CountedShuffledGaussian):
+        # The worst example's uses, counted as they happened (see the event's docstring).
+        return PoissonGaussian(1.0, event.noise_multiplier), steps * event.added_uses
     if no_amplification:
         # Each example is in at most one batch per epoch: one Gaussian mechanism
         # (q = 1) per epoch, as TF Privacy's "each example occurring once per epoch".
@@ -147,7 +153,7 @@ class Ledger:
                 return []
             steps = sorted({round(1 + i * (total - 1) / max(1, points - 1)) for i in range(points)})
         checkpoints = validate_steps(steps, total)
-        if not no_amplification and any(isinstance(e, ShuffledGaussian) for e, _ in self._entries):
+        if not no_amplification and any(isinstance(e, _SHUFFLED) for e, _ in self._entries):
             warnings.warn(
                 "the ledger has steps over shuffled fixed-size batches: their ε is the Poisson "
                 "figure at the same sample rate, which assumes an amplification by sampling that "
@@ -157,7 +163,9 @@ class Ledger:
                 stacklevel=_stacklevel,
             )
         for event, count in self._entries:
-            accountant.compose(*_as_composable(event, count, no_amplification))
+            composable, times = _as_composable(event, count, no_amplification)
+            if times:  # steps in which no example reached the worst count cost nothing more
+                accountant.compose(composable, times)
         # Where each checkpoint falls in the composed (possibly per-epoch) sequence.
         mapped, done, composed, i = [], 0, 0, 0
         for event, count in self._entries:
@@ -166,8 +174,9 @@ class Ledger:
                 i += 1
             done += count
             composed += _as_composable(event, count, no_amplification)[1]
-        unique = sorted(set(mapped))
-        values = dict(zip(unique, accountant.get_epsilon_curve(delta, unique)))
+        unique = sorted(set(mapped) - {0})
+        values = dict(zip(unique, accountant.get_epsilon_curve(delta, unique) if unique else []))
+        values[0] = 0.0  # nothing composed yet: no example used
         return [(t, values[m]) for t, m in zip(checkpoints, mapped)]
 
     def merge(self, other: "Ledger") -> None:

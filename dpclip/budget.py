@@ -56,7 +56,7 @@ class PrivacyBudget:
         """The most further steps of ``event`` after ``spent`` within the cap (``accounting.max_steps``)."""
         sample_rate = event.sample_rate
         micro_batches = getattr(event, "micro_batches", 1)
-        if isinstance(event, accounting.ShuffledGaussian):
+        if isinstance(event, (accounting.ShuffledGaussian, accounting.CountedShuffledGaussian)):
             # The cap is measured as ε is reported: the Poisson figure at the same q.
             event = accounting.PoissonGaussian(sample_rate, event.noise_multiplier)
         return accounting.max_steps(
@@ -75,6 +75,11 @@ def _dominated(step: Event, by: Event) -> bool:
     independent Poisson micro-batches at the same rate and noise."""
     if step == by:
         return True
+    if isinstance(step, accounting.CountedShuffledGaussian) and isinstance(
+        by, accounting.CountedShuffledGaussian
+    ):
+        # the cap is measured on the Poisson figure, which the uses do not change
+        return (step.sample_rate, step.noise_multiplier) == (by.sample_rate, by.noise_multiplier)
     if isinstance(by, accounting.IndependentPoissonGaussian):
         same = (step.sample_rate, step.noise_multiplier) == (by.sample_rate, by.noise_multiplier)
         if isinstance(step, accounting.PoissonGaussian):

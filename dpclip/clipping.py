@@ -572,6 +572,9 @@ class PerSampleClipper:
         if any(f is not None and not torch.isfinite(f).all() for f in full):
             return  # the non-finite check refuses this micro-batch; audit the next one
         own = self._sum(layer_calls, graph_calls, ones, retain_graph=True, out={})
+        # The whole gradient's norm sets an absolute floor: a parameter whose true gradient
+        # is 0 (a LayerNorm over one feature, an attention key bias) gets only rounding.
+        total = math.sqrt(sum(float(f.double().norm()) ** 2 for f in full if f is not None))
         for p, f in zip(self.params, full):
             if f is None:
                 continue
@@ -579,7 +582,7 @@ class PerSampleClipper:
             # A missed use is a whole missing term (relative error ~1); rounding in a float32
             # sum over many examples and positions stays far below √eps (3e-4) in norm.
             tol = math.sqrt(torch.finfo(f.dtype).eps)
-            if float((o - f).norm()) > tol * float(f.norm()) + 1e-30:
+            if float((o - f).norm()) > tol * (float(f.norm()) + total) + 1e-30:
                 raise RuntimeError(
                     f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
                     "gradient from outside its own module's forward (e.g. a tied weight passed "

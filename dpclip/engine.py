@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import secrets
 import warnings
@@ -18,16 +19,22 @@ from opacus.utils.uniform_sampler import (
     UniformWithReplacementSampler,
 )
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 import accounting
-from accounting import Event, Ledger, PoissonGaussian, ShuffledGaussian
+from accounting import CountedShuffledGaussian, Event, Ledger, PoissonGaussian
 from accounting.calibrate import step_event
 from accounting.events import validate_int, validate_positive
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import PerSampleClipper, validate_clipping, validate_module
 from dpclip.loss import DPCriterion
-from dpclip.optimizer import DPOptimizer
+from dpclip.optimizer import DPOptimizer, LogicalBatchError
 from dpclip.report import PrivacyReport, make_report
 from dpclip.sampling import (
     FixedSchedule,
@@ -36,13 +43,17 @@ from dpclip.sampling import (
     PlannedSchedule,
     PoissonMicroBatchSampler,
     Sampling,
+    encode_generator_state,
+    restore_generator_state,
     wrap_data_loader,
 )
+from dpclip.uses import ExampleUses
 
 __all__ = ["ENGINE_SCHEMA", "LogicalBatchPlan", "PrivacyEngine", "plan_logical_batches"]
 
-#: Version tag of ``PrivacyEngine.state_dict()``.
-ENGINE_SCHEMA = "dpclip.engine/1"
+#: Version tag of ``PrivacyEngine.state_dict()``. Version 1 states (no generator
+#: states or sampling position) can be reported on but not resumed from.
+ENGINE_SCHEMA = "dpclip.engine/2"
 
 # Objects already made private (by any engine): wrapping twice would clip twice.
 _CLAIMED: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -67,6 +78,9 @@ class LogicalBatchPlan:
             micro-batches.
         steps_per_epoch: optimizer steps in one pass of the returned loader.
         sampling: how batches are drawn, which fixes the event each step records.
+        index_set: which examples Poisson sampling draws from: "all" (the whole
+            dataset), or "sha256:…" of the sorted indices the loader's sampler can
+            yield (a training split), so a resumed run can check it is the same set.
     """
 
     dataset_size: int
@@ -76,11 +90,13 @@ class LogicalBatchPlan:
     sample_rate: float
     steps_per_epoch: int
     sampling: Sampling
+    index_set: str = "all"
 
-    def event(self, noise_multiplier: float, micro_batches: int) -> Event:
-        """The privacy event of one optimizer step that summed ``micro_batches`` micro-batches."""
+    def event(self, noise_multiplier: float, micro_batches: int, added_uses: int = 1) -> Event:
+        """The privacy event of one optimizer step that summed ``micro_batches`` micro-batches
+        (and, for shuffled batches, raised the worst example's count of uses by ``added_uses``)."""
         if self.sampling is Sampling.SHUFFLED:
-            return ShuffledGaussian(self.sample_rate, noise_multiplier, self.steps_per_epoch)
+            return CountedShuffledGaussian(self.sample_rate, noise_multiplier, added_uses)
         if self.sampling is Sampling.INDEPENDENT_POISSON:
             return step_event(self.sample_rate, noise_multiplier, micro_batches)
         return PoissonGaussian(self.sample_rate, noise_multiplier)
@@ -131,9 +147,17 @@ def plan_logical_batches(
     else:
         k = validate_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
         logical, micro = k * batch, batch
+    index_set = "all"
+    if poisson_sampling:
+        indices = poisson_indices(data_loader)
+        if indices is not None:
+            n = len(indices)
+            digest = hashlib.sha256(",".join(map(str, sorted(indices))).encode()).hexdigest()
+            index_set = f"sha256:{digest}"
     if logical > n:
         raise ValueError(
-            f"logical batch L={logical} exceeds the dataset size N={n} (sample rate L/N > 1)"
+            f"logical batch L={logical} exceeds the dataset size N={n} (the examples the "
+            "loader's sampler yields; sample rate L/N > 1)"
         )
     if poisson_sampling:
         steps, sampling = n // logical, Sampling.POISSON
@@ -147,7 +171,35 @@ def plan_logical_batches(
             )
         steps = math.ceil(len(data_loader) / k) if k is not None else len(data_loader)
         sampling = Sampling.SHUFFLED
-    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, sampling)
+    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, sampling, index_set)
+
+
+def poisson_indices(data_loader: DataLoader) -> list[int] | None:
+    """The dataset indices Poisson sampling draws from: those the loader's sampler can
+    yield (None: the whole dataset). Raises ``ValueError`` for a sampler whose index set
+    cannot be read, rather than sample examples it would never have yielded."""
+    sampler, n = data_loader.sampler, len(data_loader.dataset)  # type: ignore[arg-type]
+    if isinstance(sampler, SequentialSampler):
+        return None
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n:
+        return None
+    if isinstance(sampler, SubsetRandomSampler):
+        indices = [int(i) for i in sampler.indices]
+        if not indices:
+            raise ValueError("the loader's SubsetRandomSampler has no indices: nothing to train on")
+        if len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= n:
+            raise ValueError(
+                "the loader's SubsetRandomSampler repeats indices or has indices outside the "
+                f"dataset (0..{n - 1}): Poisson sampling draws each example at most once per step"
+            )
+        return indices
+    raise ValueError(
+        f"poisson_sampling=True draws each logical batch itself, from the examples the loader's "
+        f"sampler can yield, but it cannot tell which examples a {type(sampler).__name__} yields "
+        "(or it repeats them): pass a torch.utils.data.Subset of the dataset (or "
+        "SubsetRandomSampler(indices)) with a plain loader, or poisson_sampling=False to keep "
+        "this sampler's batches"
+    )
 
 
 def _plan_opacus_poisson(
@@ -198,6 +250,8 @@ class PrivacyEngine:
             raise ValueError(
                 f"Expected accountant={accountant!r} to be one of {sorted(accounting.ACCOUNTANTS)}"
             )
+        if not isinstance(secure_mode, bool):
+            raise ValueError(f"Expected secure_mode to be True or False, got {secure_mode!r}")
         if secure_mode:
             raise ValueError(
                 "secure_mode=True is not supported: dpclip draws noise and batches with torch's "
@@ -213,6 +267,8 @@ class PrivacyEngine:
         self.budget: PrivacyBudget | None = None
         # (ledger steps when computed, steps allowed from there, ledger entries then)
         self._budget_cache: tuple[int, int, tuple[Any, ...]] | None = None
+        self._batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler | None = None
+        self._uses: ExampleUses | None = None  # shuffled batches: each example's uses
 
     @property
     def steps(self) -> int:
@@ -288,6 +344,7 @@ class PrivacyEngine:
             )
         if not isinstance(module, nn.Module):
             raise ValueError(f"Expected module to be an nn.Module, got {type(module)}")
+        _refuse_distributed(module)
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, DPOptimizer):
             raise ValueError(
                 f"Expected optimizer to be a plain torch.optim optimizer, got {type(optimizer)}"
@@ -339,8 +396,36 @@ class PrivacyEngine:
         if max_epsilon is not None:
             budget = PrivacyBudget(max_epsilon, target_delta, self.accountant)
 
-        # All arguments are valid: from here on, state changes.
-        device = next(iter(trainable)).device
+        # All arguments are valid: from here on, state changes (undone if anything fails).
+        try:
+            return self._wrap(
+                module, optimizer, criterion, data_loader, plan, noise_multiplier,
+                max_grad_norm, noise_generator, sample_generator, budget, clipping,
+            )
+        except BaseException:
+            _CLAIMED.discard(module)
+            _CLAIMED.discard(optimizer)
+            self.plan = self.noise_multiplier = self.max_grad_norm = None
+            self.optimizer = self.budget = self._batch_sampler = self._uses = None
+            self._budget_cache = None
+            raise
+
+    def _wrap(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        criterion: nn.Module,
+        data_loader: DataLoader,
+        plan: LogicalBatchPlan,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        noise_generator: torch.Generator | None,
+        sample_generator: torch.Generator | None,
+        budget: PrivacyBudget | None,
+        clipping: str | Mapping[str, str],
+    ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        device = trainable[0].device
         if noise_generator is None:
             noise_generator = _os_seeded_generator(device)
         if sample_generator is None:
@@ -352,7 +437,7 @@ class PrivacyEngine:
         else:
             schedule = PlannedSchedule()
         if plan.sampling is Sampling.POISSON and not own_sampler:
-            batch_sampler = PoissonMicroBatchSampler(
+            batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler = PoissonMicroBatchSampler(
                 num_samples=plan.dataset_size,
                 sample_rate=plan.sample_rate,
                 steps=plan.steps_per_epoch,
@@ -360,6 +445,7 @@ class PrivacyEngine:
                 micro_batches=plan.accumulation_steps,
                 max_micro_batch_size=None if plan.accumulation_steps else int(plan.micro_batch_size),
                 schedule=schedule,
+                indices=poisson_indices(data_loader),
             )
         else:
             batch_sampler = GroupedBatchSampler(
@@ -368,31 +454,71 @@ class PrivacyEngine:
                 micro_batches=plan.accumulation_steps,
                 max_micro_batch_size=None if plan.accumulation_steps else int(plan.micro_batch_size),
             )
-        clipper = PerSampleClipper(module, max_grad_norm, clipping)
-        dp_optimizer = DPOptimizer(
-            optimizer,
-            clipper=clipper,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=plan.logical_batch_size,
-            schedule=schedule,
-            ledger=self.ledger,
-            step_event=lambda micro_batches: plan.event(noise_multiplier, micro_batches),
-            generator=noise_generator,
-            step_guard=self._check_budget,
-        )
-        _CLAIMED.add(module)
-        _CLAIMED.add(optimizer)
+        uses = ExampleUses(plan.dataset_size) if plan.sampling is Sampling.SHUFFLED else None
+        self._batch_sampler, self._uses = batch_sampler, uses
         self.plan = plan
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
-        self.optimizer = dp_optimizer
         self.budget = budget
         self._budget_cache = None
+        clipper = PerSampleClipper(module, max_grad_norm, clipping)
+        try:
+            return self._finish_wrap(
+                module, optimizer, criterion, data_loader, clipper, noise_generator, batch_sampler
+            )
+        except BaseException:
+            clipper.remove()  # the module leaves as it came
+            raise
+
+    def _finish_wrap(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        criterion: nn.Module,
+        data_loader: DataLoader,
+        clipper: PerSampleClipper,
+        noise_generator: torch.Generator,
+        batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler,
+    ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+        plan, budget, uses = self.plan, self.budget, self._uses
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            clipper=clipper,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=plan.logical_batch_size,
+            schedule=batch_sampler.schedule,
+            ledger=self.ledger,
+            step_event=self._step_event,
+            generator=noise_generator,
+            step_guard=self._check_budget,
+        )
+        self.optimizer = dp_optimizer
+        if uses is not None:
+            dp_optimizer.step_callbacks.append(self._count_uses)
+        _CLAIMED.add(module)
+        _CLAIMED.add(optimizer)
         if budget is not None:
             self._budget_state()  # the steps the cap allows, known from the start
         loader = wrap_data_loader(data_loader, batch_sampler)
         return module, dp_optimizer, DPCriterion(criterion, dp_optimizer), loader
+
+    def _step_event(self, micro_batches: int, examples: list[int] | None) -> Event:
+        added = 1
+        if self._uses is not None:
+            if examples is None:
+                raise LogicalBatchError(
+                    "with poisson_sampling=False every micro-batch must come from the data loader "
+                    "make_private returned (the sound ε bound counts each example's uses): this "
+                    "logical batch had a micro-batch from elsewhere; it was not applied"
+                )
+            added = self._uses.added(examples)
+            self._pending_uses = examples
+        return self.plan.event(self.noise_multiplier, micro_batches, added)
+
+    def _count_uses(self) -> None:
+        # after the step is recorded: the uses of a refused step are never counted
+        self._uses.commit(self._pending_uses)
 
     def make_private_with_epsilon(
         self,
@@ -501,12 +627,8 @@ class PrivacyEngine:
             raise RuntimeError("call make_private before adding step callbacks")
         self.optimizer.step_callbacks.append(lambda: callback(self))
 
-    def state_dict(self) -> dict[str, Any]:
-        """What the privacy of the run depends on, JSON-serialisable (schema ``dpclip.engine/1``).
-
-        Save it with the model checkpoint; ``load_state_dict`` resumes the
-        ledger, ``dpclip report`` reads it.
-        """
+    def _summary(self) -> dict[str, Any]:
+        """What ε depends on: settings, batching and the ledger (no generator states)."""
         if self.plan is None:
             raise RuntimeError("nothing to save: call make_private first")
         plan = dataclasses.asdict(self.plan)
@@ -529,22 +651,133 @@ class PrivacyEngine:
             "ledger": self.ledger.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: restore the ledger saved by ``state_dict`` into this engine.
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the run's privacy and its future noise and batches depend on,
+        JSON-serialisable (schema ``dpclip.engine/2``); take it between logical batches.
 
-        The engine must have been made private with the same sampling, σ and C
-        (checked), so that the ledger goes on describing one run.
+        Save it with the model and optimizer checkpoint; ``load_state_dict`` in a
+        new process continues bit-exactly (same noise, same batches, same ledger),
+        ``dpclip report`` reads it.
+
+        .. warning:: It holds the noise generator's state, from which the noise
+           of past and future steps can be recomputed: keep checkpoints as private
+           as the training data, and release only the model (or ``report()``).
+
+        Raises:
+            RuntimeError: a logical batch is in progress (micro-batches accumulated
+                since the last applied step): its clipped sum cannot be saved.
         """
+        state = self._summary()
+        if self.optimizer.micro_batches_accumulated:
+            raise RuntimeError(
+                f"a logical batch is in progress ({self.optimizer.micro_batches_accumulated} "
+                "micro-batches accumulated, not yet applied): save the engine state right after "
+                "an optimizer.step() that applied (optimizer.micro_batches_accumulated == 0)"
+            )
+        generator = self.optimizer.generator
+        state["rng"] = {
+            "noise": encode_generator_state(generator) if isinstance(generator, torch.Generator) else None,
+            "sampling": self._batch_sampler.position(),
+        }
+        state["example_uses"] = None if self._uses is None else self._uses.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, replace_steps: bool = False) -> None:
+        """Resume: continue the run saved by ``state_dict`` (ledger, noise, batches).
+
+        The engine must have been made private with the same settings (σ, C,
+        batching, sampling, examples, secure mode: checked), and every step in
+        the saved ledger must be one this run's plan could have recorded. Nothing
+        changes unless the whole state is accepted.
+
+        Args:
+            state: a ``state_dict()``.
+            replace_steps: an engine that has already taken steps refuses a state,
+                since the steps it took would be forgotten; True replaces its ledger
+                (and generators) with the saved ones. Only do that when the model
+                and optimizer are rolled back to the same checkpoint: the privacy
+                cost of the discarded steps is then dropped with their updates.
+        """
+        if self.plan is None:
+            raise RuntimeError("call make_private before load_state_dict")
         if not isinstance(state, dict) or state.get("schema") != ENGINE_SCHEMA:
-            raise ValueError(f"Expected an engine state with schema {ENGINE_SCHEMA!r}")
-        mine = self.state_dict()
-        for key in ("noise_multiplier", "max_grad_norm"):
-            if state[key] != mine[key]:
-                raise ValueError(f"saved {key}={state[key]!r} differs from this engine's {mine[key]!r}")
-        if state["plan"] != mine["plan"]:
-            raise ValueError(f"saved batching {state['plan']} differs from this engine's {mine['plan']}")
+            got = state.get("schema") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"Expected an engine state with schema {ENGINE_SCHEMA!r}, got {got!r} (states of "
+                "dpclip.engine/1 hold no generator states: they can be reported on, not resumed)"
+            )
+        if not isinstance(replace_steps, bool):
+            raise ValueError(f"Expected replace_steps to be True or False, got {replace_steps!r}")
+        mine = self._summary()
+        for key in ("noise_multiplier", "max_grad_norm", "secure_mode"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"saved {key}={state.get(key)!r} differs from this engine's {mine[key]!r}")
+        if state.get("plan") != mine["plan"]:
+            raise ValueError(f"saved batching {state.get('plan')} differs from this engine's {mine['plan']}")
+        ledger = Ledger()
+        ledger.load_state_dict(state.get("ledger"))
+        self._check_events(ledger)
+        uses = None
+        if self._uses is not None:
+            uses = ExampleUses(self.plan.dataset_size)
+            uses.load_state_dict(state.get("example_uses"))
+            recorded = sum(e.added_uses * n for e, n in ledger.entries)  # type: ignore[union-attr]
+            if recorded != uses.worst:
+                raise ValueError(
+                    f"the saved ledger counts {recorded} uses of the most-used example, its "
+                    f"example-use state {uses.worst}: the state is not from one run"
+                )
+        rng = state.get("rng")
+        if not isinstance(rng, dict) or set(rng) != {"noise", "sampling"}:
+            raise ValueError("the saved state has no generator states ('rng'): it cannot be resumed")
+        position = _checked_position(rng["sampling"])
+        if self.ledger.steps or self.optimizer.micro_batches_accumulated:
+            if self.optimizer.micro_batches_accumulated:
+                raise RuntimeError(
+                    "a logical batch is in progress: load the state before training, or after a step"
+                )
+            if not replace_steps:
+                raise RuntimeError(
+                    f"this engine has taken {self.ledger.steps} steps, which loading would forget "
+                    f"(the saved run has {ledger.steps}): load a checkpoint into a fresh engine, or "
+                    "pass replace_steps=True when the model is rolled back to the same checkpoint"
+                )
+        generator = self.optimizer.generator
+        if isinstance(generator, torch.Generator):
+            if not isinstance(rng["noise"], str):
+                raise ValueError("the saved state has no noise generator state")
+            before = generator.get_state()
+            restore_generator_state(generator, rng["noise"])
+        try:
+            self._batch_sampler.load_position(position)
+        except Exception as err:
+            if isinstance(generator, torch.Generator):
+                generator.set_state(before)
+            raise ValueError(f"cannot resume the saved sampling position: {err}") from None
         self.ledger.load_state_dict(state["ledger"])
+        if uses is not None:
+            self._uses = uses
         self._budget_cache = None
+
+    def _check_events(self, ledger: Ledger) -> None:
+        """Every saved step must be one this run's plan records: same q, σ and sampling
+        (a state claiming a lower rate or more noise would under-report ε)."""
+        k = self.plan.accumulation_steps or 1
+        for event, count in ledger.entries:
+            if self.plan.sampling is Sampling.SHUFFLED:
+                allowed = isinstance(event, CountedShuffledGaussian) and event == self.plan.event(
+                    self.noise_multiplier, k, event.added_uses
+                )
+            elif self.plan.sampling is Sampling.INDEPENDENT_POISSON:
+                allowed = any(event == self.plan.event(self.noise_multiplier, j) for j in range(1, k + 1))
+            else:
+                allowed = event == self.plan.event(self.noise_multiplier, k)
+            if not allowed:
+                raise ValueError(
+                    f"the saved ledger has {count} step(s) of {event!r}, which this run "
+                    f"(q={self.plan.sample_rate:g}, σ={self.noise_multiplier:g}, "
+                    f"{self.plan.sampling.value} sampling) never records: not this run's state"
+                )
 
     def report(self, delta: float | None = None) -> PrivacyReport:
         """The run's ``PrivacyReport`` at ``delta`` (default: the budget's δ)."""
@@ -552,7 +785,43 @@ class PrivacyEngine:
             if self.budget is None:
                 raise ValueError("pass delta (there is no budget whose δ could be used)")
             delta = self.budget.delta
-        return make_report(self.state_dict(), delta)
+        return make_report(self._summary(), delta)
+
+
+def _refuse_distributed(module: nn.Module) -> None:
+    """Several processes are not supported yet: each would add its own full noise and
+    report ε for its own shard while the replicas drift apart."""
+    wrapped = isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    if wrapped or world > 1:
+        what = f"{type(module).__name__} module" if wrapped else f"process group of {world} processes"
+        raise ValueError(
+            f"make_private got a {what}: dpclip runs in one process for now (each process "
+            "would add its own full noise, gradients would not be synchronised, and ε would "
+            "describe one shard). Train in a single process, without DistributedDataParallel "
+            "or DataParallel"
+        )
+
+
+def _checked_position(position: Any) -> dict[str, Any]:
+    if not isinstance(position, dict) or set(position) != {"snapshot", "consumed", "in_pass"}:
+        raise ValueError("the saved sampling position is malformed")
+    consumed, in_pass = position["consumed"], position["in_pass"]
+    if isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0:
+        raise ValueError(f"the saved sampling position has consumed={consumed!r}")
+    if not isinstance(in_pass, bool) or (consumed and not in_pass):
+        raise ValueError(f"the saved sampling position has in_pass={in_pass!r}, consumed={consumed!r}")
+    snapshot = position["snapshot"]
+    ok = snapshot is None or isinstance(snapshot, str) or (
+        isinstance(snapshot, dict)
+        and set(snapshot) == {"global", "inner"}
+        and all(v is None or isinstance(v, str) for v in snapshot.values())
+    )
+    if not ok:
+        raise ValueError("the saved sampling position has a malformed generator snapshot")
+    return position
 
 
 def _os_seeded_generator(device: torch.device) -> torch.Generator:

@@ -83,7 +83,9 @@ class DPOptimizer(Optimizer):
         schedule: micro-batches per logical batch.
         ledger: receives one event per optimizer step.
         step_event: the mechanism of a step, given how many micro-batches it
-            summed (empty ones included).
+            summed (empty ones included) and the dataset indices of its examples
+            as the loader handed them out (None when some micro-batch did not
+            come from the DP loader).
         step_guard: called with a step's event before noise is drawn or any
             parameter changes; raising refuses the step (the budget cap).
         step_callbacks: called after each optimizer step, once it is recorded.
@@ -121,6 +123,7 @@ class DPOptimizer(Optimizer):
         self._since_step_call = 0  # backward() calls since the last step() call
         self._planned: int | None = None  # micro-batches of the current logical batch
         self._pass = schedule.pass_id  # loader pass the current logical batch came from
+        self._examples: list[int] | None = []  # dataset indices of the logical batch (None: unknown)
         self._lost: str | None = None  # why the current logical batch cannot be applied
 
     @property
@@ -201,8 +204,7 @@ class DPOptimizer(Optimizer):
         except NonFiniteNormError:
             # Counted as an empty micro-batch: the logical-batch boundaries stay where the
             # sampler put them, and no non-finite value reaches the accumulator.
-            self._micro_batches += 1
-            self._since_step_call += 1
+            self._count_micro_batch()
             raise
         except Exception as err:
             if self.clipper.writing:
@@ -210,17 +212,25 @@ class DPOptimizer(Optimizer):
                 # is lost; its step() says so instead of applying it (boundaries kept)
                 self.clipper.writing = False
                 self._lost = f"{type(err).__name__}: {err}"
-                self._micro_batches += 1
-                self._since_step_call += 1
+                self._count_micro_batch()
             raise
+        self._count_micro_batch()
+
+    def _count_micro_batch(self) -> None:
         self._micro_batches += 1
         self._since_step_call += 1
+        taken = self.schedule.take()
+        if taken is None or self._examples is None:
+            self._examples = None
+        else:
+            self._examples.extend(taken)
 
     def _reset_logical_batch(self) -> None:
         self._accumulator = {}
         self._micro_batches = 0
         self._since_step_call = 0
         self._planned = None
+        self._examples = []
 
     def add_empty_micro_batch(self) -> None:
         """Count a micro-batch with no examples without running the model.
@@ -267,7 +277,7 @@ class DPOptimizer(Optimizer):
                 f"into the accumulator failed part-way ({reason}); no step was taken or "
                 "recorded, and training can go on with the next logical batch"
             )
-        event = self.step_event(n)
+        event = self.step_event(n, self._examples)
         if self.step_guard is not None:
             self.step_guard(event)  # may refuse: nothing has changed yet
         noise_std = self.noise_multiplier * self.max_grad_norm
@@ -275,6 +285,8 @@ class DPOptimizer(Optimizer):
         # happens (an error in the noise or in the user's step), it is never used again
         accumulator = self._accumulator
         self._reset_logical_batch()
+        if not interrupted:
+            self.schedule.stepped(n)
         with record_function("dpclip.noise"):
             for p in self.params:
                 s = accumulator.get(p)

@@ -291,8 +291,50 @@ def test_bad_input_is_refused_before_any_state_changes(change, match):
 def test_engine_arguments_are_checked():
     with pytest.raises(ValueError, match="accountant"):
         dpclip.PrivacyEngine(accountant="moments")
-    with pytest.raises(ValueError, match="secure_mode"):
-        dpclip.PrivacyEngine(secure_mode=True)
+    with pytest.raises(ValueError, match="Expected secure_mode to be True or False, got 'no'"):
+        dpclip.PrivacyEngine(secure_mode="no")
+
+
+def test_a_failure_after_hooks_are_added_undoes_make_private(monkeypatch):
+    # The last thing make_private does is size the budget: make it fail there.
+    kwargs = {**_fresh(), "max_epsilon": 5.0, "target_delta": 1e-5}
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+
+    def broken(*args, **kw):
+        raise MemoryError("out of memory while sizing the budget")
+
+    with monkeypatch.context() as m:
+        m.setattr(dpclip.budget.PrivacyBudget, "steps_allowed", broken)
+        with pytest.raises(MemoryError):
+            engine.make_private(**kwargs)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in kwargs["module"].modules())
+    assert engine.optimizer is None and engine.plan is None
+    engine.make_private(**kwargs)  # neither the engine nor the module nor the optimizer is claimed
+    assert engine.steps_remaining > 0
+
+
+def test_distributed_training_is_refused_until_supported(monkeypatch):
+    kwargs = _fresh()
+    with pytest.raises(ValueError, match="DataParallel module: dpclip runs in one process"):
+        dpclip.PrivacyEngine().make_private(**{**kwargs, "module": nn.DataParallel(kwargs["module"])})
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    with pytest.raises(ValueError, match="process group of 2 processes"):
+        dpclip.PrivacyEngine().make_private(**kwargs)
+    assert all(not m._forward_hooks for m in kwargs["module"].modules())
+
+
+def test_a_ddp_wrapped_module_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        kwargs = _fresh()
+        ddp = nn.parallel.DistributedDataParallel(kwargs["module"])
+        with pytest.raises(ValueError, match="DistributedDataParallel module"):
+            dpclip.PrivacyEngine().make_private(**{**kwargs, "module": ddp})
+    finally:
+        dist.destroy_process_group()
 
 
 def test_make_private_with_epsilon_meets_the_target():

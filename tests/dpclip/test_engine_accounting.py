@@ -143,7 +143,9 @@ def test_shuffled_batches_record_shuffled_steps_and_offer_the_sound_bound():
             crit(model(xb), yb).backward()
             opt.step()
             opt.zero_grad()
-    assert engine.ledger.entries == ((acc.ShuffledGaussian(16 / 64, 2.0, 4), 12),)
+    # one new use of the worst example at each epoch's first step, none in the other three
+    epoch = ((acc.CountedShuffledGaussian(16 / 64, 2.0, 1), 1), (acc.CountedShuffledGaussian(16 / 64, 2.0, 0), 3))
+    assert engine.ledger.entries == epoch * 3
     with pytest.warns(acc.SamplingAssumptionWarning):
         assumed = engine.get_epsilon(1e-5)
     with warnings.catch_warnings():
@@ -156,26 +158,92 @@ def test_shuffled_batches_record_shuffled_steps_and_offer_the_sound_bound():
     assert sound > assumed
 
 
-def test_shuffled_with_drop_last_counts_the_loaders_epochs():
+def _worst_uses(batches_per_step):
+    """Independent count: max over examples of Σ over steps of (times in that step)²."""
+    totals = {}
+    for step in batches_per_step:
+        counts = {}
+        for i in step:
+            counts[i] = counts.get(i, 0) + 1
+        for i, m in counts.items():
+            totals[i] = totals.get(i, 0) + m * m
+    return max(totals.values())
+
+
+def _gaussians(n, sigma):
+    ledger = acc.Ledger()
+    ledger.record(acc.PoissonGaussian(1.0, sigma), n)
+    return ledger.epsilon(1e-5, "rdp")
+
+
+def _shuffled_run(sampler_of, n=100, batch_size=30, k=1, drop_last=False):
     gen = torch.Generator().manual_seed(0)
-    x, y = make_data("mlp", 100, gen, torch.float64)
+    torch.manual_seed(3)
+    x, y = make_data("mlp", n, gen, torch.float64)
+    dataset = TensorDataset(x, y, torch.arange(n))
     model = MLP().double()
     engine = dpclip.PrivacyEngine(accountant="rdp")
     model, opt, crit, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         criterion=nn.CrossEntropyLoss(),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=30, shuffle=True, drop_last=True),
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+        data_loader=DataLoader(dataset, batch_size=batch_size, sampler=sampler_of(dataset), drop_last=drop_last),
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=k,
     )
+    return engine, model, opt, crit, loader
+
+
+def _train(model, opt, crit, loader, steps=None):
+    """Loop style 1 over one pass (or ``steps`` optimizer steps of it); the examples of each step."""
+    seen, current = [], []
+    for xb, yb, ib in loader:
+        crit(model(xb), yb).backward()
+        current += ib.tolist()
+        if opt.step() is not None or opt.micro_batches_accumulated == 0:
+            seen.append(current)
+            current = []
+            if steps is not None and len(seen) == steps:
+                break
+    return seen
+
+
+def test_shuffled_with_drop_last_counts_the_examples_uses():
+    engine, model, opt, crit, loader = _shuffled_run(torch.utils.data.RandomSampler, drop_last=True)
+    seen = []
     for _ in range(10):
-        for xb, yb in loader:
-            crit(model(xb), yb).backward()
-            opt.step()
-            opt.zero_grad()
+        seen += _train(model, opt, crit, loader)
     assert engine.steps == 30
-    ten_gaussians = acc.Ledger()
-    ten_gaussians.record(acc.PoissonGaussian(1.0, 1.0), 10)
-    assert engine.get_epsilon(1e-5, no_amplification=True) == pytest.approx(ten_gaussians.epsilon(1e-5, "rdp"))
+    worst = _worst_uses(seen)
+    assert engine.get_epsilon(1e-5, no_amplification=True) == pytest.approx(_gaussians(worst, 1.0))
+
+
+def test_passes_cut_short_count_every_use():
+    # Four passes of 2 of 4 steps each: 8 steps, which a per-epoch count calls 2 epochs, but
+    # reshuffled passes reuse examples; the bound counts the uses that happened.
+    engine, model, opt, crit, loader = _shuffled_run(torch.utils.data.RandomSampler, n=40, batch_size=10)
+    seen = []
+    for _ in range(4):
+        seen += _train(model, opt, crit, loader, steps=2)
+    assert engine.steps == 8
+    worst = _worst_uses(seen)
+    assert worst > 2  # 20 of 40 examples per pass: some example is in three or four passes
+    assert engine.get_epsilon(1e-5, no_amplification=True) == pytest.approx(_gaussians(worst, 1.0))
+
+
+@pytest.mark.parametrize(
+    "sampler_of",
+    [
+        lambda d: torch.utils.data.RandomSampler(d, num_samples=2 * len(d)),
+        lambda d: torch.utils.data.SubsetRandomSampler([0, 1, 2, 3, 0, 0, 5, 6, 7, 8] * 3),
+    ],
+    ids=["random-2N", "subset-with-repeats"],
+)
+def test_samplers_that_repeat_examples_within_a_pass_are_counted(sampler_of):
+    engine, model, opt, crit, loader = _shuffled_run(sampler_of, n=40, batch_size=10, k=2)
+    seen = _train(model, opt, crit, loader)
+    worst = _worst_uses(seen)
+    epochs = -(-engine.steps // engine.plan.steps_per_epoch)
+    assert worst > epochs  # what counting one use per epoch would have claimed
+    assert engine.get_epsilon(1e-5, no_amplification=True) == pytest.approx(_gaussians(worst, 1.0))
 
 
 def test_shuffled_refuses_a_loader_that_samples_with_replacement():
