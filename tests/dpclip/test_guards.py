@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 import dpclip
 from tests.dpclip.helpers import make_run, train_logical_batch
-from tests.dpclip.models import MLP
+from tests.dpclip.models import MLP, TinyTransformer
 
 
 def _micro(run, i, b=4):
@@ -43,7 +43,7 @@ def _assert_unchanged(run, before):
 # --- item 2: one backward() per forward -------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["same_loss", "retain_graph", "criterion_twice"])
+@pytest.mark.parametrize("how", ["same_loss", "retain_graph", "criterion_twice", "two_losses_first"])
 @pytest.mark.parametrize("position", [0, 1])  # the audited first micro-batch, and a later one
 def test_second_backward_on_one_forward_is_refused_before_counting(how, position):
     run = make_run("mlp", batch_size=4, accumulation_steps=3)
@@ -53,8 +53,9 @@ def test_second_backward_on_one_forward_is_refused_before_counting(how, position
     xb, yb = _micro(run, position)
     out = run.model(xb)
     loss = run.criterion(out, yb)
+    other = run.criterion(out, yb)  # made before the first backward()
     loss.backward(retain_graph=True) if how == "retain_graph" else loss.backward()
-    again = run.criterion(out, yb) if how == "criterion_twice" else loss
+    again = {"criterion_twice": run.criterion(out, yb), "two_losses_first": other}.get(how, loss)
     with pytest.raises(RuntimeError, match=r"one backward\(\) per forward.*loss_a \+ loss_b"):
         again.backward()
     assert run.optimizer.micro_batches_accumulated == position + 1
@@ -143,6 +144,25 @@ def test_frozen_parameter_gets_no_noise_no_update_and_no_share_of_the_norm(freez
     )
     for name, p in run.model.named_parameters():
         if name in frozen:
+            assert torch.equal(p, before[name]) and p.grad is None
+        else:
+            torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_frozen_attention_projection_is_left_out():
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    run = make_run("transformer", batch_size=4, accumulation_steps=1, model=model, max_grad_norm=0.3)
+    frozen = "layer.self_attn.in_proj_weight"
+    dict(run.model.named_parameters())[frozen].requires_grad_(False)
+    before = run.params()
+    trainable = {n: v for n, v in before.items() if n != frozen}
+    train_logical_batch(run, [_micro(run, 0)], 1)
+    expected = _clipped_update(
+        run.reference_model, trainable, run.x[:4], run.y[:4], 0.3, 4, fixed={frozen: before[frozen]}
+    )
+    for name, p in run.model.named_parameters():
+        if name == frozen:
             assert torch.equal(p, before[name]) and p.grad is None
         else:
             torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
