@@ -44,7 +44,8 @@ class AttentionRecorder(TorchFunctionMode):
     holds what the last call recorded, or ``unsupported`` says why nothing was.
 
     Args:
-        params: the module's trainable parameters (frozen ones are not recorded).
+        params: the module's trainable parameters; frozen ones (also those frozen
+            later) are not recorded.
     """
 
     def __init__(self, params: tuple[nn.Parameter, ...]) -> None:
@@ -104,9 +105,12 @@ class AttentionRecorder(TorchFunctionMode):
         if t is None:
             return None
         if id(t) in self._params:
-            return self._params[id(t)], None
+            p = self._params[id(t)]
+            return (p, None) if p.requires_grad else None  # frozen since make_private
         base = t._base
         if base is not None and id(base) in self._params and t.stride() == base.stride():
+            if not base.requires_grad:
+                return None
             offset = t.storage_offset() - base.storage_offset()
             start, rest = divmod(offset, base.stride(0))
             if rest == 0 and t.shape[1:] == base.shape[1:]:

@@ -47,6 +47,7 @@ from dpclip.layers import (
     STRATEGIES,
     LayerCall,
     Rule,
+    norm_dtype,
     row_sq_norms,
     rule_for,
     scale_rows,
@@ -68,7 +69,15 @@ OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
 
 
 class NonFiniteNormError(FloatingPointError):
-    """Some per-sample gradient norm is NaN or infinite; the micro-batch was not accumulated."""
+    """Some per-sample gradient norm is NaN or infinite; the micro-batch was not accumulated.
+
+    It counts as an empty micro-batch of its logical batch, so the logical-batch
+    boundaries stay where the sampler put them. To skip it, catch the error and carry
+    on with the loop: call ``optimizer.step()`` as usual. (A loop that ``continue``s
+    past its ``step()`` works too: when the failed micro-batch was the last of its
+    logical batch, ``DPOptimizer`` applies that logical batch before raising, and a
+    ``step()`` right after is a no-op.)
+    """
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
@@ -143,6 +152,8 @@ class _GraphCall:
     unit: _Unit
     outputs: list[torch.Tensor]
     versions: list[int]
+    #: the unit's parameters that were trainable at this forward (frozen ones are left out)
+    params: tuple[nn.Parameter, ...]
     backprops: list[torch.Tensor | None] = field(default_factory=list)
 
 
@@ -203,6 +214,22 @@ def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
     return any(sub is m for m in ancestor.modules())
 
 
+def _foreign_parameters(loss: torch.Tensor, known: set[torch.Tensor]) -> list[nn.Parameter]:
+    """Trainable ``nn.Parameter`` leaves of ``loss``'s autograd graph that are not in
+    ``known``: a module outside the private model (its gradient would be dropped)."""
+    foreign, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)  # an AccumulateGrad node
+        if isinstance(leaf, nn.Parameter) and leaf.requires_grad and leaf not in known:
+            foreign.append(leaf)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return foreign
+
+
 def _one_hot_cotangent(backprops: torch.Tensor) -> torch.Tensor:
     """[B, *shape] -> [B, B, *shape] whose slice i keeps only sample i's row."""
     b = backprops.shape[0]
@@ -217,7 +244,12 @@ class PerSampleClipper:
     The clipper registers forward hooks on the modules that own trainable
     parameters and keeps what they record in its own state until the next
     ``clipped_sum`` call. ``remove()`` detaches the hooks. Frozen parameters
-    (``requires_grad=False``) are not recorded and cost nothing.
+    (``requires_grad=False``) are not recorded and cost nothing; a parameter frozen
+    later is left out from then on (no part of S, no share of the norms), and one
+    frozen when the clipper was built cannot be unfrozen (``clipped_sum`` refuses).
+
+    Norms, clipping factors and S are computed in float32 at least, also for
+    half-precision layers, so that ‖c_i·g_i‖ <= C holds to float32 rounding.
 
     Args:
         module: the model, trained in place (its parameters are the ones used).
@@ -241,10 +273,15 @@ class PerSampleClipper:
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
         self.units = _build_units(module, clipping)
+        #: the parameters clipping covers: those trainable when the clipper was built
         self.params: tuple[nn.Parameter, ...] = tuple(
             p for p in module.parameters() if p.requires_grad
         )
+        self._covered = set(self.params)
         self._owner_name = {p: u.name for u in self.units for p in u.params}
+        #: increases whenever the recorded forward calls are used up or dropped; a loss
+        #: made from a forward whose records are gone can no longer be clipped
+        self.generation = 0
         self._calls: list[LayerCall | _GraphCall] = []
         self._audited = False
         self._recorders: dict[nn.Module, AttentionRecorder] = {}
@@ -274,6 +311,24 @@ class PerSampleClipper:
     def discard(self) -> None:
         """Forget the forward calls recorded since the last ``clipped_sum``."""
         self._calls.clear()
+        self.generation += 1
+
+    @property
+    def recorded_calls(self) -> int:
+        """Forward calls recorded since the last ``clipped_sum`` or ``discard``."""
+        return len(self._calls)
+
+    def check_coverage(self) -> None:
+        """Raise ``RuntimeError`` if a trainable parameter of the module is one clipping
+        does not cover (frozen when the clipper was built, or added since)."""
+        for name, p in self.module.named_parameters():
+            if p.requires_grad and p not in self._covered:
+                raise RuntimeError(
+                    f"parameter {name!r} requires grad but was frozen when the model was made "
+                    "private (or added since), so it has no per-example clipping and would get "
+                    "no private gradient: freeze it again (requires_grad_(False)), or make a new "
+                    "model private with it trainable from the start"
+                )
 
     def _recorder(self, unit: _Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -285,14 +340,18 @@ class PerSampleClipper:
             current = module._parameters
             if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
                 return  # nothing to train, or other parameters (torch.func.functional_call)
+            trainable = [(r, p) for r, p in zip(unit.roles, unit.params) if p.requires_grad]
+            if not trainable:
+                return  # all frozen since make_private
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
-                targets = {r: (p, None) for r, p in zip(unit.roles, unit.params)}
+                targets = {r: (p, None) for r, p in trainable}
                 activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
                 self._calls.append(
                     LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
                 )
                 return
-            self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs]))
+            params = tuple(p for _, p in trainable)
+            self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs], params))
 
         return hook
 
@@ -319,10 +378,12 @@ class PerSampleClipper:
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            if not outputs:
+            params = tuple(p for p in unit.params if p.requires_grad)
+            if not outputs or not params:
                 return
             if recorder.unsupported is not None or not recorder.projections:
-                self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs]))
+                versions = [t._version for t in outputs]
+                self._calls.append(_GraphCall(unit, outputs, versions, params))
                 return
             for x, y, targets, batch in recorder.projections:
                 self._calls.append(
@@ -348,48 +409,64 @@ class PerSampleClipper:
 
         Raises:
             NonFiniteNormError: a per-sample norm is NaN/inf (nothing returned).
-            RuntimeError: the recorded forward cannot give per-sample gradients
-                (see message); nothing returned.
+            RuntimeError: the recorded forward cannot give per-sample gradients, or
+                the loss depends on a parameter clipping does not cover (see
+                message); nothing returned, and the recorded calls are kept when
+                the refusal comes before they are used.
         """
-        calls, self._calls = self._calls, []
         if loss_per_sample.dim() != 1:
             raise ValueError(
                 f"Expected per-sample losses of shape [B], got {tuple(loss_per_sample.shape)}"
             )
         if not loss_per_sample.requires_grad:
             raise RuntimeError("the loss does not require grad: no parameter depends on it")
+        self.check_coverage()
+        if not self._audited:  # once: a trainable module outside the model gets no gradient
+            foreign = _foreign_parameters(loss_per_sample, self._covered)
+            if foreign:
+                raise RuntimeError(
+                    f"the loss depends on a trainable parameter (shape {tuple(foreign[0].shape)}) "
+                    "that is not a parameter of the private model, so it would get no gradient: "
+                    "include its module in the model passed to make_private, or freeze it "
+                    "(requires_grad_(False))"
+                )
+        calls, self._calls = self._calls, []
+        self.generation += 1
         batch = loss_per_sample.shape[0]
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"):
             layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
         with record_function("dpclip.norms"):
-            sq = loss_per_sample.new_zeros(batch)
+            sq = torch.zeros(batch, dtype=norm_dtype(loss_per_sample.dtype), device=loss_per_sample.device)
             for n in self._layer_sq_norms(layer_calls):
                 sq = sq + n.to(sq.dtype)
-            for g in self._graph_per_sample(graph_calls).values():
+            graph_grads = self._graph_per_sample(graph_calls)
+            for g in graph_grads.values():
                 sq = sq + row_sq_norms(g).to(sq.dtype)
             norms = sq.sqrt()
             bad = int((~torch.isfinite(norms)).sum())
         if bad:
             raise NonFiniteNormError(
-                f"{bad} of {batch} per-sample gradient norms are NaN or infinite; "
-                "this micro-batch was not accumulated (it counts as empty in its logical batch)"
+                f"{bad} of {batch} per-sample gradient norms are NaN or infinite; this micro-batch "
+                "was not accumulated and counts as an empty micro-batch of its logical batch. To "
+                "skip it, catch dpclip.NonFiniteNormError and carry on with the loop, calling "
+                "optimizer.step() as usual"
             )
         if full is not None:
-            self._audit(full, layer_calls, graph_calls, norms.new_ones(batch))
+            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch))
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
         with record_function("dpclip.clipped_sum"):
             self.writing = True  # an error from here on leaves ``out`` partly added to
-            result = self._sum(layer_calls, graph_calls, factors, False, {} if out is None else out)
+            result = self._sum(layer_calls, graph_grads, factors, False, {} if out is None else out)
             self.writing = False
             return result
 
     def _backward(
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | _GraphCall], batch: int
-    ) -> tuple[list[LayerCall], list[_GraphCall], tuple[torch.Tensor | None, ...] | None]:
+    ) -> tuple[list[LayerCall], list[_GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None]:
         """The one backward pass: gradients of Σ ℓ_i at every recorded output (and, on
-        the first micro-batch only, at the parameters, for the audit)."""
+        the first micro-batch only, at the trainable parameters, for the audit)."""
         for call in calls:
             # the recorded tensors share version counters with the model's: an in-place
             # change after the forward would feed stale values to the norms
@@ -407,7 +484,8 @@ class PerSampleClipper:
         graph_calls = [c for c in calls if isinstance(c, _GraphCall)]
         flat = [t for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
         audit = not self._audited
-        inputs = flat + (list(self.params) if audit else [])
+        trainable = [p for p in self.params if p.requires_grad] if audit else []
+        inputs = flat + trainable
         grads = torch.autograd.grad(
             loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls), allow_unused=True
         ) if inputs else ()
@@ -423,6 +501,14 @@ class PerSampleClipper:
                 call.backprops = [next(it) for _ in call.outputs]
                 if any(b is not None for b in call.backprops):
                     used_graph.append(call)
+        if not layer_calls and not used_graph and not audit:  # (the audit says more)
+            raise RuntimeError(
+                "the loss depends on no layer call recorded by a forward of the private model "
+                "since the last backward(): it was computed from a forward whose records a "
+                "backward() already used (dpclip takes one backward() per forward: add the "
+                "losses of one forward per example first, loss_a + loss_b), or not from the "
+                "model made private"
+            )
         self._check_graph_units(used_graph, layer_calls)
         for call in layer_calls:
             if call.backprop.dim() == 0 or call.by_example(call.backprop).shape[0] != batch:
@@ -431,7 +517,8 @@ class PerSampleClipper:
             for t, b in zip(call.outputs, call.backprops):
                 if b is not None and (t.dim() == 0 or t.shape[0] != batch):
                     self._batch_error(call.unit.module, t, batch)
-        return layer_calls, used_graph, (grads[len(flat):] if audit else None)
+        full = [(p, g) for p, g in zip(trainable, grads[len(flat):]) if g is not None]
+        return layer_calls, used_graph, (full if audit else None)
 
     def _batch_error(self, module: nn.Module, t: torch.Tensor, batch: int) -> None:
         name = next((u.name for u in self.units if u.module is module), type(module).__name__)
@@ -444,7 +531,7 @@ class PerSampleClipper:
     def _params_of(call: LayerCall | _GraphCall) -> list[nn.Parameter]:
         if isinstance(call, LayerCall):
             return [p for p, _ in call.targets.values()]
-        return list(call.unit.params)
+        return list(call.params)
 
     @staticmethod
     def _check_graph_units(used: list[_GraphCall], layer_calls: list[LayerCall]) -> None:
@@ -500,7 +587,9 @@ class PerSampleClipper:
                     p, rows = call.targets[role]
                     full = summed.get(p)
                     if full is None:
-                        full = summed[p] = g.new_zeros((g.shape[0], *p.shape))
+                        full = summed[p] = g.new_zeros(
+                            (g.shape[0], *p.shape), dtype=norm_dtype(g.dtype)
+                        )
                     if rows is None:
                         full += g
                     else:
@@ -510,6 +599,9 @@ class PerSampleClipper:
 
     @staticmethod
     def _graph_per_sample(calls: list[_GraphCall]) -> dict[nn.Parameter, torch.Tensor]:
+        """{param: ∇ ℓ_i stacked over i} for the graph-path calls; the clipped sum is taken
+        from these same tensors, so that the norm and what is added agree to the last bit
+        (a second vector-Jacobian product in half precision would round differently)."""
         out: dict[nn.Parameter, torch.Tensor] = {}
         for call in calls:
             outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
@@ -518,10 +610,10 @@ class PerSampleClipper:
                 # vmap over some backward kernels (CPU attention) falls back to a loop and says so
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 grads = torch.autograd.grad(
-                    outs, call.unit.params, grad_outputs=cots, retain_graph=True,
+                    outs, call.params, grad_outputs=cots, retain_graph=True,
                     allow_unused=True, is_grads_batched=True,
                 )
-            for p, g in zip(call.unit.params, grads):
+            for p, g in zip(call.params, grads):
                 if g is not None:
                     out[p] = g
         return out
@@ -529,16 +621,19 @@ class PerSampleClipper:
     @staticmethod
     def _sum(
         layer_calls: list[LayerCall],
-        graph_calls: list[_GraphCall],
+        graph_grads: dict[nn.Parameter, torch.Tensor],
         factors: torch.Tensor,
         retain_graph: bool,
         out: dict[nn.Parameter, torch.Tensor],
     ) -> dict[nn.Parameter, torch.Tensor]:
-        """Add Σ_i c_i g_i into ``out`` (zeros allocated for parameters it lacks)."""
+        """Add Σ_i c_i g_i into ``out`` (zeros in ``norm_dtype`` allocated for parameters
+        it lacks: a half-precision accumulator would round each example's c_i·g_i)."""
 
         def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
             if p not in out:
-                out[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                out[p] = torch.zeros_like(
+                    p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format
+                )
             return out[p] if rows is None else out[p][rows]
 
         for call in layer_calls:
@@ -547,38 +642,33 @@ class PerSampleClipper:
             if not retain_graph:  # the last use: free as we go (the audit sums twice)
                 call.release()
                 call.per_sample = None
-        for i, call in enumerate(graph_calls):
-            outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
-            cots = [scale_rows(b, factors) for b in call.backprops if b is not None]
-            grads = torch.autograd.grad(
-                outs, call.unit.params, grad_outputs=cots,
-                retain_graph=retain_graph or i + 1 < len(graph_calls), allow_unused=True,
-            )
-            for p, g in zip(call.unit.params, grads):
-                if g is not None:
-                    target(p, None).add_(g)
+        for p, g in graph_grads.items():
+            t = target(p, None)
+            g, c = g.to(t.dtype), factors.to(t.dtype)
+            if t.is_contiguous():
+                t.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), c)
+            else:
+                t.add_(torch.einsum("b,b...->...", c, g))
         return out
 
     def _audit(
         self,
-        full: tuple[torch.Tensor | None, ...],
+        full: list[tuple[nn.Parameter, torch.Tensor]],
         layer_calls: list[LayerCall],
-        graph_calls: list[_GraphCall],
+        graph_grads: dict[nn.Parameter, torch.Tensor],
         ones: torch.Tensor,
     ) -> None:
         """Once, on the first micro-batch: the recorded calls must account for each
-        parameter's whole gradient. A weight also used outside its own module
+        trainable parameter's whole gradient. A weight also used outside its own module
         (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped."""
-        if any(f is not None and not torch.isfinite(f).all() for f in full):
+        if any(not torch.isfinite(f).all() for _, f in full):
             return  # the non-finite check refuses this micro-batch; audit the next one
-        own = self._sum(layer_calls, graph_calls, ones, retain_graph=True, out={})
+        own = self._sum(layer_calls, graph_grads, ones, retain_graph=True, out={})
         # The whole gradient's norm sets an absolute floor: a parameter whose true gradient
         # is 0 (a LayerNorm over one feature, an attention key bias) gets only rounding.
-        total = math.sqrt(sum(float(f.double().norm()) ** 2 for f in full if f is not None))
-        for p, f in zip(self.params, full):
-            if f is None:
-                continue
-            o = own.get(p, torch.zeros_like(f))
+        total = math.sqrt(sum(float(f.double().norm()) ** 2 for _, f in full))
+        for p, f in full:
+            o = own.get(p, torch.zeros_like(f)).to(f.dtype)
             # A missed use is a whole missing term (relative error ~1); rounding in a float32
             # sum over many examples and positions stays far below √eps (3e-4) in norm.
             tol = math.sqrt(torch.finfo(f.dtype).eps)

@@ -39,6 +39,7 @@ __all__ = [
     "LayerCall",
     "Rule",
     "Target",
+    "norm_dtype",
     "row_sq_norms",
     "rule_for",
     "scale_rows",
@@ -59,6 +60,13 @@ MEMORY_WEIGHT = 64.0
 #: A parameter, or a block of its leading rows (``nn.MultiheadAttention`` projects q, k
 #: and v with row blocks of one ``in_proj_weight``).
 Target = tuple[nn.Parameter, slice | None]
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-sample norms, clipping factors and clipped sums are computed in: at
+    least float32. In bfloat16 (8-bit mantissa) a norm is off by up to ~0.4 %, and so
+    would be c_i·‖g_i‖ against C; in float32 the bound holds to ~1e-7."""
+    return torch.promote_types(dtype, torch.float32)
 
 @dataclass(eq=False)
 class LayerCall:
@@ -157,17 +165,23 @@ def sq_norms(call: LayerCall) -> torch.Tensor:
 
 
 def scale_rows(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Example i's slice of a batch-first tensor times c_i (factors: shape [B])."""
-    return t * factors.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+    """Example i's slice of a batch-first tensor times c_i (factors: shape [B]), in
+    ``norm_dtype`` (a factor rounded to bfloat16 would move c_i·‖g_i‖ off C)."""
+    dtype = norm_dtype(t.dtype)
+    return t.to(dtype) * factors.to(dtype).view(-1, *([1] * (t.dim() - 1)))
 
 
 def row_sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """‖g_i‖² per leading index, in one pass (no squared copy of a large tensor)."""
-    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
+    """‖g_i‖² per leading index in ``norm_dtype``, in one pass (no squared copy of a large tensor)."""
+    return torch.linalg.vector_norm(
+        g.reshape(g.shape[0], -1), dim=1, dtype=norm_dtype(g.dtype)
+    ).square()
 
 
 def _gram_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖Σ_t g_tᵀ a_t‖²_F per example for a [B, T, d], g [B, T, p], in O(T²(d+p))."""
+    """‖Σ_t g_tᵀ a_t‖²_F per example for a [B, T, d], g [B, T, p], in O(T²(d+p)), in ``norm_dtype``."""
+    dtype = norm_dtype(g.dtype)
+    a, g = a.to(dtype), g.to(dtype)
     if a.shape[1] == 1:
         return row_sq_norms(a) * row_sq_norms(g)
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
@@ -192,6 +206,8 @@ class LinearRule(Rule):
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
         a, g = self._rows(call)
+        # in norm_dtype throughout: the clipped sum adds these same numbers in it
+        a, g = a.to(norm_dtype(g.dtype)), g.to(norm_dtype(g.dtype))
         total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
         if "weight" in call.targets:
             total = total + _gram_sq_norm(a, g)
@@ -213,10 +229,10 @@ class LinearRule(Rule):
             return super().clipped_sum(call, factors, out)
         # Σ_i c_i Σ_t g_itᵀ a_it sums over all rows: take them in the order they are stored
         # (inside attention, position-major), so that no activation is copied to reorder it
-        dtype = next(iter(out.values())).dtype  # the accumulator's (the parameter's)
+        dtype = next(iter(out.values())).dtype  # the accumulator's: at least float32
         x, g = call.activations[0], call.backprop
-        a, g = x.reshape(-1, x.shape[-1]).to(dtype), g.reshape(-1, g.shape[-1])
-        g = (g * call.row_factors(factors.to(g.dtype), g.shape[0]).unsqueeze(1)).to(dtype)
+        a, g = x.reshape(-1, x.shape[-1]).to(dtype), g.reshape(-1, g.shape[-1]).to(dtype)
+        g = g * call.row_factors(factors.to(dtype), g.shape[0]).unsqueeze(1)
         if "weight" in call.targets:
             out["weight"].addmm_(g.t(), a)
         if "bias" in call.targets:
@@ -254,7 +270,7 @@ class ConvRule(Rule):
         return (t * t * (d + p) + t * d * p, t * d * p + MEMORY_WEIGHT * d * p)
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
-        g = call.backprop
+        g = call.backprop.to(norm_dtype(call.backprop.dtype))
         total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
         if "weight" in call.targets:
             total = total + _gram_sq_norm(*self._patches(call))
@@ -300,7 +316,7 @@ class ConvRule(Rule):
             return super().clipped_sum(call, factors, out)
         conv = call.module
         x = call.activations[0]
-        g = scale_rows(call.backprop, factors)
+        g = scale_rows(call.backprop, factors)  # in norm_dtype, as the ghost norm was
         if "weight" in call.targets:
             weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight
             out["weight"].add_(weight_grad(
@@ -332,6 +348,7 @@ class EmbeddingRule(Rule):
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
         ids, g = self._rows(call)
+        g = g.to(norm_dtype(g.dtype))
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
         return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
 

@@ -20,6 +20,12 @@ class DPLoss:
 
     Don't scale it for accumulation (no ``loss / k``): the optimizer divides by
     the expected logical batch size L.
+
+    One ``backward()`` per forward pass: the forward's recorded layer calls are
+    used up by it. Several losses of one forward are added first, per example:
+    ``loss_a + loss_b`` (two ``DPLoss`` of the same forward) or ``loss + aux``
+    with ``aux`` a tensor of shape [B] (e.g. ``0.1 * out.square().sum(dim=1)``)
+    give a ``DPLoss`` whose example i has loss ℓ_i + aux_i, clipped as one.
     """
 
     def __init__(self, loss_per_sample: torch.Tensor, optimizer: "DPOptimizer", reduction: str):
@@ -27,10 +33,75 @@ class DPLoss:
         self.loss_per_sample = loss_per_sample
         self._optimizer = optimizer
         self._reduction = reduction
+        # the clipper's records this loss is made from; a backward() uses them up. None:
+        # there were none left (a forward already used up by a backward())
+        clipper = optimizer.clipper
+        fresh = clipper.recorded_calls > 0 or loss_per_sample.numel() == 0
+        self._generation = clipper.generation if fresh else None
+        # the forward it comes from, for adding losses: records grow with each forward
+        self._forward = (self._generation, clipper.recorded_calls)
 
-    def backward(self) -> None:
-        """Clip each example's gradient to max_grad_norm and accumulate the sum."""
+    def backward(
+        self,
+        gradient: torch.Tensor | None = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        inputs: Any = None,
+    ) -> None:
+        """Clip each example's gradient to max_grad_norm and accumulate the sum.
+
+        Takes ``torch.Tensor.backward``'s arguments: ``retain_graph`` is accepted and
+        has no effect (dpclip's one backward pass frees what it used; a second
+        ``backward()`` on this forward is refused either way). ``gradient``,
+        ``create_graph=True`` and ``inputs`` would change the gradient and are
+        refused (``ValueError``). Raises ``RuntimeError`` if this loss's forward was
+        already used by a ``backward()``; both refusals change nothing.
+        """
+        for name, value, default in (
+            ("gradient", gradient, None),
+            ("create_graph", create_graph, False),
+            ("inputs", inputs, None),
+        ):
+            if value is not default:
+                raise ValueError(
+                    f"DPLoss.backward() does not take {name}={value!r}: dpclip clips the "
+                    "gradient of every trainable parameter for the unscaled per-example losses; "
+                    f"call backward() without {name}"
+                )
+        if self._generation is None or self._generation != self._optimizer.clipper.generation:
+            raise RuntimeError(
+                "this loss's forward pass was already used by a backward() (of this loss, or "
+                "of another loss computed from the same forward): dpclip takes one backward() "
+                "per forward, and each counts as a micro-batch. Nothing was added. To combine "
+                "several losses of one forward, add them per example before the one backward(): "
+                "(loss_a + loss_b).backward(), or (loss + aux).backward() with aux of shape [B]"
+            )
         self._optimizer.accumulate(self.loss_per_sample)
+
+    def __add__(self, other: Any) -> "DPLoss":
+        """ℓ_i + other_i per example: ``other`` is a ``DPLoss`` of the same forward or a
+        tensor of shape [B]."""
+        shape = tuple(self.loss_per_sample.shape)
+        if isinstance(other, DPLoss):
+            if other._optimizer is not self._optimizer or other._forward != self._forward:
+                raise ValueError(
+                    "adding two DPLoss objects needs both from the same forward pass (made "
+                    "since the last backward()); this one comes from another forward"
+                )
+            other = other.loss_per_sample
+        if not isinstance(other, torch.Tensor) or tuple(other.shape) != shape:
+            got = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise ValueError(
+                f"Expected a per-example tensor of shape [{shape[0]}] (or a DPLoss of the same "
+                f"forward) to add to the private loss, got {got}: a term for each example is "
+                "clipped with it; a data-independent regulariser on the weights is not a "
+                "per-example loss: backward() it inside `with optimizer.public_gradient():`"
+            )
+        combined = DPLoss(self.loss_per_sample + other, self._optimizer, self._reduction)
+        combined._generation, combined._forward = self._generation, self._forward
+        return combined
+
+    __radd__ = __add__
 
     def detach(self) -> torch.Tensor:
         """The loss reduced as the user's criterion would ("mean" or "sum"); NaN-free for B=0."""

@@ -6,11 +6,18 @@ sets ``param.grad = (S + N(0, σ²C²·I)) / L``, runs the user's optimizer and
 records one event in the ledger. L is the *expected* logical batch size:
 dividing by the realised size would leak it (Abadi et al. 2016 normalise by
 the expected lot size too).
+
+``step()`` refuses, before anything changes, a ``param.grad`` that dpclip did
+not write (it would be overwritten) and a parameter that clipping does not
+cover (it would move by noise alone). A frozen parameter (``requires_grad``
+False, also when frozen after ``make_private``) gets no noise and no update.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,6 +81,19 @@ class DPOptimizer(Optimizer):
     logical batch, raises ``LogicalBatchError`` naming both counts and leaves
     the accumulator as it was.
 
+    A micro-batch whose backward raised ``NonFiniteNormError`` counts as an empty
+    one: catch the error, carry on with the loop and call ``step()`` as usual. A
+    loop that ``continue``s past its ``step()`` works too: inside a logical batch
+    that ``step()`` would be a skip anyway, and when the failed micro-batch is the
+    last of its logical batch, its ``backward()`` applies the logical batch (runs
+    ``step()``) before raising, so that the next forward sees the new parameters;
+    a ``step()`` right after that is a no-op.
+
+    Gradients from outside dpclip are refused at ``step()`` (and ``zero_grad()``,
+    which would drop them silently): a per-example loss term belongs in the
+    private loss (``criterion(out, y) + aux``, aux of shape [B]); a
+    data-independent regulariser is backpropagated inside ``public_gradient()``.
+
     Args:
         optimizer: the user's optimizer over (a subset of) the model's trainable parameters.
         clipper: per-sample clipping of the model.
@@ -125,6 +145,16 @@ class DPOptimizer(Optimizer):
         self._pass = schedule.pass_id  # loader pass the current logical batch came from
         self._examples: list[int] | None = []  # dataset indices of the logical batch (None: unknown)
         self._lost: str | None = None  # why the current logical batch cannot be applied
+        self._skipped_since_step = 0  # of _since_step_call: non-finite micro-batches
+        # the last backward() raised NonFiniteNormError after applying its logical batch
+        self._applied_on_skip = False
+        self._public: dict[torch.Tensor, torch.Tensor] = {}  # public_gradient() sums
+        self._covered = set(clipper.params)
+        self._names = {p: n for n, p in clipper.module.named_parameters()}
+        # the p.grad each parameter had when dpclip last wrote or saw it, and its version:
+        # any other p.grad (or an in-place change of it) comes from outside dpclip
+        self._grads_seen: dict[torch.Tensor, tuple[weakref.ref, int]] = {}
+        self._see_gradients()
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -173,8 +203,88 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``param.grad``; the accumulated clipped sum is kept until ``step()``."""
+        """Clear ``param.grad``; the accumulated clipped sum is kept until ``step()``.
+
+        Raises ``RuntimeError`` (clearing nothing) if some ``param.grad`` was written
+        outside dpclip: clearing it would drop that gradient silently.
+        """
+        self._check_outside_gradients()
         self.original_optimizer.zero_grad(set_to_none)
+        self._see_gradients()
+
+    @contextmanager
+    def public_gradient(self) -> Iterator[None]:
+        """Gradients computed by ``backward()`` inside this block are public: at the step
+        that applies the logical batch they are added, as they are (not clipped, not
+        noised, not divided by L), to the private gradient (S + noise) / L.
+
+        Only for terms that do not depend on the training data, such as a regulariser
+        on the weights (dpclip cannot check this: a data-dependent term here is not
+        private)::
+
+            loss.backward()                          # the private, per-example loss
+            with optimizer.public_gradient():
+                (1e-4 * model.fc.weight.square().sum()).backward()
+            optimizer.step()
+
+        Public gradients add up, as ``param.grad`` does, until that step: in loop
+        style 1 (``step()`` after every micro-batch) compute the regulariser once per
+        logical batch. ``param.grad`` is as it was outside the block. A per-example
+        term belongs in the private loss instead: ``criterion(out, y) + aux`` with
+        ``aux`` of shape [B].
+        """
+        params = self.params
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            yield
+            for p in params:
+                if p.grad is not None:
+                    total = self._public.get(p)
+                    self._public[p] = p.grad if total is None else total.add_(p.grad)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+
+    def _see_gradients(self) -> None:
+        self._grads_seen = {
+            p: (weakref.ref(p.grad), p.grad._version) for p in self.params if p.grad is not None
+        }
+
+    def _check_outside_gradients(self) -> None:
+        """Refuse a ``param.grad`` that dpclip did not write: another loss's ``backward()``
+        or an in-place change (zeros, as ``zero_grad(set_to_none=False)`` leaves, are fine)."""
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            seen = self._grads_seen.get(p)
+            if seen is not None and seen[0]() is g and seen[1] == g._version:
+                continue
+            if not bool(g.any()):
+                continue
+            name = self._names.get(p, f"of shape {tuple(p.shape)}")
+            raise RuntimeError(
+                f"param.grad of parameter {name!r} was written outside dpclip since dpclip last "
+                "set it (by backward() of another loss, or an in-place change such as "
+                "clip_grad_norm_): step() would overwrite it, so it would be lost. A per-example "
+                "term (depends on the data): add it to the private loss before backward(), as "
+                "criterion(out, y) + aux with aux of shape [B]. A data-independent regulariser: "
+                "backward() it inside `with optimizer.public_gradient():`. Or call "
+                "optimizer.zero_grad() before the private backward() to drop it"
+            )
+
+    def _check_covered(self) -> None:
+        for p in self.params:
+            if p not in self._covered:
+                raise RuntimeError(
+                    f"the optimizer's param_groups hold a parameter of shape {tuple(p.shape)} "
+                    "that is not covered by per-example clipping (added after make_private, "
+                    "e.g. with optimizer.original_optimizer.add_param_group): it would move by "
+                    "noise alone. Build the optimizer with all its parameters, from the model's "
+                    "trainable parameters, before make_private"
+                )
 
     def accumulate(self, loss_per_sample: torch.Tensor) -> None:
         """Add this micro-batch's clipped gradient sum (called by the loss's ``backward()``).
@@ -195,6 +305,7 @@ class DPOptimizer(Optimizer):
             )
         self._planned = planned
         self._pass = self.schedule.pass_id
+        self._applied_on_skip = False
         try:
             if loss_per_sample.numel() > 0:
                 # S goes straight into the accumulator: no parameter-sized copy per micro-batch
@@ -205,6 +316,12 @@ class DPOptimizer(Optimizer):
             # Counted as an empty micro-batch: the logical-batch boundaries stay where the
             # sampler put them, and no non-finite value reaches the accumulator.
             self._count_micro_batch()
+            self._skipped_since_step += 1
+            if self._micro_batches == planned:
+                # the logical batch is complete; the loop may skip its step() with this
+                # micro-batch, and its next forward must see the updated parameters
+                self.step()
+                self._applied_on_skip = True
             raise
         except Exception as err:
             if self.clipper.writing:
@@ -227,8 +344,10 @@ class DPOptimizer(Optimizer):
 
     def _reset_logical_batch(self) -> None:
         self._accumulator = {}
+        self._public = {}
         self._micro_batches = 0
         self._since_step_call = 0
+        self._skipped_since_step = 0
         self._planned = None
         self._examples = []
 
@@ -247,8 +366,19 @@ class DPOptimizer(Optimizer):
         A logical batch cut short by a new pass over the loader (a ``break``)
         is applied as it is: a subset of one Poisson draw, accounted as one step.
 
+        A micro-batch that raised ``NonFiniteNormError`` needs no ``step()`` of its
+        own (a loop may ``continue`` past it); a ``step()`` after one that completed
+        its logical batch is a no-op: that backward() applied it.
+
         Returns the closure's loss (or None); None for a skipped step.
+
+        Raises:
+            LogicalBatchError: the step does not fit the logical batch (see message).
+            RuntimeError: a ``param.grad`` written outside dpclip, or a parameter in
+                ``param_groups`` that clipping does not cover; nothing changed.
         """
+        self._check_covered()
+        self._check_outside_gradients()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -256,14 +386,18 @@ class DPOptimizer(Optimizer):
         n, since = self._micro_batches, self._since_step_call
         interrupted = n > 0 and self._pass != self.schedule.pass_id
         if since == 0 and not interrupted:
+            if self._applied_on_skip:
+                self._applied_on_skip = False
+                return loss
             raise LogicalBatchError(
                 "step() called with no backward() since the previous step(): "
                 f"{n} micro-batches accumulated"
             )
         planned = int(self._planned)  # set by every backward(), and n > 0 or since > 0
         if n < planned and not interrupted:
-            if since == 1:
+            if since - self._skipped_since_step <= 1:
                 self._since_step_call = 0
+                self._skipped_since_step = 0
                 return None
             raise LogicalBatchError(
                 f"step() after {n} micro-batches, but the logical batch has {planned} "
@@ -283,24 +417,33 @@ class DPOptimizer(Optimizer):
         noise_std = self.noise_multiplier * self.max_grad_norm
         # the accumulator becomes the noisy gradient in place: from here on, whatever
         # happens (an error in the noise or in the user's step), it is never used again
-        accumulator = self._accumulator
+        accumulator, public = self._accumulator, self._public
         self._reset_logical_batch()
         if not interrupted:
             self.schedule.stepped(n)
         with record_function("dpclip.noise"):
             for p in self.params:
+                if not p.requires_grad:  # frozen: no noise, and torch optimizers skip it
+                    p.grad = None
+                    continue
                 s = accumulator.get(p)
-                if s is None:
-                    s = torch.zeros_like(p)
-                p.grad = private_gradient(
+                if s is None:  # in float32 at least, as the clipper accumulates
+                    s = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+                g = private_gradient(
                     s,
                     noise_std=noise_std,
                     expected_batch_size=self.expected_batch_size,
                     generator=self.generator,
                     inplace=True,
                 )
+                if p in public:
+                    g.add_(public[p].to(g.dtype))
+                p.grad = g.to(p.dtype)  # no copy unless the parameter is half precision
         with record_function("dpclip.optimizer_step"):
-            self.original_optimizer.step()
+            try:
+                self.original_optimizer.step()
+            finally:  # the gradients are dpclip's, also as the user's optimizer left them
+                self._see_gradients()
         self.ledger.record(event)
         for callback in self.step_callbacks:
             callback()

@@ -501,8 +501,8 @@ def wrap_data_loader(loader: DataLoader, batch_sampler: Sampler) -> DataLoader:
         multiprocessing_context=loader.multiprocessing_context,
         prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
         persistent_workers=loader.persistent_workers,
-        # Each iteration draws the workers' base seed from this generator: never from torch's
-        # global one, whose stream (dropout, shuffling) a resumed run must find where it was.
-        generator=loader.generator if loader.generator is not None
-        else torch.Generator().manual_seed(torch.initial_seed()),
+        # Each iteration draws the workers' base seed from this generator: neither from torch's
+        # global one (dropout, a RandomSampler's seed) nor from the loader's (which its sampler
+        # may share), whose streams a resumed run must find where they were.
+        generator=torch.Generator().manual_seed(torch.initial_seed()),
     )

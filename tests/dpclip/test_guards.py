@@ -1,0 +1,407 @@
+"""Ordinary user actions that would break the privacy promise are refused loudly, before
+any state changes, or made to work: a second backward() on one forward, frozen and
+unfrozen parameters, gradients from outside dpclip, half precision, a non-finite
+micro-batch skipped by the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import dpclip
+from tests.dpclip.helpers import make_run, train_logical_batch
+from tests.dpclip.models import MLP, TinyTransformer
+
+
+def _micro(run, i, b=4):
+    return run.x[i * b : (i + 1) * b], run.y[i * b : (i + 1) * b]
+
+
+def _clipped_update(model, params, x, y, C, L, loss_fn=None, fixed=None):
+    """Σ_i min(1, C/‖g_i‖) g_i / L over the parameters in ``params`` only (torch.func);
+    ``fixed``: values of the other parameters (not differentiated)."""
+    loss_fn = loss_fn or (lambda out, yi: F.cross_entropy(out, yi))
+    fixed = fixed or {}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, {**fixed, **p}, (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0)).sum()
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+    f = torch.clamp(C / norms, max=1.0)
+    return {k: torch.einsum("i,i...->...", f, v) / L for k, v in g.items()}
+
+
+def _assert_unchanged(run, before):
+    assert all(torch.equal(before[k], v) for k, v in run.params().items())
+
+
+# --- item 2: one backward() per forward -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["same_loss", "retain_graph", "criterion_twice", "two_losses_first"])
+@pytest.mark.parametrize("position", [0, 1])  # the audited first micro-batch, and a later one
+def test_second_backward_on_one_forward_is_refused_before_counting(how, position):
+    run = make_run("mlp", batch_size=4, accumulation_steps=3)
+    before = run.params()
+    for i in range(position):
+        run.criterion(run.model(_micro(run, i)[0]), _micro(run, i)[1]).backward()
+    xb, yb = _micro(run, position)
+    out = run.model(xb)
+    loss = run.criterion(out, yb)
+    other = run.criterion(out, yb)  # made before the first backward()
+    loss.backward(retain_graph=True) if how == "retain_graph" else loss.backward()
+    again = {"criterion_twice": run.criterion(out, yb), "two_losses_first": other}.get(how, loss)
+    with pytest.raises(RuntimeError, match=r"one backward\(\) per forward.*loss_a \+ loss_b"):
+        again.backward()
+    assert run.optimizer.micro_batches_accumulated == position + 1
+    for i in range(position + 1, 3):  # the logical batch completes as the sampler drew it
+        run.criterion(run.model(_micro(run, i)[0]), _micro(run, i)[1]).backward()
+    run.optimizer.step()
+    expected = _clipped_update(
+        run.reference_model, before, run.x[:12], run.y[:12], run.optimizer.max_grad_norm, 12
+    )
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"create_graph": True}, "create_graph"),
+        ({"inputs": "params"}, "inputs"),
+        ({"gradient": torch.tensor(2.0)}, "gradient"),
+    ],
+)
+def test_backward_arguments_that_change_the_gradient_are_refused(kwargs, match):
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    if kwargs.get("inputs") == "params":
+        kwargs = {"inputs": list(run.model.parameters())}
+    loss = run.criterion(run.model(run.x[:4]), run.y[:4])
+    with pytest.raises(ValueError, match=match):
+        loss.backward(**kwargs)
+    assert run.optimizer.micro_batches_accumulated == 0
+    loss.backward(retain_graph=False)  # refused arguments did not use the forward up
+    assert run.optimizer.micro_batches_accumulated == 1
+
+
+# --- item 9: parameters frozen after make_private ---------------------------------------
+
+
+class ScaleShift(nn.Module):
+    """Bare parameters: clipped through the recorded graph (no layer rule)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n) + 0.1 * torch.randn(n))
+        self.shift = nn.Parameter(0.1 * torch.randn(n))
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+
+class GraphMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.ss = ScaleShift(16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.ss(self.fc1(x))))
+
+
+@pytest.mark.parametrize(
+    "freeze",
+    [
+        ["net.0.weight", "net.0.bias"],  # a whole rule layer
+        ["net.0.weight"],  # one parameter of a rule layer
+        ["ss.scale"],  # one parameter of a graph-path module
+        ["ss.scale", "ss.shift"],
+    ],
+)
+@pytest.mark.parametrize("when", ["before_first_backward", "after_a_step"])
+def test_frozen_parameter_gets_no_noise_no_update_and_no_share_of_the_norm(freeze, when):
+    torch.manual_seed(0)
+    model = (MLP() if freeze[0].startswith("net") else GraphMLP()).double()
+    run = make_run("mlp", batch_size=4, accumulation_steps=2, model=model, max_grad_norm=0.3)
+    micro = [_micro(run, i) for i in range(4)]
+    if when == "after_a_step":
+        train_logical_batch(run, micro[:2], 2)
+    frozen = {n: p for n, p in run.model.named_parameters() if n in freeze}
+    for p in frozen.values():
+        p.requires_grad_(False)
+    before = run.params()
+    trainable = {n: before[n] for n, p in run.model.named_parameters() if p.requires_grad}
+    fixed = {n: before[n] for n in frozen}
+    train_logical_batch(run, micro[2:], 1)
+    expected = _clipped_update(
+        run.reference_model, trainable, run.x[8:16], run.y[8:16], 0.3, 8, fixed=fixed
+    )
+    for name, p in run.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, before[name]) and p.grad is None
+        else:
+            torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_frozen_attention_projection_is_left_out():
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    run = make_run("transformer", batch_size=4, accumulation_steps=1, model=model, max_grad_norm=0.3)
+    frozen = "layer.self_attn.in_proj_weight"
+    dict(run.model.named_parameters())[frozen].requires_grad_(False)
+    before = run.params()
+    trainable = {n: v for n, v in before.items() if n != frozen}
+    train_logical_batch(run, [_micro(run, 0)], 1)
+    expected = _clipped_update(
+        run.reference_model, trainable, run.x[:4], run.y[:4], 0.3, 4, fixed={frozen: before[frozen]}
+    )
+    for name, p in run.model.named_parameters():
+        if name == frozen:
+            assert torch.equal(p, before[name]) and p.grad is None
+        else:
+            torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_frozen_parameter_gets_no_noise():
+    run = make_run("mlp", batch_size=4, accumulation_steps=1, noise_multiplier=1.0)
+    frozen = run.model.net[0].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    train_logical_batch(run, [_micro(run, 0)], 1)
+    assert torch.equal(frozen, before) and frozen.grad is None
+    assert not torch.equal(run.model.net[2].weight, run.reference_model.net[2].weight)
+
+
+def test_unfreezing_a_parameter_frozen_at_make_private_is_refused():
+    torch.manual_seed(0)
+    model = MLP().double()
+    model.net[0].requires_grad_(False)
+    x, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 3, (16,))
+    model, optimizer, criterion, _ = dpclip.PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=4
+        ),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    criterion(model(x[:4]), y[:4]).backward()
+    optimizer.step()
+    model.net[0].weight.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"'net.0.weight'.*frozen when the model was made private"):
+        criterion(model(x[4:8]), y[4:8]).backward()
+    assert optimizer.micro_batches_accumulated == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+# --- item 10: gradients from outside dpclip ---------------------------------------------
+
+
+@pytest.mark.parametrize("zero_grad", ["none", "set_to_none", "zeros"])
+def test_plain_backward_beside_the_private_loss_is_refused_at_step(zero_grad):
+    run = make_run("mlp", batch_size=4, accumulation_steps=1, noise_multiplier=1.0)
+    train_logical_batch(run, [_micro(run, 0)], 1)  # dpclip's own p.grad from a step
+    if zero_grad == "set_to_none":
+        run.optimizer.zero_grad()
+    elif zero_grad == "zeros":
+        run.optimizer.zero_grad(set_to_none=False)
+    xb, yb = _micro(run, 1)
+    out = run.model(xb)
+    run.criterion(out, yb).backward()
+    out2 = run.model(xb)
+    out2.pow(2).mean().backward()  # an auxiliary loss, outside dpclip
+    before = run.params()
+    with pytest.raises(RuntimeError, match=r"'net.0.weight'.*written outside dpclip.*public_gradient"):
+        run.optimizer.step()
+    assert run.engine.steps == 1 and run.optimizer.micro_batches_accumulated == 1
+    _assert_unchanged(run, before)
+
+
+@pytest.mark.parametrize("zero_grad", ["never", "zeros"])
+def test_dpclip_own_gradient_left_in_place_is_not_an_outside_gradient(zero_grad):
+    run = make_run("mlp", batch_size=4, accumulation_steps=1)
+    for i in range(3):
+        run.criterion(run.model(_micro(run, i)[0]), _micro(run, i)[1]).backward()
+        run.optimizer.step()
+        if zero_grad == "zeros":
+            run.optimizer.zero_grad(set_to_none=False)
+    assert run.engine.steps == 3
+
+
+def test_per_example_auxiliary_loss_added_to_the_private_loss():
+    run = make_run("mlp", batch_size=4, accumulation_steps=2, max_grad_norm=0.3)
+    before = run.params()
+    for i in range(2):
+        xb, yb = _micro(run, i)
+        out = run.model(xb)
+        loss = run.criterion(out, yb) + 0.1 * out.pow(2).sum(dim=1)  # DPLoss + tensor [B]
+        loss = loss + run.criterion(out, (yb + 1) % 3)  # DPLoss + DPLoss of the same forward
+        assert isinstance(loss, dpclip.DPLoss)
+        loss.backward()
+    run.optimizer.step()
+
+    def loss_fn(out, yi):
+        return F.cross_entropy(out, yi) + 0.1 * out.pow(2).sum() + F.cross_entropy(out, (yi + 1) % 3)
+
+    expected = _clipped_update(run.reference_model, before, run.x[:8], run.y[:8], 0.3, 8, loss_fn)
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_adding_a_non_per_example_term_to_a_private_loss_is_refused():
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    out = run.model(run.x[:4])
+    loss = run.criterion(out, run.y[:4])
+    with pytest.raises(ValueError, match=r"shape \[4\].*public_gradient"):
+        loss + out.pow(2).mean()
+    other = run.criterion(run.model(run.x[4:8]), run.y[4:8])  # another forward
+    with pytest.raises(ValueError, match="same forward"):
+        loss + other
+
+
+@pytest.mark.parametrize("style", [1, 2])
+def test_public_gradient_is_added_unclipped_and_unnoised(style):
+    run = make_run("mlp", batch_size=4, accumulation_steps=2, max_grad_norm=0.3)
+    before = run.params()
+    w = run.model.net[0].weight
+    for i in range(2):
+        xb, yb = _micro(run, i)
+        run.criterion(run.model(xb), yb).backward()
+        if i == 0:
+            with run.optimizer.public_gradient():
+                (0.5 * w.pow(2).sum()).backward()  # data-independent: gradient w
+        if style == 1:
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+    if style == 2:
+        run.optimizer.step()
+    expected = _clipped_update(run.reference_model, before, run.x[:8], run.y[:8], 0.3, 8)
+    expected["net.0.weight"] = expected["net.0.weight"] + before["net.0.weight"]
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+    assert run.engine.steps == 1
+
+
+def test_trainable_module_outside_the_private_model_is_refused():
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    head = nn.Linear(3, 3).double()
+    with pytest.raises(RuntimeError, match=r"not a parameter of the private model.*make_private"):
+        run.criterion(head(run.model(run.x[:4])), run.y[:4]).backward()
+    assert run.optimizer.micro_batches_accumulated == 0
+    head.requires_grad_(False)  # frozen: a fixed function of the output, fine
+    run.criterion(head(run.model(run.x[:4])), run.y[:4]).backward()
+    assert run.optimizer.micro_batches_accumulated == 1
+
+
+def test_param_group_added_to_the_original_optimizer_is_refused_at_step():
+    run = make_run("mlp", batch_size=4, accumulation_steps=1, noise_multiplier=1.0)
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    run.optimizer.original_optimizer.add_param_group({"params": [extra]})
+    run.criterion(run.model(run.x[:4]), run.y[:4]).backward()
+    before = run.params()
+    with pytest.raises(RuntimeError, match=r"param_groups.*not covered by per-example clipping"):
+        run.optimizer.step()
+    assert run.engine.steps == 0 and torch.equal(extra, torch.zeros(3, dtype=torch.float64))
+    _assert_unchanged(run, before)
+
+
+# --- item 11: half precision clips to C -------------------------------------------------
+
+
+class HalfModel(nn.Module):
+    """Every rule family: Embedding, Linear (3-d), LayerNorm, Conv1d, MultiheadAttention,
+    and a bare parameter (graph path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.ss = ScaleShift(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.ss(self.norm(h)).mean(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_half_precision_clipped_contribution_stays_within_max_grad_norm(dtype, clipping):
+    # What one example adds to the clipped sum, measured in float64 by the test: its norm
+    # is the sensitivity, and must not exceed C beyond float32 rounding.
+    torch.manual_seed(0)
+    model = HalfModel().to(dtype)
+    C = 1e-3  # far below every gradient norm: every example is clipped
+    clipper = dpclip.PerSampleClipper(model, C, clipping)
+    tokens = torch.randint(0, 20, (12, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
+    worst = 0.0
+    for i in range(12):
+        losses = F.cross_entropy(model(tokens[i : i + 1]).float(), y[i : i + 1], reduction="none")
+        s = clipper.clipped_sum(losses)
+        norm = torch.sqrt(sum(v.double().pow(2).sum() for v in s.values())).item()
+        worst = max(worst, norm / C)
+    assert worst <= 1 + 1e-5
+
+
+def test_half_precision_accumulator_and_update_keep_float32():
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    run = make_run("mlp", batch_size=4, accumulation_steps=2, model=model, dtype=torch.bfloat16,
+                   max_grad_norm=0.01)
+    xb, yb = _micro(run, 0)
+    run.criterion(run.model(xb), yb).backward()
+    assert all(s.dtype == torch.float32 for s in run.optimizer._accumulator.values())
+    run.criterion(run.model(_micro(run, 1)[0]), _micro(run, 1)[1]).backward()
+    run.optimizer.step()
+    assert all(p.grad.dtype == torch.bfloat16 for p in run.model.parameters())
+
+
+# --- item 15: a non-finite micro-batch can be skipped -----------------------------------
+
+
+@pytest.mark.parametrize("style", [1, 2])
+@pytest.mark.parametrize("skip", ["continue", "step_as_usual"])
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_loop_carries_on_after_a_non_finite_micro_batch(style, skip, bad):
+    k = 3
+    run = make_run("mlp", n=64, batch_size=4, accumulation_steps=k, max_grad_norm=0.3)
+    xs = [_micro(run, i) for i in range(2 * k)]
+    poisoned = xs[bad][0].clone()
+    poisoned[0, 0] = float("nan")
+    xs[bad] = (poisoned, xs[bad][1])
+    starts, after = [run.params()], []
+    run.optimizer.step_callbacks.append(lambda: after.append(run.params()))
+    for i, (xb, yb) in enumerate(xs):
+        try:
+            run.criterion(run.model(xb), yb).backward()
+        except dpclip.NonFiniteNormError:
+            if skip == "continue":
+                continue
+        if style == 1 or (i + 1) % k == 0:
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+    assert run.engine.steps == 2 and run.optimizer.micro_batches_accumulated == 0
+    good = [i for i in range(k) if i != bad]
+    x1 = torch.cat([xs[i][0] for i in good])
+    y1 = torch.cat([xs[i][1] for i in good])
+    expected = _clipped_update(run.reference_model, starts[0], x1, y1, 0.3, 4 * k)
+    for name in expected:
+        torch.testing.assert_close(starts[0][name] - after[0][name], expected[name], atol=1e-9, rtol=0)
+    x2, y2 = run.x[4 * k : 8 * k], run.y[4 * k : 8 * k]
+    expected = _clipped_update(run.reference_model, after[0], x2, y2, 0.3, 4 * k)
+    for name in expected:
+        torch.testing.assert_close(after[0][name] - after[1][name], expected[name], atol=1e-9, rtol=0)
