@@ -655,12 +655,16 @@ class PerSampleClipper:
             if float((o - f).norm()) > tol * float(f.norm()) + 1e-30:
                 if self._dropped:
                     raise RuntimeError(
-                        "the loss uses a forward of the model whose records dpclip dropped when "
-                        "the next forward with gradients enabled started: a loss over several "
-                        "forwards of the model (e.g. siamese pairs) cannot be clipped per "
-                        "example this way. Compute it in one forward of a module that takes "
-                        "all its inputs (forward(x1, x2)), and evaluate under torch.no_grad(); "
-                        "nothing was accumulated"
+                        f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
+                        "gradient that this forward's records do not account for: the loss uses "
+                        "a forward of the model whose records dpclip dropped when the next "
+                        "forward with gradients enabled started. A loss over several forwards "
+                        "of the model (e.g. siamese pairs) cannot be clipped per example this "
+                        "way: compute it in one forward of a module that takes all its inputs "
+                        "(forward(x1, x2)), and evaluate under torch.no_grad(). (Or the "
+                        "parameter is used outside its own module, e.g. a tied weight passed to "
+                        "F.linear: tie it by sharing the module attribute.) Nothing was "
+                        "accumulated"
                     )
                 raise RuntimeError(
                     f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "

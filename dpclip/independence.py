@@ -131,7 +131,9 @@ def leading_batch(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def _change_example_zero(args: tuple, kwargs: dict, batch: int, first_only: bool) -> _Changed | None:
+def _change_example_zero(
+    args: tuple, kwargs: dict, batch: int, first_only: bool
+) -> _Changed | None:
     """A copy of the inputs with example 0 replaced by the first example that differs from
     it in the changed tensors (every tensor with ``batch`` leading rows, or the first);
     None when none differs."""
@@ -141,9 +143,9 @@ def _change_example_zero(args: tuple, kwargs: dict, batch: int, first_only: bool
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
     ]
     rows = rows[:1] if first_only else rows
+    tensors = [leaves[i][1] for i in rows]
     donor = next(
-        (j for j in range(1, batch) if any(not torch.equal(leaves[i][1][j], leaves[i][1][0]) for i in rows)),
-        None,
+        (j for j in range(1, batch) if any(not torch.equal(t[j], t[0]) for t in tensors)), None
     )
     if donor is None:
         return None
@@ -162,7 +164,10 @@ def _batch_first_floats(outputs: Any, batch: int) -> dict[str, torch.Tensor]:
     return {
         keystr(path): t.detach()
         for path, t in leaves
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 and t.shape[0] == batch
+        if isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.dim() > 0
+        and t.shape[0] == batch
     }
 
 
@@ -180,16 +185,18 @@ def moved_examples(reference: Any, probed: Any, batch: int) -> Movement | None:
         b = new.get(name)
         if b is None or b.shape != a.shape or batch < 2:
             continue
-        finite = a[torch.isfinite(a)]
-        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        scale = float(torch.where(torch.isfinite(a), a.abs(), 0).max())
         tolerance = TOLERANCE_EPS * torch.finfo(a.dtype).eps * scale
-        a, b = a[1:].to(torch.float64), b[1:].to(torch.float64)
-        diff = (b - a).abs()
+        a, b = a[1:], b[1:]
+        if a.element_size() < 4:  # half precision: differences in float32
+            a, b = a.float(), b.float()
+        diff = (b - a).abs_()
         same = (a == b) | (torch.isnan(a) & torch.isnan(b))
         moved = (~(diff <= tolerance) & ~same).reshape(a.shape[0], -1)
         if not moved.any():
             continue
-        amounts = torch.where(moved, diff.nan_to_num(math.inf).reshape(a.shape[0], -1), 0.0).amax(1)
+        diff = diff.nan_to_num_(nan=math.inf, posinf=math.inf).reshape(a.shape[0], -1)
+        amounts = torch.where(moved, diff, 0).amax(1)
         example = int(amounts.argmax())
         amount = float(amounts[example])
         if worst is None or amount > worst.amount:
@@ -298,7 +305,8 @@ def _mixing_message(subject: str, changed: _Changed, moved: Movement) -> str:
     return (
         f"{subject} mixes examples: changing only example 0 of the micro-batch (its rows of "
         f"{', '.join(changed.names)} replaced by example {changed.donor}'s) changed example "
-        f"{moved.example}'s {output} by {moved.amount:.3g} (rounding allows {moved.tolerance:.2g}). "
+        f"{moved.example}'s {output} by {moved.amount:.3g} (rounding allows "
+        f"{moved.tolerance:.2g}). "
         "Per-example clipping bounds nothing then: each example's data reaches the other "
         "examples' gradients, and the privacy guarantee does not hold. Typical causes: batch "
         "statistics (F.batch_norm with training=True, x - x.mean(0)); a transpose to "

@@ -99,7 +99,9 @@ def test_mixing_is_refused_before_anything_is_accumulated(case):
     model, optimizer, criterion, loader = _private(make_model().double(), make_criterion(), kind)
     before = copy.deepcopy(model.state_dict())
     x, y = next(iter(loader))
-    subject = "criterion (PrototypeLoss)" if case == "batch_loss" else f"model ({make_model.__name__})"
+    subject = f"model ({make_model.__name__})"
+    if case == "batch_loss":
+        subject = "criterion (PrototypeLoss)"
     with pytest.raises(ExamplesMixedError, match=re.escape(f"the {subject} mixes examples")) as err:
         criterion(model(x), y).backward()
     message = str(err.value)
@@ -277,3 +279,29 @@ def test_a_probe_that_cannot_run_warns_and_stops_probing():
     clipper.discard()
     model(x, lengths)
     assert len(calls) == 3  # the forward, the failed probe; then the forward alone
+
+
+def test_moved_examples_allows_rounding_only_and_ignores_example_zero():
+    from dpclip.independence import TOLERANCE_EPS, moved_examples
+
+    a = torch.tensor([[1.0, -4.0], [2.0, float("nan")], [0.5, float("inf")]])
+    eps = torch.finfo(a.dtype).eps
+    assert moved_examples({"y": a}, {"y": a.clone()}, 3) is None
+    b = a.clone()
+    b[0] = 100.0  # example 0 may change
+    b[1, 0] += 0.5 * TOLERANCE_EPS * eps * 4.0  # rounding, at the tensor's scale (4)
+    assert moved_examples({"y": a}, {"y": b}, 3) is None
+    b[2, 0] += 1e-3
+    moved = moved_examples({"y": a}, {"y": b}, 3)
+    assert (moved.output, moved.example) == ("['y']", 2)
+    assert moved.amount == pytest.approx(1e-3, rel=1e-3)
+    assert moved.tolerance == pytest.approx(TOLERANCE_EPS * eps * 4.0)
+    b = a.clone()
+    b[1, 1] = 0.0  # a NaN that became a number moved
+    assert moved_examples((a,), (b,), 3).example == 1
+    c = a.clone()
+    c[2, 1] = float("nan")  # a number that became NaN: moved by inf
+    assert moved_examples(a, c, 3).amount == float("inf")
+    # outputs without B leading rows or not floating-point are not compared
+    other = [torch.zeros(2), torch.arange(3)]
+    assert moved_examples(other, [torch.ones(2), torch.arange(3) + 1], 3) is None
