@@ -4,6 +4,7 @@ from dpclip import callbacks
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import STRATEGIES, NonFiniteNormError, PerSampleClipper, clip_factors
 from dpclip.engine import LogicalBatchPlan, PrivacyEngine
+from dpclip.independence import ExamplesMixedError
 from dpclip.loss import DPCriterion, DPLoss
 from dpclip.optimizer import DPOptimizer, LogicalBatchError, private_gradient
 from dpclip.progress import progress
@@ -16,6 +17,7 @@ __all__ = [
     "DPCriterion",
     "DPLoss",
     "DPOptimizer",
+    "ExamplesMixedError",
     "GroupedBatchSampler",
     "LogicalBatchError",
     "LogicalBatchPlan",

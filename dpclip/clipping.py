@@ -42,6 +42,7 @@ from torch.autograd.profiler import record_function
 from torch.utils._pytree import tree_flatten
 
 from dpclip.attention import AttentionRecorder
+from dpclip.independence import ExamplesMixedError, ForwardProbe
 from dpclip.layers import (
     LINEAR,
     STRATEGIES,
@@ -263,10 +264,25 @@ class PerSampleClipper:
             for the modules it leaves out. The result is the same up to rounding.
             A parameter used by several calls (a layer run twice, tied weights)
             always gets per-sample gradients, summed before the norm.
+        check_independence: probe the first forward with at least 2 examples for
+            examples that depend on each other (``dpclip.independence``: one extra
+            forward under ``torch.no_grad()``, once); mixing raises
+            ``ExamplesMixedError`` from that forward, with nothing recorded. False
+            only for a model known to be per-example that the probe refuses.
+
+    A forward of ``module`` with gradients enabled that starts while an earlier one's
+    records are still unused (evaluation without ``torch.no_grad()``) drops them, with
+    a warning (once), so memory holds one forward's records; the next backward then
+    checks that its loss did not use the dropped forward (a loss over two forwards of
+    the model), and refuses it if it did.
     """
 
     def __init__(
-        self, module: nn.Module, max_grad_norm: float, clipping: str | Mapping[str, str] = "auto"
+        self,
+        module: nn.Module,
+        max_grad_norm: float,
+        clipping: str | Mapping[str, str] = "auto",
+        check_independence: bool = True,
     ) -> None:
         validate_module(module)
         _check_strategies(clipping)
@@ -289,7 +305,16 @@ class PerSampleClipper:
         self.writing = False
         #: per-sample gradient norms ‖g_i‖ of the last micro-batch (not private: debugging only)
         self.last_norms: torch.Tensor | None = None
-        self._handles = []
+        self.check_independence = bool(check_independence)
+        #: False while the independence probe re-runs the model: nothing is recorded
+        self.recording = True
+        self.independence = ForwardProbe(module, self._rerun, self.check_independence)
+        self._dropped = False  # records of an unused forward were dropped; audit the next backward
+        self._warned_dropped = False
+        self._handles = [
+            module.register_forward_pre_hook(self._root_enter, with_kwargs=True),
+            module.register_forward_hook(self._root_exit, with_kwargs=True),
+        ]
         for u in self.units:
             if u.attention:
                 self._handles.append(u.module.register_forward_pre_hook(self._attention_enter(u)))
@@ -330,9 +355,56 @@ class PerSampleClipper:
                     "model private with it trainable from the start"
                 )
 
+    def _recording_now(self) -> bool:
+        """A forward of the root now records: gradients on, not the probe's re-run, and the
+        model's own parameters (not torch.func.functional_call's)."""
+        if not self.recording or not torch.is_grad_enabled():
+            return False
+        unit = self.units[0]
+        if unit.attention:
+            return any(p is unit.params[0] for p in unit.module.parameters())
+        return unit.module._parameters.get(unit.roles[0]) is unit.params[0]
+
+    def _root_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._recording_now():
+            return
+        if self._calls:
+            # no backward used the last forward (an evaluation with gradients on): keep one
+            # forward's records, not all; if a loss does use it, the next backward's audit
+            # sees gradient nothing recorded and refuses (a loss made before this is stale)
+            self.discard()
+            self._audited, self._dropped = False, True
+            if not self._warned_dropped:
+                self._warned_dropped = True
+                warnings.warn(
+                    "a forward of the model with gradients enabled started before any "
+                    "backward() used the previous one: dpclip dropped the previous forward's "
+                    "records, so that memory does not grow. Run evaluation under "
+                    "torch.no_grad() (it then costs no recording at all); a loss over several "
+                    "forwards of the model is refused at its backward()",
+                    stacklevel=5,  # the user's model(x): past this hook and Module.__call__
+                )
+        self.independence.before_forward()
+
+    def _root_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._recording_now():
+            return
+        try:
+            self.independence.after_forward(args, kwargs, output)
+        except ExamplesMixedError:
+            self._calls.clear()  # a refused forward leaves nothing behind
+            raise
+
+    def _rerun(self, args: tuple, kwargs: dict) -> Any:
+        self.recording = False
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.recording = True
+
     def _recorder(self, unit: _Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not torch.is_grad_enabled():
+            if not self.recording or not torch.is_grad_enabled():
                 return
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
@@ -362,7 +434,7 @@ class PerSampleClipper:
             current = {id(p) for p in module.parameters()}
             if any(id(p) not in current for p in unit.params):
                 return  # run with other parameters (torch.func.functional_call): not training
-            if torch.is_grad_enabled() and module not in self._recorders:
+            if self.recording and torch.is_grad_enabled() and module not in self._recorders:
                 recorder.reset()
                 self._recorders[module] = recorder
                 recorder.__enter__()
@@ -432,6 +504,7 @@ class PerSampleClipper:
                 )
         calls, self._calls = self._calls, []
         self.generation += 1
+        self.independence.trained_on()
         batch = loss_per_sample.shape[0]
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"):
@@ -673,13 +746,26 @@ class PerSampleClipper:
             # sum over many examples and positions stays far below √eps (3e-4) in norm.
             tol = math.sqrt(torch.finfo(f.dtype).eps)
             if float((o - f).norm()) > tol * (float(f.norm()) + total) + 1e-30:
+                if self._dropped:
+                    raise RuntimeError(
+                        f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
+                        "gradient that this forward's records do not account for: the loss uses "
+                        "a forward of the model whose records dpclip dropped when the next "
+                        "forward with gradients enabled started. A loss over several forwards "
+                        "of the model (e.g. siamese pairs) cannot be clipped per example this "
+                        "way: compute it in one forward of a module that takes all its inputs "
+                        "(forward(x1, x2)), and evaluate under torch.no_grad(). (Or the "
+                        "parameter is used outside its own module, e.g. a tied weight passed to "
+                        "F.linear: tie it by sharing the module attribute.) Nothing was "
+                        "accumulated"
+                    )
                 raise RuntimeError(
                     f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
                     "gradient from outside its own module's forward (e.g. a tied weight passed "
                     "to F.linear): its per-sample norm would be wrong; tie weights by sharing "
                     "the module attribute (head.weight = emb.weight) instead"
                 )
-        self._audited = True
+        self._audited, self._dropped = True, False
 
 
 def _overlap(a: slice | None, b: slice | None) -> bool:

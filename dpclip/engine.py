@@ -292,6 +292,7 @@ class PrivacyEngine:
         max_epsilon: float | None = None,
         target_delta: float | None = None,
         clipping: str | Mapping[str, str] = "auto",
+        check_independence: bool = True,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """Wrap the training objects; returns (module, optimizer, criterion, data_loader).
 
@@ -330,6 +331,12 @@ class PrivacyEngine:
                 layer's shapes make cheaper), "ghost", "per_sample", or a mapping
                 from module names to these ("auto" for the rest). All give the
                 same update up to rounding; see ``dpclip.PerSampleClipper``.
+            check_independence: probe the first micro-batch for examples that
+                depend on each other (batch statistics, a batch/sequence transpose,
+                a loss over the batch) and raise ``ExamplesMixedError``: one extra
+                no-grad forward and criterion call, once per run
+                (``dpclip.independence``). Turn it off only for a model you know
+                computes each example's outputs from its own inputs alone.
 
         Returns:
             The same module; a ``DPOptimizer`` (step once per logical batch);
@@ -381,6 +388,8 @@ class PrivacyEngine:
                 )
         validate_module(module)
         validate_clipping(module, clipping)
+        if not isinstance(check_independence, bool):
+            raise ValueError(f"Expected check_independence to be True or False, got {check_independence!r}")
         trainable = {p for p in module.parameters() if p.requires_grad}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -401,6 +410,7 @@ class PrivacyEngine:
             return self._wrap(
                 module, optimizer, criterion, data_loader, plan, noise_multiplier,
                 max_grad_norm, noise_generator, sample_generator, budget, clipping,
+                check_independence,
             )
         except BaseException:
             _CLAIMED.discard(module)
@@ -423,6 +433,7 @@ class PrivacyEngine:
         sample_generator: torch.Generator | None,
         budget: PrivacyBudget | None,
         clipping: str | Mapping[str, str],
+        check_independence: bool,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         trainable = [p for p in module.parameters() if p.requires_grad]
         device = trainable[0].device
@@ -461,7 +472,9 @@ class PrivacyEngine:
         self.max_grad_norm = max_grad_norm
         self.budget = budget
         self._budget_cache = None
-        clipper = PerSampleClipper(module, max_grad_norm, clipping)
+        clipper = PerSampleClipper(
+            module, max_grad_norm, clipping, check_independence=check_independence
+        )
         try:
             return self._finish_wrap(
                 module, optimizer, criterion, data_loader, clipper, noise_generator, batch_sampler
@@ -538,6 +551,7 @@ class PrivacyEngine:
         sample_generator: torch.Generator | None = None,
         max_epsilon: float | None = None,
         clipping: str | Mapping[str, str] = "auto",
+        check_independence: bool = True,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """``make_private`` with the smallest σ (this engine's accountant) such that
         ``epochs`` epochs of optimizer steps at q = L/N are (target_epsilon, target_delta)-DP."""
@@ -580,6 +594,7 @@ class PrivacyEngine:
             max_epsilon=max_epsilon,
             target_delta=None if max_epsilon is None else target_delta,
             clipping=clipping,
+            check_independence=check_independence,
         )
 
     def get_epsilon(self, delta: float, *, no_amplification: bool = False) -> float:

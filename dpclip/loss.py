@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from dpclip.independence import ExamplesMixedError, Outcome, RandomState, check_independent
+
 if TYPE_CHECKING:
     from dpclip.optimizer import DPOptimizer
 
@@ -126,13 +128,37 @@ class DPCriterion:
     Per-sample losses with more than one dimension (e.g. per token) are reduced
     over the non-batch dimensions with the criterion's own reduction, so the
     privacy unit is one example (one sequence).
+
+    The first call with at least 2 examples is probed (``dpclip.independence``,
+    unless the clipper's ``check_independence`` is off): the criterion runs once
+    more with example 0's inputs and targets changed, and the other examples'
+    losses must not move; a loss over the batch raises ``ExamplesMixedError``
+    before any loss is returned.
     """
 
     def __init__(self, criterion: nn.Module, optimizer: "DPOptimizer") -> None:
         self.criterion = criterion
         self.optimizer = optimizer
+        self._probe_pending = optimizer.clipper.check_independence
 
     def __call__(self, *args: Any, **kwargs: Any) -> DPLoss:
+        random_state = RandomState.capture() if self._probe_pending else None
+        losses = self._per_example(args, kwargs)
+        if random_state is not None:
+            try:
+                outcome = check_independent(
+                    self._per_example, args, kwargs, losses, losses.shape[0], random_state,
+                    subject=f"the criterion ({type(self.criterion).__name__})",
+                    module=self.criterion,
+                )
+                self._probe_pending = outcome is Outcome.UNPROBED
+            except ExamplesMixedError:
+                self.optimizer.clipper.discard()  # the refused micro-batch's forward
+                raise
+        return DPLoss(losses, self.optimizer, self.criterion.reduction)
+
+    def _per_example(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """ℓ_i for each example, shape [B]."""
         reduction = self.criterion.reduction
         self.criterion.reduction = "none"
         try:
@@ -147,7 +173,7 @@ class DPCriterion:
         if losses.dim() > 1:
             dims = tuple(range(1, losses.dim()))
             losses = losses.sum(dim=dims) if reduction == "sum" else losses.mean(dim=dims)
-        return DPLoss(losses, self.optimizer, reduction)
+        return losses
 
     def __repr__(self) -> str:
         return f"DPCriterion({self.criterion!r})"

@@ -433,3 +433,26 @@ def test_opacus_ghost_with_plain_accumulation_uses_only_the_last_micro_batch():
     train_logical_batch(run, micro, 2)  # dpclip on the same micro-batches
     for name, p in run.model.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), full[name], atol=1e-9, rtol=0)
+
+
+class _BatchStatistics(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc(nn.functional.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_make_private_probes_independence_unless_told_not_to(check):
+    kwargs = {**_fresh(), "module": _BatchStatistics().double()}
+    kwargs["optimizer"] = torch.optim.SGD(kwargs["module"].parameters(), lr=0.1)
+    model, opt, crit, loader = dpclip.PrivacyEngine().make_private(**kwargs, check_independence=check)
+    x, y = torch.randn(4, 10, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    if check:
+        with pytest.raises(dpclip.ExamplesMixedError, match="mixes examples"):
+            model(x)
+    else:
+        crit(model(x), y).backward()  # the user said the model is per-example
+        assert opt.micro_batches_accumulated == 1

@@ -1,0 +1,307 @@
+"""The independence probe (DESIGN §4.8): a model or criterion that mixes examples
+is refused before anything is accumulated; a per-example one is never refused."""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpclip
+from dpclip import PerSampleClipper
+from dpclip.independence import ExamplesMixedError
+from tests.dpclip.models import CLASSES, MLP, MODELS, SEQ, VOCAB, TinyTransformer, make_data
+
+
+class FunctionalBatchNorm(nn.Module):
+    """Batch statistics without a BatchNorm module: no type check sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, 16)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(F.batch_norm(self.fc(x), None, None, training=True)))
+
+
+class SequenceFirstAttention(nn.Module):
+    """Goes sequence-first, then hands [T, B, E] to attention built with batch_first=True
+    and pools over dim 1: it attends and averages across the batch. The shapes agree with
+    the loss's only when T == B, and then every shape check passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens).transpose(0, 1)  # [T, B, E]
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(a.mean(dim=1))
+
+
+class PrototypeLoss(nn.Module):
+    """Prototypical-network loss: each example's distances to class means of the batch."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(y, CLASSES).to(z.dtype)
+        prototypes = onehot.T @ z / onehot.sum(0).clamp(min=1).unsqueeze(1)
+        losses = F.cross_entropy(-torch.cdist(z, prototypes), y, reduction="none")
+        return {"none": losses, "sum": losses.sum(), "mean": losses.mean()}[self.reduction]
+
+
+#: (model, criterion, data kind): each mixes examples in its own way; B = SEQ so that the
+#: sequence-first model's shapes pass
+MIXING = {
+    "functional_batch_norm": (FunctionalBatchNorm, nn.CrossEntropyLoss, "mlp"),
+    "sequence_first": (SequenceFirstAttention, nn.CrossEntropyLoss, "transformer"),
+    "batch_loss": (MLP, PrototypeLoss, "mlp"),
+}
+
+
+def _private(model, criterion, kind, *, n=4 * SEQ, batch_size=SEQ):
+    x, y = make_data(kind, n, torch.Generator().manual_seed(0), torch.float64)
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    return engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=criterion,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        noise_multiplier=0.0,
+        max_grad_norm=0.1,
+        poisson_sampling=False,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+
+
+def _counting_calls(module: nn.Module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("case", list(MIXING))
+def test_mixing_is_refused_before_anything_is_accumulated(case):
+    make_model, make_criterion, kind = MIXING[case]
+    torch.manual_seed(0)
+    model, optimizer, criterion, loader = _private(make_model().double(), make_criterion(), kind)
+    before = copy.deepcopy(model.state_dict())
+    x, y = next(iter(loader))
+    subject = f"model ({make_model.__name__})"
+    if case == "batch_loss":
+        subject = "criterion (PrototypeLoss)"
+    with pytest.raises(ExamplesMixedError, match=re.escape(f"the {subject} mixes examples")) as err:
+        criterion(model(x), y).backward()
+    message = str(err.value)
+    for words in ("example 0", "bounds nothing", "batch statistics", "check_independence=False"):
+        assert words in message
+    assert optimizer.micro_batches_accumulated == 0
+    assert optimizer.clipper._calls == []
+    with pytest.raises(dpclip.LogicalBatchError, match="no backward"):
+        optimizer.step()  # nothing to apply
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("case", [*MIXING, "per_example"])
+def test_what_the_probe_refuses_leaks_one_example_into_the_others_gradients(case):
+    # Why refusing is right: with the check off, changing example 0 moves the clipped sum of
+    # examples 1..B-1, which per-example clipping assumes it cannot (the control does not).
+    make_model, make_criterion, kind = MIXING.get(case, (MLP, nn.CrossEntropyLoss, "mlp"))
+    torch.manual_seed(0)
+    model = make_model().double()
+    criterion = make_criterion(reduction="none")
+    x, y = make_data(kind, SEQ, torch.Generator().manual_seed(0), torch.float64)
+    neighbour = x.clone()
+    neighbour[0] = make_data(kind, 1, torch.Generator().manual_seed(1), torch.float64)[0][0]
+    others = torch.ones(SEQ, dtype=torch.float64)
+    others[0] = 0.0  # example 0's own gradient left out of the sum
+    C = 0.1
+    clipper = PerSampleClipper(model, C, check_independence=False)
+    calls = _counting_calls(model)
+    sums = [clipper.clipped_sum(criterion(model(inputs), y) * others) for inputs in (x, neighbour)]
+    assert len(calls) == 2  # no probe ran
+    moved = torch.sqrt(sum((sums[0][p] - sums[1][p]).pow(2).sum() for p in model.parameters()))
+    if case == "per_example":
+        assert moved == 0
+    else:
+        assert moved > 1e-3 * C
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_per_example_models_are_probed_once_and_accepted(kind):
+    torch.manual_seed(0)
+    model = MODELS[kind]().double().train()
+    clipper = PerSampleClipper(model, 1.0)
+    calls = _counting_calls(model)
+    x, y = make_data(kind, 6, torch.Generator().manual_seed(0))
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    assert len(calls) == 2  # the forward and the probe's
+    clipper.clipped_sum(losses)
+    clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    assert len(calls) == 3  # probed once, then trained on: not again
+
+
+def test_dropout_masks_are_the_real_forwards_and_the_random_state_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = TinyTransformer(dropout=0.3).double().train()
+    plain = copy.deepcopy(model)
+    PerSampleClipper(model, 1.0)
+    calls = _counting_calls(model)
+    x, _ = make_data("transformer", 6, torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    out = model(x)
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    expected = plain(x)
+    assert len(calls) == 2
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(out, expected)
+
+
+class MaskedEncoder(nn.Module):
+    """Hugging Face style: keyword inputs, an attention mask, an optional [T, T] causal
+    mask (no batch dimension), a dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, input_ids, attention_mask, causal_mask=None):
+        h = self.layer(
+            self.emb(input_ids), src_mask=causal_mask, src_key_padding_mask=attention_mask == 0
+        )
+        return {"logits": self.head(h.mean(dim=1)), "hidden": h}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks_and_keyword_inputs_are_not_mistaken_for_mixing(causal):
+    torch.manual_seed(0)
+    model = MaskedEncoder().double().train()
+    clipper = PerSampleClipper(model, 1.0)
+    calls = _counting_calls(model)
+    tokens, y = make_data("transformer", SEQ, torch.Generator().manual_seed(0))
+    inputs = {"input_ids": tokens, "attention_mask": (tokens != 0).long()}
+    if causal:  # [T, T] with T == B: its leading dimension looks like the batch's
+        inputs["causal_mask"] = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    losses = F.cross_entropy(model(**inputs)["logits"], y, reduction="none")
+    assert len(calls) > 1
+    clipper.clipped_sum(losses)
+
+
+def test_evaluation_with_gradients_on_is_not_mistaken_for_mixing():
+    # In eval mode without gradients nn.TransformerEncoder takes its fast path, which
+    # zeroes padded positions: the probe's re-run differs from the real forward where
+    # examples have padding, but not from a re-run of the unchanged inputs.
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 24, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+
+        def forward(self, tokens):
+            return self.encoder(self.emb(tokens), src_key_padding_mask=tokens == 0)
+
+    torch.manual_seed(0)
+    model = Encoder().double().eval()
+    PerSampleClipper(model, 1.0)
+    calls = _counting_calls(model)
+    x, _ = make_data("transformer", 8, torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage")
+        model(x)
+    assert len(calls) == 3  # the forward, the probe, the unchanged re-run
+
+
+def test_per_token_criterion_is_probed_once_and_accepted():
+    class TokenModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 8)
+            self.head = nn.Linear(8, VOCAB)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.emb(tokens))).transpose(1, 2)  # [B, V, T]
+
+    torch.manual_seed(0)
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=0)
+    model, optimizer, criterion, loader = _private(TokenModel().double(), loss, "transformer")
+    calls = _counting_calls(loss)
+    for tokens, _ in loader:
+        criterion(model(tokens), tokens).backward()
+        optimizer.step()
+    assert len(calls) == len(loader) + 1
+
+
+def test_check_independence_false_skips_the_probe():
+    torch.manual_seed(0)
+    model = FunctionalBatchNorm().double()
+    PerSampleClipper(model, 1.0, check_independence=False)
+    calls = _counting_calls(model)
+    model(torch.randn(4, 10, dtype=torch.float64))
+    assert len(calls) == 1
+
+
+def test_a_probe_that_cannot_run_warns_and_stops_probing():
+    class SortedLengths(nn.Module):
+        """Needs strictly decreasing lengths: example 0 given example 1's length is refused."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, CLASSES)
+
+        def forward(self, x, lengths):
+            if not (lengths[:-1] > lengths[1:]).all():
+                raise ValueError("lengths must decrease")
+            return self.fc(x)
+
+    model = SortedLengths().double()
+    clipper = PerSampleClipper(model, 1.0)
+    calls = _counting_calls(model)
+    x, lengths = torch.randn(3, 3, dtype=torch.float64), torch.tensor([3, 2, 1])
+    with pytest.warns(UserWarning, match="could not run.*lengths must decrease.*not checked"):
+        model(x, lengths)
+    clipper.discard()
+    model(x, lengths)
+    assert len(calls) == 3  # the forward, the failed probe; then the forward alone
+
+
+def test_moved_examples_allows_rounding_only_and_ignores_example_zero():
+    from dpclip.independence import TOLERANCE_EPS, moved_examples
+
+    a = torch.tensor([[1.0, -4.0], [2.0, float("nan")], [0.5, float("inf")]])
+    eps = torch.finfo(a.dtype).eps
+    assert moved_examples({"y": a}, {"y": a.clone()}, 3) is None
+    b = a.clone()
+    b[0] = 100.0  # example 0 may change
+    b[1, 0] += 0.5 * TOLERANCE_EPS * eps * 4.0  # rounding, at the tensor's scale (4)
+    assert moved_examples({"y": a}, {"y": b}, 3) is None
+    b[2, 0] += 1e-3
+    moved = moved_examples({"y": a}, {"y": b}, 3)
+    assert (moved.output, moved.example) == ("['y']", 2)
+    assert moved.amount == pytest.approx(1e-3, rel=1e-3)
+    assert moved.tolerance == pytest.approx(TOLERANCE_EPS * eps * 4.0)
+    b = a.clone()
+    b[1, 1] = 0.0  # a NaN that became a number moved
+    assert moved_examples((a,), (b,), 3).example == 1
+    c = a.clone()
+    c[2, 1] = float("nan")  # a number that became NaN: moved by inf
+    assert moved_examples(a, c, 3).amount == float("inf")
+    # outputs without B leading rows or not floating-point are not compared
+    other = [torch.zeros(2), torch.arange(3)]
+    assert moved_examples(other, [torch.ones(2), torch.arange(3) + 1], 3) is None

@@ -1,0 +1,104 @@
+"""Forwards with gradients on that no backward uses (evaluation without torch.no_grad()):
+their records are dropped, so memory stays bounded, and a loss that did use a dropped
+forward is refused instead of under-clipped."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpclip import PerSampleClipper
+from dpclip.layers import LayerCall
+from tests.dpclip.helpers import make_run, train_logical_batch
+from tests.dpclip.models import MLP, TinyTransformer, make_data, reference_update
+
+
+def _recorded_outputs(clipper):
+    return [c.output if isinstance(c, LayerCall) else c.outputs[0] for c in clipper._calls]
+
+
+@pytest.mark.parametrize("model_type", [MLP, TinyTransformer])
+def test_forwards_without_backward_keep_the_records_of_one_forward(model_type):
+    torch.manual_seed(0)
+    model = model_type().double().eval()
+    clipper = PerSampleClipper(model, 1.0)
+    kind = "mlp" if model_type is MLP else "transformer"
+    x, _ = make_data(kind, 8, torch.Generator().manual_seed(0))
+    model(x)
+    per_forward = len(clipper._calls)
+    first = [weakref.ref(t) for t in _recorded_outputs(clipper)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(50):
+            model(x)
+    assert len(clipper._calls) == per_forward
+    gc.collect()
+    assert all(r() is None for r in first)  # the first forward's graph is freed
+    dropped = [w for w in caught if "torch.no_grad()" in str(w.message)]
+    assert len(dropped) == 1, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_train_step_after_grad_mode_evaluation_is_exact(kind):
+    run = make_run(kind, batch_size=4, accumulation_steps=2)
+    before = run.params()
+    evaluation = run.x[32:40]
+    run.model.eval()
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        for _ in range(50):
+            run.model(evaluation)
+    run.model.train()
+    micro = [(run.x[:4], run.y[:4]), (run.x[4:8], run.y[4:8])]
+    train_logical_batch(run, micro, style=2)
+    C = run.optimizer.max_grad_norm
+    expected, norms = run.reference(before, run.x[:8], run.y[:8], C, 8)
+    assert (norms > C).any() and (norms < C).any()
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_loss_over_two_forwards_is_refused_not_under_clipped():
+    # Siamese style: each example's loss uses its row of two forwards. Starting the second
+    # forward drops the first's records; the next backward's audit sees the gradient they
+    # carried and refuses, before anything is accumulated.
+    run = make_run("mlp", batch_size=4, accumulation_steps=1)
+    before = run.params()
+    x1, x2, y = run.x[:4], run.x[4:8], run.y[:4]
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        loss = run.criterion(run.model(x1) + run.model(x2), y)
+    with pytest.raises(RuntimeError, match="several forwards of the model"):
+        loss.backward()
+    assert run.optimizer.micro_batches_accumulated == 0
+    assert run.params().keys() == before.keys()
+    for name, value in run.params().items():
+        assert torch.equal(value, before[name])
+    # training goes on: the next (single-forward) micro-batch is exact
+    train_logical_batch(run, [(x1, y)], style=2)
+    expected, _ = run.reference(before, x1, y, run.optimizer.max_grad_norm, 4)
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+def test_forwards_that_record_nothing_keep_the_pending_records():
+    # A forward under torch.no_grad() or with other parameters (torch.func) between a
+    # training forward and its backward is not a new training forward: nothing is dropped.
+    torch.manual_seed(0)
+    model = MLP().double()
+    clipper = PerSampleClipper(model, 1.0)
+    x, y = make_data("mlp", 6, torch.Generator().manual_seed(0))
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        with torch.no_grad():
+            model(x)
+        torch.func.functional_call(model, params, (x,))
+        got = clipper.clipped_sum(losses)
+    expected, _ = reference_update(model, params, x, y, 1.0, 1.0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[p], expected[name], atol=1e-10, rtol=0)
