@@ -54,7 +54,11 @@ def uniforms_from_words(words: np.ndarray) -> np.ndarray:
     Returns:
         float64 array of the same shape.
     """
-    return ((words >> np.uint64(12)).astype(np.float64) * 2.0 + 1.0) * 2.0**-53
+    bits = words >> np.uint64(12)
+    bits |= np.uint64(0x3FF0000000000000)  # the float64 1 + x·2⁻⁵², without an int-to-float pass
+    u = bits.view(np.float64)
+    u -= 1.0 - 2.0**-53  # exact by Sterbenz's lemma: both operands lie in [1/2, 2]
+    return u
 
 
 def box_muller(u: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,12 @@ def _binomial_pmf(n: int, p: float) -> list[Fraction]:
 # normal
 
 
+def test_uniforms_are_the_midpoints_of_2_to_the_52_cells():
+    words = np.array([0, 2**64 - 1, 2**12 - 1, 2**12, 2**63], dtype=np.uint64)
+    expected = [Fraction(2 * (int(w) >> 12) + 1, 2**53) for w in words]
+    assert [Fraction(float(u)) for u in secure.uniforms_from_words(words)] == expected
+
+
 def test_normal_mean_variance_and_ks_against_closed_forms(seeded_bytes):
     std, m = 2.5, 200_000
     z = SecureRandom().normal((m,), std, dtype=torch.float64).numpy()
