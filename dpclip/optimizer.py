@@ -52,7 +52,7 @@ def private_gradient(
     """
     if not isinstance(generator, (torch.Generator, SecureRandom)):
         raise ValueError(
-            f"Expected generator to be a torch.Generator or a dpclip.secure.SecureRandom, "
+            "Expected generator to be a torch.Generator or a dpclip.secure.SecureRandom, "
             f"got {type(generator).__name__}"
         )
     if noise_std == 0.0:

@@ -55,7 +55,7 @@ def uniforms_from_words(words: np.ndarray) -> np.ndarray:
         float64 array of the same shape.
     """
     bits = words >> np.uint64(12)
-    bits |= np.uint64(0x3FF0000000000000)  # the float64 1 + x·2⁻⁵², without an int-to-float pass
+    bits |= np.uint64(0x3FF0000000000000)  # the float64 1 + x·2⁻⁵²: no int-to-float pass
     u = bits.view(np.float64)
     u -= 1.0 - 2.0**-53  # exact by Sterbenz's lemma: both operands lie in [1/2, 2]
     return u
@@ -157,8 +157,8 @@ class SecureRandom:
     Every call reads fresh bytes from ``os.urandom``. The kernel generator
     (ChaCha20 on Linux) is used directly rather than a user-space stream
     keyed from it: measured on the development machine it is faster than
-    ``hashlib.shake_256`` keyed by fresh OS bytes (about 510 MB/s against 420 MB/s) and leaves no key
-    in the process's memory.
+    ``hashlib.shake_256`` keyed by fresh OS bytes (about 510 MB/s against
+    420 MB/s) and leaves no key in the process's memory.
 
     There is nothing to save or restore: runs cannot be replayed and a
     resumed run continues with fresh randomness (``state_dict()`` records no
@@ -241,7 +241,9 @@ class SecureRandom:
         n = _validate_count("n", n)
         k = _validate_count("k", k)
         if k > n:
-            raise ValueError(f"Expected k={k} <= n={n}: a subset cannot be larger than the population")
+            raise ValueError(
+                f"Expected k={k} <= n={n}: a subset cannot be larger than the population"
+            )
         if k == 0:
             return []
         while True:

@@ -86,7 +86,8 @@ def _on_grid_fraction(z: torch.Tensor) -> float:
 
 def test_support_attack_finds_raw_box_muller_but_not_the_hardened_sum(seeded_bytes):
     m = 1 << 18
-    u = torch.from_numpy(secure.uniforms_from_words(np.frombuffer(secure.urandom(8 * m), np.uint64)))
+    words = np.frombuffer(secure.urandom(8 * m), np.uint64)
+    u = torch.from_numpy(secure.uniforms_from_words(words))
     # control: the detector recognises every large-radius pair of raw Box-Muller output
     assert _on_grid_fraction(secure.box_muller(u)) == 1.0
     # hardened: offsets uniform, so about 10% fall within 0.05 by chance (n > 100, SE < 0.03)
@@ -99,7 +100,8 @@ def test_normal_shape_dtype_device_and_chunks(seeded_bytes, monkeypatch):
     assert z.shape == (3, 4, 5) and z.dtype == torch.float32 and z.device.type == "cpu"
     assert seeded_bytes == [4 * 8 * 60]  # four Gaussians of 8 bytes each per value
     assert rng.normal((0, 7), 1.0).shape == (0, 7)
-    assert torch.equal(rng.normal((2, 2), 0.0, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64))
+    zeros = torch.zeros(2, 2, dtype=torch.float64)
+    assert torch.equal(rng.normal((2, 2), 0.0, dtype=torch.float64), zeros)
     monkeypatch.setattr(secure, "_CHUNK_VALUES", 7)
     seeded_bytes.clear()
     z = rng.normal((5, 5), 1.0, dtype=torch.float64)
@@ -237,7 +239,9 @@ def test_subset_refuses_bad_arguments(n, k, message):
 def test_private_gradient_secure_noise_std_is_sigma_c_over_l(seeded_bytes):
     sigma, C, L, m = 1.3, 0.7, 16.0, 200_000
     s = torch.linspace(-1, 1, m)
-    out = private_gradient(s.clone(), noise_std=sigma * C, expected_batch_size=L, generator=SecureRandom())
+    out = private_gradient(
+        s.clone(), noise_std=sigma * C, expected_batch_size=L, generator=SecureRandom()
+    )
     assert out.dtype == torch.float32
     noise = (out - s / L).double()
     target = sigma * C / L
@@ -251,7 +255,9 @@ def test_private_gradient_secure_in_place_and_without_noise(seeded_bytes):
         private_gradient(s, noise_std=0.0, expected_batch_size=3, generator=SecureRandom()),
         torch.tensor([1.0, -2.0]),
     )
-    out = private_gradient(s, noise_std=1.0, expected_batch_size=3, generator=SecureRandom(), inplace=True)
+    out = private_gradient(
+        s, noise_std=1.0, expected_batch_size=3, generator=SecureRandom(), inplace=True
+    )
     assert out is s and not torch.equal(s, torch.tensor([3.0, -6.0]))
 
 
