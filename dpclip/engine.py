@@ -47,6 +47,7 @@ from dpclip.sampling import (
     restore_generator_state,
     wrap_data_loader,
 )
+from dpclip.secure import SecureRandom
 from dpclip.uses import ExampleUses
 
 __all__ = ["ENGINE_SCHEMA", "LogicalBatchPlan", "PrivacyEngine", "plan_logical_batches"]
@@ -233,8 +234,12 @@ class PrivacyEngine:
             (default, tight numerical bound), "rdp", "pld" (the only one for
             an Opacus ``DPDataLoader`` accumulated over k > 1 micro-batches)
             or "gdp" (an approximation, not a bound).
-        secure_mode: must be False for now: noise comes from torch's
-            generators, which are not cryptographically secure.
+        secure_mode: True draws the noise and the Poisson logical batches from the
+            operating system's cryptographically secure generator, four Gaussians
+            summed per noise value against floating-point attacks (as Opacus does;
+            ``dpclip.secure``, docs/secure_mode.md): about 100× slower noise, runs
+            not reproducible, and a resumed run continues with fresh randomness.
+            False (default): torch generators, seedable, resumable bit-exactly.
 
     Example (see examples/quickstart.py for a full run)::
 
@@ -252,13 +257,8 @@ class PrivacyEngine:
             )
         if not isinstance(secure_mode, bool):
             raise ValueError(f"Expected secure_mode to be True or False, got {secure_mode!r}")
-        if secure_mode:
-            raise ValueError(
-                "secure_mode=True is not supported: dpclip draws noise and batches with torch's "
-                "generators, which are not cryptographically secure"
-            )
         self.accountant = accountant
-        self.secure_mode = False
+        self.secure_mode = secure_mode
         self.ledger = Ledger()
         self.plan: LogicalBatchPlan | None = None
         self.noise_multiplier: float | None = None
@@ -318,7 +318,10 @@ class PrivacyEngine:
                 batches are independent Poisson draws, recorded as
                 ``IndependentPoissonGaussian`` (exact with accountant "pld").
             noise_generator: source of the Gaussian noise; default: a new
-                generator seeded from the operating system.
+                generator seeded from the operating system. Never give two runs
+                the same seeded generator (their noise would repeat): to continue
+                a run, ``load_state_dict`` its state, which moves this generator on.
+                Refused with ``secure_mode=True``.
             sample_generator: source of the Poisson sampling; same default.
             max_epsilon: a budget cap (with ``target_delta``): the optimizer
                 raises ``PrivacyBudgetExceeded`` instead of taking the step
@@ -372,12 +375,26 @@ class PrivacyEngine:
         for name, gen in (("noise_generator", noise_generator), ("sample_generator", sample_generator)):
             if gen is not None and not isinstance(gen, torch.Generator):
                 raise ValueError(f"Expected {name} to be a torch.Generator, got {type(gen)}")
+            if gen is not None and self.secure_mode:
+                raise ValueError(
+                    f"secure_mode=True draws from the operating system's secure generator: "
+                    f"leave {name} out (a torch.Generator is not cryptographically secure)"
+                )
         plan = plan_logical_batches(
             data_loader,
             accumulation_steps=accumulation_steps,
             max_physical_batch_size=max_physical_batch_size,
             poisson_sampling=poisson_sampling,
         )
+        if self.secure_mode and (
+            plan.sampling is not Sampling.POISSON
+            or isinstance(data_loader.batch_sampler, UniformWithReplacementSampler)
+        ):
+            raise ValueError(
+                "secure_mode=True samples with dpclip's own Poisson sampler; this loader's batches "
+                "would come from torch's generator (poisson_sampling=False, or an Opacus "
+                "DPDataLoader): pass a plain DataLoader and poisson_sampling=True"
+            )
         if plan.sampling is Sampling.INDEPENDENT_POISSON:
             largest = plan.event(noise_multiplier, plan.accumulation_steps)
             if not accounting.ACCOUNTANTS[self.accountant]().supports(largest):
@@ -437,6 +454,8 @@ class PrivacyEngine:
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         trainable = [p for p in module.parameters() if p.requires_grad]
         device = trainable[0].device
+        if self.secure_mode:
+            noise_generator, sample_generator = SecureRandom(), SecureRandom()
         if noise_generator is None:
             noise_generator = _os_seeded_generator(device)
         if sample_generator is None:
@@ -490,7 +509,7 @@ class PrivacyEngine:
         criterion: nn.Module,
         data_loader: DataLoader,
         clipper: PerSampleClipper,
-        noise_generator: torch.Generator,
+        noise_generator: torch.Generator | SecureRandom,
         batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         plan, budget, uses = self.plan, self.budget, self._uses

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from accounting import Event, Ledger
 from dpclip.clipping import NonFiniteNormError, PerSampleClipper
 from dpclip.sampling import MicroBatchSchedule
+from dpclip.secure import SecureRandom
 
 __all__ = ["DPOptimizer", "LogicalBatchError", "private_gradient"]
 
@@ -40,7 +41,7 @@ def private_gradient(
     *,
     noise_std: float,
     expected_batch_size: float,
-    generator: torch.Generator,
+    generator: torch.Generator | SecureRandom,
     inplace: bool = False,
 ) -> torch.Tensor:
     """The DP-SGD gradient (S + N(0, noise_std² I)) / L for one parameter.
@@ -49,21 +50,33 @@ def private_gradient(
         clipped_sum: S, the sum of clipped per-sample gradients over the logical batch.
         noise_std: σ·C, the noise standard deviation in gradient units (0: no noise).
         expected_batch_size: L, the expected logical batch size (not the realised one).
-        generator: where the noise comes from; on another device than S, the
-            noise is drawn there and moved.
+        generator: where the noise comes from. A ``torch.Generator`` on another
+            device than S draws the noise there and moves it. A
+            ``SecureRandom`` (secure mode) draws from the OS's cryptographic
+            generator, hardened against floating-point attacks, computed on
+            S's device.
         inplace: write the result into ``clipped_sum`` and return it.
     """
+    if not isinstance(generator, (torch.Generator, SecureRandom)):
+        raise ValueError(
+            "Expected generator to be a torch.Generator or a dpclip.secure.SecureRandom, "
+            f"got {type(generator).__name__}"
+        )
     if noise_std == 0.0:
         return clipped_sum.div_(expected_batch_size) if inplace else clipped_sum / expected_batch_size
-    noise = torch.normal(
-        0.0,
-        noise_std,
-        size=clipped_sum.shape,
-        generator=generator,
-        device=generator.device,
-        dtype=clipped_sum.dtype,
-    )
-    noise = noise.to(clipped_sum.device)
+    if isinstance(generator, SecureRandom):
+        noise = generator.normal(
+            clipped_sum.shape, noise_std, dtype=clipped_sum.dtype, device=clipped_sum.device
+        )
+    else:
+        noise = torch.normal(
+            0.0,
+            noise_std,
+            size=clipped_sum.shape,
+            generator=generator,
+            device=generator.device,
+            dtype=clipped_sum.dtype,
+        ).to(clipped_sum.device)
     if inplace:
         return clipped_sum.add_(noise).div_(expected_batch_size)
     return noise.add_(clipped_sum).div_(expected_batch_size)
@@ -123,7 +136,7 @@ class DPOptimizer(Optimizer):
         schedule: MicroBatchSchedule,
         ledger: Ledger,
         step_event: Callable[[int], Event],
-        generator: torch.Generator,
+        generator: torch.Generator | SecureRandom,
         step_guard: Callable[[Event], None] | None = None,
     ) -> None:
         # The wrapped optimizer keeps param_groups and state; no super().__init__ (as Opacus).
