@@ -22,9 +22,13 @@ from accounting.events import (
 )
 from accounting.registry import make_accountant
 
-__all__ = ["Ledger", "STATE_VERSION", "SamplingAssumptionWarning"]
+__all__ = ["Ledger", "MAX_COUNT", "STATE_VERSION", "SamplingAssumptionWarning"]
 
 STATE_VERSION = 1
+#: Most steps a ledger holds, in one entry and in all. 2**53 is the largest count that
+#: float64 (every accountant's arithmetic, and JSON readers outside Python) still holds
+#: exactly; a run of 10⁶ steps a second would take 285 years to reach it.
+MAX_COUNT = 2**53
 _EVENT_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (PoissonGaussian, IndependentPoissonGaussian, ShuffledGaussian, CountedShuffledGaussian)
@@ -74,7 +78,7 @@ class Ledger:
         """Append ``count`` applications of ``event`` (count: int >= 1)."""
         if type(event) not in _EVENT_TYPES.values():
             raise ValueError(f"Expected an accounting event, got {event!r}")
-        validate_int("count", count)
+        _validate_count("count", count, self.steps)
         if self._entries and self._entries[-1][0] == event:
             self._entries[-1][1] += count
         else:
@@ -204,26 +208,58 @@ class Ledger:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the ledger's contents with ``state`` (from ``state_dict``)."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"Expected a ledger state with version {STATE_VERSION}, got {state!r}")
+        """Replace the ledger's contents with ``state`` (from ``state_dict``).
+
+        Everything is checked before anything changes: exactly the keys
+        ``state_dict`` writes, a known event type whose parameters pass that
+        event's own validation, counts that are ints (not bools) in
+        1..``MAX_COUNT`` and add up to at most ``MAX_COUNT``.
+
+        Raises:
+            ValueError: naming the entry and the field that is wrong.
+        """
+        _check_keys("ledger state", state, {"version", "entries"})
+        version = state["version"]
+        if isinstance(version, bool) or version != STATE_VERSION:
+            raise ValueError(f"Expected a ledger state with version {STATE_VERSION}, got version={version!r}")
+        if not isinstance(state["entries"], list):
+            raise ValueError(f"Expected ledger state entries to be a list, got {type(state['entries']).__name__}")
         entries: list[list[Any]] = []
-        for item in state["entries"]:
-            cls = _EVENT_TYPES.get(item["event"])
+        total = 0
+        for i, item in enumerate(state["entries"]):
+            where = f"ledger state entries[{i}]"
+            _check_keys(where, item, {"event", "params", "count"})
+            cls = _EVENT_TYPES.get(item["event"]) if isinstance(item["event"], str) else None
             if cls is None:
-                raise ValueError(f"Unknown event type {item['event']!r} in ledger state")
-            names = {f.name for f in fields(cls)}
-            if set(item["params"]) != names:
-                raise ValueError(
-                    f"ledger state for {item['event']} has parameters {sorted(item['params'])}, "
-                    f"expected {sorted(names)}"
-                )
-            event = cls(**item["params"])
-            count = item["count"]
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"Expected count={count!r} to be an int >= 1 in ledger state")
-            entries.append([event, count])
+                raise ValueError(f"Unknown event type {item['event']!r} in {where}; known: {sorted(_EVENT_TYPES)}")
+            _check_keys(f"{where} params", item["params"], {f.name for f in fields(cls)}, noun="parameters")
+            try:
+                event = cls(**item["params"])
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            _validate_count(f"{where} count", item["count"], total)
+            total += item["count"]
+            entries.append([event, item["count"]])
         self._entries = entries
 
     def __repr__(self) -> str:
         return f"Ledger(steps={self.steps}, entries={self.entries!r})"
+
+
+def _check_keys(what: str, value: Any, expected: set[str], noun: str = "keys") -> None:
+    """Raise ``ValueError`` unless ``value`` is a dict with exactly the ``expected`` keys."""
+    if not isinstance(value, dict):
+        raise ValueError(f"Expected {what} to be a dict with {noun} {sorted(expected)}, got {type(value).__name__}")
+    if set(value) != expected:
+        got = sorted(map(str, value))
+        raise ValueError(f"{what} has {noun} {got}, expected {sorted(expected)}")
+
+
+def _validate_count(name: str, count: Any, before: int) -> None:
+    """Raise ``ValueError`` unless ``count`` is an int in 1..MAX_COUNT that keeps the total within it."""
+    validate_int(name, count)
+    if count > MAX_COUNT - before:
+        raise ValueError(
+            f"Expected {name}={count!r} <= {MAX_COUNT - before} (a ledger holds at most "
+            f"MAX_COUNT = 2**53 steps in all, {before} before this entry)"
+        )

@@ -11,7 +11,7 @@ from prv_accountant import composers
 from prv_accountant.accountant import compute_safe_domain_size
 from scipy.fft import next_fast_len
 
-from accounting.accountant import Accountant, increments
+from accounting.accountant import Accountant, check_grid, increments
 from accounting.events import PoissonGaussian
 from accounting.rdp import quiet_rdp_warnings, to_dp_event
 
@@ -70,8 +70,9 @@ class PrvAccountant(Accountant):
             )
             for e in distinct
         ]
+        what = f"{sum(totals)} steps whose RDP bound is ε = {rdp_epsilon:.4g}"
         try:
-            composer = _discretise(prvs, totals, error, delta_error)
+            composer = _discretise(prvs, totals, error, delta_error, what)
         except RuntimeError as e:  # prv-accountant's own consistency check
             raise ValueError(
                 f"prv-accountant cannot discretise this composition ({e}); it happens when ε is "
@@ -97,16 +98,23 @@ def _rdp_epsilon(entries: list[tuple[PoissonGaussian, int]], delta: float) -> fl
 
 
 def _discretise(
-    prvs: list, max_counts: list[int], error: float, delta_error: float
+    prvs: list, max_counts: list[int], error: float, delta_error: float, what: str
 ) -> composers.Heterogeneous:
     """prv-accountant's own discretisation, on a grid whose size FFTs fast.
 
     The domain half-width is prv-accountant's safe size L (its Remark 5.6),
     widened to the next 5-smooth grid size: an FFT of a size with a large
-    prime factor is ~10× slower, and a wider domain only adds safety.
+    prime factor is ~10× slower, and a wider domain only adds safety. The
+    size is checked against ``MAX_GRID_POINTS`` before anything is allocated
+    (``what`` describes the composition in the error).
     """
     half_width = compute_safe_domain_size(prvs, max_counts, eps_error=error, delta_error=delta_error)
     mesh = error / math.sqrt(sum(max_counts) / 2 * math.log(12 / delta_error))
+    check_grid(
+        "prv", 2 * half_width / mesh, what,
+        "its grid grows with ε and with √steps: use method='pld' (whose grid grows with ε only) "
+        "or 'rdp' (an upper bound at any ε)",
+    )
     # Domain.create_aligned makes 2·ceil(L/mesh) + 2 points for a half-width L.
     size = next_fast_len(2 * math.ceil(half_width / mesh) + 2, real=True)
     while size % 2:

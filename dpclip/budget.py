@@ -30,6 +30,11 @@ class PrivacyBudget:
 
     def __post_init__(self) -> None:
         accounting.events.validate_positive("max_epsilon", self.max_epsilon)
+        if self.max_epsilon > accounting.calibrate.MAX_TARGET_EPSILON:
+            raise ValueError(
+                f"Expected max_epsilon={self.max_epsilon:g} <= {accounting.calibrate.MAX_TARGET_EPSILON:g}: "
+                "a cap beyond it keeps no meaningful privacy, and the accountants' grids grow with ε"
+            )
         accounting.accountant.validate_delta(self.delta)
         if accounting.ACCOUNTANTS[self.method].approximate:
             raise ValueError(

@@ -1,15 +1,19 @@
 """The ``dpclip`` command line (also ``python -m dpclip``).
 
 Every command takes ``--json`` and then prints one JSON object. Errors (a
-missing file, a bad number, an impossible target) exit with status 2 and one
-line on stderr, no traceback.
+missing file, a bad number, an impossible target, a malformed state file, a
+reader that closed the pipe) exit with status 2 and one line on stderr, no
+traceback. An accountant that cannot evaluate a setting at bounded cost is
+shown as n/a with its reason (null in JSON), next to those that can.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -100,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"dpclip {args.command}: error: {message}\n")
     # compare --json OUT.json writes the file and prints the table; bare --json prints JSON.
     as_json = args.json == "-" if args.command == "compare" else bool(args.json)
-    print(json.dumps(json_safe(out)) if as_json else text, end="\n" if as_json else "")
+    try:
+        print(json.dumps(json_safe(out)) if as_json else text, end="\n" if as_json else "")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) left: point stdout at devnull so that the flush at exit
+        # does not raise again, and say once that the output was cut short.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        parser.exit(2, f"dpclip {args.command}: error: output cut short: the reader closed the pipe\n")
     return 0
 
 
@@ -112,18 +123,20 @@ def _report(args: argparse.Namespace) -> tuple[Any, str]:
         if args.delta is not None:
             raise ValueError(f"{args.run} is a saved report at its own delta={data.get('delta')}; "
                              "--delta applies to engine checkpoints")
-        report = PrivacyReport.from_dict(data)
+        # Whatever the file says about itself, nothing here checked it against a run.
+        report = dataclasses.replace(PrivacyReport.from_dict(data), checked=False)
     else:
-        from dpclip.engine import ENGINE_SCHEMA
+        from dpclip.engine import ENGINE_SCHEMA, READABLE_ENGINE_SCHEMAS
 
-        if data.get("schema") != ENGINE_SCHEMA:
+        if data.get("schema") not in READABLE_ENGINE_SCHEMAS:
             raise ValueError(f"{args.run} is neither a {REPORT_SCHEMA} report nor a {ENGINE_SCHEMA} state")
         delta = args.delta
         if delta is None:
-            if data.get("budget") is None:
+            if not isinstance(data.get("budget"), dict) or "delta" not in data["budget"]:
                 raise ValueError("pass --delta: this checkpoint has no budget whose δ could be used")
             delta = data["budget"]["delta"]
-        report = make_report(data, delta)
+        report = make_report(data, delta, checked=False)
+        _check_state_consistency(data)
     if args.plot:
         report.plot(args.plot)
     if args.json:
@@ -131,11 +144,30 @@ def _report(args: argparse.Namespace) -> tuple[Any, str]:
     return None, report.to_markdown() if args.markdown else str(report)
 
 
+def _check_state_consistency(data: dict[str, Any]) -> None:
+    """A state file's ledger must hold only steps its own plan records (types and ranges
+    were checked by ``make_report``): a ledger claiming a lower rate is refused."""
+    import accounting
+    from dpclip.engine import LogicalBatchPlan, check_ledger_against_plan
+    from dpclip.sampling import Sampling
+
+    names = {f.name for f in dataclasses.fields(LogicalBatchPlan)}
+    plan = {k: v for k, v in data["plan"].items() if k in names}
+    if not isinstance(plan.get("index_set", "all"), str):
+        raise ValueError("Expected engine state plan index_set to be a string")
+    plan["sampling"] = Sampling(plan["sampling"])
+    ledger = accounting.Ledger()
+    ledger.load_state_dict(data["ledger"])
+    check_ledger_against_plan(ledger, LogicalBatchPlan(**plan), data["noise_multiplier"])
+
+
 def _load_run(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
     try:
         data = json.loads(path.read_text())
+    except RecursionError:
+        raise ValueError(f"{path} nests its JSON too deeply to be a report or an engine state") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         import torch  # a torch checkpoint; weights_only: nothing in it is executed
 
@@ -159,9 +191,13 @@ def _calibrate(args: argparse.Namespace) -> tuple[Any, str]:
     else:
         if args.dataset_size is None or args.batch_size is None:
             raise ValueError("pass --sample-rate, or --dataset-size and --batch-size (and --accumulation-steps)")
-        n, b, k = args.dataset_size, args.batch_size, args.accumulation_steps or 1
-        if min(n, b, k) < 1 or k * b > n:
-            raise ValueError(f"need 1 <= k·B = {k * b} <= N = {n}")
+        n, b = args.dataset_size, args.batch_size
+        k = 1 if args.accumulation_steps is None else args.accumulation_steps
+        for flag, value in (("--dataset-size", n), ("--batch-size", b), ("--accumulation-steps", k)):
+            if value < 1:
+                raise ValueError(f"Expected {flag}={value} >= 1")
+        if k * b > n:
+            raise ValueError(f"need k·B = {k * b} <= N = {n} (--accumulation-steps × --batch-size <= --dataset-size)")
         if args.epochs is not None and not (0 < args.epochs < math.inf):
             raise ValueError(f"Expected --epochs={args.epochs} to be finite and > 0")
         q = k * b / n
@@ -170,38 +206,60 @@ def _calibrate(args: argparse.Namespace) -> tuple[Any, str]:
     if steps is None or steps < 1:
         raise ValueError(f"need --steps >= 1, got {steps}")
     sigma = accounting.calibrate_noise(args.target_epsilon, args.delta, q, steps, method=args.accountant)
-    epsilons = _epsilons(sigma, args.delta, q, steps)
+    epsilons, unavailable = _epsilons(sigma, args.delta, q, steps)
     out = {"noise_multiplier": sigma, "sample_rate": q, "steps": steps, "accountant": args.accountant,
-           "epsilon": epsilons}
+           "epsilon": epsilons, "unavailable": unavailable}
     text = f"noise_multiplier {sigma:.6g}  (sample_rate {q:.6g}, steps {steps}, calibrated with {args.accountant})\n"
-    return out, text + _table(epsilons)
+    return out, text + _table(epsilons, unavailable)
 
 
 def _budget(args: argparse.Namespace) -> tuple[Any, str]:
     steps = accounting.max_steps(args.epsilon, args.delta, args.sample_rate, args.noise_multiplier, args.accountant)
-    eps = accounting.epsilon_for(args.noise_multiplier, delta=args.delta, sample_rate=args.sample_rate,
-                                 steps=steps, method=args.accountant) if steps else 0.0
-    out = {"steps": steps, "epsilon": eps, "accountant": args.accountant}
-    return out, f"steps {steps}  (epsilon {eps:.6g} at delta {args.delta:g}, {args.accountant})\n"
+
+    def eps(t: int) -> float:
+        return accounting.epsilon_for(args.noise_multiplier, delta=args.delta, sample_rate=args.sample_rate,
+                                      steps=t, method=args.accountant)
+
+    out = {"steps": steps, "epsilon": eps(steps) if steps else 0.0, "accountant": args.accountant}
+    if steps:
+        return out, f"steps {steps}  (epsilon {out['epsilon']:.6g} at delta {args.delta:g}, {args.accountant})\n"
+    # No step fits: say what one step costs rather than the ε of doing nothing.
+    out["one_step_epsilon"] = first = eps(1)
+    why = ": noise_multiplier 0 adds no noise, so no privacy" if args.noise_multiplier == 0 else ""
+    return out, (f"steps 0  (a single step already spends epsilon {first:.6g} > {args.epsilon:g} at delta "
+                 f"{args.delta:g}, {args.accountant}{why})\n")
 
 
 def _epsilon(args: argparse.Namespace) -> tuple[Any, str]:
-    epsilons = _epsilons(args.noise_multiplier, args.delta, args.sample_rate, args.steps)
-    return {"epsilon": epsilons}, _table(epsilons)
+    epsilons, unavailable = _epsilons(args.noise_multiplier, args.delta, args.sample_rate, args.steps)
+    return {"epsilon": epsilons, "unavailable": unavailable}, _table(epsilons, unavailable)
 
 
-def _epsilons(sigma: float, delta: float, q: float, steps: int) -> dict[str, float]:
-    return {
-        m: accounting.epsilon_for(sigma, delta=delta, sample_rate=q, steps=steps, method=m)
-        for m in sorted(accounting.ACCOUNTANTS)
-    }
+def _epsilons(sigma: float, delta: float, q: float, steps: int) -> tuple[dict[str, float | None], dict[str, str]]:
+    """ε by every accountant, None where one cannot evaluate the setting (its reason in the second dict).
+
+    An input no accountant takes (a bad δ, q or σ) raises at once: one error, not four.
+    """
+    epsilons: dict[str, float | None] = {}
+    unavailable: dict[str, str] = {}
+    for m in sorted(accounting.ACCOUNTANTS):
+        try:
+            epsilons[m] = accounting.epsilon_for(sigma, delta=delta, sample_rate=q, steps=steps, method=m)
+        except accounting.accountant.OutOfRangeError as err:
+            epsilons[m], unavailable[m] = None, str(err).splitlines()[0]
+    if not unavailable.keys() < set(epsilons):
+        raise ValueError(next(iter(unavailable.values())))
+    return epsilons, unavailable
 
 
-def _table(epsilons: dict[str, float]) -> str:
-    def label(method: str) -> str:
-        return "  (approximation, not a bound)" if accounting.ACCOUNTANTS[method].approximate else ""
+def _table(epsilons: dict[str, float | None], unavailable: dict[str, str]) -> str:
+    def value(method: str) -> str:
+        if epsilons[method] is None:
+            return f"n/a ({unavailable[method]})"
+        approximate = accounting.ACCOUNTANTS[method].approximate
+        return f"{epsilons[method]:.6g}" + ("  (approximation, not a bound)" if approximate else "")
 
-    return "".join(f"epsilon[{m}] {e:.6g}{label(m)}\n" for m, e in epsilons.items())
+    return "".join(f"epsilon[{m}] {value(m)}\n" for m in epsilons)
 
 
 def _compare(args: argparse.Namespace) -> tuple[Any, str]:

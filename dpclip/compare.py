@@ -451,6 +451,11 @@ def run(
                         ("repeats", repeats), ("threads", threads)):
         validate_int(name, value)
     validate_int("warmup", warmup, minimum=0)
+    if micro_batch > logical_batch:
+        raise ValueError(
+            f"Expected micro_batch={micro_batch} <= logical_batch={logical_batch}: a micro-batch is "
+            "a part of the logical batch"
+        )
     workload: Any = model_fn if isinstance(model_fn, str) else (model_fn, dataset, criterion)
     if not isinstance(model_fn, str) and (dataset is None or criterion is None):
         raise ValueError("pass dataset and criterion with a model_fn (or a workload spec string)")

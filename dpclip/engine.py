@@ -28,7 +28,7 @@ from torch.utils.data import (
 )
 
 import accounting
-from accounting import CountedShuffledGaussian, Event, Ledger, PoissonGaussian
+from accounting import CountedShuffledGaussian, Event, Ledger, PoissonGaussian, ShuffledGaussian
 from accounting.calibrate import step_event
 from accounting.events import validate_int, validate_positive
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
@@ -50,11 +50,19 @@ from dpclip.sampling import (
 from dpclip.secure import SecureRandom
 from dpclip.uses import ExampleUses
 
-__all__ = ["ENGINE_SCHEMA", "LogicalBatchPlan", "PrivacyEngine", "plan_logical_batches"]
+__all__ = [
+    "ENGINE_SCHEMA",
+    "LogicalBatchPlan",
+    "PrivacyEngine",
+    "check_ledger_against_plan",
+    "plan_logical_batches",
+    "poisson_indices",
+]
 
 #: Version tag of ``PrivacyEngine.state_dict()``. Version 1 states (no generator
 #: states or sampling position) can be reported on but not resumed from.
 ENGINE_SCHEMA = "dpclip.engine/2"
+READABLE_ENGINE_SCHEMAS = ("dpclip.engine/1", ENGINE_SCHEMA)
 
 # Objects already made private (by any engine): wrapping twice would clip twice.
 _CLAIMED: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -750,7 +758,7 @@ class PrivacyEngine:
             raise ValueError(f"saved batching {state.get('plan')} differs from this engine's {mine['plan']}")
         ledger = Ledger()
         ledger.load_state_dict(state.get("ledger"))
-        self._check_events(ledger)
+        check_ledger_against_plan(ledger, self.plan, self.noise_multiplier)
         uses = None
         if self._uses is not None:
             uses = ExampleUses(self.plan.dataset_size)
@@ -793,26 +801,6 @@ class PrivacyEngine:
             self._uses = uses
         self._budget_cache = None
 
-    def _check_events(self, ledger: Ledger) -> None:
-        """Every saved step must be one this run's plan records: same q, σ and sampling
-        (a state claiming a lower rate or more noise would under-report ε)."""
-        k = self.plan.accumulation_steps or 1
-        for event, count in ledger.entries:
-            if self.plan.sampling is Sampling.SHUFFLED:
-                allowed = isinstance(event, CountedShuffledGaussian) and event == self.plan.event(
-                    self.noise_multiplier, k, event.added_uses
-                )
-            elif self.plan.sampling is Sampling.INDEPENDENT_POISSON:
-                allowed = any(event == self.plan.event(self.noise_multiplier, j) for j in range(1, k + 1))
-            else:
-                allowed = event == self.plan.event(self.noise_multiplier, k)
-            if not allowed:
-                raise ValueError(
-                    f"the saved ledger has {count} step(s) of {event!r}, which this run "
-                    f"(q={self.plan.sample_rate:g}, σ={self.noise_multiplier:g}, "
-                    f"{self.plan.sampling.value} sampling) never records: not this run's state"
-                )
-
     def report(self, delta: float | None = None) -> PrivacyReport:
         """The run's ``PrivacyReport`` at ``delta`` (default: the budget's δ)."""
         if delta is None:
@@ -820,6 +808,29 @@ class PrivacyEngine:
                 raise ValueError("pass delta (there is no budget whose δ could be used)")
             delta = self.budget.delta
         return make_report(self._summary(), delta)
+
+
+def check_ledger_against_plan(ledger: Ledger, plan: LogicalBatchPlan, noise_multiplier: float) -> None:
+    """Raise ``ValueError`` unless every step in ``ledger`` is one a run with this plan and
+    σ records: same q, σ and sampling (a state claiming a lower rate or more noise would
+    under-report ε)."""
+    k = plan.accumulation_steps or 1
+    for event, count in ledger.entries:
+        if plan.sampling is Sampling.SHUFFLED:
+            allowed = (
+                isinstance(event, CountedShuffledGaussian)
+                and event == plan.event(noise_multiplier, k, event.added_uses)
+            ) or event == ShuffledGaussian(plan.sample_rate, noise_multiplier, plan.steps_per_epoch)
+        elif plan.sampling is Sampling.INDEPENDENT_POISSON:
+            allowed = any(event == plan.event(noise_multiplier, j) for j in range(1, k + 1))
+        else:
+            allowed = event == plan.event(noise_multiplier, k)
+        if not allowed:
+            raise ValueError(
+                f"the ledger has {count} step(s) of {event!r}, which a run with this plan "
+                f"(q={plan.sample_rate:g}, σ={noise_multiplier:g}, {plan.sampling.value} "
+                "sampling) never records: the state does not describe one run"
+            )
 
 
 def _refuse_distributed(module: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 Built from an engine's state (``PrivacyEngine.report`` or ``dpclip report
 CHECKPOINT``); every ε in it is ``accounting`` run on the run's own ledger.
+A report made from a file says so: its ledger was not checked against a
+training run (``checked`` is False), and every format prints that.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import accounting
 from accounting import Ledger
+from accounting.events import validate_noise_multiplier, validate_sample_rate
 
 __all__ = ["PrivacyReport", "REPORT_SCHEMA", "json_safe", "make_report", "package_versions"]
 
@@ -58,6 +61,10 @@ class PrivacyReport:
         versions: dpclip, opacus and torch versions that produced the report.
         warnings: every condition that qualifies the numbers above.
         ledger: the run's ledger state (``accounting.Ledger.state_dict``).
+        checked: True for the report of a live engine (its ledger is the one the
+            run's steps recorded); False for one read from a file (an engine
+            state or a saved report), whose figures nothing checked against a
+            training run. A saved report without the field reads as False.
     """
 
     epsilon: dict[str, float | None]
@@ -81,6 +88,7 @@ class PrivacyReport:
     versions: dict[str, str]
     warnings: tuple[str, ...]
     ledger: dict[str, Any] = field(repr=False)
+    checked: bool = False
 
     # ---- formats -------------------------------------------------------------
 
@@ -98,15 +106,24 @@ class PrivacyReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrivacyReport":
-        """Inverse of ``to_dict``; refuses another schema."""
+        """Inverse of ``to_dict``; refuses another schema or a field of the wrong type or range.
+
+        A report written before ``checked`` existed reads as unchecked.
+        """
         if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
             got = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"Expected a report with schema {REPORT_SCHEMA!r}, got {got!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - data.keys()
+        missing = names - data.keys() - {"checked"}
         if missing:
             raise ValueError(f"report is missing fields: {sorted(missing)}")
-        values = {k: _decode(data[k]) for k in names}
+        unknown = data.keys() - names - {"schema"}
+        if unknown:
+            raise ValueError(f"report has unknown fields: {sorted(map(str, unknown))}")
+        values = {k: _decode(data[k]) for k in names if k in data}
+        for name, value in values.items():
+            _REPORT_FIELDS[name](f"report field {name}", value)
+        Ledger().load_state_dict(values["ledger"])  # validates it
         values["approximate"] = tuple(values["approximate"])
         values["warnings"] = tuple(values["warnings"])
         return cls(**values)
@@ -117,7 +134,8 @@ class PrivacyReport:
         return cls.from_dict(json.loads(text))
 
     def _rows(self) -> list[tuple[str, str]]:
-        rows = []
+        rows = [("checked against the run", "yes (the live engine's own ledger)" if self.checked else
+                 "NO: UNCHECKED, figures read from a file, not checked against a training run")]
         for method in METHODS:
             eps = self.epsilon.get(method)
             note = "  (approximation, not a bound)" if method in self.approximate else ""
@@ -201,12 +219,20 @@ class PrivacyReport:
         return fig
 
 
-def make_report(state: dict[str, Any], delta: float) -> PrivacyReport:
-    """The report for an engine state (``PrivacyEngine.state_dict()``) at ``delta``."""
+def make_report(state: dict[str, Any], delta: float, *, checked: bool = True) -> PrivacyReport:
+    """The report for an engine state (``PrivacyEngine.state_dict()``) at ``delta``.
+
+    Args:
+        state: the engine state; every field the report uses is type- and range-checked.
+        delta: δ, 0 < δ < 1.
+        checked: True (the default, what ``PrivacyEngine.report`` passes) when
+            ``state`` is the live engine's own; False for a state read from a
+            file, which the report then calls unchecked.
+    """
     delta = accounting.accountant.validate_delta(delta)
-    missing = {"accountant", "secure_mode", "noise_multiplier", "max_grad_norm", "plan", "ledger"} - set(state)
-    if missing:
-        raise ValueError(f"engine state is missing {sorted(missing)}")
+    if not isinstance(checked, bool):
+        raise ValueError(f"Expected checked={checked!r} to be a bool")
+    _validate_state(state)
     plan, ledger = state["plan"], Ledger()
     ledger.load_state_dict(state["ledger"])
     epsilon: dict[str, float | None] = {}
@@ -284,7 +310,137 @@ def make_report(state: dict[str, Any], delta: float) -> PrivacyReport:
         versions=package_versions(),
         warnings=tuple(warnings),
         ledger=state["ledger"],
+        checked=checked,
     )
+
+
+# ---- validation of what a file claims ----------------------------------------------
+
+
+def _number(name: str, value: Any, minimum: float = 0.0, *, strict: bool = False, finite: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok and (finite and math.isinf(value) or value < minimum or strict and value == minimum):
+        ok = False
+    if not ok:
+        bound = ">" if strict else ">="
+        raise ValueError(f"Expected {name}={value!r} to be a {'finite ' if finite else ''}number {bound} {minimum:g}")
+
+
+def _int(name: str, value: Any, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected {name}={value!r} to be an int >= {minimum}")
+
+
+def _optional(check: Any) -> Any:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _type(kind: type, what: str) -> Any:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, kind):
+            raise ValueError(f"Expected {name} to be {what}, got {type(value).__name__}")
+    return check
+
+
+def _strings(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"Expected {name} to be a list of strings")
+
+
+def _epsilons(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"Expected {name} to map accountant names to ε")
+    for method, eps in value.items():
+        _optional(lambda n, v: _number(n, v, finite=False))(f"{name}[{method!r}]", eps)
+
+
+def _versions(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"Expected {name} to map package names to version strings")
+
+
+def _in(choices: Any) -> Any:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"Expected {name}={value!r} to be one of {sorted(choices)}")
+    return check
+
+
+def _checked_by(validate: Any) -> Any:
+    def check(name: str, value: Any) -> None:
+        try:
+            validate(value)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return check
+
+
+_SAMPLINGS = ("poisson", "independent-poisson", "shuffled")
+_REPORT_FIELDS: dict[str, Any] = {
+    "epsilon": _epsilons,
+    "approximate": _strings,
+    "epsilon_no_amplification": _optional(lambda n, v: _number(n, v, finite=False)),
+    "delta": _checked_by(accounting.accountant.validate_delta),
+    "accountant": _type(str, "a string"),
+    "steps": _int,
+    "epochs": _number,
+    "dataset_size": lambda n, v: _int(n, v, 1),
+    "sample_rate": _checked_by(validate_sample_rate),
+    "logical_batch_size": lambda n, v: _number(n, v, strict=True),
+    "micro_batch_size": lambda n, v: _number(n, v, strict=True),
+    "accumulation_steps": _optional(lambda n, v: _int(n, v, 1)),
+    "noise_multiplier": _checked_by(validate_noise_multiplier),
+    "max_grad_norm": lambda n, v: _number(n, v, strict=True),
+    "sampling": _in(_SAMPLINGS),
+    "secure_mode": _type(bool, "true or false"),
+    "max_epsilon": _optional(lambda n, v: _number(n, v, strict=True)),
+    "steps_remaining": _optional(_int),
+    "versions": _versions,
+    "warnings": _strings,
+    "ledger": _type(dict, "a ledger state (an object)"),
+    "checked": _type(bool, "true or false"),
+}
+_STATE_FIELDS: dict[str, Any] = {
+    "accountant": _in(accounting.ACCOUNTANTS),
+    "secure_mode": _REPORT_FIELDS["secure_mode"],
+    "noise_multiplier": _REPORT_FIELDS["noise_multiplier"],
+    "max_grad_norm": _REPORT_FIELDS["max_grad_norm"],
+    "plan": _type(dict, "an object"),
+    "budget": _optional(_type(dict, "an object or null")),
+    "ledger": _REPORT_FIELDS["ledger"],
+}
+_PLAN_FIELDS: dict[str, Any] = {
+    "dataset_size": _REPORT_FIELDS["dataset_size"],
+    "logical_batch_size": _REPORT_FIELDS["logical_batch_size"],
+    "micro_batch_size": _REPORT_FIELDS["micro_batch_size"],
+    "accumulation_steps": _REPORT_FIELDS["accumulation_steps"],
+    "sample_rate": _REPORT_FIELDS["sample_rate"],
+    "steps_per_epoch": _int,
+    "sampling": _REPORT_FIELDS["sampling"],
+}
+_BUDGET_FIELDS: dict[str, Any] = {
+    "max_epsilon": lambda n, v: _number(n, v, strict=True),
+    "delta": _REPORT_FIELDS["delta"],
+    "steps_remaining": _int,
+}
+
+
+def _validate_fields(what: str, data: dict[str, Any], checks: dict[str, Any]) -> None:
+    missing = checks.keys() - data.keys()
+    if missing:
+        raise ValueError(f"{what} is missing {sorted(missing)}")
+    for name, check in checks.items():
+        check(f"{what} {name}", data[name])
+
+
+def _validate_state(state: Any) -> None:
+    """Raise ``ValueError`` naming the first field of an engine state the report cannot use."""
+    if not isinstance(state, dict):
+        raise ValueError(f"Expected an engine state (an object), got {type(state).__name__}")
+    _validate_fields("engine state", state, _STATE_FIELDS)
+    _validate_fields("engine state plan", state["plan"], _PLAN_FIELDS)
+    if state.get("budget") is not None:
+        _validate_fields("engine state budget", state["budget"], _BUDGET_FIELDS)
 
 
 def _quiet(fn: Any) -> Any:

@@ -115,3 +115,66 @@ def test_recording_checks_its_arguments_before_changing_anything():
     with pytest.raises(ValueError, match="count"):
         ledger.record(acc.PoissonGaussian(0.01, 1.0), 0)
     assert ledger.entries == ()
+
+
+def _state(*, count=3, **params):
+    return {"version": 1, "entries": [
+        {"event": "PoissonGaussian", "params": {"sample_rate": 0.01, "noise_multiplier": 1.0, **params},
+         "count": count},
+    ]}
+
+
+def _mutated(mutate):
+    state = _state()
+    mutate(state)
+    return state
+
+
+@pytest.mark.parametrize(
+    "state, needle",
+    [
+        (_mutated(lambda s: s.update(version=True)), "version"),
+        (_mutated(lambda s: s.update(version="1")), "version"),
+        (_mutated(lambda s: s.update(extra=1)), "keys"),
+        (_mutated(lambda s: s.pop("entries")), "keys"),
+        (_mutated(lambda s: s.update(entries={"a": 1})), "list"),
+        (_mutated(lambda s: s["entries"].append([1, 2])), r"entries\[1\]"),
+        (_mutated(lambda s: s["entries"][0].pop("count")), r"entries\[0\] has keys"),
+        (_mutated(lambda s: s["entries"][0].update(note="x")), r"entries\[0\] has keys"),
+        (_mutated(lambda s: s["entries"][0].update(event=["PoissonGaussian"])), "Unknown event type"),
+        (_mutated(lambda s: s["entries"][0].update(event="Gaussian")), "Unknown event type"),
+        (_mutated(lambda s: s["entries"][0].update(params=[0.01, 1.0])), "params"),
+        (_state(sample_rate=True), "sample_rate"),
+        (_state(sample_rate=0.0), "sample_rate"),
+        (_state(sample_rate="0.01"), "sample_rate"),
+        (_state(noise_multiplier=-1.0), "noise_multiplier"),
+        (_state(noise_multiplier=float("nan")), "noise_multiplier"),
+        (_state(count=True), "count"),
+        (_state(count=0), "count"),
+        (_state(count=3.0), "count"),
+        (_state(count=10**30), "count"),
+        (_state(count=2**53 + 1), "count"),
+        (_mutated(lambda s: s["entries"].append(
+            {"event": "PoissonGaussian", "params": {"sample_rate": 0.02, "noise_multiplier": 1.0}, "count": 2**53})),
+         r"entries\[1\] count"),
+        ({"version": 1, "entries": [{"event": "IndependentPoissonGaussian", "params": {
+            "sample_rate": 0.01, "noise_multiplier": 1.0, "micro_batches": True}, "count": 1}]}, "micro_batches"),
+        ([("PoissonGaussian", 1)], "dict"),
+    ],
+)
+def test_load_state_dict_checks_types_ranges_and_keys_before_changing_anything(state, needle):
+    ledger = acc.Ledger()
+    ledger.record(acc.PoissonGaussian(0.5, 2.0), 7)
+    before = ledger.entries
+    with pytest.raises(ValueError, match=needle):
+        ledger.load_state_dict(state)
+    assert ledger.entries == before
+
+
+def test_counts_load_up_to_two_to_the_53_in_all():
+    ledger = acc.Ledger()
+    ledger.load_state_dict(_state(count=2**53))
+    assert ledger.steps == 2**53
+    with pytest.raises(ValueError, match="count"):
+        ledger.record(acc.PoissonGaussian(0.01, 1.0))  # the total would pass 2**53
+    assert ledger.steps == 2**53

@@ -98,3 +98,8 @@ def test_load_state_dict_refuses_another_run():
 def test_bad_budget_is_refused_before_anything_changes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         private_mlp(**kwargs)
+
+
+def test_a_cap_beyond_the_calibrated_range_is_refused_at_once():
+    with pytest.raises(ValueError, match="max_epsilon=1000 <= 100"):
+        dpclip.PrivacyBudget(1000.0, 1e-5, "prv")

@@ -141,3 +141,67 @@ def test_warning_k_times_b_differs_from_the_logical_batch():
 def test_report_needs_a_delta_without_a_budget(trained):
     with pytest.raises(ValueError, match="delta"):
         trained.report()
+
+
+def test_a_live_engine_report_is_checked_and_one_from_a_state_file_says_unchecked(trained):
+    live = trained.report(1e-5)
+    assert live.checked and json.loads(live.to_json())["checked"] is True
+    assert "UNCHECKED" not in str(live) and "UNCHECKED" not in live.to_markdown()
+    from_file = make_report(trained.state_dict(), 1e-5, checked=False)
+    assert not from_file.checked and json.loads(from_file.to_json())["checked"] is False
+    for text in (str(from_file), from_file.to_markdown()):
+        assert "UNCHECKED, figures read from a file, not checked against a training run" in text
+    assert from_file.epsilon == live.epsilon
+
+
+def test_a_saved_report_without_the_checked_field_reads_as_unchecked(trained):
+    data = json.loads(trained.report(1e-5).to_json())
+    del data["checked"]  # as written before the field existed
+    assert dpclip.PrivacyReport.from_dict(data).checked is False
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("steps", "10", "steps"),
+        ("steps", True, "steps"),
+        ("epsilon", {"rdp": "big"}, "epsilon"),
+        ("epsilon", [1.0], "epsilon"),
+        ("delta", 2.0, "delta"),
+        ("sample_rate", 1e3, "sample_rate"),
+        ("warnings", "none", "warnings"),
+        ("secure_mode", 1, "secure_mode"),
+        ("checked", "yes", "checked"),
+        ("sampling", "random", "sampling"),
+        ("ledger", {"version": 1, "entries": [], "x": 1}, "keys"),
+        ("surprise", 1, "unknown fields"),
+    ],
+)
+def test_a_saved_report_with_a_wrong_field_is_refused_by_name(trained, field, value, needle):
+    data = json.loads(trained.report(1e-5).to_json())
+    data[field] = value
+    with pytest.raises(ValueError, match=needle):
+        dpclip.PrivacyReport.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [
+        (("plan",), None, "plan"),
+        (("plan", "dataset_size"), 0, "dataset_size"),
+        (("plan", "sampling"), 3, "sampling"),
+        (("noise_multiplier",), "1", "noise_multiplier"),
+        (("accountant",), "moments", "accountant"),
+        (("budget",), {"max_epsilon": 1.0}, "budget is missing"),
+        (("ledger", "entries"), [{"event": "PoissonGaussian"}], "keys"),
+    ],
+)
+def test_an_engine_state_with_a_wrong_field_is_refused_by_name(trained, path, value, needle):
+    state = trained.state_dict()
+    *parents, last = path
+    target = state
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    with pytest.raises(ValueError, match=needle):
+        make_report(state, 1e-5, checked=False)
