@@ -26,7 +26,8 @@ per-sample rules for the layer types none of them claims. A new family is a new
 file that defines its ``Rule`` subclass and registers it, and one import below.
 """
 
-from dpclip.clipping.rules import conv, embedding, fallback, linear, norm  # noqa: F401 - they register
+# each family registers its rules when imported
+from dpclip.clipping.rules import conv, embedding, fallback, linear, norm  # noqa: F401
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, STRATEGIES, Rule, Target, register, rule_for
 from dpclip.clipping.rules.linear import LINEAR
 
