@@ -70,7 +70,7 @@ class PerSampleClipper:
     into the clipped gradient sum S = Σ_i min(1, C/‖g_i‖) · g_i.
 
     The clipper registers forward hooks on the modules that own trainable
-    parameters and keeps what they record in its own state until the next
+    parameters (its ``recorder``), which keep what they record until the next
     ``clipped_sum`` call. ``remove()`` detaches the hooks. Frozen parameters
     (``requires_grad=False``) are not recorded and cost nothing; a parameter frozen
     later is left out from then on (no part of S, no share of the norms), and one
