@@ -47,7 +47,7 @@ class LayerCall:
     parameters (or row blocks) they fill; frozen ones are left out.
     """
 
-    rule: "Rule"
+    rule: Rule
     module: nn.Module
     activations: list[Any]
     output: torch.Tensor
