@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from dpclip import NonFiniteNormError, PerSampleClipper, clip_factors
-from dpclip.layers import EmbeddingRule, LinearRule
+from dpclip.clipping.rules.embedding import EmbeddingRule
+from dpclip.clipping.rules.linear import LinearRule
 from tests.dpclip.models import TinyTransformer, make_data
 
 
@@ -289,7 +290,7 @@ def test_frozen_backbone_records_nothing_and_builds_no_graph():
     x, y = torch.randn(5, 64, dtype=torch.float64), torch.randint(0, 3, (5,))
     assert not model[0](x).requires_grad  # no graph through the frozen part
     losses = F.cross_entropy(model(x), y, reduction="none")
-    assert [c.module for c in clipper._calls] == [model[2]]
+    assert [c.module for c in clipper.recorder.calls] == [model[2]]
     got = clipper.clipped_sum(losses)
     expected, _ = _clipped_reference(model, x, y, 0.5)
     assert set(got) == {model[2].weight, model[2].bias}
@@ -413,4 +414,4 @@ def test_calls_with_other_parameters_are_not_recorded():
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     x, _ = make_data("transformer", 3, torch.Generator().manual_seed(0))
     torch.func.functional_call(model, params, (x,)).sum().backward()
-    assert clipper._calls == []
+    assert clipper.recorder.calls == []

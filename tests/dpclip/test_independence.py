@@ -108,7 +108,7 @@ def test_mixing_is_refused_before_anything_is_accumulated(case):
     for words in ("example 0", "bounds nothing", "batch statistics", "check_independence=False"):
         assert words in message
     assert optimizer.micro_batches_accumulated == 0
-    assert optimizer.clipper._calls == []
+    assert optimizer.clipper.recorder.calls == []
     with pytest.raises(dpclip.LogicalBatchError, match="no backward"):
         optimizer.step()  # nothing to apply
     for name, value in model.state_dict().items():

@@ -240,7 +240,7 @@ def test_step_turns_the_accumulator_into_the_gradient_without_a_copy():
 
 
 def test_error_while_adding_into_the_accumulator_loses_the_logical_batch_loudly(monkeypatch):
-    from dpclip.layers import LinearRule
+    from dpclip.clipping.rules.linear import LinearRule
 
     run = make_run("mlp", batch_size=4, accumulation_steps=2)
     micro = [(run.x[i * 4 : (i + 1) * 4], run.y[i * 4 : (i + 1) * 4]) for i in range(2)]

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from dpclip import PerSampleClipper
-from dpclip.layers import LayerCall
+from dpclip.clipping import LayerCall
 from tests.dpclip.helpers import make_run, train_logical_batch
 from tests.dpclip.models import MLP, TinyTransformer, make_data, reference_update
 
 
 def _recorded_outputs(clipper):
-    return [c.output if isinstance(c, LayerCall) else c.outputs[0] for c in clipper._calls]
+    return [c.output if isinstance(c, LayerCall) else c.outputs[0] for c in clipper.recorder.calls]
 
 
 @pytest.mark.parametrize("model_type", [MLP, TinyTransformer])
@@ -30,13 +30,13 @@ def test_forwards_without_backward_keep_the_records_of_one_forward(model_type):
     kind = "mlp" if model_type is MLP else "transformer"
     x, _ = make_data(kind, 8, torch.Generator().manual_seed(0))
     model(x)
-    per_forward = len(clipper._calls)
+    per_forward = len(clipper.recorder.calls)
     first = [weakref.ref(t) for t in _recorded_outputs(clipper)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(50):
             model(x)
-    assert len(clipper._calls) == per_forward
+    assert len(clipper.recorder.calls) == per_forward
     gc.collect()
     assert all(r() is None for r in first)  # the first forward's graph is freed
     dropped = [w for w in caught if "torch.no_grad()" in str(w.message)]

@@ -1,72 +1,20 @@
-"""Per-sample gradient norms and the clipped gradient sum of one micro-batch.
-
-For a micro-batch with per-sample losses ℓ_1..ℓ_B and per-sample gradients
-g_i = ∇_θ ℓ_i, this module computes
-
-    S = Σ_i c_i · g_i,   c_i = min(1, C / ‖g_i‖)
-
-with one backward pass (book-keeping, Bu et al. 2023): forward hooks record
-each layer call's input; one backward gives the gradient of Σ ℓ_i with respect
-to each recorded *output* (no parameter gradients). Then, per layer call
-(``dpclip.layers``):
-
-- the per-sample norms, by ghost norm or per-sample gradient, whichever the
-  shapes make cheaper (or as the ``clipping`` strategy says);
-- S directly from the same tensors (for Linear Σ_i c_i·g_iᵀa_i), no second
-  backward.
-
-Layer calls are Linear, Conv1d/Conv2d, Embedding, the layers Opacus has
-per-sample rules for (LayerNorm, GroupNorm, …) and the projections inside
-``nn.MultiheadAttention`` (``dpclip.attention``). A parameter used by several
-calls (a layer run twice, tied weights) gets its per-sample gradients summed
-before the norm. Any other module that owns parameters gets exact per-sample
-gradients by a batched vector-Jacobian product through its own recorded graph
-(so dropout masks and keyword inputs are those of the real forward), and its
-part of S by one vector-Jacobian product with the clipped output gradients.
-
-Unlike Opacus, nothing is written to ``param.grad`` and no attribute is added
-to a parameter or module: the caller owns where S is accumulated.
-"""
+"""PerSampleClipper: the clipped gradient sum S = Σ_i min(1, C/‖g_i‖) · g_i of one
+micro-batch from one backward pass over what the forward recorded."""
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
-from torch.utils._pytree import tree_flatten
 
-from dpclip.attention import AttentionRecorder
-from dpclip.independence import ExamplesMixedError, ForwardProbe
-from dpclip.layers import (
-    LINEAR,
-    STRATEGIES,
-    LayerCall,
-    Rule,
-    norm_dtype,
-    row_sq_norms,
-    rule_for,
-    scale_rows,
-    sq_norms,
-)
+from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
+from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, row_sq_norms
+from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
-__all__ = [
-    "STRATEGIES",
-    "NonFiniteNormError",
-    "PerSampleClipper",
-    "clip_factors",
-    "validate_clipping",
-    "validate_module",
-]
-
-#: Modules that use their children's parameters without calling the children
-#: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
-OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+__all__ = ["NonFiniteNormError", "PerSampleClipper", "validate_module"]
 
 
 class NonFiniteNormError(FloatingPointError):
@@ -79,18 +27,6 @@ class NonFiniteNormError(FloatingPointError):
     logical batch, ``DPOptimizer`` applies that logical batch before raising, and a
     ``step()`` right after is a no-op.)
     """
-
-
-def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-sample clipping factors c_i = min(1, C / ‖g_i‖) (Abadi et al. 2016, Alg. 1).
-
-    Args:
-        norms: per-sample L2 gradient norms ‖g_i‖, shape [B], finite and >= 0.
-        max_grad_norm: C > 0, the L2 bound each clipped gradient c_i·g_i meets.
-
-    A zero gradient gets factor 1, so c_i·g_i = 0.
-    """
-    return max_grad_norm / norms.clamp(min=max_grad_norm)
 
 
 def validate_module(module: nn.Module) -> None:
@@ -129,121 +65,12 @@ def validate_module(module: nn.Module) -> None:
             )
 
 
-@dataclass(eq=False)
-class _Unit:
-    """A module whose forward calls are recorded, and the parameters it answers for.
-
-    ``rule``: its layer rule (its calls become ``LayerCall``s); ``attention``: an
-    ``nn.MultiheadAttention`` whose projections become ``LayerCall``s; neither:
-    per-sample gradients through the recorded graph.
-    """
-
-    name: str
-    module: nn.Module
-    params: tuple[nn.Parameter, ...]
-    rule: Rule | None
-    strategy: str
-    attention: bool = False
-    shared: bool = False  # some parameter is also owned by another module (tied weights)
-    roles: tuple[str, ...] = ()  # the params' names in module._parameters (not attention)
-
-
-@dataclass(eq=False)
-class _GraphCall:
-    unit: _Unit
-    outputs: list[torch.Tensor]
-    versions: list[int]
-    #: the unit's parameters that were trainable at this forward (frozen ones are left out)
-    params: tuple[nn.Parameter, ...]
-    backprops: list[torch.Tensor | None] = field(default_factory=list)
-
-
-def _build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[_Unit]:
-    owners: dict[nn.Parameter, int] = {}
-    for sub in module.modules():
-        for p in sub._parameters.values():
-            if p is not None and p.requires_grad:
-                owners[p] = owners.get(p, 0) + 1
-    shared = {p for p, n in owners.items() if n > 1}
-    default = clipping if isinstance(clipping, str) else "auto"
-    overrides = {} if isinstance(clipping, str) else dict(clipping)
-
-    units: list[_Unit] = []
-    opaque: list[nn.Module] = []
-    for name, sub in module.named_modules():
-        if any(sub is not o and _is_descendant(sub, o) for o in opaque):
-            continue
-        strategy = overrides.pop(name, default)
-        if isinstance(sub, OPAQUE_MODULES):
-            opaque.append(sub)
-            params = tuple(p for p in sub.parameters() if p.requires_grad)
-            if params:
-                tied = bool(shared.intersection(params))
-                units.append(_Unit(name, sub, params, None, strategy, attention=True, shared=tied))
-            continue
-        named = [(r, p) for r, p in sub._parameters.items() if p is not None and p.requires_grad]
-        if not named:
-            continue
-        roles, params = zip(*named)
-        tied = bool(shared.intersection(params))
-        units.append(_Unit(name, sub, params, rule_for(sub), strategy, shared=tied, roles=roles))
-    if overrides:
-        raise ValueError(
-            f"clipping names {sorted(overrides)}, which are not modules with trainable parameters "
-            f"of this model (those are: {[u.name for u in units]})"
-        )
-    return units
-
-
-def validate_clipping(module: nn.Module, clipping: str | Mapping[str, str]) -> None:
-    """Raise ``ValueError`` unless ``clipping`` is a strategy name or maps names of
-    ``module``'s submodules that own trainable parameters to strategy names."""
-    _check_strategies(clipping)
-    _build_units(module, clipping)  # refuses names that are not such submodules
-
-
-def _check_strategies(clipping: str | Mapping[str, str]) -> None:
-    values = [clipping] if isinstance(clipping, str) else list(getattr(clipping, "values", list)())
-    if not isinstance(clipping, (str, Mapping)) or any(v not in STRATEGIES for v in values):
-        raise ValueError(
-            f"Expected clipping to be one of {STRATEGIES} or a mapping from module name to one "
-            f"of them, got {clipping!r}"
-        )
-
-
-def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
-    return any(sub is m for m in ancestor.modules())
-
-
-def _foreign_parameters(loss: torch.Tensor, known: set[torch.Tensor]) -> list[nn.Parameter]:
-    """Trainable ``nn.Parameter`` leaves of ``loss``'s autograd graph that are not in
-    ``known``: a module outside the private model (its gradient would be dropped)."""
-    foreign, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        leaf = getattr(fn, "variable", None)  # an AccumulateGrad node
-        if isinstance(leaf, nn.Parameter) and leaf.requires_grad and leaf not in known:
-            foreign.append(leaf)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return foreign
-
-
-def _one_hot_cotangent(backprops: torch.Tensor) -> torch.Tensor:
-    """[B, *shape] -> [B, B, *shape] whose slice i keeps only sample i's row."""
-    b = backprops.shape[0]
-    eye = torch.eye(b, dtype=backprops.dtype, device=backprops.device)
-    return eye.view(b, b, *([1] * (backprops.dim() - 1))) * backprops.unsqueeze(0)
-
-
 class PerSampleClipper:
     """Records layer calls during the forward pass and turns per-sample losses
     into the clipped gradient sum S = Σ_i min(1, C/‖g_i‖) · g_i.
 
     The clipper registers forward hooks on the modules that own trainable
-    parameters and keeps what they record in its own state until the next
+    parameters (its ``recorder``), which keep what they record until the next
     ``clipped_sum`` call. ``remove()`` detaches the hooks. Frozen parameters
     (``requires_grad=False``) are not recorded and cost nothing; a parameter frozen
     later is left out from then on (no part of S, no share of the norms), and one
@@ -257,7 +84,7 @@ class PerSampleClipper:
         max_grad_norm: C > 0, the per-sample L2 clipping bound.
         clipping: how per-sample norms are computed where a layer has both rules:
             "auto" (mixed: per layer, ghost norm or per-sample gradients,
-            whichever costs less for its shapes: ``dpclip.layers.Rule.costs``;
+            whichever costs less for its shapes: ``dpclip.clipping.rules.Rule.costs``;
             for Linear on T positions, d inputs, p outputs, ghost when
             T²(d+p) < 64·p·d), "ghost", "per_sample"; or a
             mapping from module names (as in ``named_modules``) to those, "auto"
@@ -285,63 +112,49 @@ class PerSampleClipper:
         check_independence: bool = True,
     ) -> None:
         validate_module(module)
-        _check_strategies(clipping)
+        check_strategies(clipping)
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
-        self.units = _build_units(module, clipping)
+        self.units = build_units(module, clipping)
         #: the parameters clipping covers: those trainable when the clipper was built
         self.params: tuple[nn.Parameter, ...] = tuple(
             p for p in module.parameters() if p.requires_grad
         )
         self._covered = set(self.params)
         self._owner_name = {p: u.name for u in self.units for p in u.params}
-        #: increases whenever the recorded forward calls are used up or dropped; a loss
-        #: made from a forward whose records are gone can no longer be clipped
-        self.generation = 0
-        self._calls: list[LayerCall | _GraphCall] = []
         self._audited = False
-        self._recorders: dict[nn.Module, AttentionRecorder] = {}
         #: True while S is being added into an accumulator (still True if that failed)
         self.writing = False
         #: per-sample gradient norms ‖g_i‖ of the last micro-batch (not private: debugging only)
         self.last_norms: torch.Tensor | None = None
         self.check_independence = bool(check_independence)
-        #: False while the independence probe re-runs the model: nothing is recorded
-        self.recording = True
-        self.independence = ForwardProbe(module, self._rerun, self.check_independence)
-        self._dropped = False  # records of an unused forward were dropped; audit the next backward
-        self._warned_dropped = False
-        self._handles = [
-            module.register_forward_pre_hook(self._root_enter, with_kwargs=True),
-            module.register_forward_hook(self._root_exit, with_kwargs=True),
-        ]
-        for u in self.units:
-            if u.attention:
-                self._handles.append(u.module.register_forward_pre_hook(self._attention_enter(u)))
-                self._handles.append(
-                    u.module.register_forward_hook(self._attention_exit(u), always_call=True)
-                )
-            else:
-                self._handles.append(
-                    u.module.register_forward_hook(self._recorder(u), with_kwargs=True)
-                )
+        #: the forward hooks and what they recorded since the last ``clipped_sum``
+        self.recorder = Recorder(module, self.units, self.check_independence)
 
     def remove(self) -> None:
         """Detach the hooks; the module is as it was before."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._calls.clear()
+        self.recorder.remove()
 
     def discard(self) -> None:
         """Forget the forward calls recorded since the last ``clipped_sum``."""
-        self._calls.clear()
-        self.generation += 1
+        self.recorder.discard()
 
     @property
     def recorded_calls(self) -> int:
         """Forward calls recorded since the last ``clipped_sum`` or ``discard``."""
-        return len(self._calls)
+        return len(self.recorder.calls)
+
+    @property
+    def generation(self) -> int:
+        """Increases whenever the recorded forward calls are used up or dropped; a loss
+        made from a forward whose records are gone can no longer be clipped."""
+        return self.recorder.generation
+
+    @property
+    def _audit_due(self) -> bool:
+        """The next backward checks the records against the whole gradient: on the first
+        micro-batch, and after the records of an unused forward were dropped."""
+        return not self._audited or self.recorder.dropped
 
     def check_coverage(self) -> None:
         """Raise ``RuntimeError`` if a trainable parameter of the module is one clipping
@@ -354,115 +167,6 @@ class PerSampleClipper:
                     "no private gradient: freeze it again (requires_grad_(False)), or make a new "
                     "model private with it trainable from the start"
                 )
-
-    def _recording_now(self) -> bool:
-        """A forward of the root now records: gradients on, not the probe's re-run, and the
-        model's own parameters (not torch.func.functional_call's)."""
-        if not self.recording or not torch.is_grad_enabled():
-            return False
-        unit = self.units[0]
-        if unit.attention:
-            return any(p is unit.params[0] for p in unit.module.parameters())
-        return unit.module._parameters.get(unit.roles[0]) is unit.params[0]
-
-    def _root_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._recording_now():
-            return
-        if self._calls:
-            # no backward used the last forward (an evaluation with gradients on): keep one
-            # forward's records, not all; if a loss does use it, the next backward's audit
-            # sees gradient nothing recorded and refuses (a loss made before this is stale)
-            self.discard()
-            self._audited, self._dropped = False, True
-            if not self._warned_dropped:
-                self._warned_dropped = True
-                warnings.warn(
-                    "a forward of the model with gradients enabled started before any "
-                    "backward() used the previous one: dpclip dropped the previous forward's "
-                    "records, so that memory does not grow. Run evaluation under "
-                    "torch.no_grad() (it then costs no recording at all); a loss over several "
-                    "forwards of the model is refused at its backward()",
-                    stacklevel=5,  # the user's model(x): past this hook and Module.__call__
-                )
-        self.independence.before_forward()
-
-    def _root_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self._recording_now():
-            return
-        try:
-            self.independence.after_forward(args, kwargs, output)
-        except ExamplesMixedError:
-            self._calls.clear()  # a refused forward leaves nothing behind
-            raise
-
-    def _rerun(self, args: tuple, kwargs: dict) -> Any:
-        self.recording = False
-        try:
-            return self.module(*args, **kwargs)
-        finally:
-            self.recording = True
-
-    def _recorder(self, unit: _Unit) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if not self.recording or not torch.is_grad_enabled():
-                return
-            outputs = [
-                t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
-            ]
-            current = module._parameters
-            if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
-                return  # nothing to train, or other parameters (torch.func.functional_call)
-            trainable = [(r, p) for r, p in zip(unit.roles, unit.params) if p.requires_grad]
-            if not trainable:
-                return  # all frozen since make_private
-            if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
-                targets = {r: (p, None) for r, p in trainable}
-                activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-                self._calls.append(
-                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
-                )
-                return
-            params = tuple(p for _, p in trainable)
-            self._calls.append(_GraphCall(unit, outputs, [t._version for t in outputs], params))
-
-        return hook
-
-    def _attention_enter(self, unit: _Unit) -> Callable[..., None]:
-        recorder = AttentionRecorder(unit.params)
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            current = {id(p) for p in module.parameters()}
-            if any(id(p) not in current for p in unit.params):
-                return  # run with other parameters (torch.func.functional_call): not training
-            if self.recording and torch.is_grad_enabled() and module not in self._recorders:
-                recorder.reset()
-                self._recorders[module] = recorder
-                recorder.__enter__()
-
-        return hook
-
-    def _attention_exit(self, unit: _Unit) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            recorder = self._recorders.pop(module, None)
-            if recorder is None:
-                return
-            recorder.__exit__(None, None, None)
-            outputs = [
-                t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
-            ]
-            params = tuple(p for p in unit.params if p.requires_grad)
-            if not outputs or not params:
-                return
-            if recorder.unsupported is not None or not recorder.projections:
-                versions = [t._version for t in outputs]
-                self._calls.append(_GraphCall(unit, outputs, versions, params))
-                return
-            for x, y, targets, batch in recorder.projections:
-                self._calls.append(
-                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy, batch_inner=batch)
-                )
-
-        return hook
 
     def clipped_sum(
         self,
@@ -493,8 +197,8 @@ class PerSampleClipper:
         if not loss_per_sample.requires_grad:
             raise RuntimeError("the loss does not require grad: no parameter depends on it")
         self.check_coverage()
-        if not self._audited:  # once: a trainable module outside the model gets no gradient
-            foreign = _foreign_parameters(loss_per_sample, self._covered)
+        if self._audit_due:  # once: a trainable module outside the model gets no gradient
+            foreign = foreign_parameters(loss_per_sample, self._covered)
             if foreign:
                 raise RuntimeError(
                     f"the loss depends on a trainable parameter (shape {tuple(foreign[0].shape)}) "
@@ -502,9 +206,7 @@ class PerSampleClipper:
                     "include its module in the model passed to make_private, or freeze it "
                     "(requires_grad_(False))"
                 )
-        calls, self._calls = self._calls, []
-        self.generation += 1
-        self.independence.trained_on()
+        calls = self.recorder.take()
         batch = loss_per_sample.shape[0]
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"):
@@ -513,7 +215,7 @@ class PerSampleClipper:
             sq = torch.zeros(batch, dtype=norm_dtype(loss_per_sample.dtype), device=loss_per_sample.device)
             for n in self._layer_sq_norms(layer_calls):
                 sq = sq + n.to(sq.dtype)
-            graph_grads = self._graph_per_sample(graph_calls)
+            graph_grads = graph_per_sample(graph_calls)
             for g in graph_grads.values():
                 sq = sq + row_sq_norms(g).to(sq.dtype)
             norms = sq.sqrt()
@@ -536,8 +238,8 @@ class PerSampleClipper:
             return result
 
     def _backward(
-        self, loss_per_sample: torch.Tensor, calls: list[LayerCall | _GraphCall], batch: int
-    ) -> tuple[list[LayerCall], list[_GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None]:
+        self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int
+    ) -> tuple[list[LayerCall], list[GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None]:
         """The one backward pass: gradients of Σ ℓ_i at every recorded output (and, on
         the first micro-batch only, at the trainable parameters, for the audit)."""
         for call in calls:
@@ -554,9 +256,9 @@ class PerSampleClipper:
                     "forward (e.g. by nn.ReLU(inplace=True) or x += layer(x)); use the "
                     "out-of-place version"
                 )
-        graph_calls = [c for c in calls if isinstance(c, _GraphCall)]
+        graph_calls = [c for c in calls if isinstance(c, GraphCall)]
         flat = [t for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
-        audit = not self._audited
+        audit = self._audit_due
         trainable = [p for p in self.params if p.requires_grad] if audit else []
         inputs = flat + trainable
         grads = torch.autograd.grad(
@@ -564,7 +266,7 @@ class PerSampleClipper:
         ) if inputs else ()
         it = iter(grads[: len(flat)])
         layer_calls: list[LayerCall] = []
-        used_graph: list[_GraphCall] = []
+        used_graph: list[GraphCall] = []
         for call in calls:
             if isinstance(call, LayerCall):
                 call.backprop = next(it)
@@ -582,7 +284,7 @@ class PerSampleClipper:
                 "losses of one forward per example first, loss_a + loss_b), or not from the "
                 "model made private"
             )
-        self._check_graph_units(used_graph, layer_calls)
+        check_graph_units(used_graph, layer_calls)
         for call in layer_calls:
             if call.backprop.dim() == 0 or call.by_example(call.backprop).shape[0] != batch:
                 self._batch_error(call.module, call.output, batch)
@@ -601,27 +303,10 @@ class PerSampleClipper:
         )
 
     @staticmethod
-    def _params_of(call: LayerCall | _GraphCall) -> list[nn.Parameter]:
+    def _params_of(call: LayerCall | GraphCall) -> list[nn.Parameter]:
         if isinstance(call, LayerCall):
             return [p for p, _ in call.targets.values()]
         return list(call.params)
-
-    @staticmethod
-    def _check_graph_units(used: list[_GraphCall], layer_calls: list[LayerCall]) -> None:
-        by_unit: dict[_Unit, int] = {}
-        for call in used:
-            by_unit[call.unit] = by_unit.get(call.unit, 0) + 1
-        for unit, n in by_unit.items():
-            n += sum(1 for c in layer_calls if c.module is unit.module)
-            if n > 1 or unit.shared:
-                # Its per-sample gradients come through the recorded graph, which would also
-                # count the other calls' (or the other owner's) use of the same parameters.
-                raise RuntimeError(
-                    f"module {unit.name!r} ({type(unit.module).__name__}) runs "
-                    f"{n} times per forward or shares parameters with another "
-                    "module; dpclip supports that only for layers with a per-sample rule "
-                    "(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, …)"
-                )
 
     @staticmethod
     def _layer_sq_norms(calls: list[LayerCall]) -> list[torch.Tensor]:
@@ -671,27 +356,6 @@ class PerSampleClipper:
         return out
 
     @staticmethod
-    def _graph_per_sample(calls: list[_GraphCall]) -> dict[nn.Parameter, torch.Tensor]:
-        """{param: ∇ ℓ_i stacked over i} for the graph-path calls; the clipped sum is taken
-        from these same tensors, so that the norm and what is added agree to the last bit
-        (a second vector-Jacobian product in half precision would round differently)."""
-        out: dict[nn.Parameter, torch.Tensor] = {}
-        for call in calls:
-            outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
-            cots = [_one_hot_cotangent(b) for b in call.backprops if b is not None]
-            with warnings.catch_warnings():
-                # vmap over some backward kernels (CPU attention) falls back to a loop and says so
-                warnings.filterwarnings("ignore", message="There is a performance drop")
-                grads = torch.autograd.grad(
-                    outs, call.params, grad_outputs=cots, retain_graph=True,
-                    allow_unused=True, is_grads_batched=True,
-                )
-            for p, g in zip(call.params, grads):
-                if g is not None:
-                    out[p] = g
-        return out
-
-    @staticmethod
     def _sum(
         layer_calls: list[LayerCall],
         graph_grads: dict[nn.Parameter, torch.Tensor],
@@ -716,12 +380,7 @@ class PerSampleClipper:
                 call.release()
                 call.per_sample = None
         for p, g in graph_grads.items():
-            t = target(p, None)
-            g, c = g.to(t.dtype), factors.to(t.dtype)
-            if t.is_contiguous():
-                t.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), c)
-            else:
-                t.add_(torch.einsum("b,b...->...", c, g))
+            add_weighted(target(p, None), g, factors)
         return out
 
     def _audit(
@@ -746,7 +405,7 @@ class PerSampleClipper:
             # sum over many examples and positions stays far below √eps (3e-4) in norm.
             tol = math.sqrt(torch.finfo(f.dtype).eps)
             if float((o - f).norm()) > tol * (float(f.norm()) + total) + 1e-30:
-                if self._dropped:
+                if self.recorder.dropped:
                     raise RuntimeError(
                         f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
                         "gradient that this forward's records do not account for: the loss uses "
@@ -765,7 +424,16 @@ class PerSampleClipper:
                     "to F.linear): its per-sample norm would be wrong; tie weights by sharing "
                     "the module attribute (head.weight = emb.weight) instead"
                 )
-        self._audited, self._dropped = True, False
+        self._audited, self.recorder.dropped = True, False
+
+
+def sq_norms(call: LayerCall) -> torch.Tensor:
+    """Σ over the call's targets of ‖∇ ℓ_i‖², shape [B]; keeps per-sample gradients
+    on the call when it computes them (the clipped sum then reuses them)."""
+    if call.uses_ghost():
+        return call.rule.ghost_sq_norms(call)
+    call.per_sample = call.rule.per_sample_grads(call)
+    return sum(row_sq_norms(g) for g in call.per_sample.values())
 
 
 def _overlap(a: slice | None, b: slice | None) -> bool:

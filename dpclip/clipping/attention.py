@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dpclip.layers import Target
+from dpclip.clipping.rules.base import Target
 
 __all__ = ["AttentionRecorder", "Projection"]
 

@@ -1,0 +1,367 @@
+"""What is recorded during the forward pass, for the one backward that uses it.
+
+The clipper's forward hooks record each call of a module that owns trainable
+parameters (a *unit*): a call of a layer whose type has a rule becomes a
+``LayerCall`` (its tensor inputs and output), a projection inside
+``nn.MultiheadAttention`` becomes a ``LayerCall`` of the linear rule
+(``dpclip.clipping.attention``), and any other call a ``GraphCall`` (its outputs,
+whose autograd graph gives exact per-sample gradients: ``dpclip.clipping.graph``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from dpclip.clipping.attention import AttentionRecorder
+from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
+from dpclip.independence import ExamplesMixedError, ForwardProbe
+
+__all__ = [
+    "OPAQUE_MODULES",
+    "GraphCall",
+    "LayerCall",
+    "Recorder",
+    "Unit",
+    "build_units",
+    "check_strategies",
+    "validate_clipping",
+]
+
+#: Modules that use their children's parameters without calling the children
+#: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
+OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+@dataclass(eq=False)
+class LayerCall:
+    """One forward call of a layer whose gradient has a rule.
+
+    ``targets`` maps the rule's roles ("weight", "bias") to the trainable
+    parameters (or row blocks) they fill; frozen ones are left out.
+    """
+
+    rule: Rule
+    module: nn.Module
+    activations: list[Any]
+    output: torch.Tensor
+    targets: dict[str, Target]
+    strategy: str = "auto"
+    #: B when rows are ordered (position, example), as inside attention; None: batch first
+    batch_inner: int | None = None
+    backprop: torch.Tensor | None = None
+    per_sample: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    versions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.versions = self.current_versions()
+
+    def by_example(self, t: torch.Tensor) -> torch.Tensor:
+        """An activation or output gradient as [B, T, features] (T positions per example)."""
+        if self.batch_inner is None:
+            return t.reshape(t.shape[0], -1, t.shape[-1])
+        return t.reshape(-1, self.batch_inner, t.shape[-1]).transpose(0, 1)
+
+    def row_factors(self, factors: torch.Tensor, rows: int) -> torch.Tensor:
+        """Per-example factors [B] spread over the call's ``rows`` rows in their own order."""
+        repeats = rows // factors.shape[0]
+        if self.batch_inner is None:
+            return factors.repeat_interleave(repeats)
+        return factors.repeat(repeats)
+
+    def release(self) -> None:
+        """Drop the activations and output gradient (their memory) once the call no longer
+        needs them: per-sample gradients computed, or its clipped sum added."""
+        self.activations = []
+        self.backprop = None
+
+    def current_versions(self) -> tuple[int, ...]:
+        """Version counters of the output and the tensor inputs (in-place changes bump them)."""
+        tensors = [self.output, *(a for a in self.activations if isinstance(a, torch.Tensor))]
+        return tuple(t._version for t in tensors)
+
+    def uses_ghost(self) -> bool:
+        if self.strategy == "per_sample" or not self.rule.has_ghost(self):
+            return False
+        if self.strategy == "ghost":
+            return True
+        ghost, per_sample = self.rule.costs(self)
+        return ghost < per_sample
+
+
+@dataclass(eq=False)
+class Unit:
+    """A module whose forward calls are recorded, and the parameters it answers for.
+
+    ``rule``: its layer rule (its calls become ``LayerCall``s); ``attention``: an
+    ``nn.MultiheadAttention`` whose projections become ``LayerCall``s; neither:
+    per-sample gradients through the recorded graph.
+    """
+
+    name: str
+    module: nn.Module
+    params: tuple[nn.Parameter, ...]
+    rule: Rule | None
+    strategy: str
+    attention: bool = False
+    shared: bool = False  # some parameter is also owned by another module (tied weights)
+    roles: tuple[str, ...] = ()  # the params' names in module._parameters (not attention)
+
+
+@dataclass(eq=False)
+class GraphCall:
+    """One forward call of a unit without a rule: its outputs, whose recorded graph gives
+    the per-sample gradients."""
+
+    unit: Unit
+    outputs: list[torch.Tensor]
+    versions: list[int]
+    #: the unit's parameters that were trainable at this forward (frozen ones are left out)
+    params: tuple[nn.Parameter, ...]
+    backprops: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[Unit]:
+    """The units of ``module`` (submodules that own trainable parameters, an opaque
+    module with its subtree), each with its rule and its strategy from ``clipping``."""
+    owners: dict[nn.Parameter, int] = {}
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None and p.requires_grad:
+                owners[p] = owners.get(p, 0) + 1
+    shared = {p for p, n in owners.items() if n > 1}
+    default = clipping if isinstance(clipping, str) else "auto"
+    overrides = {} if isinstance(clipping, str) else dict(clipping)
+
+    units: list[Unit] = []
+    opaque: list[nn.Module] = []
+    for name, sub in module.named_modules():
+        if any(sub is not o and _is_descendant(sub, o) for o in opaque):
+            continue
+        strategy = overrides.pop(name, default)
+        if isinstance(sub, OPAQUE_MODULES):
+            opaque.append(sub)
+            params = tuple(p for p in sub.parameters() if p.requires_grad)
+            if params:
+                tied = bool(shared.intersection(params))
+                units.append(Unit(name, sub, params, None, strategy, attention=True, shared=tied))
+            continue
+        named = [(r, p) for r, p in sub._parameters.items() if p is not None and p.requires_grad]
+        if not named:
+            continue
+        roles, params = zip(*named)
+        tied = bool(shared.intersection(params))
+        units.append(Unit(name, sub, params, rule_for(sub), strategy, shared=tied, roles=roles))
+    if overrides:
+        raise ValueError(
+            f"clipping names {sorted(overrides)}, which are not modules with trainable parameters "
+            f"of this model (those are: {[u.name for u in units]})"
+        )
+    return units
+
+
+def validate_clipping(module: nn.Module, clipping: str | Mapping[str, str]) -> None:
+    """Raise ``ValueError`` unless ``clipping`` is a strategy name or maps names of
+    ``module``'s submodules that own trainable parameters to strategy names."""
+    check_strategies(clipping)
+    build_units(module, clipping)  # refuses names that are not such submodules
+
+
+def check_strategies(clipping: str | Mapping[str, str]) -> None:
+    """Raise ``ValueError`` unless ``clipping`` is a strategy name or a mapping whose
+    values are strategy names (its keys are checked by ``build_units``)."""
+    values = [clipping] if isinstance(clipping, str) else list(getattr(clipping, "values", list)())
+    if not isinstance(clipping, (str, Mapping)) or any(v not in STRATEGIES for v in values):
+        raise ValueError(
+            f"Expected clipping to be one of {STRATEGIES} or a mapping from module name to one "
+            f"of them, got {clipping!r}"
+        )
+
+
+def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
+    return any(sub is m for m in ancestor.modules())
+
+
+
+class Recorder:
+    """The forward hooks of a clipper: each call of a unit is recorded into ``calls``
+    until the backward that uses them takes them (``take``).
+
+    The root module's hooks also run the independence probe (``independence``) on
+    forwards that record. A forward of ``module`` with gradients enabled that starts
+    while an earlier one's records are still unused (evaluation without
+    ``torch.no_grad()``) drops them, with a warning (once), so memory holds one
+    forward's records, and sets ``dropped``: the next backward must then check that its
+    loss did not use the dropped forward.
+
+    Args:
+        module: the model.
+        units: its units (``build_units``); hooks are registered on their modules.
+        check_independence: probe the first forward with at least 2 examples for
+            examples that depend on each other (``dpclip.independence``).
+    """
+
+    def __init__(self, module: nn.Module, units: list[Unit], check_independence: bool) -> None:
+        self.module = module
+        self.units = units
+        self.calls: list[LayerCall | GraphCall] = []
+        #: increases whenever the recorded forward calls are used up or dropped; a loss
+        #: made from a forward whose records are gone can no longer be clipped
+        self.generation = 0
+        #: False while the independence probe re-runs the model: nothing is recorded
+        self.recording = True
+        #: records of an unused forward were dropped; the next backward is audited
+        self.dropped = False
+        self._warned_dropped = False
+        self._attention: dict[nn.Module, AttentionRecorder] = {}
+        self.independence = ForwardProbe(module, self._rerun, check_independence)
+        self._handles = [
+            module.register_forward_pre_hook(self._root_enter, with_kwargs=True),
+            module.register_forward_hook(self._root_exit, with_kwargs=True),
+        ]
+        for u in units:
+            if u.attention:
+                self._handles.append(u.module.register_forward_pre_hook(self._attention_enter(u)))
+                self._handles.append(
+                    u.module.register_forward_hook(self._attention_exit(u), always_call=True)
+                )
+            else:
+                self._handles.append(
+                    u.module.register_forward_hook(self._call_hook(u), with_kwargs=True)
+                )
+
+    def remove(self) -> None:
+        """Detach the hooks; the module is as it was before."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.calls.clear()
+
+    def discard(self) -> None:
+        """Forget the forward calls recorded since the last ``take``."""
+        self.calls.clear()
+        self.generation += 1
+
+    def take(self) -> list[LayerCall | GraphCall]:
+        """The calls recorded since the last ``take`` or ``discard``, for the backward
+        that uses them up; the forward they came from has been trained on."""
+        calls, self.calls = self.calls, []
+        self.generation += 1
+        self.independence.trained_on()
+        return calls
+
+    def _recording_now(self) -> bool:
+        """A forward of the root now records: gradients on, not the probe's re-run, and the
+        model's own parameters (not torch.func.functional_call's)."""
+        if not self.recording or not torch.is_grad_enabled():
+            return False
+        unit = self.units[0]
+        if unit.attention:
+            return any(p is unit.params[0] for p in unit.module.parameters())
+        return unit.module._parameters.get(unit.roles[0]) is unit.params[0]
+
+    def _root_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._recording_now():
+            return
+        if self.calls:
+            # no backward used the last forward (an evaluation with gradients on): keep one
+            # forward's records, not all; if a loss does use it, the next backward's audit
+            # sees gradient nothing recorded and refuses (a loss made before this is stale)
+            self.discard()
+            self.dropped = True
+            if not self._warned_dropped:
+                self._warned_dropped = True
+                warnings.warn(
+                    "a forward of the model with gradients enabled started before any "
+                    "backward() used the previous one: dpclip dropped the previous forward's "
+                    "records, so that memory does not grow. Run evaluation under "
+                    "torch.no_grad() (it then costs no recording at all); a loss over several "
+                    "forwards of the model is refused at its backward()",
+                    stacklevel=5,  # the user's model(x): past this hook and Module.__call__
+                )
+        self.independence.before_forward()
+
+    def _root_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._recording_now():
+            return
+        try:
+            self.independence.after_forward(args, kwargs, output)
+        except ExamplesMixedError:
+            self.calls.clear()  # a refused forward leaves nothing behind
+            raise
+
+    def _rerun(self, args: tuple, kwargs: dict) -> Any:
+        self.recording = False
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.recording = True
+
+    def _call_hook(self, unit: Unit) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self.recording or not torch.is_grad_enabled():
+                return
+            outputs = [
+                t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            current = module._parameters
+            if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
+                return  # nothing to train, or other parameters (torch.func.functional_call)
+            trainable = [(r, p) for r, p in zip(unit.roles, unit.params) if p.requires_grad]
+            if not trainable:
+                return  # all frozen since make_private
+            if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
+                targets = {r: (p, None) for r, p in trainable}
+                activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+                self.calls.append(
+                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
+                )
+                return
+            params = tuple(p for _, p in trainable)
+            self.calls.append(GraphCall(unit, outputs, [t._version for t in outputs], params))
+
+        return hook
+
+    def _attention_enter(self, unit: Unit) -> Callable[..., None]:
+        recorder = AttentionRecorder(unit.params)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            current = {id(p) for p in module.parameters()}
+            if any(id(p) not in current for p in unit.params):
+                return  # run with other parameters (torch.func.functional_call): not training
+            if self.recording and torch.is_grad_enabled() and module not in self._attention:
+                recorder.reset()
+                self._attention[module] = recorder
+                recorder.__enter__()
+
+        return hook
+
+    def _attention_exit(self, unit: Unit) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            recorder = self._attention.pop(module, None)
+            if recorder is None:
+                return
+            recorder.__exit__(None, None, None)
+            outputs = [
+                t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            params = tuple(p for p in unit.params if p.requires_grad)
+            if not outputs or not params:
+                return
+            if recorder.unsupported is not None or not recorder.projections:
+                versions = [t._version for t in outputs]
+                self.calls.append(GraphCall(unit, outputs, versions, params))
+                return
+            for x, y, targets, batch in recorder.projections:
+                self.calls.append(
+                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy, batch_inner=batch)
+                )
+
+        return hook
+

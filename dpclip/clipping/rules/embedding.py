@@ -1,0 +1,71 @@
+"""Embedding lookups: ``nn.Embedding``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from dpclip.clipping.norms import norm_dtype, scale_rows
+from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
+
+if TYPE_CHECKING:
+    from dpclip.clipping.recording import LayerCall
+
+__all__ = ["EmbeddingRule"]
+
+
+class EmbeddingRule(Rule):
+    """``nn.Embedding`` (dense, no ``max_norm``, no ``scale_grad_by_freq``): the per-sample
+    gradient adds g_it to row id_it, so ‖∇ ℓ_i‖² = Σ_{s,t} [id_is = id_it] g_is·g_it."""
+
+    def _rows(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        emb: nn.Embedding = call.module
+        ids = call.activations[0].reshape(call.backprop.shape[0], -1)
+        g = call.backprop.reshape(ids.shape[0], ids.shape[1], -1)
+        if emb.padding_idx is not None:
+            g = g * (ids != emb.padding_idx).unsqueeze(-1).to(g.dtype)
+        return ids, g
+
+    def has_ghost(self, call: LayerCall) -> bool:
+        return True
+
+    def costs(self, call: LayerCall) -> tuple[float, float]:
+        t = call.activations[0][0].numel()
+        d, v = call.module.embedding_dim, call.module.num_embeddings
+        return (t * t * (d + 1) + t * d, t * d + MEMORY_WEIGHT * v * d)
+
+    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
+        ids, g = self._rows(call)
+        g = g.to(norm_dtype(g.dtype))
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
+        return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
+
+    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        ids, g = self._rows(call)
+        b, v = ids.shape[0], call.module.num_embeddings
+        offsets = (torch.arange(b, device=ids.device) * v).unsqueeze(1)
+        flat = torch.zeros(b * v, g.shape[-1], dtype=g.dtype, device=g.device)
+        flat.index_add_(0, (ids + offsets).flatten(), g.reshape(-1, g.shape[-1]))
+        return {"weight": flat.view(b, v, -1)}
+
+    def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
+        if call.per_sample is not None:
+            return super().clipped_sum(call, factors, out)
+        ids, g = self._rows(call)
+        g = scale_rows(g, factors).to(out["weight"].dtype)
+        out["weight"].index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]))
+
+
+_EMBEDDING = EmbeddingRule()
+
+
+def _embedding_rule(module: nn.Embedding) -> Rule | None:
+    if not module.sparse and module.max_norm is None and not module.scale_grad_by_freq:
+        return _EMBEDDING
+    return None
+
+
+register(nn.Embedding, _embedding_rule)

@@ -1,0 +1,74 @@
+"""Linear-like layers: ``y = a Wᵀ + b`` over any number of positions per example."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from dpclip.clipping.norms import gram_sq_norm, norm_dtype, row_sq_norms
+from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
+
+if TYPE_CHECKING:
+    from dpclip.clipping.recording import LayerCall
+
+__all__ = ["LINEAR", "LinearRule"]
+
+
+class LinearRule(Rule):
+    """``y = a Wᵀ + b`` over any number of positions per example."""
+
+    def _rows(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+        a = call.by_example(call.activations[0])
+        return a.to(call.backprop.dtype), call.by_example(call.backprop)
+
+    def has_ghost(self, call: LayerCall) -> bool:
+        return True
+
+    def costs(self, call: LayerCall) -> tuple[float, float]:
+        a = call.by_example(call.activations[0])
+        t, d = a.shape[1], a.shape[2]
+        p = call.backprop.shape[-1]
+        # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
+        return (t * t * (d + p) + t * d * p, t * d * p + MEMORY_WEIGHT * d * p)
+
+    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
+        a, g = self._rows(call)
+        # in norm_dtype throughout: the clipped sum adds these same numbers in it
+        a, g = a.to(norm_dtype(g.dtype)), g.to(norm_dtype(g.dtype))
+        total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+        if "weight" in call.targets:
+            total = total + gram_sq_norm(a, g)
+        if "bias" in call.targets:
+            total = total + row_sq_norms(g.sum(dim=1))
+        return total
+
+    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        a, g = self._rows(call)
+        out = {}
+        if "weight" in call.targets:
+            out["weight"] = torch.bmm(g.transpose(1, 2), a)
+        if "bias" in call.targets:
+            out["bias"] = g.sum(dim=1)
+        return out
+
+    def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
+        if call.per_sample is not None:
+            return super().clipped_sum(call, factors, out)
+        # Σ_i c_i Σ_t g_itᵀ a_it sums over all rows: take them in the order they are stored
+        # (inside attention, position-major), so that no activation is copied to reorder it
+        dtype = next(iter(out.values())).dtype  # the accumulator's: at least float32
+        x, g = call.activations[0], call.backprop
+        a, g = x.reshape(-1, x.shape[-1]).to(dtype), g.reshape(-1, g.shape[-1]).to(dtype)
+        g = g * call.row_factors(factors.to(dtype), g.shape[0]).unsqueeze(1)
+        if "weight" in call.targets:
+            out["weight"].addmm_(g.t(), a)
+        if "bias" in call.targets:
+            out["bias"].add_(g.sum(dim=0))
+
+
+#: The linear rule, also used for the projections inside attention layers.
+LINEAR = LinearRule()
+register(nn.Linear, LINEAR)

@@ -1,0 +1,126 @@
+"""The rule registry: which rule each layer type and configuration gets, and a family
+added by registering, checked against torch.func per-sample gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpclip import PerSampleClipper
+from dpclip.clipping.rules import Rule, base, register, rule_for
+from dpclip.clipping.rules.conv import ConvRule
+from dpclip.clipping.rules.embedding import EmbeddingRule
+from dpclip.clipping.rules.fallback import OpacusRule
+from dpclip.clipping.rules.linear import LinearRule
+from dpclip.clipping.rules.norm import NormRule
+from tests.dpclip.models import reference_update
+
+
+class _OwnLinear(nn.Linear):
+    """A subclass may compute something else in its forward: no rule by inheritance."""
+
+
+CASES = [
+    pytest.param(lambda: nn.Linear(4, 3), LinearRule, id="linear"),
+    pytest.param(lambda: _OwnLinear(4, 3), None, id="linear-subclass"),
+    pytest.param(lambda: nn.Conv1d(2, 3, 3), ConvRule, id="conv1d"),
+    pytest.param(lambda: nn.Conv2d(2, 3, 3, padding=1), ConvRule, id="conv2d"),
+    pytest.param(lambda: nn.Conv2d(2, 4, 3, groups=2), OpacusRule, id="conv2d-grouped"),
+    pytest.param(lambda: nn.Conv3d(2, 3, 3), OpacusRule, id="conv3d"),
+    pytest.param(
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), None, id="conv2d-reflect"
+    ),
+    pytest.param(lambda: nn.Conv1d(2, 3, 3, padding="same"), None, id="conv1d-same"),
+    pytest.param(
+        lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="circular"), None, id="conv3d-circular"
+    ),
+    pytest.param(lambda: nn.LayerNorm(4), NormRule, id="layernorm"),
+    pytest.param(lambda: nn.GroupNorm(2, 4), NormRule, id="groupnorm"),
+    pytest.param(lambda: nn.InstanceNorm1d(4, affine=True), OpacusRule, id="instancenorm"),
+    pytest.param(lambda: nn.Embedding(5, 3, padding_idx=0), EmbeddingRule, id="embedding"),
+    pytest.param(lambda: nn.Embedding(5, 3, max_norm=1.0), None, id="embedding-max-norm"),
+    pytest.param(lambda: nn.Embedding(5, 3, sparse=True), None, id="embedding-sparse"),
+    pytest.param(lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), None, id="embedding-freq"),
+    pytest.param(lambda: nn.EmbeddingBag(5, 3), OpacusRule, id="embedding-bag"),
+    pytest.param(lambda: nn.PReLU(), None, id="prelu"),
+]
+
+
+@pytest.mark.parametrize("make, expected", CASES)
+def test_each_layer_type_and_configuration_gets_its_family_rule(make, expected):
+    rule = rule_for(make())
+    assert (None if rule is None else type(rule)) is expected
+
+
+class Scale(nn.Module):
+    """y = x · w per feature: a type no family has a rule for."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaledMLP(nn.Module):
+    """Two positions per example, the scale between two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.net(x).mean(dim=1)
+
+
+class ScaleRule(Rule):
+    """∇w ℓ_i = Σ over example i's positions of x·g; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def per_sample_grads(self, call):
+        self.calls += 1
+        x, g = call.activations[0].to(call.backprop.dtype), call.backprop
+        return {"weight": (x * g).reshape(g.shape[0], -1, g.shape[-1]).sum(dim=1)}
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry as the families left it, restored after the test."""
+    monkeypatch.setattr(base, "_ENTRIES", list(base._ENTRIES))
+    monkeypatch.setattr(base, "_FALLBACKS", list(base._FALLBACKS))
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_registered_family_is_used_and_matches_reference():
+    torch.manual_seed(0)
+    model = ScaledMLP().double()
+    x, y = torch.randn(6, 2, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    rule = ScaleRule()
+    register(Scale, rule)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    _, norms = reference_update(model, params, x, y, 1.0, 1.0)
+    C = float(norms.median())  # clipping binds for about half the examples
+    expected, _ = reference_update(model, params, x, y, C, 1.0)
+    clipper = PerSampleClipper(model, C)
+    got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    clipper.remove()
+    assert rule.calls >= 1  # the family's rule, not the exact graph fallback
+    names = {p: n for n, p in model.named_parameters()}
+    assert {names[p] for p in got} == set(expected)
+    for p, s in got.items():
+        torch.testing.assert_close(s, expected[names[p]], atol=1e-10, rtol=0)
+
+
+@pytest.mark.usefixtures("registry")
+def test_fallback_entries_come_after_every_family_whatever_the_order():
+    own = ScaleRule()
+    register(nn.InstanceNorm1d, own)  # registered after Opacus's fallback, which covers it
+    assert rule_for(nn.InstanceNorm1d(4, affine=True)) is own
+    register(lambda module: True, None, fallback=True)
+    assert type(rule_for(nn.Linear(2, 2))) is LinearRule
+    assert rule_for(nn.PReLU()) is None
