@@ -307,6 +307,9 @@ class PrivacyEngine:
         Args:
             module: the model; trained in place and returned as is (hooks added).
             optimizer: a ``torch.optim`` optimizer over the model's parameters.
+                Frozen ones (``requires_grad=False``, e.g. a LoRA model's base
+                weights in an optimizer built from ``model.parameters()``) may be
+                in it: they get no noise and no update.
             criterion: a loss module with a ``reduction`` of "mean" or "sum".
             data_loader: its ``batch_size`` is the micro-batch size B, or with
                 ``max_physical_batch_size`` the logical batch size L.
@@ -415,13 +418,17 @@ class PrivacyEngine:
         validate_clipping(module, clipping)
         if not isinstance(check_independence, bool):
             raise ValueError(f"Expected check_independence to be True or False, got {check_independence!r}")
-        trainable = {p for p in module.parameters() if p.requires_grad}
+        # Frozen parameters of the module may be in the optimizer (one built from
+        # model.parameters() around a PEFT/LoRA model): they get no gradient, so no
+        # noise and no update. A parameter from elsewhere is not clipped at all.
+        owned = set(module.parameters())
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p not in trainable:
+                if p not in owned:
                     raise ValueError(
-                        "the optimizer has a parameter that is not a trainable parameter of "
-                        "module: build the optimizer from module.parameters()"
+                        f"the optimizer has a parameter of shape {tuple(p.shape)} that is not a "
+                        "parameter of module: per-example clipping covers the module's "
+                        "parameters only. Build the optimizer from module.parameters()"
                     )
 
         budget = None

@@ -9,8 +9,10 @@ the expected lot size too).
 
 ``step()`` refuses, before anything changes, a ``param.grad`` that dpclip did
 not write (it would be overwritten) and a parameter that clipping does not
-cover (it would move by noise alone). A frozen parameter (``requires_grad``
-False, also when frozen after ``make_private``) gets no noise and no update.
+cover (it would move by noise alone). A frozen parameter of the model
+(``requires_grad`` False: frozen at or after ``make_private``, such as a LoRA
+model's base weights in an optimizer built from ``model.parameters()``) gets no
+noise and no update.
 """
 
 from __future__ import annotations
@@ -289,8 +291,20 @@ class DPOptimizer(Optimizer):
             )
 
     def _check_covered(self) -> None:
+        # Left to pass: the model's frozen parameters (step() gives them no gradient)
         for p in self.params:
-            if p not in self._covered:
+            if p in self._covered:
+                continue
+            name = self._names.get(p)
+            if name is not None and p.requires_grad:
+                raise RuntimeError(
+                    f"the optimizer's param_groups hold parameter {name!r}, which requires grad "
+                    "but was frozen when the model was made private, so per-example clipping "
+                    "does not cover it: it would move by noise alone. Freeze it again "
+                    "(requires_grad_(False)), or make a new model private with it trainable "
+                    "from the start"
+                )
+            if name is None:  # not the model's: no clipping could ever cover it
                 raise RuntimeError(
                     f"the optimizer's param_groups hold a parameter of shape {tuple(p.shape)} "
                     "that is not covered by per-example clipping (added after make_private, "
