@@ -277,6 +277,7 @@ class PrivacyEngine:
         self._budget_cache: tuple[int, int, tuple[Any, ...]] | None = None
         self._batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler | None = None
         self._uses: ExampleUses | None = None  # shuffled batches: each example's uses
+        self._pending_uses: list[int] = []  # the examples of the step being taken
 
     @property
     def steps(self) -> int:
@@ -321,7 +322,9 @@ class PrivacyEngine:
                 size L = loader batch size, split into micro-batches of at most M
                 (the BatchMemoryManager migration).
             poisson_sampling: True (default): each step draws a Poisson logical
-                batch at q = L/N and splits it (exactly what ε assumes). False:
+                batch at q = L/N and splits it (exactly what ε assumes), over the
+                examples the loader's sampler can yield (all of the dataset, or a
+                ``SubsetRandomSampler``'s indices; other samplers are refused). False:
                 the loader's own shuffled batches are used, k at a time; the
                 ledger records ``ShuffledGaussian`` steps, whose ε comes with a
                 warning (no amplification by sampling applies). An Opacus
