@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -474,42 +473,39 @@ class PerSampleClipper:
 def _contribution_scales(
     layer_calls: list[LayerCall], graph_calls: list[GraphCall]
 ) -> dict[nn.Parameter, tuple[torch.Tensor, float]]:
-    """{param: (A, eps)} for the audit: A bounds, element by element, the sum of the
-    absolute contributions (per example and position) to the parameter's gradient, and
-    eps is the rounding unit of the least precise tensor they were computed from.
+    """{param: (A, eps)} for the audit: A, element by element, the sum of the absolute
+    contributions (per example and position) to the parameter's gradient, the scale of
+    the rounding of their sum; eps, the rounding unit of the least precise tensor they
+    were computed from.
 
-    A rule call's contributions are products of activations and output-gradient entries
-    (Σ_t g_tᵀ a_t for a linear layer, scattered rows for an embedding), so the rule run on
-    |activations| and |output gradient| gives Σ|contributions| exactly; for a graph call,
-    the vector-Jacobian product of |output gradient| gives it for parameters that enter
-    linearly (a bias, a broadcast parameter). The audit adds Σ_i |g_i| where per-example
-    gradients are materialised, which bounds |gradient| for any rule."""
-    scales: dict[nn.Parameter, tuple[torch.Tensor, float]] = {}
+    A rule call gives A itself (``Rule.abs_sum``); for a graph call, the vector-Jacobian
+    product of |output gradient| gives it for parameters that enter linearly (a bias, a
+    broadcast parameter). The audit adds Σ_i |g_i| where per-example gradients are
+    materialised, which bounds |gradient| for any rule."""
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    eps: dict[nn.Parameter, float] = {}
+
+    def target(p: nn.Parameter, rows: slice | None, unit: float) -> torch.Tensor:
+        if p not in out:
+            out[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
+        eps[p] = max(eps.get(p, 0.0), unit)
+        return out[p] if rows is None else out[p][rows]
+
     for call in layer_calls:
-        tensors = [call.backprop, *(a for a in call.activations if isinstance(a, torch.Tensor))]
-        absolute = replace(
-            call,
-            activations=[a.abs() if _floating(a) else a for a in call.activations],
-            output=call.output.detach(),
-            backprop=call.backprop.abs(),
-            per_sample=None,
-        )
-        ones = call.backprop.new_ones(call.by_example(call.backprop).shape[0])
-        sums = PerSampleClipper._sum([absolute], {}, ones, retain_graph=True, out={})
-        eps = max(torch.finfo(t.dtype).eps for t in tensors if _floating(t))
-        for p, a in sums.items():
-            _add_abs_sum(scales, p, None, a.unsqueeze(0), eps)
+        tensors = [call.backprop, *(a for a in call.activations if _floating(a))]
+        unit = max(torch.finfo(t.dtype).eps for t in tensors)
+        call.rule.abs_sum(call, {r: target(p, rows, unit) for r, (p, rows) in call.targets.items()})
     for call in graph_calls:
         used = [(t, b) for t, b in zip(call.outputs, call.backprops) if b is not None]
         grads = torch.autograd.grad(
             [t for t, _ in used], call.params, grad_outputs=[b.abs() for _, b in used],
             retain_graph=True, allow_unused=True,
         )
-        eps = max(torch.finfo(b.dtype).eps for _, b in used)
+        unit = max(torch.finfo(b.dtype).eps for _, b in used)
         for p, g in zip(call.params, grads):
             if g is not None:
-                _add_abs_sum(scales, p, None, g.unsqueeze(0), eps)
-    return scales
+                target(p, None, unit).add_(g.abs())
+    return {p: (a, eps[p]) for p, a in out.items()}
 
 
 def _add_abs_sum(
