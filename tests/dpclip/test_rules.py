@@ -12,6 +12,7 @@ from dpclip import PerSampleClipper
 from dpclip.clipping.rules import Rule, base, register, rule_for
 from dpclip.clipping.rules.conv import ConvRule
 from dpclip.clipping.rules.embedding import EmbeddingRule
+from dpclip.clipping.rules.embedding_bag import EmbeddingBagRule
 from dpclip.clipping.rules.fallback import OpacusRule
 from dpclip.clipping.rules.linear import LinearRule
 from dpclip.clipping.rules.norm import NormRule
@@ -43,7 +44,7 @@ CASES = [
     pytest.param(lambda: nn.Embedding(5, 3, max_norm=1.0), None, id="embedding-max-norm"),
     pytest.param(lambda: nn.Embedding(5, 3, sparse=True), None, id="embedding-sparse"),
     pytest.param(lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), None, id="embedding-freq"),
-    pytest.param(lambda: nn.EmbeddingBag(5, 3), OpacusRule, id="embedding-bag"),
+    pytest.param(lambda: nn.EmbeddingBag(5, 3, mode="max"), EmbeddingBagRule, id="embedding-bag"),
     pytest.param(lambda: nn.PReLU(), None, id="prelu"),
 ]
 

@@ -63,8 +63,7 @@ class EmbeddingBagRule(Rule):
         with torch.no_grad():  # the rows PyTorch's own forward took the maxima from
             max_rows = torch.embedding_bag(
                 bag_layer.weight, ids, offsets[: bags + include_last], False, _MODES["max"],
-                False, None, include_last, -1 if bag_layer.padding_idx is None
-                else bag_layer.padding_idx,
+                False, None, include_last, bag_layer.padding_idx,
             )[3]
         return max_rows.reshape(bags, -1), torch.arange(bags, device=g.device), (counts > 0).to(g.dtype)
 
