@@ -513,15 +513,14 @@ def _add_abs_sum(
     p: nn.Parameter,
     rows: slice | None,
     per_sample: torch.Tensor,
-    eps: float = 0.0,
 ) -> None:
     """Add Σ_i |per_sample_i| (into rows ``rows`` of p) to p's scale, in ``norm_dtype``."""
     total = per_sample.abs().sum(dim=0, dtype=norm_dtype(per_sample.dtype))
-    scale, old_eps = scales.get(p, (None, 0.0))
+    scale, eps = scales.get(p, (None, torch.finfo(per_sample.dtype).eps))
     if scale is None:
         scale = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
     scale[rows if rows is not None else slice(None)] += total
-    scales[p] = (scale, max(old_eps, eps))
+    scales[p] = (scale, eps)
 
 
 def _floating(t: object) -> bool:
