@@ -211,6 +211,8 @@ class PerSampleClipper:
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"):
             layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
+        # the audit's rounding scale needs the calls' tensors, which the norms may release
+        scales = None if full is None else _contribution_scales(layer_calls, graph_calls)
         with record_function("dpclip.norms"):
             sq = torch.zeros(batch, dtype=norm_dtype(loss_per_sample.dtype), device=loss_per_sample.device)
             for n in self._layer_sq_norms(layer_calls):
@@ -228,7 +230,7 @@ class PerSampleClipper:
                 "optimizer.step() as usual"
             )
         if full is not None:
-            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch))
+            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch), scales)
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
         with record_function("dpclip.clipped_sum"):
@@ -389,42 +391,140 @@ class PerSampleClipper:
         layer_calls: list[LayerCall],
         graph_grads: dict[nn.Parameter, torch.Tensor],
         ones: torch.Tensor,
+        scales: dict[nn.Parameter, tuple[torch.Tensor, float]],
     ) -> None:
         """Once, on the first micro-batch: the recorded calls must account for each
         trainable parameter's whole gradient. A weight also used outside its own module
-        (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped."""
-        if any(not torch.isfinite(f).all() for _, f in full):
-            return  # the non-finite check refuses this micro-batch; audit the next one
+        (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped.
+
+        Per parameter, the sum o of its recorded per-example gradients (factors 1) is
+        compared with its whole gradient f from autograd, element by element, within the
+        rounding of the sums: both add up the same contributions (per example and
+        position) in different orders, so they differ by at most ~n·eps·Σ|contributions|
+        (Higham, "Accuracy and Stability of Numerical Algorithms", §4.2), typically
+        √n·eps·Σ|contributions|. A parameter whose true gradient is 0 (an attention key
+        bias: softmax ignores a constant shift) gets rounding noise on that scale in both,
+        and passes; a use no record sees is a whole missing contribution, and does not.
+        """
         own = self._sum(layer_calls, graph_grads, ones, retain_graph=True, out={})
-        # The whole gradient's norm sets an absolute floor: a parameter whose true gradient
-        # is 0 (a LayerNorm over one feature, an attention key bias) gets only rounding.
-        total = math.sqrt(sum(float(f.double().norm()) ** 2 for _, f in full))
+        for call in layer_calls:  # the per-example level: holds for rules that are not bilinear
+            for role, g in (call.per_sample or {}).items():
+                _add_abs_sum(scales, *call.targets[role], g)
+        for p, g in graph_grads.items():
+            _add_abs_sum(scales, p, None, g)
+        names = {p: n for n, p in self.module.named_parameters()}
         for p, f in full:
-            o = own.get(p, torch.zeros_like(f)).to(f.dtype)
-            # A missed use is a whole missing term (relative error ~1); rounding in a float32
-            # sum over many examples and positions stays far below √eps (3e-4) in norm.
-            tol = math.sqrt(torch.finfo(f.dtype).eps)
-            if float((o - f).norm()) > tol * (float(f.norm()) + total) + 1e-30:
-                if self.recorder.dropped:
+            dtype = norm_dtype(f.dtype)
+            f = f.to(dtype)
+            o = own[p].to(dtype) if p in own else torch.zeros_like(f)
+            scale, eps = scales.get(p, (torch.zeros_like(f), 0.0))
+            scale = scale.to(dtype)
+            eps = max(eps, torch.finfo(f.dtype).eps)
+            name = names.get(p, "?")
+            owner = self._owner_name.get(p, "an unhooked module")
+            bad = ~(torch.isfinite(f) & torch.isfinite(o))
+            if bad.any():
+                # finite contributions overflow a sum only past the dtype's largest number
+                if (bad & (scale < torch.finfo(f.dtype).max)).any():
                     raise RuntimeError(
-                        f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
-                        "gradient that this forward's records do not account for: the loss uses "
-                        "a forward of the model whose records dpclip dropped when the next "
-                        "forward with gradients enabled started. A loss over several forwards "
-                        "of the model (e.g. siamese pairs) cannot be clipped per example this "
-                        "way: compute it in one forward of a module that takes all its inputs "
-                        "(forward(x1, x2)), and evaluate under torch.no_grad(). (Or the "
-                        "parameter is used outside its own module, e.g. a tied weight passed to "
-                        "F.linear: tie it by sharing the module attribute.) Nothing was "
-                        "accumulated"
+                        f"parameter {name!r} (of module {owner!r}) has a NaN or infinite "
+                        "gradient, although every per-example gradient dpclip recorded for it "
+                        f"is finite and their sum cannot overflow {f.dtype}: the non-finite part "
+                        "comes from a use of the parameter outside its own module's forward "
+                        "(e.g. a tied weight passed to F.linear(h, self.emb.weight)), which "
+                        "dpclip cannot clip per example: tie weights by sharing the module "
+                        "attribute (head.weight = emb.weight) instead. Nothing was accumulated"
                     )
-                raise RuntimeError(
-                    f"a parameter of {self._owner_name.get(p, 'an unhooked module')!r} gets "
-                    "gradient from outside its own module's forward (e.g. a tied weight passed "
-                    "to F.linear): its per-sample norm would be wrong; tie weights by sharing "
-                    "the module attribute (head.weight = emb.weight) instead"
-                )
+                keep = ~bad  # an overflow of the parameter's dtype: those elements say nothing
+                f, o, scale = f[keep], o[keep], scale[keep]
+            # √eps covers the worst case up to n = 1/√eps contributions per element (~2900 in
+            # float32) and the typical case up to n = 1/eps
+            diff, tol = float((o - f).norm()), math.sqrt(eps) * float(scale.norm())
+            if diff > tol:
+                self._refuse_unrecorded(name, owner, diff, tol, p in own)
         self._audited, self.recorder.dropped = True, False
+
+    def _refuse_unrecorded(self, name: str, owner: str, diff: float, tol: float, seen: bool) -> None:
+        if self.recorder.dropped:
+            raise RuntimeError(
+                f"parameter {name!r} (of module {owner!r}) gets gradient that this forward's "
+                "records do not account for: the loss uses a forward of the model whose records "
+                "dpclip dropped when the next forward with gradients enabled started. A loss "
+                "over several forwards of the model (e.g. siamese pairs) cannot be clipped per "
+                "example this way: compute it in one forward of a module that takes all its "
+                "inputs (forward(x1, x2)), and evaluate under torch.no_grad(). (Or the "
+                "parameter is used outside its own module, e.g. a tied weight passed to "
+                "F.linear: tie it by sharing the module attribute.) Nothing was accumulated"
+            )
+        recorded = (
+            "its gradient differs from the sum of the per-example gradients dpclip recorded "
+            f"for it by {diff:.3g} in norm, more than rounding explains ({tol:.3g})"
+            if seen else "no forward of its module recorded any gradient for it"
+        )
+        raise RuntimeError(
+            f"parameter {name!r} (of module {owner!r}) gets gradient from outside its own "
+            f"module's forward: {recorded}. It is used where dpclip's hooks do not see it, e.g. "
+            "a tied weight passed to F.linear(h, self.emb.weight), so its per-example norm "
+            "would be too small: tie weights by sharing the module attribute "
+            "(head.weight = emb.weight) instead. Nothing was accumulated"
+        )
+
+
+def _contribution_scales(
+    layer_calls: list[LayerCall], graph_calls: list[GraphCall]
+) -> dict[nn.Parameter, tuple[torch.Tensor, float]]:
+    """{param: (A, eps)} for the audit: A, element by element, the sum of the absolute
+    contributions (per example and position) to the parameter's gradient, the scale of
+    the rounding of their sum; eps, the rounding unit of the least precise tensor they
+    were computed from.
+
+    A rule call gives A itself (``Rule.abs_sum``); for a graph call, the vector-Jacobian
+    product of |output gradient| gives it for parameters that enter linearly (a bias, a
+    broadcast parameter). The audit adds Σ_i |g_i| where per-example gradients are
+    materialised, which bounds |gradient| for any rule."""
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    eps: dict[nn.Parameter, float] = {}
+
+    def target(p: nn.Parameter, rows: slice | None, unit: float) -> torch.Tensor:
+        if p not in out:
+            out[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
+        eps[p] = max(eps.get(p, 0.0), unit)
+        return out[p] if rows is None else out[p][rows]
+
+    for call in layer_calls:
+        tensors = [call.backprop, *(a for a in call.activations if _floating(a))]
+        unit = max(torch.finfo(t.dtype).eps for t in tensors)
+        call.rule.abs_sum(call, {r: target(p, rows, unit) for r, (p, rows) in call.targets.items()})
+    for call in graph_calls:
+        used = [(t, b) for t, b in zip(call.outputs, call.backprops) if b is not None]
+        grads = torch.autograd.grad(
+            [t for t, _ in used], call.params, grad_outputs=[b.abs() for _, b in used],
+            retain_graph=True, allow_unused=True,
+        )
+        unit = max(torch.finfo(b.dtype).eps for _, b in used)
+        for p, g in zip(call.params, grads):
+            if g is not None:
+                target(p, None, unit).add_(g.abs())
+    return {p: (a, eps[p]) for p, a in out.items()}
+
+
+def _add_abs_sum(
+    scales: dict[nn.Parameter, tuple[torch.Tensor, float]],
+    p: nn.Parameter,
+    rows: slice | None,
+    per_sample: torch.Tensor,
+) -> None:
+    """Add Σ_i |per_sample_i| (into rows ``rows`` of p) to p's scale, in ``norm_dtype``."""
+    total = per_sample.abs().sum(dim=0, dtype=norm_dtype(per_sample.dtype))
+    scale, eps = scales.get(p, (None, torch.finfo(per_sample.dtype).eps))
+    if scale is None:
+        scale = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
+    scale[rows if rows is not None else slice(None)] += total
+    scales[p] = (scale, eps)
+
+
+def _floating(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def sq_norms(call: LayerCall) -> torch.Tensor:

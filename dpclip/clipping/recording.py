@@ -130,11 +130,20 @@ class GraphCall:
 def build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[Unit]:
     """The units of ``module`` (submodules that own trainable parameters, an opaque
     module with its subtree), each with its rule and its strategy from ``clipping``."""
+    # A parameter that a module also owns under a second name (Opacus's DPLSTM registers
+    # its cells' weights as weight_ih_l0, …) is used through the call of the descendant
+    # that owns it: the descendant's unit answers for it, the ancestor's does not.
+    owned = {
+        sub: [
+            (r, p) for r, p in sub._parameters.items()
+            if p is not None and p.requires_grad and not _owned_below(sub, p)
+        ]
+        for sub in module.modules()
+    }
     owners: dict[nn.Parameter, int] = {}
-    for sub in module.modules():
-        for p in sub._parameters.values():
-            if p is not None and p.requires_grad:
-                owners[p] = owners.get(p, 0) + 1
+    for named in owned.values():
+        for _, p in named:
+            owners[p] = owners.get(p, 0) + 1
     shared = {p for p, n in owners.items() if n > 1}
     default = clipping if isinstance(clipping, str) else "auto"
     overrides = {} if isinstance(clipping, str) else dict(clipping)
@@ -152,7 +161,7 @@ def build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[Un
                 tied = bool(shared.intersection(params))
                 units.append(Unit(name, sub, params, None, strategy, attention=True, shared=tied))
             continue
-        named = [(r, p) for r, p in sub._parameters.items() if p is not None and p.requires_grad]
+        named = owned[sub]
         if not named:
             continue
         roles, params = zip(*named)
@@ -182,6 +191,13 @@ def check_strategies(clipping: str | Mapping[str, str]) -> None:
             f"Expected clipping to be one of {STRATEGIES} or a mapping from module name to one "
             f"of them, got {clipping!r}"
         )
+
+
+def _owned_below(sub: nn.Module, p: nn.Parameter) -> bool:
+    """Whether a module strictly inside ``sub`` owns ``p`` too."""
+    return any(
+        m is not sub and any(q is p for q in m._parameters.values()) for m in sub.modules()
+    )
 
 
 def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:

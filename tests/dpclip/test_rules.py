@@ -12,6 +12,7 @@ from dpclip import PerSampleClipper
 from dpclip.clipping.rules import Rule, base, register, rule_for
 from dpclip.clipping.rules.conv import ConvRule
 from dpclip.clipping.rules.embedding import EmbeddingRule
+from dpclip.clipping.rules.embedding_bag import EmbeddingBagRule
 from dpclip.clipping.rules.fallback import OpacusRule
 from dpclip.clipping.rules.linear import LinearRule
 from dpclip.clipping.rules.norm import NormRule
@@ -19,12 +20,29 @@ from tests.dpclip.models import reference_update
 
 
 class _OwnLinear(nn.Linear):
-    """A subclass may compute something else in its forward: no rule by inheritance."""
+    """A subclass may compute something else in its own forward: no rule by inheritance."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _PlainLinear(nn.Linear):
+    """A subclass with nn.Linear's forward (as Opacus's RNNLinear): the linear rule."""
+
+
+class _ScaledLinear(nn.Linear):
+    """nn.Linear's forward, but it owns another parameter: no rule."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.scale = nn.Parameter(torch.ones(1))
 
 
 CASES = [
     pytest.param(lambda: nn.Linear(4, 3), LinearRule, id="linear"),
     pytest.param(lambda: _OwnLinear(4, 3), None, id="linear-subclass"),
+    pytest.param(lambda: _PlainLinear(4, 3), LinearRule, id="linear-subclass-same-forward"),
+    pytest.param(lambda: _ScaledLinear(4, 3), None, id="linear-subclass-extra-parameter"),
     pytest.param(lambda: nn.Conv1d(2, 3, 3), ConvRule, id="conv1d"),
     pytest.param(lambda: nn.Conv2d(2, 3, 3, padding=1), ConvRule, id="conv2d"),
     pytest.param(lambda: nn.Conv2d(2, 4, 3, groups=2), OpacusRule, id="conv2d-grouped"),
@@ -43,7 +61,7 @@ CASES = [
     pytest.param(lambda: nn.Embedding(5, 3, max_norm=1.0), None, id="embedding-max-norm"),
     pytest.param(lambda: nn.Embedding(5, 3, sparse=True), None, id="embedding-sparse"),
     pytest.param(lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), None, id="embedding-freq"),
-    pytest.param(lambda: nn.EmbeddingBag(5, 3), OpacusRule, id="embedding-bag"),
+    pytest.param(lambda: nn.EmbeddingBag(5, 3, mode="max"), EmbeddingBagRule, id="embedding-bag"),
     pytest.param(lambda: nn.PReLU(), None, id="prelu"),
 ]
 

@@ -27,7 +27,7 @@ file that defines its ``Rule`` subclass and registers it, and one import below.
 """
 
 # each family registers its rules when imported
-from dpclip.clipping.rules import conv, embedding, fallback, linear, norm  # noqa: F401
+from dpclip.clipping.rules import conv, embedding, embedding_bag, fallback, linear, norm  # noqa: F401
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, STRATEGIES, Rule, Target, register, rule_for
 from dpclip.clipping.rules.linear import LINEAR
 

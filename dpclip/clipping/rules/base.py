@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -55,6 +56,26 @@ class Rule:
         grads = call.per_sample if call.per_sample is not None else self.per_sample_grads(call)
         for role, g in grads.items():
             add_weighted(out[role], g, factors)
+
+    def abs_sum(self, call: LayerCall, out: Mapping[str, torch.Tensor]) -> None:
+        """Add, element by element, Σ over examples and positions of |each contribution| to
+        ``out[role]``'s gradient: the scale of its rounding error (the first micro-batch's
+        self-check compares two sums of these contributions within it). This default runs
+        ``clipped_sum`` (factors 1) on |activations| and |output gradient|: exact for rules
+        whose contributions are products of an activation and an output-gradient entry
+        (linear layers, convolutions, embeddings); others override it."""
+        absolute = replace(
+            call,
+            activations=[
+                a.abs() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in call.activations
+            ],
+            output=call.output.detach(),
+            backprop=call.backprop.abs(),
+            per_sample=None,
+        )
+        ones = call.backprop.new_ones(call.by_example(call.backprop).shape[0])
+        self.clipped_sum(absolute, ones, out)
 
 
 #: Which modules an entry is for: a module type, matched exactly (a subclass may compute

@@ -72,3 +72,17 @@ class LinearRule(Rule):
 #: The linear rule, also used for the projections inside attention layers.
 LINEAR = LinearRule()
 register(nn.Linear, LINEAR)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass that computes what ``nn.Linear`` does (Opacus's
+    ``RNNLinear`` inside DPLSTM/DPGRU/DPRNN, run once per time step) and owns no other
+    parameter."""
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+        and set(module._parameters) <= {"weight", "bias"}
+    )
+
+
+register(_is_plain_linear, LINEAR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,33 @@ class NormRule(Rule):
         if "bias" in call.targets:
             out["bias"] = g.sum(dim=1).reshape(batch, *shape)
         return out
+
+    def abs_sum(self, call: LayerCall, out: Mapping[str, torch.Tensor]) -> None:
+        # x̂ = (x − μ)·rstd cancels in x − μ, with rounding up to eps·(|x| + |μ|)·rstd: that,
+        # not |x̂|, scales the rounding of ∇γ (a LayerNorm over one feature has x̂ = 0)
+        layer = call.module
+        x, g = call.activations[0].to(call.backprop.dtype), call.backprop.abs()
+        batch = g.shape[0]
+        if isinstance(layer, nn.LayerNorm):
+            shape = tuple(layer.normalized_shape)
+            x, g = x.reshape(batch, -1, math.prod(shape)), g.reshape(batch, -1, math.prod(shape))
+            bound = _magnitude(x, layer.eps)
+        else:
+            shape = (layer.num_channels,)
+            bound = _magnitude(x.reshape(batch, layer.num_groups, -1), layer.eps)
+            bound = bound.reshape(batch, shape[0], -1).transpose(1, 2)
+            g = g.reshape(batch, shape[0], -1).transpose(1, 2)
+        if "weight" in call.targets:
+            out["weight"].add_((g * bound).sum(dim=(0, 1)).reshape(shape))
+        if "bias" in call.targets:
+            out["bias"].add_(g.sum(dim=(0, 1)).reshape(shape))
+
+
+def _magnitude(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """(|x| + |μ|)·rstd over the last dimension: a bound on |x̂| and on its rounding's scale."""
+    mean = x.mean(dim=-1, keepdim=True)
+    rstd = (x.var(dim=-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    return (x.abs() + mean.abs()) * rstd
 
 
 _NORM = NormRule()

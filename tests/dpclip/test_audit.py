@@ -1,0 +1,136 @@
+"""The first-micro-batch self-check (``PerSampleClipper._audit``): it accepts every
+correct model, including parameters whose true gradient is 0, and refuses a parameter
+used where no record sees it, with a message that names the parameter and the cause."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpclip import PerSampleClipper
+
+
+class ShiftedKeys(nn.Module):
+    """An attention-like score: k_t = W x_t + b for T positions, then softmax over the
+    positions, which ignores the constant shift b·q, so ∇b ℓ_i = 0 exactly for every
+    example (the key bias of BERT-style attention). ``norm`` normalises one feature, so
+    its weight multiplies x̂ = 0 and gets gradient 0 too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = nn.Linear(5, 4)
+        self.norm = nn.LayerNorm(1)
+        nn.init.ones_(self.norm.bias)
+        self.query = nn.Parameter(torch.randn(4))
+        self.value = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = torch.softmax(self.key(x) @ self.query, dim=1)  # [B, T]
+        values = self.value(x) * self.norm(x[..., :1])  # the norm's output is its bias
+        return (attention.unsqueeze(-1) * values).sum(dim=1)
+
+
+def _zero_gradient_model(dtype: torch.dtype) -> ShiftedKeys:
+    """Only the key bias and the one-feature norm's weight train: their true gradient is
+    0, so the whole gradient is rounding noise."""
+    torch.manual_seed(0)
+    model = ShiftedKeys().to(dtype)
+    model.requires_grad_(False)
+    model.key.bias.requires_grad_(True)
+    model.norm.weight.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parameter_whose_true_gradient_is_zero_passes(dtype):
+    model = _zero_gradient_model(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, 5, generator=gen, dtype=dtype)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    full = torch.autograd.grad(losses.sum(), model.key.bias, retain_graph=True)[0]
+    assert 0 < float(full.abs().max()) < 1e-4 * float(losses.detach().abs().max())  # rounding only
+    sums = clipper.clipped_sum(losses)
+    assert clipper._audited
+    # the clipped sum of a zero gradient is rounding noise too
+    assert float(sums[model.key.bias].abs().max()) < 100 * torch.finfo(dtype).eps * 64 * 16
+
+
+class SmallUnrecordedUse(nn.Module):
+    """A tied weight whose use outside its module (``F.linear``) contributes little next
+    to another layer's large gradient: the whole model's gradient norm must not hide it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.big = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.emb(tokens).mean(1))
+        return self.big(x) + F.linear(h, self.emb.weight)[:, :3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_unrecorded_use_next_to_a_large_gradient_is_refused(dtype):
+    torch.manual_seed(0)
+    model = SmallUnrecordedUse().to(dtype)
+    tokens = torch.randint(0, 12, (8, 5))
+    x = torch.randn(8, 4, dtype=dtype) * 1e9  # ‖∇ big.weight‖ ~ 1e9
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(tokens, x), torch.randint(0, 3, (8,)), reduction="none")
+    with pytest.raises(RuntimeError) as refused:
+        clipper.clipped_sum(losses)
+    message = str(refused.value)
+    assert "parameter 'emb.weight' (of module 'emb') gets gradient from outside its own " \
+        "module's forward" in message
+    assert "F.linear(h, self.emb.weight)" in message and "head.weight = emb.weight" in message
+
+
+class ForeignOnly(nn.Module):
+    """A child's weight used only through F.linear: its module is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x) + F.linear(x, self.a.weight)
+
+
+def test_parameter_of_a_module_never_called_says_nothing_was_recorded():
+    model = ForeignOnly().double()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(4, 3, dtype=torch.float64)),
+                             torch.tensor([0, 1, 0, 1]), reduction="none")
+    with pytest.raises(RuntimeError, match=r"parameter 'a.weight' \(of module 'a'\) gets "
+                       "gradient from outside its own module's forward: no forward of its "
+                       "module recorded any gradient for it"):
+        clipper.clipped_sum(losses)
+
+
+class InfiniteUnrecordedUse(nn.Module):
+    """The recorded call is finite; the weight's other use (outside the module) adds 0 in
+    the forward and an infinite gradient in the backward (√ at 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.fc.weight)
+        return self.fc(x) + torch.sqrt(h - h.detach())
+
+
+def test_non_finite_gradient_from_an_unrecorded_use_is_refused_not_skipped():
+    model = InfiniteUnrecordedUse().double()
+    clipper = PerSampleClipper(model, 1.0)
+    x = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    losses = F.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]), reduction="none")
+    with pytest.raises(RuntimeError, match=r"parameter 'fc.weight' \(of module 'fc'\) has a NaN "
+                       "or infinite gradient, although every per-example gradient dpclip "
+                       "recorded for it is finite"):
+        clipper.clipped_sum(losses)
