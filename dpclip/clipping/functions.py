@@ -276,8 +276,8 @@ class FunctionRecorder(TorchFunctionMode):
             recorded = self._record(func, args, kwargs, batched, watched)
             if recorded is not None:
                 return recorded
-            for t in watched:
-                self._unrecognised[id(t)] = self._unrecognised.get(id(t), 0) + 1
+        else:
+            watched = []
         kind = self._kinds.get(func)
         if kind is None:
             kind = self._kinds[func] = self._kind(func)
@@ -285,6 +285,10 @@ class FunctionRecorder(TorchFunctionMode):
             args, kwargs = self._meet(args, kwargs, derived, inplace=kind == "inplace-broadcast")
             derived = []
         result = func(*args, **kwargs)
+        if watched and any(t.requires_grad for t in _outputs(result)):
+            # a use the rules do not cover (reading .device or .shape is none)
+            for t in watched:
+                self._unrecognised[id(t)] = self._unrecognised.get(id(t), 0) + 1
         if batched:
             for t in _outputs(result):
                 self._batched[id(t)] = weakref.ref(t)
