@@ -15,7 +15,8 @@ to each recorded *output* (no parameter gradients). Then, per layer call
 - S directly from the same tensors (for Linear Σ_i c_i·g_iᵀa_i), no second
   backward.
 
-Layer calls are Linear, Conv1d/Conv2d, Embedding, the layers Opacus has
+Layer calls are Linear, Conv1d/Conv2d, embedding lookups, linear operations
+with a trainable weight inside modules without a rule, the layers Opacus has
 per-sample rules for (LayerNorm, GroupNorm, …) and the projections inside
 ``nn.MultiheadAttention`` (``dpclip.clipping.attention``). A parameter used by
 several calls (a layer run twice, tied weights) gets its per-sample gradients
@@ -35,6 +36,10 @@ Modules, one concept each:
   units it records for, and the forward hooks (``Recorder``);
 - ``rules``: one file per family of operations, each registering its rules;
 - ``attention``: the projections inside ``nn.MultiheadAttention`` as linear calls;
+- ``functions``: recording by operation (``F.embedding`` on any trainable weight,
+  ``addmm``/``matmul``/``F.linear`` with a trainable weight in a module without a
+  rule) and batch provenance: lookups on ids without a batch dimension (position
+  ids ``[1, T]``, T5's ``[T, T]`` buckets) followed to where they meet the batch;
 - ``graph``: the exact fallback through a unit's recorded graph;
 - ``clipper``: ``PerSampleClipper``, which ties them into S.
 """

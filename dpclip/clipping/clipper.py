@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
 
+from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, row_sq_norms
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
@@ -129,7 +130,9 @@ class PerSampleClipper:
         self.last_norms: torch.Tensor | None = None
         self.check_independence = bool(check_independence)
         #: the forward hooks and what they recorded since the last ``clipped_sum``
-        self.recorder = Recorder(module, self.units, self.check_independence)
+        self.recorder = Recorder(
+            module, self.units, self.check_independence, FunctionRecorder(module, self.units)
+        )
 
     def remove(self) -> None:
         """Detach the hooks; the module is as it was before."""
@@ -243,7 +246,11 @@ class PerSampleClipper:
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int
     ) -> tuple[list[LayerCall], list[GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None]:
         """The one backward pass: gradients of Σ ℓ_i at every recorded output (and, on
-        the first micro-batch only, at the trainable parameters, for the audit)."""
+        the first micro-batch only, at the trainable parameters, for the audit).
+        Lookups without a batch dimension (``BroadcastCall``) become layer calls from the
+        gradients at the places where they met the batch."""
+        broadcast = [c for c in calls if isinstance(c, BroadcastCall)]
+        calls = [c for c in calls if not isinstance(c, BroadcastCall)]
         for call in calls:
             # the recorded tensors share version counters with the model's: an in-place
             # change after the forward would feed stale values to the norms
@@ -262,9 +269,11 @@ class PerSampleClipper:
         flat = [t for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
         audit = self._audit_due
         trainable = [p for p in self.params if p.requires_grad] if audit else []
-        inputs = flat + trainable
+        met = [t for c in broadcast for t in c.inputs()]
+        inputs = flat + met + trainable
         grads = torch.autograd.grad(
-            loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls), allow_unused=True
+            loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or broadcast),
+            allow_unused=True,
         ) if inputs else ()
         it = iter(grads[: len(flat)])
         layer_calls: list[LayerCall] = []
@@ -278,6 +287,12 @@ class PerSampleClipper:
                 call.backprops = [next(it) for _ in call.outputs]
                 if any(b is not None for b in call.backprops):
                     used_graph.append(call)
+        at = iter(grads[len(flat): len(flat) + len(met)])
+        for call in broadcast:
+            name = self._owner_name.get(call.targets["weight"][0], "?")
+            resolved = resolve_broadcast(call, [next(at) for _ in call.inputs()], batch, name)
+            if resolved is not None:
+                layer_calls.append(resolved)
         if not layer_calls and not used_graph and not audit:  # (the audit says more)
             raise RuntimeError(
                 "the loss depends on no layer call recorded by a forward of the private model "
@@ -294,7 +309,7 @@ class PerSampleClipper:
             for t, b in zip(call.outputs, call.backprops):
                 if b is not None and (t.dim() == 0 or t.shape[0] != batch):
                     self._batch_error(call.unit.module, t, batch)
-        full = [(p, g) for p, g in zip(trainable, grads[len(flat):]) if g is not None]
+        full = [(p, g) for p, g in zip(trainable, grads[len(flat) + len(met):]) if g is not None]
         return layer_calls, used_graph, (full if audit else None)
 
     def _batch_error(self, module: nn.Module, t: torch.Tensor, batch: int) -> None:

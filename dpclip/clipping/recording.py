@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -200,6 +200,19 @@ def _owned_below(sub: nn.Module, p: nn.Parameter) -> bool:
     )
 
 
+class FunctionRecorderLike(Protocol):
+    """What the recorder asks of the recording by operation (``dpclip.clipping.functions``)."""
+
+    active: bool
+
+    def records_calls_of(self, unit: Unit) -> bool: ...
+    def start(self, args: tuple, kwargs: dict) -> None: ...
+    def stop(self) -> None: ...
+    def take(self) -> list[Any]: ...
+    def open(self, unit: Unit) -> None: ...
+    def close(self, unit: Unit) -> bool: ...
+
+
 def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
     return any(sub is m for m in ancestor.modules())
 
@@ -223,8 +236,15 @@ class Recorder:
             examples that depend on each other (``dpclip.independence``).
     """
 
-    def __init__(self, module: nn.Module, units: list[Unit], check_independence: bool) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        units: list[Unit],
+        check_independence: bool,
+        functions: FunctionRecorderLike | None = None,
+    ) -> None:
         self.module = module
+        self.functions = functions
         self.units = units
         self.calls: list[LayerCall | GraphCall] = []
         #: increases whenever the recorded forward calls are used up or dropped; a loss
@@ -239,9 +259,19 @@ class Recorder:
         self.independence = ForwardProbe(module, self._rerun, check_independence)
         self._handles = [
             module.register_forward_pre_hook(self._root_enter, with_kwargs=True),
+            # first among the root's forward hooks, and also when the forward raises: the
+            # probe's re-run and everything after the forward run without the mode
+            module.register_forward_hook(self._functions_exit, always_call=True),
             module.register_forward_hook(self._root_exit, with_kwargs=True),
         ]
         for u in units:
+            if functions is not None and functions.records_calls_of(u):
+                if u.rule is None:  # covered by its operations, or the graph path
+                    self._handles.append(u.module.register_forward_pre_hook(self._open(u)))
+                    self._handles.append(
+                        u.module.register_forward_hook(self._call_hook(u), with_kwargs=True)
+                    )
+                continue  # a lookup table: its lookups are recorded as operations
             if u.attention:
                 self._handles.append(u.module.register_forward_pre_hook(self._attention_enter(u)))
                 self._handles.append(
@@ -302,6 +332,19 @@ class Recorder:
                     stacklevel=5,  # the user's model(x): past this hook and Module.__call__
                 )
         self.independence.before_forward()
+        if self.functions is not None:
+            self.functions.start(args, kwargs)
+
+    def _functions_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.functions is not None and self.functions.active:
+            self.functions.stop()
+            self.calls.extend(self.functions.take())
+
+    def _open(self, unit: Unit) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.functions.open(unit)
+
+        return hook
 
     def _root_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._recording_now():
@@ -321,6 +364,8 @@ class Recorder:
 
     def _call_hook(self, unit: Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.functions is not None and self.functions.close(unit):
+                return  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled():
                 return
             outputs = [

@@ -298,18 +298,30 @@ def test_frozen_backbone_records_nothing_and_builds_no_graph():
 
 
 class FunctionalTiedHead(nn.Module):
-    """GPT-2 style: the output layer reuses the embedding through F.linear."""
+    """GPT-2 style: the output layer reuses the embedding through F.linear (or, with
+    ``einsum``, through an operation dpclip has no rule for)."""
 
-    def __init__(self) -> None:
+    def __init__(self, einsum: bool = False) -> None:
         super().__init__()
         self.emb = nn.Embedding(12, 6)
+        self.einsum = einsum
 
     def forward(self, tokens):
-        return F.linear(torch.tanh(self.emb(tokens).mean(1)), self.emb.weight)
+        h = torch.tanh(self.emb(tokens).mean(1))
+        if self.einsum:
+            return torch.einsum("bd,vd->bv", h, self.emb.weight)
+        return F.linear(h, self.emb.weight)
 
 
-def test_weight_used_outside_its_module_is_refused_not_under_clipped():
-    model = FunctionalTiedHead()
+def test_weight_used_by_a_recognised_operation_outside_its_module_is_exact():
+    torch.manual_seed(0)
+    model = FunctionalTiedHead().double()
+    x, y = torch.randint(0, 12, (5, 4)), torch.randint(0, 12, (5,))
+    _assert_matches_reference(model, x, y)
+
+
+def test_weight_used_by_another_operation_outside_its_module_is_refused_not_under_clipped():
+    model = FunctionalTiedHead(einsum=True)
     x, y = torch.randint(0, 12, (3, 4)), torch.randint(0, 12, (3,))
     _assert_refused(model, x, y, "outside its own module", max_grad_norm=0.01)
 

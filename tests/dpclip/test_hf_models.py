@@ -6,9 +6,7 @@ update of k = 2 micro-batches of B = 3 equals the clipped per-example update
 computed one example at a time (``reference_update``), in float64, in both loop
 styles; in float32 at B = 16 and 64 positions a step is taken without refusal.
 
-Models that do not train yet are listed in ``PENDING`` with today's error: a
-test checks that each still fails with it, so whoever fixes one moves it into
-``WORKING``, where the comparison with the reference then checks it.
+Every model of ``CASES`` is in ``WORKING`` (a test checks that none is left out).
 
 Select these tests with ``-m hf``.
 """
@@ -34,26 +32,16 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
 ]
 
-WORKING = ["roberta", "vit", "llama", "qwen2", "bert_lora", "llama_lora"]
-
-#: model → a substring of the error it raises today (float64 comparison run)
-PENDING = {
-    # position embeddings called on position ids [1, T], broadcast over the batch
-    "bert": "'hf.bert.embeddings.position_embeddings' has shape (1, 8, 32) but the loss has 3",
-    "distilbert": "'hf.distilbert.embeddings.position_embeddings' has shape (1, 8, 32)",
-    "gpt2": "'hf.transformer.wpe' has shape (1, 8, 32) but the loss has 3 per-sample values",
-    # an Embedding called on the [T, T] matrix of relative-position buckets
-    "t5": "relative_attention_bias' has shape (8, 8, 4) but the loss has 3 per-sample values",
-    # an nn.Embedding subclass (no rule) whose weight is tied to another module
-    "bart": "'hf.model.encoder.embed_tokens' (BartScaledWordEmbedding) runs 1 times per forward",
-}
+WORKING = [
+    "bert", "roberta", "distilbert", "gpt2", "t5", "bart", "vit", "llama", "qwen2", "bert_lora",
+    "llama_lora",
+]
 
 K, B = 2, 3  # the float64 comparison: k micro-batches of B examples, one logical batch
 
 
-def test_every_model_is_working_or_pending():
-    assert sorted(WORKING + list(PENDING)) == sorted(CASES)
-    assert not set(WORKING) & set(PENDING)
+def test_every_model_is_working():
+    assert sorted(WORKING) == sorted(CASES)
 
 
 def _data(case: HFCase, n: int, seq: int, dtype: torch.dtype, seed: int = 0):
@@ -127,19 +115,6 @@ def test_update_equals_one_example_at_a_time_reference(name, style):
     for n, p in model.named_parameters():  # frozen weights (LoRA's base model) stay as they were
         if n not in trainable:
             assert torch.equal(p, before[n]) and p.grad is None, n
-
-
-@pytest.mark.parametrize("name", list(PENDING))
-def test_pending_model_still_fails_with_todays_error(name):
-    try:
-        _compare_with_reference(name, style=2)
-    except Exception as err:  # noqa: BLE001 - any error: its text is what is checked
-        assert PENDING[name] in str(err), f"{name} now fails differently: {err}"
-    else:
-        pytest.fail(
-            f"{name} trains now: move it from PENDING to WORKING in this file, where its "
-            "update is compared with the reference"
-        )
 
 
 @pytest.mark.parametrize("name", WORKING)

@@ -1,4 +1,6 @@
-"""Embedding lookups: ``nn.Embedding``."""
+"""Embedding lookups: ``nn.Embedding``, and any ``F.embedding`` call on a trainable
+weight (recorded by ``dpclip.clipping.functions``: subclasses such as Hugging Face's
+scaled or positional embeddings, lookups on ids without a batch dimension)."""
 
 from __future__ import annotations
 
@@ -14,19 +16,26 @@ from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 if TYPE_CHECKING:
     from dpclip.clipping.recording import LayerCall
 
-__all__ = ["EmbeddingRule"]
+__all__ = ["EmbeddingRule", "embedding_rule"]
 
 
 class EmbeddingRule(Rule):
-    """``nn.Embedding`` (dense, no ``max_norm``, no ``scale_grad_by_freq``): the per-sample
-    gradient adds g_it to row id_it, so ‖∇ ℓ_i‖² = Σ_{s,t} [id_is = id_it] g_is·g_it."""
+    """A dense lookup ``F.embedding(ids, weight, padding_idx)`` (no ``max_norm``, no
+    ``scale_grad_by_freq``): the per-sample gradient adds g_it to row id_it, so
+    ‖∇ ℓ_i‖² = Σ_{s,t} [id_is = id_it] g_is·g_it. The rows of ``padding_idx`` get none.
+
+    Args:
+        padding_idx: the id whose row gets no gradient (non-negative), or None.
+    """
+
+    def __init__(self, padding_idx: int | None = None) -> None:
+        self.padding_idx = padding_idx
 
     def _rows(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
-        emb: nn.Embedding = call.module
         ids = call.activations[0].reshape(call.backprop.shape[0], -1)
         g = call.backprop.reshape(ids.shape[0], ids.shape[1], -1)
-        if emb.padding_idx is not None:
-            g = g * (ids != emb.padding_idx).unsqueeze(-1).to(g.dtype)
+        if self.padding_idx is not None:
+            g = g * (ids != self.padding_idx).unsqueeze(-1).to(g.dtype)
         return ids, g
 
     def has_ghost(self, call: LayerCall) -> bool:
@@ -34,7 +43,7 @@ class EmbeddingRule(Rule):
 
     def costs(self, call: LayerCall) -> tuple[float, float]:
         t = call.activations[0][0].numel()
-        d, v = call.module.embedding_dim, call.module.num_embeddings
+        v, d = call.targets["weight"][0].shape
         return (t * t * (d + 1) + t * d, t * d + MEMORY_WEIGHT * v * d)
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
@@ -45,7 +54,7 @@ class EmbeddingRule(Rule):
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         ids, g = self._rows(call)
-        b, v = ids.shape[0], call.module.num_embeddings
+        b, v = ids.shape[0], call.targets["weight"][0].shape[0]
         offsets = (torch.arange(b, device=ids.device) * v).unsqueeze(1)
         flat = torch.zeros(b * v, g.shape[-1], dtype=g.dtype, device=g.device)
         flat.index_add_(0, (ids + offsets).flatten(), g.reshape(-1, g.shape[-1]))
@@ -59,12 +68,19 @@ class EmbeddingRule(Rule):
         out["weight"].index_add_(0, ids.flatten(), g.reshape(-1, g.shape[-1]))
 
 
-_EMBEDDING = EmbeddingRule()
+_BY_PADDING: dict[int | None, EmbeddingRule] = {}
+
+
+def embedding_rule(padding_idx: int | None) -> EmbeddingRule:
+    """The rule for dense lookups with this (normalised, non-negative) ``padding_idx``."""
+    if padding_idx not in _BY_PADDING:
+        _BY_PADDING[padding_idx] = EmbeddingRule(padding_idx)
+    return _BY_PADDING[padding_idx]
 
 
 def _embedding_rule(module: nn.Embedding) -> Rule | None:
     if not module.sparse and module.max_norm is None and not module.scale_grad_by_freq:
-        return _EMBEDDING
+        return embedding_rule(module.padding_idx)
     return None
 
 

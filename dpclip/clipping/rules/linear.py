@@ -14,7 +14,7 @@ from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 if TYPE_CHECKING:
     from dpclip.clipping.recording import LayerCall
 
-__all__ = ["LINEAR", "LinearRule"]
+__all__ = ["INPUT_MAJOR_LINEAR", "LINEAR", "InputMajorLinearRule", "LinearRule"]
 
 
 class LinearRule(Rule):
@@ -69,8 +69,29 @@ class LinearRule(Rule):
             out["bias"].add_(g.sum(dim=0))
 
 
+class InputMajorLinearRule(LinearRule):
+    """``y = a W + b`` with W stored [in, out]: ``torch.addmm(b, a, W)`` and ``a @ W``
+    (Hugging Face's ``Conv1D`` in GPT-2), recorded from the operation by
+    ``dpclip.clipping.functions``. The same norms as ``LinearRule``; W's gradient is
+    the transpose."""
+
+    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        out = super().per_sample_grads(call)
+        if "weight" in out:
+            out["weight"] = out["weight"].transpose(1, 2)
+        return out
+
+    def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
+        if call.per_sample is None and "weight" in out:
+            # the parent adds Σ gᵀa into an [out, in] accumulator: give it the transposed view
+            out = {**out, "weight": out["weight"].t()}
+        super().clipped_sum(call, factors, out)
+
+
 #: The linear rule, also used for the projections inside attention layers.
 LINEAR = LinearRule()
+#: The rule for ``a W + b`` with W stored [in, out] (``torch.addmm``, ``matmul``).
+INPUT_MAJOR_LINEAR = InputMajorLinearRule()
 register(nn.Linear, LINEAR)
 
 

@@ -1,0 +1,405 @@
+"""Recording by operation: the torch functions in which a trainable parameter takes
+part, wherever they run, and which tensors carry the batch.
+
+``FunctionRecorder`` is a torch-function mode, entered by the recorder's root
+pre-hook and left by its post-hook, so it sees every torch function of the
+model's forward. It records:
+
+- ``F.embedding`` on a trainable weight (any ``nn.Embedding`` subclass, such as
+  Hugging Face's scaled word embeddings, or a bare call): the embedding rule;
+- ``torch.addmm(b, a, W)``, ``a @ W`` and ``F.linear(a, W, b)`` with a trainable W
+  of a module that has no rule of its own (GPT-2's ``Conv1D``): the linear rules;
+- batch provenance: the tensors derived from the root forward's tensor inputs
+  carry the batch; a lookup on ids that do not (position ids ``[1, T]`` from
+  ``torch.arange``, T5's ``[T, T]`` relative-position buckets) has no batch
+  dimension, whatever its shape. Its output and what is computed from it alone
+  are followed until they meet a batched tensor in a broadcasting add, sub, mul
+  or div (``BroadcastCall``): there the batch-less operand is replaced by a view
+  expanded over the batch, whose gradient in the one backward is each example's
+  own cotangent; a batched vector-Jacobian product back to the lookup's output
+  (``resolve_broadcast``) gives each example's cotangent there, and the
+  embedding rule the per-example gradient.
+
+A module without a rule whose parameters take part only in recorded operations
+during its forward is covered by them; if any of its parameters takes part in
+another operation, what was recorded for it in that forward call is dropped and
+the module takes the exact graph path (``dpclip.clipping.graph``).
+
+Ops that involve neither a followed nor a batched tensor nor a watched
+parameter cost one pass over their arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from dpclip.clipping.recording import LayerCall, Unit
+from dpclip.clipping.rules import Rule, Target
+from dpclip.clipping.rules.embedding import EmbeddingRule, embedding_rule
+from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR, LINEAR
+
+__all__ = ["BroadcastCall", "FunctionRecorder", "resolve_broadcast"]
+
+#: Elementwise functions that broadcast their operands: where a batch-less operand
+#: meets a batched one in these, each example's share of its gradient is known.
+_BROADCASTING = frozenset(
+    {
+        f"{prefix}{op}{suffix}"
+        for op in ("add", "sub", "mul", "div", "truediv")
+        for prefix, suffix in (("", ""), ("", "_"), ("__", "__"), ("__r", "__"), ("__i", "__"))
+    }
+    | {"where", "masked_fill", "scaled_dot_product_attention"}  # the mask is added to scores
+)
+
+
+@dataclass(eq=False)
+class BroadcastCall:
+    """An embedding lookup on ids without a batch dimension, and the places where a
+    tensor computed from its output alone met the batch.
+
+    ``meetings``: (P, P_b) per place: P the batch-less operand, P_b the view of it
+    expanded over the batch that the operation used instead (its gradient is
+    per example). ``aligned``: P's leading dimension already had the batch size (a
+    batch-less ``expand(B, T)``), so P_b's row i is example i's, not a broadcast.
+    """
+
+    rule: Rule
+    module: nn.Module
+    ids: torch.Tensor
+    output: torch.Tensor
+    targets: dict[str, Target]
+    strategy: str
+    meetings: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The tensors whose gradients ``resolve_broadcast`` needs: output, then each P_b."""
+        return [self.output, *(pb for _, pb, _ in self.meetings)]
+
+
+def resolve_broadcast(
+    call: BroadcastCall, grads: list[torch.Tensor | None], batch: int, name: str
+) -> LayerCall | None:
+    """The lookup as a ``LayerCall`` with per-example output gradients, from the
+    gradients of ``call.inputs()`` in the one backward; None when the loss does not
+    depend on the lookup.
+
+    Raises ``RuntimeError`` when the per-example cotangents do not add up to the
+    output's whole gradient: the lookup's output reached the loss other than through
+    the broadcasting operations followed (its per-example gradient would be wrong).
+    """
+    total, *met = grads
+    if total is None:
+        return None
+    y0 = call.output
+    pairs = [(p, pb, aligned, g) for (p, pb, aligned), g in zip(call.meetings, met) if g is not None]
+    if pairs and all(aligned and p is y0 for p, _, aligned, _ in pairs):
+        # row i of the output is example i's: an ordinary batch-first lookup
+        backprop = pairs[0][3] if len(pairs) == 1 else sum(g for *_, g in pairs)
+        ids = call.ids
+        summed = backprop
+    else:
+        direct = torch.zeros((batch, *y0.shape), dtype=total.dtype, device=total.device)
+        chained, cotangents = [], []
+        for p, _, aligned, g in pairs:
+            # example i's cotangent on P: its row of g (broadcast), or g's row i alone (aligned)
+            cot = _one_hot(g) if aligned else g.reshape(batch, *p.shape)
+            if p is y0:
+                direct = direct + cot
+            else:
+                chained.append(p)
+                cotangents.append(cot)
+        if chained:
+            (through,) = torch.autograd.grad(
+                chained, [y0], grad_outputs=cotangents, retain_graph=True, is_grads_batched=True
+            )
+            direct = direct + through
+        backprop = direct
+        ids = call.ids.expand(batch, *call.ids.shape)
+        summed = backprop.sum(dim=0)
+    tol = math.sqrt(torch.finfo(total.dtype).eps)
+    if float((summed - total).norm()) > tol * float(total.norm()) + 1e-30:
+        raise RuntimeError(
+            f"the embedding lookup of module {name!r} on ids without a batch dimension (shape "
+            f"{tuple(call.ids.shape)}) reaches the loss other than through broadcasting "
+            "add/sub/mul/div onto batch-first tensors, which is where dpclip can tell each "
+            "example's share of its gradient: combine it with the batch by broadcasting "
+            "(x + pos_emb), or pass ids with the batch dimension (expanded from the input)"
+        )
+    layer = LayerCall(call.rule, call.module, [ids], y0, call.targets, call.strategy)
+    layer.backprop = backprop
+    return layer
+
+
+def _one_hot(g: torch.Tensor) -> torch.Tensor:
+    """[B, *shape] -> [B, B, *shape] whose slice i keeps only row i."""
+    b = g.shape[0]
+    eye = torch.eye(b, dtype=g.dtype, device=g.device)
+    return eye.view(b, b, *([1] * (g.dim() - 1))) * g.unsqueeze(0)
+
+
+def _tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    out = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def _outputs(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (list, tuple)):
+        return [t for t in result if isinstance(t, torch.Tensor)]
+    return []
+
+
+class FunctionRecorder(TorchFunctionMode):
+    """Active during each recording forward of the model (``start`` / ``stop``);
+    ``take`` hands over what it recorded.
+
+    Args:
+        module: the model (the root: its own parameters, if any, take the graph path,
+            since its forward call spans the whole recording).
+        units: the model's units. Lookups on the parameters of the units recorded by
+            operation (``records_calls_of``) are recorded wherever they run; linear
+            operations only on parameters that no module-recorded unit owns (an
+            ``nn.Linear`` tied to an embedding records its own calls).
+    """
+
+    def __init__(self, module: nn.Module, units: list[Unit]) -> None:
+        super().__init__()
+        self._units = {
+            u for u in units if u.module is not module and not u.attention
+            and (u.rule is None or isinstance(u.rule, EmbeddingRule))
+        }
+        by_module = {p for u in units if u not in self._units for p in u.params}
+        self._owner: dict[int, tuple[nn.Parameter, Unit]] = {}
+        for u in units:
+            if u in self._units:
+                for p in u.params:
+                    self._owner.setdefault(id(p), (p, u))
+        self._linear_ok = {k for k, (p, _) in self._owner.items() if p not in by_module}
+        self.active = False
+        self.batch = 0
+        self._records: list[LayerCall | BroadcastCall] = []
+        self._batched: dict[int, weakref.ref] = {}
+        self._derived: dict[int, tuple[weakref.ref, tuple[BroadcastCall, ...]]] = {}
+        self._unrecognised: dict[int, int] = {}
+        self._windows: list[tuple[Unit, int, int]] = []
+        self._kinds: dict[Any, str] = {}
+
+    # --- the recorder's hooks -------------------------------------------------------------
+
+    def start(self, args: tuple, kwargs: dict) -> None:
+        """Enter the mode for a root forward whose tensor inputs carry the batch."""
+        inputs = _tensors(args, kwargs)
+        self.batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 0
+        for t in inputs:
+            self._batched[id(t)] = weakref.ref(t)
+        self.active = True
+        self.__enter__()
+
+    def stop(self) -> None:
+        """Leave the mode (the root forward ended, or raised); keep the records."""
+        if not self.active:
+            return
+        self.active = False
+        self.__exit__(None, None, None)
+        self._batched.clear()
+        self._derived.clear()
+        self._windows.clear()
+
+    def records_calls_of(self, unit: Unit) -> bool:
+        """Whether ``unit``'s calls are recorded by operation rather than by its module
+        hook: a lookup table, or a module without a rule (covered by its operations, or
+        else the graph path)."""
+        return unit in self._units
+
+    def take(self) -> list[LayerCall | BroadcastCall]:
+        records, self._records = self._records, []
+        return records
+
+    def open(self, unit: Unit) -> None:
+        """A forward call of ``unit`` (no rule of its own) starts."""
+        if self.active:
+            self._windows.append((unit, len(self._records), self._uses(unit)))
+
+    def close(self, unit: Unit) -> bool:
+        """The forward call of ``unit`` ends: True if what was recorded by operation
+        covers every use of its parameters in it; otherwise its records from this
+        call are dropped (it takes the graph path)."""
+        if not self.active or not self._windows or self._windows[-1][0] is not unit:
+            return False
+        _, start, uses = self._windows.pop()
+        mine = {id(p) for p in unit.params}
+        window = self._records[start:]
+        ours = [r for r in window if any(id(p) in mine for p, _ in r.targets.values())]
+        if ours and self._uses(unit) == uses:
+            return True
+        self._records[start:] = [r for r in window if all(r is not o for o in ours)]
+        return False
+
+    def _uses(self, unit: Unit) -> int:
+        return sum(self._unrecognised.get(id(p), 0) for p in unit.params)
+
+    # --- the mode --------------------------------------------------------------------------
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: A002 - torch's signature
+        kwargs = kwargs or {}
+        tensors = _tensors(args, kwargs)
+        batched = False
+        derived: list[tuple[torch.Tensor, tuple[BroadcastCall, ...]]] = []
+        watched = []
+        for t in tensors:
+            key = id(t)
+            ref = self._batched.get(key)
+            if ref is not None and ref() is t:
+                batched = True
+                continue
+            entry = self._derived.get(key)
+            if entry is not None and entry[0]() is t:
+                derived.append((t, entry[1]))
+            elif key in self._owner and t.requires_grad:
+                watched.append(t)
+        if watched and torch.is_grad_enabled():
+            recorded = self._record(func, args, kwargs, batched, watched)
+            if recorded is not None:
+                return recorded
+        else:
+            watched = []
+        kind = self._kinds.get(func)
+        if kind is None:
+            kind = self._kinds[func] = self._kind(func)
+        if batched and derived and kind in ("broadcast", "inplace-broadcast"):
+            args, kwargs = self._meet(args, kwargs, derived, inplace=kind == "inplace-broadcast")
+            derived = []
+        result = func(*args, **kwargs)
+        if watched and any(t.requires_grad for t in _outputs(result)):
+            # a use the rules do not cover (reading .device or .shape is none)
+            for t in watched:
+                self._unrecognised[id(t)] = self._unrecognised.get(id(t), 0) + 1
+        if batched:
+            for t in _outputs(result):
+                self._batched[id(t)] = weakref.ref(t)
+            if kind.startswith("inplace") and args and isinstance(args[0], torch.Tensor):
+                self._batched[id(args[0])] = weakref.ref(args[0])
+        elif derived:
+            sources = tuple({id(c): c for _, s in derived for c in s}.values())
+            for t in _outputs(result):
+                if t.requires_grad:
+                    self._derived[id(t)] = (weakref.ref(t), sources)
+        return result
+
+    @staticmethod
+    def _kind(func: Any) -> str:
+        name = getattr(func, "__name__", "")
+        inplace = name.endswith("_") and not name.endswith("__") or name.startswith("__i")
+        inplace = inplace or name == "__setitem__"
+        if name in _BROADCASTING:
+            return "inplace-broadcast" if inplace else "broadcast"
+        return "inplace" if inplace else "other"
+
+    def _meet(self, args: tuple, kwargs: dict, derived: list, inplace: bool) -> tuple[tuple, dict]:
+        """Replace each batch-less operand by its view expanded over the batch (the
+        operations in ``_BROADCASTING`` align operands at their last dimension)."""
+        ndim = max(a.dim() for a in _tensors(args, kwargs))
+        swaps = {}
+        for p, sources in derived:
+            if inplace and args and p is args[0]:
+                continue  # a batch-less tensor changed in place by a batched one: not followed
+            lead = p.reshape((1,) * (ndim - p.dim()) + tuple(p.shape))
+            if lead.dim() == 0 or lead.shape[0] not in (1, self.batch):
+                continue  # does not broadcast over the batch: the backward check refuses it
+            aligned = lead.shape[0] == self.batch and self.batch != 1
+            pb = lead.expand(self.batch, *lead.shape[1:])
+            for call in sources:
+                call.meetings.append((p, pb, aligned))
+            swaps[id(p)] = pb
+        def swap(a: Any) -> Any:
+            return swaps.get(id(a), a) if isinstance(a, torch.Tensor) else a
+
+        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+    def _record(self, func, args: tuple, kwargs: dict, batched: bool, watched: list) -> Any:
+        """Record ``func`` if it is a recognised use of the watched parameters; its
+        result then, else None (not called)."""
+        if func is F.embedding:
+            return self._embedding(args, kwargs, batched, watched)
+        if not batched or any(id(w) not in self._linear_ok for w in watched):
+            return None
+        if func is torch.addmm and not kwargs and len(args) == 3:
+            bias, x, weight = args
+            return self._linear(torch.addmm, args, x, weight, bias, watched, INPUT_MAJOR_LINEAR)
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) == 2:
+            x, weight = args
+            return self._linear(func, args, x, weight, None, watched, INPUT_MAJOR_LINEAR)
+        if func is F.linear and not kwargs and len(args) in (2, 3):
+            x, weight, bias = (*args, None)[:3]
+            return self._linear(F.linear, args, x, weight, bias, watched, LINEAR)
+        return None
+
+    def _targets(self, roles: dict[str, Any], watched: list) -> dict[str, Target] | None:
+        """{role: (param, None)} if the watched tensors are exactly parameters in ``roles``."""
+        targets = {r: (t, None) for r, t in roles.items() if any(t is w for w in watched)}
+        if len(targets) != len(watched):
+            return None
+        return {r: (self._owner[id(t)][0], None) for r, (t, _) in targets.items()}
+
+    def _linear(self, func, args, x, weight, bias, watched, rule) -> Any:
+        if (
+            not isinstance(x, torch.Tensor) or weight.dim() != 2 or x.dim() < 2
+            or self.batch == 0 or x.shape[0] % self.batch
+        ):
+            return None
+        targets = self._targets({"weight": weight, "bias": bias}, watched)
+        if targets is None or any(t is x for t in watched):
+            return None
+        result = func(*args)
+        # 2-D inputs are [B·T, d], rows example-major (a batch-first tensor flattened):
+        # record [B, T, ·] views so that each example's rows are together
+        rows = x.reshape(self.batch, -1, x.shape[-1]).detach()
+        y = result.view(self.batch, -1, result.shape[-1]) if x.dim() == 2 else result
+        owner = self._owner[id(weight)][1]
+        self._records.append(LayerCall(rule, owner.module, [rows], y, targets, owner.strategy))
+        out = y.view(result.shape) if y is not result else result
+        self._batched[id(out)] = weakref.ref(out)
+        return out
+
+    def _embedding(self, args: tuple, kwargs: dict, batched: bool, watched: list) -> Any:
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args), **kwargs)
+        ids, weight = bound.get("input"), bound.get("weight")
+        if (
+            bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse")
+            or not isinstance(ids, torch.Tensor) or any(t is ids for t in watched)
+        ):
+            return None
+        targets = self._targets({"weight": weight}, watched)
+        if targets is None:
+            return None
+        padding_idx = bound.get("padding_idx")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        rule = embedding_rule(padding_idx)
+        result = F.embedding(*args, **kwargs)
+        owner = self._owner[id(weight)][1]
+        if batched:
+            self._records.append(LayerCall(rule, owner.module, [ids], result, targets, owner.strategy))
+            self._batched[id(result)] = weakref.ref(result)
+        else:
+            call = BroadcastCall(rule, owner.module, ids, result, targets, owner.strategy)
+            self._records.append(call)
+            self._derived[id(result)] = (weakref.ref(result), (call,))
+        return result
+

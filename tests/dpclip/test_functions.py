@@ -1,0 +1,200 @@
+"""Recording by operation (dpclip.clipping.functions): lookups on ids without a batch
+dimension that meet the batch by broadcasting, linear operations with a trainable
+weight inside modules without a rule, and lookups through ``nn.Embedding``
+subclasses, each checked against torch.func per-sample gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpclip import PerSampleClipper
+from dpclip.clipping.recording import GraphCall, LayerCall
+from tests.dpclip.models import reference_update
+
+VOCAB, T, D, CLASSES = 11, 5, 6, 3
+
+
+class PositionEmbedding(nn.Module):
+    """BERT / GPT-2: positions [1, T] from torch.arange, looked up and broadcast-added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(T, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        h = torch.tanh(self.tok(ids) + self.pos(positions))
+        return self.head(h.mean(dim=1))
+
+
+class RelativeBias(nn.Module):
+    """T5: a lookup on a [T, T] bucket matrix (no batch dimension), permuted to
+    [1, H, T, T] and added to the attention scores of two layers."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(VOCAB, D)
+        self.bias = nn.Embedding(4, heads)
+        self.layers = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        rel = torch.arange(t).unsqueeze(0) - torch.arange(t).unsqueeze(1)
+        buckets = rel.clamp(-2, 1) + 2  # [T, T] in 0..3
+        position_bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)
+        h = self.tok(ids)
+        for layer in self.layers:  # the same position_bias in every layer
+            q = h.view(h.shape[0], t, self.heads, -1).transpose(1, 2)
+            scores = q @ q.transpose(-1, -2) + position_bias
+            mixed = (scores.softmax(-1) @ q).transpose(1, 2).reshape(h.shape)
+            h = torch.tanh(layer(mixed))
+        return self.head(h.mean(dim=1))
+
+
+class AddmmProjection(nn.Module):
+    """GPT-2's Conv1D: y = addmm(b, x.view(-1, d), W) with W stored [in, out]."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.3)
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], self.weight.shape[1])
+
+
+class MatmulPlusBias(AddmmProjection):
+    """x @ W + b: the bias is added by an operation without a rule (graph path)."""
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self, projection: type[AddmmProjection] = AddmmProjection) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.proj = projection(D, 2 * D)
+        self.head = nn.Linear(2 * D, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.proj(self.tok(ids))).mean(dim=1))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """BART's BartScaledWordEmbedding: a subclass whose forward scales the lookup."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.5
+
+
+class TiedScaledEncoderDecoder(nn.Module):
+    """Two scaled embeddings and an nn.Embedding sharing one weight (BART's shared,
+    encoder and decoder tables)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.encoder = ScaledEmbedding(VOCAB, D, padding_idx=0)
+        self.decoder = ScaledEmbedding(VOCAB, D, padding_idx=0)
+        self.encoder.weight = self.decoder.weight = self.shared.weight
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, ids):
+        h = torch.tanh(self.encoder(ids)).mean(dim=1, keepdim=True) + self.decoder(ids.flip(1))
+        return self.head(torch.tanh(h).mean(dim=1))
+
+
+class LostChain(nn.Module):
+    """Position embeddings expanded over the batch by hand and concatenated: no
+    broadcast operation tells each example's share."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(T, D)
+        self.head = nn.Linear(2 * D, CLASSES)
+
+    def forward(self, ids):
+        pos = self.pos(torch.arange(ids.shape[1])).expand(ids.shape[0], -1, -1)
+        return self.head(torch.cat([self.tok(ids), pos], dim=-1).mean(dim=1))
+
+
+def _data(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, T), generator=gen)
+    ids[0, -2:] = 0  # padding in the first example
+    return ids, torch.randint(0, CLASSES, (batch,), generator=gen)
+
+
+def _assert_exact(model: nn.Module, batch: int, clipping: str = "auto") -> PerSampleClipper:
+    """dpclip's clipped sum equals torch.func's at C = the median per-example norm."""
+    torch.manual_seed(0)
+    model = model.double()
+    x, y = _data(batch)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    _, norms = reference_update(model, params, x, y, 1.0, 1.0)
+    max_grad_norm = float(norms.median())
+    expected, _ = reference_update(model, params, x, y, max_grad_norm, 1.0)
+    clipper = PerSampleClipper(model, max_grad_norm, clipping)
+    got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: g for p, g in got.items()}
+    assert set(got) == set(expected)
+    for n, e in expected.items():
+        torch.testing.assert_close(got[n], e, rtol=1e-9, atol=1e-12, msg=n)
+    torch.testing.assert_close(clipper.last_norms, norms, rtol=1e-9, atol=0)
+    return clipper
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_lookup_on_broadcast_position_ids_is_exact(clipping):
+    _assert_exact(PositionEmbedding(), batch=4, clipping=clipping)
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+@pytest.mark.parametrize("batch", [3, T])  # T == B: a [T, T] table looks batch-first
+def test_batchless_lookup_permuted_and_added_in_two_layers_is_exact(clipping, batch):
+    _assert_exact(RelativeBias(), batch=batch, clipping=clipping)
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_addmm_with_a_trainable_weight_takes_the_linear_rule(clipping):
+    model = Conv1DNet()
+    clipper = _assert_exact(model, batch=4, clipping=clipping)
+    model(_data(4)[0])  # what one forward records
+    records = clipper.recorder.calls
+    assert not any(isinstance(c, GraphCall) for c in records)
+    assert any(isinstance(c, LayerCall) and c.module is model.proj for c in records)
+
+
+def test_parameter_in_an_operation_without_a_rule_takes_the_graph_path_exactly():
+    model = Conv1DNet(MatmulPlusBias)
+    clipper = _assert_exact(model, batch=4)
+    model(_data(4)[0])
+    mine = [c for c in clipper.recorder.calls if getattr(c, "module", None) is model.proj]
+    graph = [c for c in clipper.recorder.calls if isinstance(c, GraphCall)]
+    assert not mine and [c.unit.module for c in graph] == [model.proj]
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_scaling_embedding_subclass_tied_to_two_tables_is_exact(clipping):
+    _assert_exact(TiedScaledEncoderDecoder(), batch=4, clipping=clipping)
+
+
+def test_batchless_lookup_that_meets_the_batch_unrecognised_is_refused():
+    torch.manual_seed(0)
+    model = LostChain().double()
+    x, y = _data(4)
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    with pytest.raises(RuntimeError, match=r"module 'pos' on ids without a batch dimension"):
+        clipper.clipped_sum(losses)
