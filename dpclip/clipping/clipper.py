@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.autograd.profiler import record_function
 
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
-from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
 __all__ = ["NonFiniteNormError", "PerSampleClipper", "validate_module"]
@@ -77,7 +77,10 @@ class PerSampleClipper:
     frozen when the clipper was built cannot be unfrozen (``clipped_sum`` refuses).
 
     Norms, clipping factors and S are computed in float32 at least, also for
-    half-precision layers, so that ‖c_i·g_i‖ <= C holds to float32 rounding.
+    half-precision layers and under ``torch.autocast`` (any device: the clipper turns
+    it off for its own arithmetic), so that ‖c_i·g_i‖ <= C holds to float32 rounding.
+    A layer that computed in bfloat16 or float16 is clipped as it computed: its
+    activations rounded to its output's dtype, as autocast rounded them.
 
     Args:
         module: the model, trained in place (its parameters are the ones used).
@@ -190,6 +193,13 @@ class PerSampleClipper:
                 message); nothing returned, and the recorded calls are kept when
                 the refusal comes before they are used.
         """
+        # autocast left on around backward() would run the norms and sums in half precision
+        with torch.autocast(loss_per_sample.device.type, enabled=False):
+            return self._clipped_sum(loss_per_sample, out)
+
+    def _clipped_sum(
+        self, loss_per_sample: torch.Tensor, out: dict[nn.Parameter, torch.Tensor] | None
+    ) -> dict[nn.Parameter, torch.Tensor]:
         if loss_per_sample.dim() != 1:
             raise ValueError(
                 f"Expected per-sample losses of shape [B], got {tuple(loss_per_sample.shape)}"
@@ -208,6 +218,10 @@ class PerSampleClipper:
                 )
         calls = self.recorder.take()
         batch = loss_per_sample.shape[0]
+        # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit
+        eps = rounding_eps(
+            t.dtype for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)
+        )
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"):
             layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
@@ -228,7 +242,7 @@ class PerSampleClipper:
                 "optimizer.step() as usual"
             )
         if full is not None:
-            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch))
+            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch), eps)
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
         with record_function("dpclip.clipped_sum"):
@@ -389,10 +403,13 @@ class PerSampleClipper:
         layer_calls: list[LayerCall],
         graph_grads: dict[nn.Parameter, torch.Tensor],
         ones: torch.Tensor,
+        eps: float,
     ) -> None:
         """Once, on the first micro-batch: the recorded calls must account for each
         trainable parameter's whole gradient. A weight also used outside its own module
-        (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped."""
+        (``F.linear(h, self.emb.weight)``) would otherwise be under-clipped. ``eps``: the
+        relative rounding of the layers' arithmetic (bfloat16's under autocast, where a
+        float32 parameter's whole gradient comes from a bfloat16 backward)."""
         if any(not torch.isfinite(f).all() for _, f in full):
             return  # the non-finite check refuses this micro-batch; audit the next one
         own = self._sum(layer_calls, graph_grads, ones, retain_graph=True, out={})
@@ -403,7 +420,7 @@ class PerSampleClipper:
             o = own.get(p, torch.zeros_like(f)).to(f.dtype)
             # A missed use is a whole missing term (relative error ~1); rounding in a float32
             # sum over many examples and positions stays far below √eps (3e-4) in norm.
-            tol = math.sqrt(torch.finfo(f.dtype).eps)
+            tol = math.sqrt(max(torch.finfo(f.dtype).eps, eps))
             if float((o - f).norm()) > tol * (float(f.norm()) + total) + 1e-30:
                 if self.recorder.dropped:
                     raise RuntimeError(

@@ -1,0 +1,147 @@
+"""Mixed precision: ``torch.autocast`` (bfloat16 on CPU) around the forward and the
+criterion, on float32 and bfloat16 models, for every rule family and the graph path.
+
+What one example adds to the clipped sum is measured in float64 by the test (one example
+per micro-batch): its norm is the sensitivity, and must stay within C to float32
+rounding. The update is compared with a float32 per-example reference by ``torch.func``
+(no autocast), within a tolerance derived from bfloat16's rounding.
+
+CUDA autocast (float16 / bfloat16) takes the same code path (nothing in it is specific to
+the CPU) but cannot be run here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpclip
+from tests.dpclip.models import CLASSES, MODELS, make_data, reference_update
+
+#: bfloat16 keeps 8 significant bits: each rounding moves a value by up to 2^-9 relative
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+
+
+class SigmoidGate(nn.Module):
+    """A bare parameter used through a function of itself: the exact graph path."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.gate)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.gate = SigmoidGate(16)
+        self.fc2 = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.gate(self.fc1(x))))
+
+
+KINDS = {**MODELS, "graph": GatedMLP}
+
+
+def _data(kind: str, n: int, seed: int = 0):
+    return make_data("mlp" if kind == "graph" else kind, n, torch.Generator().manual_seed(seed), torch.float32)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_autocast_clipped_contribution_stays_within_max_grad_norm(kind, clipping, model_dtype):
+    torch.manual_seed(0)
+    model = KINDS[kind]().to(model_dtype)
+    C = 1e-3  # far below every gradient norm: every example is clipped
+    clipper = dpclip.PerSampleClipper(model, C, clipping)
+    x, y = _data(kind, 6)
+    if x.is_floating_point():
+        x = x.to(model_dtype)
+    worst = 0.0
+    for i in range(6):
+        # the backward inside autocast too: clipping must not run its own arithmetic in bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="none")
+            s = clipper.clipped_sum(losses)
+        assert all(v.dtype == torch.float32 for v in s.values())
+        norm = torch.sqrt(sum(v.double().pow(2).sum() for v in s.values())).item()
+        worst = max(worst, norm / C)
+    assert worst <= 1 + 1e-6
+
+
+def _private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float):
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    return engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        accumulation_steps=2,
+        poisson_sampling=False,
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_autocast_update_matches_float32_reference(kind):
+    # The user's usual loop: forward and criterion under autocast, backward outside it.
+    torch.manual_seed(0)
+    model = KINDS[kind]().float()
+    x, y = _data(kind, 8)
+    params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    reference_model = copy.deepcopy(model)
+    _, norms = reference_update(reference_model, params0, x, y, 1.0, 1.0)
+    C = float(norms.median())  # about half the examples clipped
+    expected, _ = reference_update(reference_model, params0, x, y, C, 8.0)
+    model, optimizer, criterion, loader = _private(model, x, y, C)
+    for xb, yb in loader:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = criterion(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    got = {k: params0[k] - v.detach() for k, v in model.named_parameters()}
+    diff = torch.sqrt(sum((got[k] - expected[k]).double().pow(2).sum() for k in got))
+    scale = torch.sqrt(sum(v.double().pow(2).sum() for v in expected.values()))
+    # Forward and backward round each layer's inputs and outputs to bfloat16 (2^-9
+    # relative each); through these few layers it stays within a few of them (measured: 1 to
+    # 2 eps), the clipping factors included. A dropped micro-batch, a missed clip or a
+    # wrong scale is off by O(1).
+    assert float(diff / scale) <= 4 * BF16_EPS
+
+
+class TiedOutsideItsModule(nn.Module):
+    """The embedding's weight also used by F.linear outside the embedding's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.emb(tokens))).mean(dim=1)
+        return F.linear(h, self.emb.weight)
+
+
+def test_autocast_still_refuses_a_weight_used_outside_its_module():
+    # the first micro-batch's check allows bfloat16 rounding, not a missing term
+    torch.manual_seed(0)
+    model = TiedOutsideItsModule()
+    clipper = dpclip.PerSampleClipper(model, 1.0)
+    tokens = torch.randint(0, 20, (8, 5), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 20, (8,), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = F.cross_entropy(model(tokens), y, reduction="none")
+    with pytest.raises(RuntimeError, match="gets gradient from outside its own module"):
+        clipper.clipped_sum(losses)
