@@ -14,7 +14,15 @@ from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_p
 from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
-__all__ = ["NonFiniteNormError", "PerSampleClipper", "validate_module"]
+__all__ = ["COMPILED_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
+
+#: Why a compiled model is refused, and what to do instead.
+COMPILED_ADVICE = (
+    "torch.compile is not supported with per-example clipping: dpclip records each layer's "
+    "input and output with forward hooks, and a compiled graph hides the gradient at those "
+    "outputs (the per-example norms would miss terms). Make the uncompiled model private "
+    "(for model = torch.compile(m), pass m, i.e. model._orig_mod) and train it uncompiled"
+)
 
 
 class NonFiniteNormError(FloatingPointError):
@@ -32,10 +40,15 @@ class NonFiniteNormError(FloatingPointError):
 def validate_module(module: nn.Module) -> None:
     """Raise ``ValueError`` if ``module`` cannot get per-sample gradients as built.
 
-    Refused: batch normalisation (mixes samples, so one example's gradient
+    Refused: a model or submodule compiled with ``torch.compile`` (``COMPILED_ADVICE``),
+    batch normalisation (mixes samples, so one example's gradient
     depends on the others), recurrent ``nn.RNNBase`` layers (hidden states are
     batch-second), and attention or transformer layers with ``batch_first=False``.
     """
+    for name, sub in module.named_modules():
+        how = _compiled(sub)
+        if how is not None:
+            raise ValueError(f"module {name or '<root>'!r} ({type(sub).__name__}) {how}: {COMPILED_ADVICE}")
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("module has no parameter with requires_grad=True: nothing to train")
@@ -63,6 +76,17 @@ def validate_module(module: nn.Module) -> None:
                 f"{where} has batch_first=False; dpclip needs the batch dimension first: "
                 "build it with batch_first=True"
             )
+
+
+def _compiled(module: nn.Module) -> str | None:
+    """How ``module`` itself was compiled with ``torch.compile``, or None."""
+    if type(module).__module__ == "torch._dynamo.eval_frame" and hasattr(module, "_orig_mod"):
+        return "is the result of torch.compile(module)"
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "was compiled in place by module.compile()"
+    if getattr(module.forward, "_torchdynamo_orig_callable", None) is not None:
+        return "has a forward compiled by torch.compile"
+    return None
 
 
 class PerSampleClipper:
@@ -188,10 +212,10 @@ class PerSampleClipper:
 
         Raises:
             NonFiniteNormError: a per-sample norm is NaN/inf (nothing returned).
-            RuntimeError: the recorded forward cannot give per-sample gradients, or
-                the loss depends on a parameter clipping does not cover (see
-                message); nothing returned, and the recorded calls are kept when
-                the refusal comes before they are used.
+            RuntimeError: the recorded forward cannot give per-sample gradients (also:
+                it ran compiled, ``COMPILED_ADVICE``), or the loss depends on a
+                parameter clipping does not cover (see message); nothing returned, and
+                the recorded calls are kept when the refusal comes before they are used.
         """
         # autocast left on around backward() would run the norms and sums in half precision
         with torch.autocast(loss_per_sample.device.type, enabled=False):
@@ -206,6 +230,10 @@ class PerSampleClipper:
             )
         if not loss_per_sample.requires_grad:
             raise RuntimeError("the loss does not require grad: no parameter depends on it")
+        if self.recorder.compiled:
+            raise RuntimeError(
+                f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}"
+            )
         self.check_coverage()
         if self._audit_due:  # once: a trainable module outside the model gets no gradient
             foreign = foreign_parameters(loss_per_sample, self._covered)

@@ -145,3 +145,71 @@ def test_autocast_still_refuses_a_weight_used_outside_its_module():
         losses = F.cross_entropy(model(tokens), y, reduction="none")
     with pytest.raises(RuntimeError, match="gets gradient from outside its own module"):
         clipper.clipped_sum(losses)
+
+
+# --- torch.compile: refused, with what to do instead -------------------------------------
+
+
+def _compiled_root(model):
+    return torch.compile(model, backend="aot_eager")
+
+
+def _compiled_in_place(model):
+    model.compile(backend="aot_eager")
+    return model
+
+
+def _compiled_submodule(model):
+    model.layer = torch.compile(model.layer, backend="aot_eager")
+    return model
+
+
+def _compiled_forward(model):
+    model.layer.forward = torch.compile(model.layer.forward, backend="aot_eager")
+    return model
+
+
+@pytest.mark.parametrize(
+    "compile_, where",
+    [
+        (_compiled_root, r"'<root>' \(OptimizedModule\) is the result of torch.compile"),
+        (_compiled_in_place, r"'<root>' \(TinyTransformer\) was compiled in place"),
+        (_compiled_submodule, r"'layer' \(OptimizedModule\) is the result of torch.compile"),
+        (_compiled_forward, r"'layer' \(TransformerEncoderLayer\) has a forward compiled"),
+    ],
+)
+def test_compiled_model_is_refused_at_make_private(compile_, where):
+    torch.manual_seed(0)
+    model = MODELS["transformer"]()
+    x, y = _data("transformer", 8)
+    with pytest.raises(ValueError, match=where + ".*not supported with per-example clipping"):
+        _private(compile_(model), x, y, 1.0)
+    # nothing was claimed: the uncompiled model (a fresh one here) is accepted
+    _private(MODELS["transformer"](), x, y, 1.0)
+
+
+@pytest.mark.parametrize("part", ["root", "submodule"])
+@pytest.mark.parametrize("kind, child", [("mlp", "net"), ("transformer", "layer")])
+def test_compiling_after_make_private_is_refused_at_backward(kind, child, part):
+    # Compiled after the first (eager, audited) micro-batch: the compiled graph would hide
+    # the gradient at the recorded outputs inside it, and the clipped sum would silently
+    # miss those parameters (the MLP's first layer). Refused instead, every time; the
+    # eager model still trains.
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    x, y = _data(kind, 8)
+    clipper = dpclip.PerSampleClipper(model, 1.0)
+    clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    eager_child = getattr(model, child)
+    if part == "root":
+        run = torch.compile(model, backend="aot_eager")
+    else:
+        setattr(model, child, torch.compile(eager_child, backend="aot_eager"))
+        run = model
+    for _ in range(2):  # the second run replays the compiled code
+        losses = F.cross_entropy(run(x), y, reduction="none")
+        with pytest.raises(RuntimeError, match="ran under torch.compile after make_private"):
+            clipper.clipped_sum(losses)
+    setattr(model, child, eager_child)
+    s = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    assert len(s) == len([p for p in model.parameters() if p.requires_grad])
