@@ -12,6 +12,7 @@ from torch.autograd.profiler import record_function
 
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
+from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
 __all__ = ["COMPILED_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
@@ -157,10 +158,17 @@ class PerSampleClipper:
         self.check_independence = bool(check_independence)
         #: the forward hooks and what they recorded since the last ``clipped_sum``
         self.recorder = Recorder(module, self.units, self.check_independence)
+        #: what the first micro-batch took per layer, for ``plan()``
+        self.meter = CostMeter(self._owner_name)
 
     def remove(self) -> None:
         """Detach the hooks; the module is as it was before."""
         self.recorder.remove()
+
+    def plan(self) -> ClippingPlan:
+        """Per layer: the rule and strategy its per-example gradients take and, once a
+        micro-batch was clipped, its share of that backward() (``dpclip.clipping.plan``)."""
+        return build_plan(self.units, self.meter)
 
     def discard(self) -> None:
         """Forget the forward calls recorded since the last ``clipped_sum``."""
@@ -250,14 +258,21 @@ class PerSampleClipper:
         eps = rounding_eps(
             t.dtype for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)
         )
+        # the first few micro-batches are measured per layer, for the plan
+        meter = self.meter if self.meter.measuring else None
+        if meter is not None:
+            meter.begin(loss_per_sample.device)
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
-        with record_function("dpclip.backward"):
+        with record_function("dpclip.backward"), timed(meter, None):
             layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
         with record_function("dpclip.norms"):
             sq = torch.zeros(batch, dtype=norm_dtype(loss_per_sample.dtype), device=loss_per_sample.device)
-            for n in self._layer_sq_norms(layer_calls):
+            for n in self._layer_sq_norms(layer_calls, meter):
                 sq = sq + n.to(sq.dtype)
-            graph_grads = graph_per_sample(graph_calls)
+            graph_grads: dict[nn.Parameter, torch.Tensor] = {}
+            for call in graph_calls:
+                with timed(meter, call, "per-sample"):
+                    graph_grads.update(graph_per_sample([call]))
             for g in graph_grads.values():
                 sq = sq + row_sq_norms(g).to(sq.dtype)
             norms = sq.sqrt()
@@ -275,9 +290,16 @@ class PerSampleClipper:
         factors = clip_factors(norms, self.max_grad_norm).detach()
         with record_function("dpclip.clipped_sum"):
             self.writing = True  # an error from here on leaves ``out`` partly added to
-            result = self._sum(layer_calls, graph_grads, factors, False, {} if out is None else out)
+            result = self._sum(
+                layer_calls, graph_grads, factors, False, {} if out is None else out, meter
+            )
             self.writing = False
-            return result
+        if meter is not None:
+            meter.finish(batch)
+            if meter.measured == 1:
+                # past _clipped_sum and clipped_sum: the caller (the optimizer, or the user)
+                warn_slow_layers(self.plan(), stacklevel=3)
+        return result
 
     def _backward(
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int
@@ -351,8 +373,9 @@ class PerSampleClipper:
         return list(call.params)
 
     @staticmethod
-    def _layer_sq_norms(calls: list[LayerCall]) -> list[torch.Tensor]:
-        """‖g_i‖² contributions, one per group of calls whose parameters overlap."""
+    def _layer_sq_norms(calls: list[LayerCall], meter: CostMeter | None = None) -> list[torch.Tensor]:
+        """‖g_i‖² contributions, one per group of calls whose parameters overlap (each
+        call's work timed by ``meter`` when it measures)."""
         uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
         for call in calls:
             for p, rows in call.targets.values():
@@ -375,13 +398,15 @@ class PerSampleClipper:
         out = []
         for members in groups.values():
             if len(members) == 1:
-                out.append(sq_norms(members[0]))
+                with timed(meter, members[0], "ghost" if meter and members[0].uses_ghost() else "per-sample"):
+                    out.append(sq_norms(members[0]))
                 if members[0].per_sample is not None:
                     members[0].release()  # the clipped sum comes from the per-sample gradients
                 continue
             summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
-                call.per_sample = call.rule.per_sample_grads(call)
+                with timed(meter, call, "per-sample"):  # summed over the group: never ghost
+                    call.per_sample = call.rule.per_sample_grads(call)
                 call.release()
                 for role, g in call.per_sample.items():
                     p, rows = call.targets[role]
@@ -404,9 +429,11 @@ class PerSampleClipper:
         factors: torch.Tensor,
         retain_graph: bool,
         out: dict[nn.Parameter, torch.Tensor],
+        meter: CostMeter | None = None,
     ) -> dict[nn.Parameter, torch.Tensor]:
         """Add Σ_i c_i g_i into ``out`` (zeros in ``norm_dtype`` allocated for parameters
-        it lacks: a half-precision accumulator would round each example's c_i·g_i)."""
+        it lacks: a half-precision accumulator would round each example's c_i·g_i); each
+        layer's part timed by ``meter`` when it measures."""
 
         def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
             if p not in out:
@@ -417,12 +444,14 @@ class PerSampleClipper:
 
         for call in layer_calls:
             views = {role: target(p, rows) for role, (p, rows) in call.targets.items()}
-            call.rule.clipped_sum(call, factors, views)
+            with timed(meter, call):
+                call.rule.clipped_sum(call, factors, views)
             if not retain_graph:  # the last use: free as we go (the audit sums twice)
                 call.release()
                 call.per_sample = None
         for p, g in graph_grads.items():
-            add_weighted(target(p, None), g, factors)
+            with timed(meter, p):
+                add_weighted(target(p, None), g, factors)
         return out
 
     def _audit(

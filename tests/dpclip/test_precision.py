@@ -21,32 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
-from tests.dpclip.models import CLASSES, MODELS, make_data, reference_update
+from tests.dpclip.models import MODELS, GatedMLP, make_data, reference_update
 
 #: bfloat16 keeps 8 significant bits: each rounding moves a value by up to 2^-9 relative
 BF16_EPS = torch.finfo(torch.bfloat16).eps
-
-
-class SigmoidGate(nn.Module):
-    """A bare parameter used through a function of itself: the exact graph path."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.gate = nn.Parameter(torch.randn(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.gate)
-
-
-class GatedMLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(10, 16)
-        self.gate = SigmoidGate(16)
-        self.fc2 = nn.Linear(16, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.gate(self.fc1(x))))
 
 
 KINDS = {**MODELS, "graph": GatedMLP}
