@@ -1,5 +1,6 @@
-"""Mixed precision: ``torch.autocast`` (bfloat16 on CPU) around the forward and the
-criterion, on float32 and bfloat16 models, for every rule family and the graph path.
+"""Mixed precision: ``torch.autocast`` (bfloat16, and float16, on CPU) around the forward
+and the criterion, on float32 and bfloat16 models, for every rule family and the graph
+path; and ``torch.compile``, refused.
 
 What one example adds to the clipped sum is measured in float64 by the test (one example
 per micro-batch): its norm is the sensitivity, and must stay within C to float32
@@ -34,10 +35,20 @@ def _data(kind: str, n: int, seed: int = 0):
     return make_data("mlp" if kind == "graph" else kind, n, torch.Generator().manual_seed(seed), torch.float32)
 
 
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "model_dtype, autocast_dtype",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float16),
+    ],
+    ids=["float32-autocast-bf16", "bf16-autocast-bf16", "float32-autocast-fp16"],
+)
 @pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_autocast_clipped_contribution_stays_within_max_grad_norm(kind, clipping, model_dtype):
+def test_autocast_clipped_contribution_stays_within_max_grad_norm(
+    kind, clipping, model_dtype, autocast_dtype
+):
     torch.manual_seed(0)
     model = KINDS[kind]().to(model_dtype)
     C = 1e-3  # far below every gradient norm: every example is clipped
@@ -48,7 +59,7 @@ def test_autocast_clipped_contribution_stays_within_max_grad_norm(kind, clipping
     worst = 0.0
     for i in range(6):
         # the backward inside autocast too: clipping must not run its own arithmetic in bfloat16
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=autocast_dtype):
             losses = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="none")
             s = clipper.clipped_sum(losses)
         assert all(v.dtype == torch.float32 for v in s.values())
