@@ -5,16 +5,17 @@ Before the first backward a plan says what the layers' types decide (the rule, a
 ``clipping="auto"`` that the strategy is "decided per call" from the shapes). The
 clipper measures its first ``MEASURED_MICRO_BATCHES`` micro-batches: which rule and
 strategy each layer's calls took and the wall time of each layer's per-example work
-(norms and clipped sum); its plan then gives each layer's share of the last measured
-backward() (the rest is the one backward pass to the recorded outputs, the row
-"(backward pass)"). After the first micro-batch, a layer that took the exact graph path
-(per-example gradients by a batched vector-Jacobian product through its recorded
-graph: about B times its own backward) is named in a ``SlowClippingWarning``, once.
+(norms and clipped sum); its plan then gives each layer's share of backward() summed
+over the measured micro-batches but the first (the first alone until there is a second:
+it also pays first-call costs and the first-micro-batch check's parameter gradients).
+The rest is the one backward pass to the recorded outputs, the row "(backward pass)".
+After the first micro-batch, a layer that took the exact graph path (per-example
+gradients by a batched vector-Jacobian product through its recorded graph: about B
+times its own backward) is named in a ``SlowClippingWarning``, once.
 
-Shares are wall times of one micro-batch (the first also pays first-call costs and the
-first-micro-batch check's parameter gradients, hence the later ones), so they are
-estimates: use them to find the layers that dominate, not to benchmark. Off the CPU,
-the measured micro-batches synchronise the device around each layer's work.
+Shares are wall times of a few micro-batches, so they are estimates: use them to find
+the layers that dominate, not to benchmark. Off the CPU, the measured micro-batches
+synchronise the device around each layer's work.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ GRAPH_PATH = "exact graph path"
 #: The rule name of ``nn.MultiheadAttention``'s projections (``dpclip.clipping.attention``).
 ATTENTION = "attention projections (linear)"
 #: Micro-batches measured (then no more timing): the first has first-call costs.
-MEASURED_MICRO_BATCHES = 3
+MEASURED_MICRO_BATCHES = 8
 #: The strategy of a layer with ``clipping="auto"`` before its first call has shapes.
 DECIDED_PER_CALL = "decided per call"
 
@@ -109,33 +110,34 @@ class ClippingPlan:
 
     Attributes:
         layers: one entry per layer, in ``named_modules()`` order.
-        micro_batch: which micro-batch the strategies and shares are from (1 = the
-            first), None before one was clipped.
-        batch_size: the size of that micro-batch.
-        backward_share: fraction of that backward() spent in the one backward pass to
+        micro_batches: the micro-batches (first, last; 1 = the first clipped) the
+            strategies and shares are from, None before one was clipped.
+        batch_size: the size of the last of them.
+        backward_share: fraction of their backward() spent in the one backward pass to
             the recorded outputs (shared by all layers).
     """
 
     layers: tuple[LayerPlan, ...]
-    micro_batch: int | None = None
+    micro_batches: tuple[int, int] | None = None
     batch_size: int | None = None
     backward_share: float | None = None
 
     @property
     def measured(self) -> bool:
         """A micro-batch was measured: strategies are those taken, shares are known."""
-        return self.micro_batch is not None
+        return self.micro_batches is not None
 
     def slow_layers(self) -> tuple[LayerPlan, ...]:
         """The layers that take the exact graph path."""
         return tuple(lp for lp in self.layers if GRAPH_PATH in lp.rule)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-ready): ``micro_batch``, ``batch_size``, ``backward_share`` and
-        ``layers`` (a list of ``LayerPlan`` fields, ``parameters`` as a list)."""
+        """Plain data (JSON-ready): ``micro_batches`` (a list, or None), ``batch_size``,
+        ``backward_share`` and ``layers`` (a list of ``LayerPlan`` fields, ``parameters`` as
+        a list)."""
         layers = [{**asdict(lp), "parameters": list(lp.parameters)} for lp in self.layers]
         return {
-            "micro_batch": self.micro_batch,
+            "micro_batches": None if self.micro_batches is None else list(self.micro_batches),
             "batch_size": self.batch_size,
             "backward_share": self.backward_share,
             "layers": layers,
@@ -150,12 +152,11 @@ class ClippingPlan:
             (lp.layer, lp.type, ", ".join(lp.parameters), lp.rule, lp.strategy, pct(lp.share))
             for lp in self.layers
         ]
-        if self.measured:
+        if self.micro_batches is not None:
             rows.append(("(backward pass)", "", "", "", "", pct(self.backward_share)))
-            title = (
-                f"clipping plan (share: of dpclip's backward() on micro-batch {self.micro_batch}, "
-                f"B={self.batch_size})"
-            )
+            first, last = self.micro_batches
+            which = f"micro-batch {first}" if first == last else f"micro-batches {first}-{last}"
+            title = f"clipping plan (share: of dpclip's backward() on {which}, B={self.batch_size})"
         else:
             title = "clipping plan (no micro-batch yet: auto strategies decided per call, shares unknown)"
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
@@ -178,11 +179,22 @@ class MicroBatchCosts:
     rules: dict[str, set[str]] = field(default_factory=dict)
     strategies: dict[str, set[str]] = field(default_factory=dict)
 
+    def add(self, other: MicroBatchCosts) -> None:
+        """Add ``other``'s times and rules and strategies into these (its batch size last)."""
+        self.batch_size = other.batch_size
+        self.backward_seconds += other.backward_seconds
+        for name, t in other.seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + t
+        for mine, theirs in ((self.rules, other.rules), (self.strategies, other.strategies)):
+            for name, labels in theirs.items():
+                mine.setdefault(name, set()).update(labels)
+
 
 class CostMeter:
     """Measures the clipper's first ``MEASURED_MICRO_BATCHES`` micro-batches per layer;
-    ``last`` is the last one accumulated (thin state for ``build_plan``; the clipper times
-    each call with ``timed`` while ``measuring``).
+    ``totals`` sums those accumulated but the first (the first alone while there is no
+    second). Thin state for ``build_plan``; the clipper times each call with ``timed``
+    while ``measuring``.
 
     Args:
         owner: each covered parameter's layer name (the unit that owns it).
@@ -192,8 +204,8 @@ class CostMeter:
         self.owner = owner
         #: micro-batches measured and accumulated so far
         self.measured = 0
-        #: the last of them (None: none yet)
-        self.last: MicroBatchCosts | None = None
+        #: their costs (None: none yet)
+        self.totals: MicroBatchCosts | None = None
         self._current = MicroBatchCosts()
         self._device: torch.device | None = None
 
@@ -203,16 +215,27 @@ class CostMeter:
         return self.measured < MEASURED_MICRO_BATCHES
 
     def begin(self, device: torch.device) -> None:
-        """Start measuring a micro-batch; ``last`` stays until this one is accumulated
-        (``finish``), also if it is refused."""
+        """Start measuring a micro-batch; it counts once it is accumulated (``finish``), not
+        if it is refused."""
         self._current = MicroBatchCosts()
         self._device = device
 
     def finish(self, batch_size: int) -> None:
-        """The measured micro-batch was accumulated: it becomes ``last``."""
+        """The measured micro-batch was accumulated: it counts in ``totals``."""
         self._current.batch_size = batch_size
-        self.last, self._current = self._current, MicroBatchCosts()
         self.measured += 1
+        if self.totals is None or self.measured == 2:  # the first, or the first to replace it
+            self.totals = self._current
+        else:
+            self.totals.add(self._current)
+        self._current = MicroBatchCosts()
+
+    @property
+    def counted(self) -> tuple[int, int] | None:
+        """The micro-batches ``totals`` sums (first, last), None before one was measured."""
+        if self.measured == 0:
+            return None
+        return (1 if self.measured == 1 else 2, self.measured)
 
     def layer_of(self, work: LayerCall | GraphCall | nn.Parameter) -> str:
         """The layer that owns the call's (first) parameter, or the parameter's."""
@@ -263,7 +286,7 @@ def timed(
 def build_plan(units: Sequence[Unit], meter: CostMeter) -> ClippingPlan:
     """The plan of a clipper's units: what their types decide, and what the measured
     micro-batch took where ``meter`` has one."""
-    last = meter.last
+    last = meter.totals
     total = 0.0 if last is None else last.backward_seconds + sum(last.seconds.values())
     layers = []
     for u in units:
@@ -282,7 +305,7 @@ def build_plan(units: Sequence[Unit], meter: CostMeter) -> ClippingPlan:
     if last is None:
         return ClippingPlan(tuple(layers))
     backward = last.backward_seconds / total if total > 0 else 0.0
-    return ClippingPlan(tuple(layers), meter.measured, last.batch_size, backward)
+    return ClippingPlan(tuple(layers), meter.counted, last.batch_size, backward)
 
 
 def _param_names(unit: Unit) -> list[str]:

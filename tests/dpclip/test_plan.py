@@ -79,11 +79,17 @@ def test_plan_names_each_layers_rule_before_and_after_a_micro_batch(name):
     x, y = _micro_batch(kind)
     clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     after = clipper.plan()
-    assert after.measured and after.micro_batch == 1 and after.batch_size == 8
+    assert after.measured and after.micro_batches == (1, 1) and after.batch_size == 8
     assert {lp.layer: lp.rule for lp in after.layers} == expected
     shares = [lp.share for lp in after.layers]
     assert all(s is not None and 0 <= s <= 1 for s in shares)
     assert sum(shares) + after.backward_share == pytest.approx(1.0)
+    for _ in range(2):  # later micro-batches replace the first (first-call costs) in the sums
+        clipper.clipped_sum(F.cross_entropy(model(x[:4]), y[:4], reduction="none"))
+    later = clipper.plan()
+    assert later.micro_batches == (2, 3) and later.batch_size == 4
+    assert {lp.layer: lp.rule for lp in later.layers} == expected
+    assert sum(lp.share for lp in later.layers) + later.backward_share == pytest.approx(1.0)
 
 
 class WideAndLong(nn.Module):
@@ -187,7 +193,7 @@ def test_str_and_to_dict_list_every_trainable_layer():
         assert len({len(line) for line in text[1:] if line.endswith("%") or line.endswith("-")}) == 1
         data = json.loads(json.dumps(plan.to_dict()))
         assert {d["layer"] for d in data["layers"]} == trainable
-        assert data["micro_batch"] == (plan.micro_batch if measured else None)
+        assert data["micro_batches"] == ([1, 1] if measured else None)
         if not measured:
             xb, yb = next(iter(loader))
             criterion(model(xb), yb).backward()
