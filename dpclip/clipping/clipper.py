@@ -298,8 +298,7 @@ class PerSampleClipper:
         if meter is not None:
             meter.finish(batch)
             if meter.measured == 1:
-                # past _clipped_sum and clipped_sum: the caller (the optimizer, or the user)
-                warn_slow_layers(self.plan(), stacklevel=3)
+                warn_slow_layers(self.plan())
         return result
 
     def _backward(

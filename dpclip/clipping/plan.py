@@ -20,7 +20,9 @@ synchronise the device around each layer's work.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -327,9 +329,9 @@ def _static(unit: Unit) -> tuple[str, str]:
     return rule, "ghost" if unit.strategy == "ghost" else DECIDED_PER_CALL
 
 
-def warn_slow_layers(plan: ClippingPlan, stacklevel: int = 2) -> None:
+def warn_slow_layers(plan: ClippingPlan) -> None:
     """Warn (``SlowClippingWarning``) naming each layer on the exact graph path with its
-    share; ``stacklevel`` as for ``warnings.warn``, counted from the caller."""
+    share, attributed to the first caller outside dpclip (the user's ``backward()``)."""
     slow = plan.slow_layers()
     if not slow:
         return
@@ -345,5 +347,15 @@ def warn_slow_layers(plan: ClippingPlan, stacklevel: int = 2) -> None:
         "PerSampleClipper.plan()) shows every layer's rule; a rule for the layer type "
         "(dpclip.clipping.register) avoids it",
         SlowClippingWarning,
-        stacklevel=stacklevel + 1,
+        stacklevel=_first_frame_outside_dpclip(),
     )
+
+
+def _first_frame_outside_dpclip() -> int:
+    """The ``stacklevel`` (counted from this function's caller) of the first frame whose
+    code is not in the dpclip package."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -162,6 +162,7 @@ def test_graph_path_layer_is_named_in_one_warning_with_its_share():
     assert len(slow) == 1  # once, after the first micro-batch, not per micro-batch
     assert "'gate' (SigmoidGate, " in str(slow[0].message)
     assert "exact graph path" in str(slow[0].message)
+    assert slow[0].filename == __file__  # the user's backward(), not dpclip's code
     gate = next(lp for lp in engine.clipping_plan().layers if lp.layer == "gate")
     assert gate.rule == GRAPH and gate.share is not None
 
