@@ -2,7 +2,14 @@
 
 from dpclip import callbacks
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
-from dpclip.clipping import STRATEGIES, NonFiniteNormError, PerSampleClipper, clip_factors
+from dpclip.clipping import (
+    STRATEGIES,
+    ClippingPlan,
+    NonFiniteNormError,
+    PerSampleClipper,
+    SlowClippingWarning,
+    clip_factors,
+)
 from dpclip.engine import LogicalBatchPlan, PrivacyEngine
 from dpclip.independence import ExamplesMixedError
 from dpclip.loss import DPCriterion, DPLoss
@@ -14,6 +21,7 @@ from dpclip.sampling import GroupedBatchSampler, PoissonMicroBatchSampler, Sampl
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClippingPlan",
     "DPCriterion",
     "DPLoss",
     "DPOptimizer",
@@ -30,6 +38,7 @@ __all__ = [
     "PrivacyReport",
     "STRATEGIES",
     "Sampling",
+    "SlowClippingWarning",
     "__version__",
     "callbacks",
     "clip_factors",

@@ -32,7 +32,7 @@ from accounting import CountedShuffledGaussian, Event, Ledger, PoissonGaussian, 
 from accounting.calibrate import step_event
 from accounting.events import validate_int, validate_positive
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
-from dpclip.clipping import PerSampleClipper, validate_clipping, validate_module
+from dpclip.clipping import ClippingPlan, PerSampleClipper, validate_clipping, validate_module
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer, LogicalBatchError
 from dpclip.report import PrivacyReport, make_report
@@ -810,6 +810,15 @@ class PrivacyEngine:
         if uses is not None:
             self._uses = uses
         self._budget_cache = None
+
+    def clipping_plan(self) -> ClippingPlan:
+        """Per layer of the private model: the rule and strategy its per-example gradient
+        norms take and, after the first micro-batch, its share of dpclip's backward() time;
+        ``print()`` it for a table (``dpclip.clipping.plan``). Layers on the exact graph
+        path are the slow ones."""
+        if self.optimizer is None:
+            raise RuntimeError("no private model to show the clipping plan of: call make_private first")
+        return self.optimizer.clipper.plan()
 
     def report(self, delta: float | None = None) -> PrivacyReport:
         """The run's ``PrivacyReport`` at ``delta`` (default: the budget's δ)."""

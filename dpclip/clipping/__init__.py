@@ -41,20 +41,26 @@ Modules, one concept each:
   rule) and batch provenance: lookups on ids without a batch dimension (position
   ids ``[1, T]``, T5's ``[T, T]`` buckets) followed to where they meet the batch;
 - ``graph``: the exact fallback through a unit's recorded graph;
+- ``plan``: per layer, the rule and strategy taken and the share of the time
+  (``PerSampleClipper.plan()``), and the warning for layers on the graph path;
 - ``clipper``: ``PerSampleClipper``, which ties them into S.
 """
 
 from dpclip.clipping.clipper import NonFiniteNormError, PerSampleClipper, validate_module
 from dpclip.clipping.norms import clip_factors
+from dpclip.clipping.plan import ClippingPlan, LayerPlan, SlowClippingWarning
 from dpclip.clipping.recording import LayerCall, validate_clipping
 from dpclip.clipping.rules import STRATEGIES, Rule, register, rule_for
 
 __all__ = [
     "STRATEGIES",
+    "ClippingPlan",
     "LayerCall",
+    "LayerPlan",
     "NonFiniteNormError",
     "PerSampleClipper",
     "Rule",
+    "SlowClippingWarning",
     "clip_factors",
     "register",
     "rule_for",

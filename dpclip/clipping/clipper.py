@@ -12,10 +12,19 @@ from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
-from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
+from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
-__all__ = ["NonFiniteNormError", "PerSampleClipper", "validate_module"]
+__all__ = ["COMPILED_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
+
+#: Why a compiled model is refused, and what to do instead.
+COMPILED_ADVICE = (
+    "torch.compile is not supported with per-example clipping: dpclip records each layer's "
+    "input and output with forward hooks, and a compiled graph hides the gradient at those "
+    "outputs (the per-example norms would miss terms). Make the uncompiled model private "
+    "(for model = torch.compile(m), pass m, i.e. model._orig_mod) and train it uncompiled"
+)
 
 
 class NonFiniteNormError(FloatingPointError):
@@ -33,10 +42,16 @@ class NonFiniteNormError(FloatingPointError):
 def validate_module(module: nn.Module) -> None:
     """Raise ``ValueError`` if ``module`` cannot get per-sample gradients as built.
 
-    Refused: batch normalisation (mixes samples, so one example's gradient
+    Refused: a model or submodule compiled with ``torch.compile`` (``COMPILED_ADVICE``),
+    batch normalisation (mixes samples, so one example's gradient
     depends on the others), recurrent ``nn.RNNBase`` layers (hidden states are
     batch-second), and attention or transformer layers with ``batch_first=False``.
     """
+    for name, sub in module.named_modules():
+        how = _compiled(sub)
+        if how is not None:
+            where = f"module {name or '<root>'!r} ({type(sub).__name__})"
+            raise ValueError(f"{where} {how}: {COMPILED_ADVICE}")
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("module has no parameter with requires_grad=True: nothing to train")
@@ -66,6 +81,17 @@ def validate_module(module: nn.Module) -> None:
             )
 
 
+def _compiled(module: nn.Module) -> str | None:
+    """How ``module`` itself was compiled with ``torch.compile``, or None."""
+    if type(module).__module__ == "torch._dynamo.eval_frame" and hasattr(module, "_orig_mod"):
+        return "is the result of torch.compile(module)"
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "was compiled in place by module.compile()"
+    if getattr(module.forward, "_torchdynamo_orig_callable", None) is not None:
+        return "has a forward compiled by torch.compile"
+    return None
+
+
 class PerSampleClipper:
     """Records layer calls during the forward pass and turns per-sample losses
     into the clipped gradient sum S = Σ_i min(1, C/‖g_i‖) · g_i.
@@ -78,7 +104,10 @@ class PerSampleClipper:
     frozen when the clipper was built cannot be unfrozen (``clipped_sum`` refuses).
 
     Norms, clipping factors and S are computed in float32 at least, also for
-    half-precision layers, so that ‖c_i·g_i‖ <= C holds to float32 rounding.
+    half-precision layers and under ``torch.autocast`` (any device: the clipper turns
+    it off for its own arithmetic), so that ‖c_i·g_i‖ <= C holds to float32 rounding.
+    A layer that computed in bfloat16 or float16 is clipped as it computed: its
+    activations rounded to its output's dtype, as autocast rounded them.
 
     Args:
         module: the model, trained in place (its parameters are the ones used).
@@ -133,10 +162,17 @@ class PerSampleClipper:
         self.recorder = Recorder(
             module, self.units, self.check_independence, FunctionRecorder(module, self.units)
         )
+        #: what the first micro-batches took per layer, for ``plan()``
+        self.meter = CostMeter(self._owner_name)
 
     def remove(self) -> None:
         """Detach the hooks; the module is as it was before."""
         self.recorder.remove()
+
+    def plan(self) -> ClippingPlan:
+        """Per layer: the rule and strategy its per-example gradients take and, once a
+        micro-batch was clipped, its share of that backward() (``dpclip.clipping.plan``)."""
+        return build_plan(self.units, self.meter)
 
     def discard(self) -> None:
         """Forget the forward calls recorded since the last ``clipped_sum``."""
@@ -188,17 +224,28 @@ class PerSampleClipper:
 
         Raises:
             NonFiniteNormError: a per-sample norm is NaN/inf (nothing returned).
-            RuntimeError: the recorded forward cannot give per-sample gradients, or
-                the loss depends on a parameter clipping does not cover (see
-                message); nothing returned, and the recorded calls are kept when
-                the refusal comes before they are used.
+            RuntimeError: the recorded forward cannot give per-sample gradients (also:
+                it ran compiled, ``COMPILED_ADVICE``), or the loss depends on a
+                parameter clipping does not cover (see message); nothing returned, and
+                the recorded calls are kept when the refusal comes before they are used.
         """
+        # autocast left on around backward() would run the norms and sums in half precision
+        with torch.autocast(loss_per_sample.device.type, enabled=False):
+            return self._clipped_sum(loss_per_sample, out)
+
+    def _clipped_sum(
+        self, loss_per_sample: torch.Tensor, out: dict[nn.Parameter, torch.Tensor] | None
+    ) -> dict[nn.Parameter, torch.Tensor]:
         if loss_per_sample.dim() != 1:
             raise ValueError(
                 f"Expected per-sample losses of shape [B], got {tuple(loss_per_sample.shape)}"
             )
         if not loss_per_sample.requires_grad:
             raise RuntimeError("the loss does not require grad: no parameter depends on it")
+        if self.recorder.compiled:
+            raise RuntimeError(
+                f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}"
+            )
         self.check_coverage()
         if self._audit_due:  # once: a trainable module outside the model gets no gradient
             foreign = foreign_parameters(loss_per_sample, self._covered)
@@ -211,16 +258,27 @@ class PerSampleClipper:
                 )
         calls = self.recorder.take()
         batch = loss_per_sample.shape[0]
+        # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit
+        eps = rounding_eps(
+            t.dtype for c in calls for t in (c.outputs if isinstance(c, GraphCall) else [c.output])
+        )
+        # the first few micro-batches are measured per layer, for the plan
+        meter = self.meter if self.meter.measuring else None
+        if meter is not None:
+            meter.begin(loss_per_sample.device)
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
-        with record_function("dpclip.backward"):
+        with record_function("dpclip.backward"), timed(meter, None):
             layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
         # the audit's rounding scale needs the calls' tensors, which the norms may release
         scales = None if full is None else _contribution_scales(layer_calls, graph_calls)
         with record_function("dpclip.norms"):
             sq = torch.zeros(batch, dtype=norm_dtype(loss_per_sample.dtype), device=loss_per_sample.device)
-            for n in self._layer_sq_norms(layer_calls):
+            for n in self._layer_sq_norms(layer_calls, meter):
                 sq = sq + n.to(sq.dtype)
-            graph_grads = graph_per_sample(graph_calls)
+            graph_grads: dict[nn.Parameter, torch.Tensor] = {}
+            for call in graph_calls:
+                with timed(meter, call, "per-sample"):
+                    graph_grads.update(graph_per_sample([call]))
             for g in graph_grads.values():
                 sq = sq + row_sq_norms(g).to(sq.dtype)
             norms = sq.sqrt()
@@ -233,14 +291,20 @@ class PerSampleClipper:
                 "optimizer.step() as usual"
             )
         if full is not None:
-            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch), scales)
+            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch), scales, eps)
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
         with record_function("dpclip.clipped_sum"):
             self.writing = True  # an error from here on leaves ``out`` partly added to
-            result = self._sum(layer_calls, graph_grads, factors, False, {} if out is None else out)
+            result = self._sum(
+                layer_calls, graph_grads, factors, False, {} if out is None else out, meter
+            )
             self.writing = False
-            return result
+        if meter is not None:
+            meter.finish(batch)
+            if meter.measured == 1:
+                warn_slow_layers(self.plan())
+        return result
 
     def _backward(
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int
@@ -326,8 +390,9 @@ class PerSampleClipper:
         return list(call.params)
 
     @staticmethod
-    def _layer_sq_norms(calls: list[LayerCall]) -> list[torch.Tensor]:
-        """‖g_i‖² contributions, one per group of calls whose parameters overlap."""
+    def _layer_sq_norms(calls: list[LayerCall], meter: CostMeter | None = None) -> list[torch.Tensor]:
+        """‖g_i‖² contributions, one per group of calls whose parameters overlap (each
+        call's work timed by ``meter`` when it measures)."""
         uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
         for call in calls:
             for p, rows in call.targets.values():
@@ -350,13 +415,16 @@ class PerSampleClipper:
         out = []
         for members in groups.values():
             if len(members) == 1:
-                out.append(sq_norms(members[0]))
+                ghost = meter is not None and members[0].uses_ghost()  # only to report it
+                with timed(meter, members[0], "ghost" if ghost else "per-sample"):
+                    out.append(sq_norms(members[0]))
                 if members[0].per_sample is not None:
                     members[0].release()  # the clipped sum comes from the per-sample gradients
                 continue
             summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
-                call.per_sample = call.rule.per_sample_grads(call)
+                with timed(meter, call, "per-sample"):  # summed over the group: never ghost
+                    call.per_sample = call.rule.per_sample_grads(call)
                 call.release()
                 for role, g in call.per_sample.items():
                     p, rows = call.targets[role]
@@ -379,9 +447,11 @@ class PerSampleClipper:
         factors: torch.Tensor,
         retain_graph: bool,
         out: dict[nn.Parameter, torch.Tensor],
+        meter: CostMeter | None = None,
     ) -> dict[nn.Parameter, torch.Tensor]:
         """Add Σ_i c_i g_i into ``out`` (zeros in ``norm_dtype`` allocated for parameters
-        it lacks: a half-precision accumulator would round each example's c_i·g_i)."""
+        it lacks: a half-precision accumulator would round each example's c_i·g_i); each
+        layer's part timed by ``meter`` when it measures."""
 
         def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
             if p not in out:
@@ -392,12 +462,14 @@ class PerSampleClipper:
 
         for call in layer_calls:
             views = {role: target(p, rows) for role, (p, rows) in call.targets.items()}
-            call.rule.clipped_sum(call, factors, views)
+            with timed(meter, call):
+                call.rule.clipped_sum(call, factors, views)
             if not retain_graph:  # the last use: free as we go (the audit sums twice)
                 call.release()
                 call.per_sample = None
         for p, g in graph_grads.items():
-            add_weighted(target(p, None), g, factors)
+            with timed(meter, p):
+                add_weighted(target(p, None), g, factors)
         return out
 
     def _audit(
@@ -407,6 +479,7 @@ class PerSampleClipper:
         graph_grads: dict[nn.Parameter, torch.Tensor],
         ones: torch.Tensor,
         scales: dict[nn.Parameter, tuple[torch.Tensor, float]],
+        eps: float,
     ) -> None:
         """Once, on the first micro-batch: the recorded calls must account for each
         trainable parameter's whole gradient. A weight also used outside its own module
@@ -420,6 +493,8 @@ class PerSampleClipper:
         √n·eps·Σ|contributions|. A parameter whose true gradient is 0 (an attention key
         bias: softmax ignores a constant shift) gets rounding noise on that scale in both,
         and passes; a use no record sees is a whole missing contribution, and does not.
+        ``eps``: the relative rounding of the layers' arithmetic (bfloat16's under
+        autocast, where a float32 parameter's whole gradient comes from a bfloat16 backward).
         """
         own = self._sum(layer_calls, graph_grads, ones, retain_graph=True, out={})
         for call in layer_calls:  # the per-example level: holds for rules that are not bilinear
@@ -432,9 +507,9 @@ class PerSampleClipper:
             dtype = norm_dtype(f.dtype)
             f = f.to(dtype)
             o = own[p].to(dtype) if p in own else torch.zeros_like(f)
-            scale, eps = scales.get(p, (torch.zeros_like(f), 0.0))
+            scale, unit = scales.get(p, (torch.zeros_like(f), 0.0))
             scale = scale.to(dtype)
-            eps = max(eps, torch.finfo(f.dtype).eps)
+            unit = max(unit, torch.finfo(f.dtype).eps, eps)
             name = names.get(p, "?")
             owner = self._owner_name.get(p, "an unhooked module")
             bad = ~(torch.isfinite(f) & torch.isfinite(o))
@@ -454,7 +529,10 @@ class PerSampleClipper:
                 f, o, scale = f[keep], o[keep], scale[keep]
             # √eps covers the worst case up to n = 1/√eps contributions per element (~2900 in
             # float32) and the typical case up to n = 1/eps
-            diff, tol = float((o - f).norm()), math.sqrt(eps) * float(scale.norm())
+            # plus what underflow can lose: a float16 backward flushes values below its
+            # smallest normal number (6e-5), whatever their relative size
+            diff = float((o - f).norm())
+            tol = math.sqrt(unit) * float(scale.norm()) + _smallest_normal(unit) * math.sqrt(f.numel())
             if diff > tol:
                 self._refuse_unrecorded(name, owner, diff, tol, p in own)
         self._audited, self.recorder.dropped = True, False
@@ -483,6 +561,14 @@ class PerSampleClipper:
             "would be too small: tie weights by sharing the module attribute "
             "(head.weight = emb.weight) instead. Nothing was accumulated"
         )
+
+
+def _smallest_normal(eps: float) -> float:
+    """The smallest normal number of the floating-point type whose rounding unit is ``eps``."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if torch.finfo(dtype).eps == eps:
+            return torch.finfo(dtype).tiny
+    return 0.0
 
 
 def _contribution_scales(

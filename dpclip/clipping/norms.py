@@ -3,6 +3,8 @@ factors, rows scaled by them, and factor-weighted sums, in at least float32."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 __all__ = [
@@ -10,6 +12,7 @@ __all__ = [
     "clip_factors",
     "gram_sq_norm",
     "norm_dtype",
+    "rounding_eps",
     "row_sq_norms",
     "scale_rows",
 ]
@@ -20,6 +23,17 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     least float32. In bfloat16 (8-bit mantissa) a norm is off by up to ~0.4 %, and so
     would be c_i·‖g_i‖ against C; in float32 the bound holds to ~1e-7."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def rounding_eps(dtypes: Iterable[torch.dtype]) -> float:
+    """Machine epsilon of the least precise floating-point dtype among ``dtypes`` (float32's
+    if none): the relative rounding of a computation that ran in them. Under
+    ``torch.autocast`` layers compute in bfloat16 or float16 (eps 2^-7, 2^-10) while the
+    parameters and their gradients stay float32."""
+    return max(
+        (torch.finfo(d).eps for d in dtypes if d.is_floating_point),
+        default=torch.finfo(torch.float32).eps,
+    )
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

@@ -254,6 +254,8 @@ class Recorder:
         self.recording = True
         #: records of an unused forward were dropped; the next backward is audited
         self.dropped = False
+        #: the last forward ran (partly) under torch.compile: its records are incomplete
+        self.compiled = False
         self._warned_dropped = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self.independence = ForwardProbe(module, self._rerun, check_independence)
@@ -312,9 +314,21 @@ class Recorder:
             return any(p is unit.params[0] for p in unit.module.parameters())
         return unit.module._parameters.get(unit.roles[0]) is unit.params[0]
 
+    def _traced(self) -> bool:
+        """True while torch.compile traces a hook. A compiled graph that holds a recorded
+        output hides that output's gradient (the uses inside the graph never reach it), so
+        the hook records nothing and marks the forward for the backward to refuse (the
+        mark is replayed by every run of the compiled code; an exception would not reach
+        the user: torch.compile runs a hook that raises eagerly instead)."""
+        if torch.compiler.is_compiling():
+            self.compiled = True
+            return True
+        return False
+
     def _root_enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._recording_now():
+        if not self._recording_now() or self._traced():
             return
+        self.compiled = False
         if self.calls:
             # no backward used the last forward (an evaluation with gradients on): keep one
             # forward's records, not all; if a loss does use it, the next backward's audit
@@ -347,7 +361,7 @@ class Recorder:
         return hook
 
     def _root_exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self._recording_now():
+        if not self._recording_now() or self._traced():
             return
         try:
             self.independence.after_forward(args, kwargs, output)
@@ -366,7 +380,7 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self.functions is not None and self.functions.close(unit):
                 return  # its parameters took part only in operations recorded as such
-            if not self.recording or not torch.is_grad_enabled():
+            if not self.recording or not torch.is_grad_enabled() or self._traced():
                 return
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
@@ -397,6 +411,8 @@ class Recorder:
             if any(id(p) not in current for p in unit.params):
                 return  # run with other parameters (torch.func.functional_call): not training
             if self.recording and torch.is_grad_enabled() and module not in self._attention:
+                if self._traced():
+                    return
                 recorder.reset()
                 self._attention[module] = recorder
                 recorder.__enter__()

@@ -106,6 +106,30 @@ class AttentionVariants(nn.Module):
         return self.head(s.mean(dim=1))
 
 
+class SigmoidGate(nn.Module):
+    """A bare parameter used through a function of itself: no rule, the exact graph path."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.gate)
+
+
+class GatedMLP(nn.Module):
+    """Linear layers around a graph-path layer; data: make_data("mlp", ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(10, 16)
+        self.gate = SigmoidGate(16)
+        self.fc2 = nn.Linear(16, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.gate(self.fc1(x))))
+
+
 def make_data(kind: str, n: int, generator: torch.Generator, dtype=torch.float64):
     y = torch.randint(0, CLASSES, (n,), generator=generator)
     if kind == "mlp":

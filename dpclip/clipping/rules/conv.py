@@ -95,7 +95,8 @@ class ConvRule(Rule):
         if call.per_sample is not None:
             return super().clipped_sum(call, factors, out)
         conv = call.module
-        x = call.activations[0]
+        # the input as the layer used it (rounded to bfloat16 under autocast), as in the norm
+        x = call.activations[0].to(call.backprop.dtype)
         g = scale_rows(call.backprop, factors)  # in norm_dtype, as the ghost norm was
         if "weight" in call.targets:
             weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight

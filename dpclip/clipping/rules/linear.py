@@ -61,6 +61,8 @@ class LinearRule(Rule):
         # (inside attention, position-major), so that no activation is copied to reorder it
         dtype = next(iter(out.values())).dtype  # the accumulator's: at least float32
         x, g = call.activations[0], call.backprop
+        # the input as the layer used it (rounded to bfloat16 under autocast), as in the norm
+        x = x.to(g.dtype)
         a, g = x.reshape(-1, x.shape[-1]).to(dtype), g.reshape(-1, g.shape[-1]).to(dtype)
         g = g * call.row_factors(factors.to(dtype), g.shape[0]).unsqueeze(1)
         if "weight" in call.targets:
