@@ -49,6 +49,17 @@ class ScaleShift(nn.Module):
         return self.bias + self.weight * x if self.bias_first else x * self.weight + self.bias
 
 
+class Twice(nn.Module):
+    """The same module run twice in one forward: its per-example gradients add up."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.tanh(self.inner(x)))
+
+
 class ShiftByExp(ScaleShift):
     """The bias enters through exp, an operation no rule covers: the module takes the
     graph path, its recorded scale dropped."""
@@ -122,6 +133,15 @@ def test_scale_and_shift_take_the_elementwise_rules(clipping, shape, bias_first)
     model, clipper, _ = _assert_exact(ScaleShift(shape, bias_first), clipping)
     layers, graph = _inner_calls(model, clipper)
     assert not graph and sorted(c.rule is SHIFT for c in layers) == [False, True]
+
+
+@pytest.mark.parametrize("clipping", ["auto", "per_sample"])
+def test_scale_and_shift_module_run_twice_is_exact(clipping):
+    # the graph path refuses a module that runs twice; the rules sum its per-example gradients
+    model, clipper, _ = _assert_exact(Twice(ScaleShift((T, D))), clipping)
+    calls = clipper.recorder.calls
+    assert not any(isinstance(c, GraphCall) for c in calls)
+    assert sum(isinstance(c, LayerCall) and c.module is model.inner.inner for c in calls) == 4
 
 
 def test_parameter_also_in_an_operation_without_a_rule_takes_the_graph_path_exactly():
