@@ -9,6 +9,10 @@ model's forward. It records:
   Hugging Face's scaled word embeddings, or a bare call): the embedding rule;
 - ``torch.addmm(b, a, W)``, ``a @ W`` and ``F.linear(a, W, b)`` with a trainable W
   of a module that has no rule of its own (GPT-2's ``Conv1D``): the linear rules;
+- ``w * x`` / ``x * w`` and ``x + b`` / ``b + x`` with a trainable parameter of such a
+  module whose shape is x's trailing shape, x batch-first (the weight of T5's
+  ``T5LayerNorm`` and Llama's ``LlamaRMSNorm``, applied after a normalisation computed
+  in the module): the elementwise rules;
 - batch provenance: the tensors derived from the root forward's tensor inputs
   carry the batch; a lookup on ids that do not (position ids ``[1, T]`` from
   ``torch.arange``, T5's ``[T, T]`` relative-position buckets) has no batch
@@ -44,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from dpclip.clipping.recording import LayerCall, Unit
 from dpclip.clipping.rules import Rule, Target
+from dpclip.clipping.rules.elementwise import SCALE, SHIFT
 from dpclip.clipping.rules.embedding import EmbeddingRule, embedding_rule
 from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR, LINEAR
 
@@ -59,6 +64,10 @@ _BROADCASTING = frozenset(
     }
     | {"where", "masked_fill", "scaled_dot_product_attention"}  # the mask is added to scores
 )
+
+#: Elementwise products and sums whose operand may be a parameter broadcast over x.
+_SCALING = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.__mul__})
+_SHIFTING = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__})
 
 
 @dataclass(eq=False)
@@ -347,6 +356,10 @@ class FunctionRecorder(TorchFunctionMode):
         if func is F.linear and not kwargs and len(args) in (2, 3):
             x, weight, bias = (*args, None)[:3]
             return self._linear(F.linear, args, x, weight, bias, watched, LINEAR)
+        if func in _SCALING and not kwargs and len(args) == 2:
+            return self._elementwise(func, args, watched, "weight")
+        if func in _SHIFTING and not kwargs and len(args) == 2:  # (alpha=… is not recorded)
+            return self._elementwise(func, args, watched, "bias")
         return None
 
     def _targets(self, roles: dict[str, Any], watched: list) -> dict[str, Target] | None:
@@ -375,6 +388,29 @@ class FunctionRecorder(TorchFunctionMode):
         out = y.view(result.shape) if y is not result else result
         self._batched[id(out)] = weakref.ref(out)
         return out
+
+    def _elementwise(self, func, args: tuple, watched: list, role: str) -> Any:
+        """``w * x``, ``x * w`` (role "weight") or ``x + b``, ``b + x`` (role "bias") with
+        one watched parameter whose shape is the trailing shape of a batch-first x."""
+        a, b = args
+        if len(watched) != 1 or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            return None
+        param, x = (a, b) if a is watched[0] else (b, a)
+        if (
+            param is not watched[0] or x is param or self.batch == 0
+            or x.dim() < 2 or x.dim() <= param.dim() or x.shape[0] != self.batch
+            or tuple(x.shape[x.dim() - param.dim():]) != tuple(param.shape)
+        ):
+            return None  # broadcasting within x's trailing shape too: not this rule
+        targets = self._targets({role: param}, watched)
+        if targets is None:
+            return None
+        result = func(*args)
+        owner = self._owner[id(param)][1]
+        rule, activations = (SCALE, [x.detach()]) if role == "weight" else (SHIFT, [])
+        self._records.append(LayerCall(rule, owner.module, activations, result, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
 
     def _embedding(self, args: tuple, kwargs: dict, batched: bool, watched: list) -> Any:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

@@ -364,7 +364,7 @@ def test_module_with_its_own_parameter_runs_twice_is_refused_not_double_counted(
             self.pos = nn.Parameter(torch.randn(3, 4))
 
         def forward(self, x):
-            return x + self.pos
+            return x - self.pos  # an operation without a rule: the graph path
 
     class Model(nn.Module):
         def __init__(self) -> None:

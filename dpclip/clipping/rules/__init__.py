@@ -20,14 +20,24 @@ gradient counted ``MEMORY_WEIGHT`` times: it is written, read for the norm and
 read again for the clipped sum, at memory speed rather than matrix-multiply
 speed. For a Linear layer that is ghost when T²(d+p) < 64·p·d.
 
-One file per family of operations (``linear``, ``conv``, ``embedding``, ``norm``),
-each registering its rules with ``register``; ``fallback`` registers Opacus's
-per-sample rules for the layer types none of them claims. A new family is a new
+One file per family of operations (``linear``, ``conv``, ``embedding``, ``norm``,
+``elementwise``), each registering its rules with ``register`` (``elementwise``'s are
+given to operations by ``dpclip.clipping.functions``, not to module types);
+``fallback`` registers Opacus's per-sample rules for the layer types none of them
+claims. A new family is a new
 file that defines its ``Rule`` subclass and registers it, and one import below.
 """
 
 # each family registers its rules when imported
-from dpclip.clipping.rules import conv, embedding, embedding_bag, fallback, linear, norm  # noqa: F401
+from dpclip.clipping.rules import (  # noqa: F401
+    conv,
+    elementwise,
+    embedding,
+    embedding_bag,
+    fallback,
+    linear,
+    norm,
+)
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, STRATEGIES, Rule, Target, register, rule_for
 from dpclip.clipping.rules.linear import LINEAR
 
