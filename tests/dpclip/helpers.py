@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
@@ -90,3 +91,23 @@ def train_logical_batch(run: Run, micro_batches, style: int) -> None:
     if style == 2:
         run.optimizer.step()
         run.optimizer.zero_grad()
+
+
+def assert_clipped_sum_matches_reference(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, clipping: str, rtol: float, atol: float
+) -> dpclip.PerSampleClipper:
+    """One micro-batch through a fresh clipper at C = the median per-example norm: its
+    clipped sum and norms must equal torch.func's (``reference_update``); the clipper."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    _, norms = reference_update(model, params, x, y, 1.0, 1.0)
+    max_grad_norm = float(norms.median())
+    expected, _ = reference_update(model, params, x, y, max_grad_norm, 1.0)
+    clipper = dpclip.PerSampleClipper(model, max_grad_norm, clipping)
+    got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: g for p, g in got.items()}
+    assert set(got) == set(expected)
+    for n, e in expected.items():
+        torch.testing.assert_close(got[n], e.to(got[n].dtype), rtol=rtol, atol=atol, msg=n)
+    torch.testing.assert_close(clipper.last_norms, norms.to(clipper.last_norms.dtype), rtol=rtol, atol=0)
+    return clipper

@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dpclip import PerSampleClipper
 from dpclip.clipping.recording import GraphCall, LayerCall
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
-from tests.dpclip.models import reference_update
+from tests.dpclip.helpers import assert_clipped_sum_matches_reference
 
 T, D_IN, D, CLASSES = 5, 4, 6, 3
 
@@ -88,19 +87,8 @@ def _assert_exact(
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, T, D_IN, generator=gen, dtype=dtype)
     y = torch.randint(0, CLASSES, (batch,), generator=gen)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    _, norms = reference_update(model, params, x, y, 1.0, 1.0)
-    max_grad_norm = float(norms.median())
-    expected, _ = reference_update(model, params, x, y, max_grad_norm, 1.0)
-    clipper = PerSampleClipper(model, max_grad_norm, clipping)
-    got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
-    names = {p: n for n, p in model.named_parameters()}
-    got = {names[p]: g for p, g in got.items()}
-    assert set(got) == set(expected)
     rtol, atol = (1e-9, 1e-12) if dtype == torch.float64 else (1e-5, 1e-7)
-    for n, e in expected.items():
-        torch.testing.assert_close(got[n], e.to(got[n].dtype), rtol=rtol, atol=atol, msg=n)
-    torch.testing.assert_close(clipper.last_norms, norms.to(clipper.last_norms.dtype), rtol=rtol, atol=0)
+    clipper = assert_clipped_sum_matches_reference(model, x, y, clipping, rtol, atol)
     model(x)  # what one forward records
     return model, clipper, x
 

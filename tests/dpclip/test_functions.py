@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dpclip import PerSampleClipper
 from dpclip.clipping.recording import GraphCall, LayerCall
-from tests.dpclip.models import reference_update
+from tests.dpclip.helpers import assert_clipped_sum_matches_reference
 
 VOCAB, T, D, CLASSES = 11, 5, 6, 3
 
@@ -140,19 +140,7 @@ def _assert_exact(model: nn.Module, batch: int, clipping: str = "auto") -> PerSa
     torch.manual_seed(0)
     model = model.double()
     x, y = _data(batch)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    _, norms = reference_update(model, params, x, y, 1.0, 1.0)
-    max_grad_norm = float(norms.median())
-    expected, _ = reference_update(model, params, x, y, max_grad_norm, 1.0)
-    clipper = PerSampleClipper(model, max_grad_norm, clipping)
-    got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
-    names = {p: n for n, p in model.named_parameters()}
-    got = {names[p]: g for p, g in got.items()}
-    assert set(got) == set(expected)
-    for n, e in expected.items():
-        torch.testing.assert_close(got[n], e, rtol=1e-9, atol=1e-12, msg=n)
-    torch.testing.assert_close(clipper.last_norms, norms, rtol=1e-9, atol=0)
-    return clipper
+    return assert_clipped_sum_matches_reference(model, x, y, clipping, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
