@@ -56,9 +56,13 @@ def scale_rows(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 def row_sq_norms(g: torch.Tensor) -> torch.Tensor:
-    """‖g_i‖² per leading index in ``norm_dtype``, in one pass (no squared copy of a large tensor)."""
+    """‖g_i‖² per leading index in ``norm_dtype``, in one pass (no squared copy of a large
+    tensor, and no contiguous copy of a strided one: reducing over the trailing dimensions
+    reads it in place, where flattening them first would copy a transposed gradient)."""
+    if g.dim() == 1:
+        return g.to(norm_dtype(g.dtype)).square()
     return torch.linalg.vector_norm(
-        g.reshape(g.shape[0], -1), dim=1, dtype=norm_dtype(g.dtype)
+        g, dim=tuple(range(1, g.dim())), dtype=norm_dtype(g.dtype)
     ).square()
 
 

@@ -37,7 +37,8 @@ class ScaleRule(Rule):
         g = call.backprop
         x = _by_position(call.activations[0].to(g.dtype), w.numel())
         g = _by_position(g, w.numel())
-        return {"weight": torch.einsum("btn,btn->bn", x, g).reshape(g.shape[0], *w.shape)}
+        # a product and a sum: einsum runs this as a batched matmul of strided copies (8x slower)
+        return {"weight": (x * g).sum(dim=1).reshape(g.shape[0], *w.shape)}
 
 
 class ShiftRule(Rule):

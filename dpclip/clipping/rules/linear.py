@@ -78,9 +78,14 @@ class InputMajorLinearRule(LinearRule):
     the transpose."""
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
-        out = super().per_sample_grads(call)
-        if "weight" in out:
-            out["weight"] = out["weight"].transpose(1, 2)
+        a, g = self._rows(call)
+        out = {}
+        if "weight" in call.targets:
+            # [B, in, out] as W is stored: a transposed [B, out, in] would be copied by the
+            # clipped sum (and cost as much to compute)
+            out["weight"] = torch.bmm(a.transpose(1, 2), g)
+        if "bias" in call.targets:
+            out["bias"] = g.sum(dim=1)
         return out
 
     def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:

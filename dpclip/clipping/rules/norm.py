@@ -39,7 +39,8 @@ class NormRule(Rule):
             g = g.reshape(batch, shape[0], -1).transpose(1, 2)
         out = {}
         if "weight" in call.targets:
-            out["weight"] = torch.einsum("btn,btn->bn", x_hat, g).reshape(batch, *shape)
+            # a product and a sum: einsum runs this as a batched matmul of strided copies (8x slower)
+            out["weight"] = (x_hat * g).sum(dim=1).reshape(batch, *shape)
         if "bias" in call.targets:
             out["bias"] = g.sum(dim=1).reshape(batch, *shape)
         return out
