@@ -272,16 +272,13 @@ class PerSampleClipper:
         # the audit's rounding scale needs the calls' tensors, which the norms may release
         scales = None if full is None else _contribution_scales(layer_calls, graph_calls)
         with record_function("dpclip.norms"):
-            sq = torch.zeros(batch, dtype=norm_dtype(loss_per_sample.dtype), device=loss_per_sample.device)
-            for n in self._layer_sq_norms(layer_calls, meter):
-                sq = sq + n.to(sq.dtype)
+            parts = self._layer_sq_norms(layer_calls, meter)
             graph_grads: dict[nn.Parameter, torch.Tensor] = {}
             for call in graph_calls:
                 with timed(meter, call, "per-sample"):
                     graph_grads.update(graph_per_sample([call]))
-            for g in graph_grads.values():
-                sq = sq + row_sq_norms(g).to(sq.dtype)
-            norms = sq.sqrt()
+            parts += [row_sq_norms(g) for g in graph_grads.values()]
+            norms = _total(parts, batch, norm_dtype(loss_per_sample.dtype), loss_per_sample.device).sqrt()
             bad = int((~torch.isfinite(norms)).sum())
         if bad:
             raise NonFiniteNormError(
@@ -391,12 +388,21 @@ class PerSampleClipper:
 
     @staticmethod
     def _layer_sq_norms(calls: list[LayerCall], meter: CostMeter | None = None) -> list[torch.Tensor]:
-        """‖g_i‖² contributions, one per group of calls whose parameters overlap (each
-        call's work timed by ``meter`` when it measures)."""
+        """‖g_i‖² contributions, [B] each: a call's own where no other call uses its
+        parameters, else one per group of calls whose parameters overlap (each call's work
+        timed by ``meter`` when it measures)."""
         uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
+        shared = False
         for call in calls:
             for p, rows in call.targets.values():
-                uses.setdefault(p, []).append((call, rows))
+                entries = uses.setdefault(p, [])
+                shared = shared or bool(entries)
+                entries.append((call, rows))
+        if not shared:  # the usual case: no grouping to do
+            out: list[torch.Tensor] = []
+            for call in calls:
+                _own_sq_norms(call, meter, out)
+            return out
         group = {call: call for call in calls}
 
         def find(c: LayerCall) -> LayerCall:
@@ -415,11 +421,7 @@ class PerSampleClipper:
         out = []
         for members in groups.values():
             if len(members) == 1:
-                ghost = meter is not None and members[0].uses_ghost()  # only to report it
-                with timed(meter, members[0], "ghost" if ghost else "per-sample"):
-                    out.append(sq_norms(members[0]))
-                if members[0].per_sample is not None:
-                    members[0].release()  # the clipped sum comes from the per-sample gradients
+                _own_sq_norms(members[0], meter, out)
                 continue
             summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
@@ -628,13 +630,27 @@ def _floating(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-def sq_norms(call: LayerCall) -> torch.Tensor:
-    """Σ over the call's targets of ‖∇ ℓ_i‖², shape [B]; keeps per-sample gradients
-    on the call when it computes them (the clipped sum then reuses them)."""
-    if call.uses_ghost():
-        return call.rule.ghost_sq_norms(call)
-    call.per_sample = call.rule.per_sample_grads(call)
-    return sum(row_sq_norms(g) for g in call.per_sample.values())
+def _own_sq_norms(call: LayerCall, meter: CostMeter | None, out: list[torch.Tensor]) -> None:
+    """Append the call's ‖∇ ℓ_i‖² ([B] each: its ghost norm, or one per target from its
+    per-sample gradients, which stay on the call for the clipped sum while its
+    activations are released)."""
+    ghost = call.uses_ghost()
+    with timed(meter, call, "ghost" if ghost else "per-sample"):
+        if ghost:
+            out.append(call.rule.ghost_sq_norms(call))
+            return
+        call.per_sample = call.rule.per_sample_grads(call)
+        out.extend(row_sq_norms(g) for g in call.per_sample.values())
+    call.release()
+
+
+def _total(parts: list[torch.Tensor], batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Σ of the [B] parts in ``dtype`` (one stacked sum, not one addition per layer)."""
+    if not parts:
+        return torch.zeros(batch, dtype=dtype, device=device)
+    if any(p.dtype != dtype for p in parts):
+        parts = [p.to(dtype) for p in parts]
+    return torch.stack(parts).sum(dim=0)
 
 
 def _overlap(a: slice | None, b: slice | None) -> bool:

@@ -22,7 +22,13 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-sample norms, clipping factors and clipped sums are computed in: at
     least float32. In bfloat16 (8-bit mantissa) a norm is off by up to ~0.4 %, and so
     would be c_i·‖g_i‖ against C; in float32 the bound holds to ~1e-7."""
-    return torch.promote_types(dtype, torch.float32)
+    found = _NORM_DTYPES.get(dtype)
+    if found is None:  # (torch.promote_types is a dispatched op: hundreds of calls a step)
+        found = _NORM_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return found
+
+
+_NORM_DTYPES: dict[torch.dtype, torch.dtype] = {}
 
 
 def rounding_eps(dtypes: Iterable[torch.dtype]) -> float:
@@ -79,7 +85,8 @@ def add_weighted(target: torch.Tensor, per_sample: torch.Tensor, factors: torch.
     """Add Σ_i c_i g_i into ``target`` in place, in ``target``'s dtype, for per-sample
     gradients g [B, *target shape] and factors c [B] (no parameter-sized temporary when
     ``target`` is contiguous)."""
-    g, c = per_sample.to(target.dtype), factors.to(target.dtype)
+    g = per_sample if per_sample.dtype == target.dtype else per_sample.to(target.dtype)
+    c = factors if factors.dtype == target.dtype else factors.to(target.dtype)
     if target.is_contiguous():
         target.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), c)
     else:

@@ -65,15 +65,16 @@ class LayerCall:
     def by_example(self, t: torch.Tensor) -> torch.Tensor:
         """An activation or output gradient as [B, T, features] (T positions per example)."""
         if self.batch_inner is None:
-            return t.reshape(t.shape[0], -1, t.shape[-1])
+            return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
         return t.reshape(-1, self.batch_inner, t.shape[-1]).transpose(0, 1)
 
-    def row_factors(self, factors: torch.Tensor, rows: int) -> torch.Tensor:
-        """Per-example factors [B] spread over the call's ``rows`` rows in their own order."""
-        repeats = rows // factors.shape[0]
+    def scale_by_example(self, t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """An activation or output gradient of the call with example i's rows times c_i
+        (factors: [B]), as [rows, features] in the order the rows are stored."""
+        f = t.shape[-1]
         if self.batch_inner is None:
-            return factors.repeat_interleave(repeats)
-        return factors.repeat(repeats)
+            return (t.reshape(factors.shape[0], -1, f) * factors.view(-1, 1, 1)).reshape(-1, f)
+        return (t.reshape(-1, self.batch_inner, f) * factors.view(1, -1, 1)).reshape(-1, f)
 
     def release(self) -> None:
         """Drop the activations and output gradient (their memory) once the call no longer
@@ -83,8 +84,7 @@ class LayerCall:
 
     def current_versions(self) -> tuple[int, ...]:
         """Version counters of the output and the tensor inputs (in-place changes bump them)."""
-        tensors = [self.output, *(a for a in self.activations if isinstance(a, torch.Tensor))]
-        return tuple(t._version for t in tensors)
+        return (self.output._version, *[a._version for a in self.activations if isinstance(a, torch.Tensor)])
 
     def uses_ghost(self) -> bool:
         if self.strategy == "per_sample" or not self.rule.has_ghost(self):
@@ -382,9 +382,13 @@ class Recorder:
                 return  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled() or self._traced():
                 return
-            outputs = [
-                t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
-            ]
+            if isinstance(output, torch.Tensor):  # (the usual case, without flattening)
+                outputs = [output] if output.requires_grad else []
+            else:
+                outputs = [
+                    t for t in tree_flatten(output)[0]
+                    if isinstance(t, torch.Tensor) and t.requires_grad
+                ]
             current = module._parameters
             if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
                 return  # nothing to train, or other parameters (torch.func.functional_call)

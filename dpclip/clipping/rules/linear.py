@@ -38,12 +38,12 @@ class LinearRule(Rule):
         a, g = self._rows(call)
         # in norm_dtype throughout: the clipped sum adds these same numbers in it
         a, g = a.to(norm_dtype(g.dtype)), g.to(norm_dtype(g.dtype))
-        total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+        parts = []
         if "weight" in call.targets:
-            total = total + gram_sq_norm(a, g)
+            parts.append(gram_sq_norm(a, g))
         if "bias" in call.targets:
-            total = total + row_sq_norms(g.sum(dim=1))
-        return total
+            parts.append(row_sq_norms(g.sum(dim=1)))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = self._rows(call)
@@ -61,10 +61,11 @@ class LinearRule(Rule):
         # (inside attention, position-major), so that no activation is copied to reorder it
         dtype = next(iter(out.values())).dtype  # the accumulator's: at least float32
         x, g = call.activations[0], call.backprop
-        # the input as the layer used it (rounded to bfloat16 under autocast), as in the norm
-        x = x.to(g.dtype)
-        a, g = x.reshape(-1, x.shape[-1]).to(dtype), g.reshape(-1, g.shape[-1]).to(dtype)
-        g = g * call.row_factors(factors.to(dtype), g.shape[0]).unsqueeze(1)
+        if x.dtype != g.dtype:  # the input as the layer used it (rounded to bfloat16 under
+            x = x.to(g.dtype)  # autocast), as in the norm
+        a = x.reshape(-1, x.shape[-1])
+        a = a if a.dtype == dtype else a.to(dtype)
+        g = call.scale_by_example(g if g.dtype == dtype else g.to(dtype), factors.to(dtype))
         if "weight" in call.targets:
             out["weight"].addmm_(g.t(), a)
         if "bias" in call.targets:
