@@ -15,9 +15,10 @@ to each recorded *output* (no parameter gradients). Then, per layer call
 - S directly from the same tensors (for Linear Σ_i c_i·g_iᵀa_i), no second
   backward.
 
-Layer calls are Linear, Conv1d/Conv2d, embedding lookups, linear operations
-with a trainable weight inside modules without a rule, the layers Opacus has
-per-sample rules for (LayerNorm, GroupNorm, …) and the projections inside
+Layer calls are Linear, convolutions (1-, 2- and 3-d, every padding, groups,
+transposed), embedding lookups, linear operations with a trainable weight
+inside modules without a rule, the layers Opacus has per-sample rules for
+(LayerNorm, GroupNorm, …) and the projections inside
 ``nn.MultiheadAttention`` (``dpclip.clipping.attention``). A parameter used by
 several calls (a layer run twice, tied weights) gets its per-sample gradients
 summed before the norm. Any other module that owns parameters gets exact

@@ -59,7 +59,7 @@ def check_graph_units(used: list[GraphCall], layer_calls: list[LayerCall]) -> No
                 f"module {unit.name!r} ({type(unit.module).__name__}) runs "
                 f"{n} times per forward or shares parameters with another "
                 "module; dpclip supports that only for layers with a per-sample rule "
-                "(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, …)"
+                "(Linear, convolutions, Embedding, LayerNorm, GroupNorm, …)"
             )
 
 

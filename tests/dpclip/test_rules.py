@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dpclip import PerSampleClipper
 from dpclip.clipping.rules import Rule, base, register, rule_for
-from dpclip.clipping.rules.conv import ConvRule
+from dpclip.clipping.rules.conv import ConvRule, ConvTransposeRule
 from dpclip.clipping.rules.embedding import EmbeddingRule
 from dpclip.clipping.rules.embedding_bag import EmbeddingBagRule
 from dpclip.clipping.rules.fallback import OpacusRule
@@ -45,15 +45,18 @@ CASES = [
     pytest.param(lambda: _ScaledLinear(4, 3), None, id="linear-subclass-extra-parameter"),
     pytest.param(lambda: nn.Conv1d(2, 3, 3), ConvRule, id="conv1d"),
     pytest.param(lambda: nn.Conv2d(2, 3, 3, padding=1), ConvRule, id="conv2d"),
-    pytest.param(lambda: nn.Conv2d(2, 4, 3, groups=2), OpacusRule, id="conv2d-grouped"),
-    pytest.param(lambda: nn.Conv3d(2, 3, 3), OpacusRule, id="conv3d"),
+    pytest.param(lambda: nn.Conv2d(2, 4, 3, groups=2), ConvRule, id="conv2d-grouped"),
+    pytest.param(lambda: nn.Conv3d(2, 3, 3), ConvRule, id="conv3d"),
     pytest.param(
-        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), None, id="conv2d-reflect"
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), ConvRule, id="conv2d-reflect"
     ),
-    pytest.param(lambda: nn.Conv1d(2, 3, 3, padding="same"), None, id="conv1d-same"),
+    pytest.param(lambda: nn.Conv1d(2, 3, 3, padding="same"), ConvRule, id="conv1d-same"),
     pytest.param(
-        lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="circular"), None, id="conv3d-circular"
+        lambda: nn.Conv3d(2, 3, 3, padding=1, padding_mode="circular"), ConvRule, id="conv3d-circular"
     ),
+    pytest.param(lambda: nn.ConvTranspose1d(2, 3, 3), ConvTransposeRule, id="conv-transpose1d"),
+    pytest.param(lambda: nn.ConvTranspose2d(2, 4, 3, groups=2), ConvTransposeRule, id="conv-transpose2d"),
+    pytest.param(lambda: nn.ConvTranspose3d(2, 3, 3), ConvTransposeRule, id="conv-transpose3d"),
     pytest.param(lambda: nn.LayerNorm(4), NormRule, id="layernorm"),
     pytest.param(lambda: nn.GroupNorm(2, 4), NormRule, id="groupnorm"),
     pytest.param(lambda: nn.InstanceNorm1d(4, affine=True), OpacusRule, id="instancenorm"),

@@ -1,9 +1,30 @@
-"""Convolutions: ``nn.Conv1d`` / ``nn.Conv2d`` as linear layers over the unfolded
-input patches."""
+"""Convolutions: ``nn.Conv1d/2d/3d`` (every padding mode, string padding, groups) and
+``nn.ConvTranspose1d/2d/3d``, as grouped linear layers over unfolded patches.
+
+Both reduce to one weight gradient, that of a convolution z = conv(u, W) with zero
+padding given as numbers, per example i
+
+    ∇W ℓ_i [o, c, κ] = Σ_t v_i[o, t] · u_i[c, t·s + κ·d − p]   (c in o's group),
+
+with u the convolution's input and v its output gradient:
+
+- a convolution: u = its input, padded first as the module pads it (``F.pad`` in its
+  ``padding_mode``, or ``padding="same"``'s possibly asymmetric zeros), v = the output
+  gradient;
+- a transposed convolution y = conv_transpose(x, W) is the adjoint of conv(·, W) on
+  inputs shaped like y: ⟨y, g⟩ = ⟨x, conv(g, W)⟩, so ∇W ℓ_i is the gradient above with
+  u = g_i (its output gradient) and v = x_i (its input), and W's layout
+  [C_in, C_out/G, *k] is the convolution's [out, in/G, *k]. With ``output_padding`` ≥
+  stride the convolution of g has more positions than x: the extra ones meet zeros.
+
+Per group the gradient is a linear layer's over the T output positions of the
+convolution, ``Σ_t v_tᵀ a_t`` with a_t the patch of u there; the weight is
+block-diagonal over the G groups, so ‖∇W ℓ_i‖² is the sum of the groups' ghost norms.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,107 +37,225 @@ from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 if TYPE_CHECKING:
     from dpclip.clipping.recording import LayerCall
 
-__all__ = ["ConvRule"]
+__all__ = [
+    "ConvRule",
+    "ConvTransposeRule",
+    "conv_patches",
+    "grouped_gram_sq_norm",
+    "per_sample_conv_weight",
+]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_patches(
+    u: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    positions: Sequence[int],
+) -> torch.Tensor:
+    """The patches a convolution with zero ``padding`` reads from u [B, C, *S], at its
+    first ``positions`` output positions per spatial dimension: [B, T, C·K] with
+    T = Π positions, K = Π kernel, columns ordered (channel, kernel offset) as in a
+    convolution weight [out, C, *kernel]. Any number of spatial dimensions
+    (``F.unfold`` has two only)."""
+    u = F.pad(u, [q for p in reversed(padding) for q in (p, p)])
+    n = len(kernel)
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        # a window per output position, appended as the last dimension, every d-th entry
+        u = u.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    for i, t in enumerate(positions):
+        u = u.narrow(2 + i, 0, t)
+    # [B, C, *T, *K] -> [B, *T, C, *K] -> [B, T, C·K]
+    u = u.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
+    return u.flatten(1, n).flatten(2)
+
+
+def grouped_gram_sq_norm(a: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """‖∇W‖² per example of a weight block-diagonal over ``groups`` groups: Σ over groups
+    of ``gram_sq_norm`` of the group's columns of a [B, T, G·d] and v [B, T, G·p], shape
+    [B], in ``norm_dtype``."""
+    if groups == 1:
+        return gram_sq_norm(a, v)
+    batch, t = a.shape[0], a.shape[1]
+
+    def by_group(m: torch.Tensor) -> torch.Tensor:  # [B·G, T, columns of a group]
+        return m.reshape(batch, t, groups, -1).transpose(1, 2).reshape(batch * groups, t, -1)
+
+    return gram_sq_norm(by_group(a), by_group(v)).view(batch, groups).sum(dim=1)
+
+
+def per_sample_conv_weight(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """∇W ℓ_i for every i of z = conv(u, W) (zero ``padding``, ``groups``) with output
+    gradient v: u [B, C_in, *S], v [B, C_out, *T] -> [B, C_out, C_in/G, *kernel].
+
+    One convolution, as torch's expanded weights: u's channels within a group become the
+    batch, each (example, group) a group of its own whose kernels are the example's
+    output gradients, stride and dilation swapped (faster than unfolding on CPU, where
+    the patches are large). The result runs past the kernel when the output gradient
+    does not reach the end of u; those entries are cut off."""
+    batch, c_in, c_out = u.shape[0], u.shape[1], v.shape[1]
+    per_group = c_in // groups
+    inputs = u.reshape(batch * groups, per_group, *u.shape[2:]).transpose(0, 1)
+    w = _CONV[len(kernel)](
+        inputs,
+        v.reshape(batch * c_out, 1, *v.shape[2:]),
+        None,
+        stride=tuple(dilation),
+        padding=tuple(padding),
+        dilation=tuple(stride),
+        groups=batch * groups,
+    )
+    for dim, size in enumerate(kernel, start=2):
+        w = w.narrow(dim, 0, size)
+    # contiguous once, so the norm and the clipped sum read it without copying
+    return w.reshape(per_group, batch, c_out, *kernel).movedim(0, 2).contiguous()
 
 
 class ConvRule(Rule):
-    """``nn.Conv1d`` / ``nn.Conv2d`` with groups = 1 and zero padding given as numbers:
-    a linear layer over the unfolded input patches (T = output positions)."""
+    """``nn.Conv1d/2d/3d``: any ``padding_mode``, numbers or "same"/"valid" padding,
+    stride, dilation, groups (depthwise included)."""
 
-    def _patches(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor]:
-        conv: nn.Conv1d | nn.Conv2d = call.module
-        x, g = call.activations[0], call.backprop
-        if isinstance(conv, nn.Conv1d):
-            x, g = x.unsqueeze(-2), g.unsqueeze(-2)
-            kernel, dilation, padding, stride = (
-                (1, conv.kernel_size[0]),
-                (1, conv.dilation[0]),
-                (0, conv.padding[0]),
-                (1, conv.stride[0]),
-            )
-        else:
-            kernel, dilation, padding, stride = conv.kernel_size, conv.dilation, conv.padding, conv.stride
-        a = F.unfold(x.to(g.dtype), kernel, dilation=dilation, padding=padding, stride=stride)
-        return a.transpose(1, 2), g.flatten(2).transpose(1, 2)  # [B, T, C·k], [B, T, p]
+    def _operands(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(u, v, zero padding) of the convolution whose weight gradient this is (module
+        docstring), in the output gradient's dtype: the input as the layer used it
+        (rounded to bfloat16 under autocast)."""
+        conv = call.module
+        g = call.backprop
+        x = call.activations[0].to(g.dtype)
+        if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+            return x, g, conv.padding
+        # as the module's forward: pad, then convolve without padding
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        return x, g, (0,) * len(conv.kernel_size)
 
     def has_ghost(self, call: LayerCall) -> bool:
         return True
 
+    def _positions(self, call: LayerCall) -> int:
+        """T: v's positions per example (the convolution's output positions)."""
+        return call.backprop[0, 0].numel()
+
     def costs(self, call: LayerCall) -> tuple[float, float]:
-        conv = call.module
-        t = call.backprop[0, 0].numel()
-        d = conv.in_channels * conv.weight[0, 0].numel()
-        p = conv.out_channels
-        return (t * t * (d + p) + t * d * p, t * d * p + MEMORY_WEIGHT * d * p)
+        # per group a linear layer over T positions: d = a patch's size, p = its outputs
+        # (both rules' weight is [v's channels, u's channels / G, *kernel])
+        groups, weight = call.module.groups, call.module.weight
+        t, d, p = self._positions(call), weight[0].numel(), weight.shape[0] // groups
+        # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
+        return (
+            groups * (t * t * (d + p) + t * d * p),
+            groups * (t * d * p + MEMORY_WEIGHT * d * p),
+        )
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
-        g = call.backprop.to(norm_dtype(call.backprop.dtype))
-        total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+        g = call.backprop
+        total = torch.zeros(g.shape[0], dtype=norm_dtype(g.dtype), device=g.device)
         if "weight" in call.targets:
-            total = total + gram_sq_norm(*self._patches(call))
+            conv = call.module
+            u, v, padding = self._operands(call)
+            a = conv_patches(u, conv.kernel_size, conv.stride, padding, conv.dilation, v.shape[2:])
+            total = total + grouped_gram_sq_norm(a, v.flatten(2).transpose(1, 2), conv.groups)
         if "bias" in call.targets:
-            total = total + row_sq_norms(g.flatten(2).sum(dim=2))
+            total = total + row_sq_norms(g.flatten(2).sum(dim=2, dtype=total.dtype))
         return total
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         g = call.backprop
         out = {}
         if "weight" in call.targets:
-            out["weight"] = self._per_sample_weight(call)
+            conv = call.module
+            u, v, padding = self._operands(call)
+            out["weight"] = per_sample_conv_weight(
+                u, v, conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups
+            )
         if "bias" in call.targets:
             out["bias"] = g.flatten(2).sum(dim=2)
         return out
 
-    @staticmethod
-    def _per_sample_weight(call: LayerCall) -> torch.Tensor:
-        """∇W ℓ_i for every i as one convolution: the input's channels become the batch,
-        each example's output gradient a kernel of its own group (as torch's expanded
-        weights; faster than unfolding on CPU, where the patches are large)."""
-        conv = call.module
-        g = call.backprop
-        x = call.activations[0].to(g.dtype)
-        batch, cin, cout = g.shape[0], x.shape[1], g.shape[1]
-        fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
-        w = fn(
-            x.transpose(0, 1),
-            g.reshape(batch * cout, 1, *g.shape[2:]),
-            None,
-            stride=conv.dilation,
-            padding=conv.padding,
-            dilation=conv.stride,
-            groups=batch,
-        )
-        for dim, size in enumerate(conv.kernel_size, start=2):
-            w = w.narrow(dim, 0, size)
-        # contiguous once, so the norm and the clipped sum read it without copying
-        return w.reshape(cin, batch, cout, *w.shape[2:]).movedim(0, 2).contiguous()
-
     def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
         if call.per_sample is not None:
             return super().clipped_sum(call, factors, out)
-        conv = call.module
-        # the input as the layer used it (rounded to bfloat16 under autocast), as in the norm
-        x = call.activations[0].to(call.backprop.dtype)
-        g = scale_rows(call.backprop, factors)  # in norm_dtype, as the ghost norm was
+        # the layer's own weight gradient with example i's output gradient times c_i, in
+        # norm_dtype as the ghost norm was: no per-sample gradient
+        g = scale_rows(call.backprop, factors)
         if "weight" in call.targets:
-            weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight
-            out["weight"].add_(weight_grad(
-                x.to(g.dtype), conv.weight.shape, g, conv.stride, conv.padding, conv.dilation, conv.groups
-            ))
+            out["weight"].add_(self._weight_grad(call, g))
         if "bias" in call.targets:
             out["bias"].add_(g.flatten(2).sum(dim=(0, 2)))
 
-
-def _padded_other_than_zeros(module: nn.Module) -> bool:
-    # Opacus's conv rule unfolds with zero padding of the given size: no rule at all
-    return isinstance(module, nn.modules.conv._ConvNd) and (
-        module.padding_mode != "zeros" or isinstance(module.padding, str)
-    )
-
-
-def _ungrouped_1d_or_2d(module: nn.Module) -> bool:
-    return type(module) in (nn.Conv1d, nn.Conv2d) and module.groups == 1
+    def _weight_grad(self, call: LayerCall, g: torch.Tensor) -> torch.Tensor:
+        """∇W of Σ_i ⟨output_i, g_i⟩, in g's dtype."""
+        conv = call.module
+        u, _, padding = self._operands(call)
+        no_output_padding = [0] * len(padding)
+        return _convolution_weight_grad(conv, u.to(g.dtype), g, padding, False, no_output_padding)
 
 
-register(_padded_other_than_zeros, None)
-register(_ungrouped_1d_or_2d, ConvRule())
+class ConvTransposeRule(ConvRule):
+    """``nn.ConvTranspose1d/2d/3d``: stride, dilation, groups, ``output_padding`` or
+    ``output_size`` (read from the shapes)."""
+
+    def _operands(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        g = call.backprop
+        return g, call.activations[0].to(g.dtype), call.module.padding
+
+    def _positions(self, call: LayerCall) -> int:
+        return call.activations[0][0, 0].numel()
+
+    def _weight_grad(self, call: LayerCall, g: torch.Tensor) -> torch.Tensor:
+        conv = call.module
+        x = call.activations[0].to(call.backprop.dtype).to(g.dtype)
+        # the positions the forward added at the end, from the shapes: the module's
+        # output_padding, or what an output_size argument asked for
+        output_padding = [
+            y - ((n - 1) * s - 2 * p + d * (k - 1) + 1)
+            for y, n, s, p, d, k in zip(
+                g.shape[2:], x.shape[2:], conv.stride, conv.padding, conv.dilation, conv.kernel_size
+            )
+        ]
+        return _convolution_weight_grad(conv, x, g, conv.padding, True, output_padding)
+
+
+def _convolution_weight_grad(
+    conv: nn.modules.conv._ConvNd,
+    inputs: torch.Tensor,
+    grad_output: torch.Tensor,
+    padding: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+) -> torch.Tensor:
+    """torch's own weight gradient of ``conv`` applied to ``inputs`` with output gradient
+    ``grad_output`` (``torch.nn.grad.conv2d_weight``'s, for any dimension, transposed or
+    not)."""
+    weight = grad_output.new_empty(1).expand(conv.weight.shape)
+    return torch.ops.aten.convolution_backward(
+        grad_output,
+        inputs,
+        weight,
+        None,
+        list(conv.stride),
+        list(padding),
+        list(conv.dilation),
+        transposed,
+        list(output_padding),
+        conv.groups,
+        (False, True, False),
+    )[1]
+
+
+# exact types: a subclass may compute something else in its own forward
+for _kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register(_kind, ConvRule())
+for _kind in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register(_kind, ConvTransposeRule())
