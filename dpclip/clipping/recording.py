@@ -356,7 +356,8 @@ class Recorder:
 
     def _open(self, unit: Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
-            self.functions.open(unit)
+            with torch._C.DisableTorchFunction():
+                self.functions.open(unit)
 
         return hook
 
@@ -378,6 +379,12 @@ class Recorder:
 
     def _call_hook(self, unit: Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            # the hook's own reads (t.requires_grad, t.detach(), ...) are not the model's: out
+            # of the function recorder's mode, where each would cost a trip through Python
+            with torch._C.DisableTorchFunction():
+                record(module, args, kwargs, output)
+
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self.functions is not None and self.functions.close(unit):
                 return  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled() or self._traced():
