@@ -161,8 +161,9 @@ def main() -> int:
         t = time.perf_counter()
         results[name] = measure(name, args.repeats, args.steps, args.warmup, args.device)
         result, refused = results[name]
-        print(f"{name}: {time.perf_counter() - t:.0f} s, dpclip × non-private "
-              f"{result.row('dpclip').time_ratio:.2f}{'' if refused else ', × Opacus %.2f' % (result.row('dpclip').step_time_s / result.row(OPACUS).step_time_s)}",
+        dp = result.row("dpclip")
+        versus_opacus = "" if refused else f", × Opacus {dp.step_time_s / result.row(OPACUS).step_time_s:.2f}"
+        print(f"{name}: {time.perf_counter() - t:.0f} s, dpclip × non-private {dp.time_ratio:.2f}{versus_opacus}",
               flush=True)
     minutes = (time.perf_counter() - started) / 60
     body = section(results, args.device, args.repeats, args.steps, args.warmup, minutes)
