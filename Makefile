@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting bench-compare bench-profile
+.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-profile
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench-accounting: $(STAMP)
 
 bench-compare: $(STAMP)
 	$(BIN)/python benchmarks/compare_bench.py
+
+# Hugging Face models (issue 14): CPU time and memory vs non-private and Opacus; the
+# "Hugging Face models" section of docs/comparison.md (about 15 minutes on 2 cores).
+bench-hf: $(STAMP)
+	$(BIN)/python -m benchmarks.hf_bench
 
 # Per-phase time of a dpclip step next to non-private training (MODEL=, B=, CLIPPING=, DEVICE=).
 bench-profile: $(STAMP)

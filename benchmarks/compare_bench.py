@@ -1,13 +1,15 @@
 """dpclip vs Opacus BatchMemoryManager on the built-in models: writes docs/comparison.md.
 
 Run: ``make bench-compare`` (about 10-15 minutes on 2 cores). The page is
-generated from the measured numbers, never edited by hand. Every (model,
+generated from the measured numbers, never edited by hand; the sections other
+benchmarks generate between their markers (``make bench-hf``) are kept. Every (model,
 micro-batch, method) runs in its own process (see ``dpclip.compare``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -55,7 +57,8 @@ MLP 784-512-256-10; CNN (two 5×5 conv + GroupNorm blocks, 28×28 input); transf
 `max abs update diff`: the first update with σ = 0 against a `torch.func` per-sample
 reference (float32). `time × nonprivate` and `memory × nonprivate` are against plain
 accumulation of the same micro-batches. Memory is the peak resident set size above the
-level before the timed steps (sampled every millisecond), or the CUDA allocator's peak.
+level before the timed steps (the kernel's high-water mark, reset before them), or the CUDA
+allocator's peak.
 `opacus-ghost-accumulate` is Opacus ghost clipping with ordinary accumulation: its update
 comes from the last micro-batch only and its ε is recorded at q = B/N, so both are wrong.
 
@@ -67,7 +70,12 @@ column); dpclip trains `nn.MultiheadAttention` as built and matches the referenc
 Where dpclip's time goes, per phase: `make bench-profile MODEL=transformer B=32`.
 """
     minutes = (time.perf_counter() - started) / 60
-    Path(args.out).write_text(header.replace("{minutes:.1f}", f"{minutes:.1f}") + "\n".join(sections) + footer)
+    out = Path(args.out)
+    # Sections other benchmarks generate (`<!-- NAME:begin -->` ... `<!-- NAME:end -->`) are kept.
+    previous = out.read_text() if out.exists() else ""
+    blocks = [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->\n?", previous, re.S)]
+    page = header.replace("{minutes:.1f}", f"{minutes:.1f}") + "\n".join(sections) + footer
+    out.write_text(page + "".join("\n" + b for b in blocks))
     print(f"wrote {args.out} ({minutes:.1f} min)")
     return 0
 

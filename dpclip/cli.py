@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--noise-multiplier", type=float, default=1.0)
     cmp.add_argument("--max-grad-norm", type=float, default=1.0)
     cmp.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    cmp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                     help="step time as wall time or as the process's CPU time (default wall)")
+    cmp.add_argument("--reference", choices=("torch.func", "per-example", "none"), default="torch.func",
+                     help="per-sample gradients of the correctness check: torch.func (vmap), "
+                          "per-example (one example at a time: models vmap cannot run) or none")
     cmp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     cmp.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
                      help="write the result as JSON to OUT.json (or print it)")
@@ -269,7 +274,8 @@ def _compare(args: argparse.Namespace) -> tuple[Any, str]:
     result = compare.run(
         args.model, logical_batch=args.logical_batch, micro_batch=args.micro_batch, steps=args.steps,
         noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, methods=methods,
-        warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads, clock=args.clock,
+        reference=None if args.reference == "none" else args.reference,
     )
     if args.plot:
         result.plot(args.plot)

@@ -20,12 +20,18 @@ Measurement, per method and repeat, in a fresh process (``isolate=True``):
    ``max_abs_update_diff`` is the largest |Δθ − reference| where the
    reference is Σᵢ min(1, C/‖gᵢ‖) gᵢ / L with gᵢ from ``torch.func``
    (None for ``nonprivate``, which does not clip);
+   with ``reference="per-example"`` the gᵢ come from one forward and backward per
+   example on a copy of the model instead (for models that ``torch.func`` cannot
+   vmap, e.g. Hugging Face attention), with ``None`` the check is skipped; it runs
+   in the first repeat only (the same batches and seeds give the same update);
 2. timing (first, in a process that has trained nothing yet): ``warmup`` +
-   ``steps`` logical steps at the given σ; step time is the wall time of one
+   ``steps`` logical steps at the given σ; step time is the time of one
    logical step (every micro-batch's forward and backward, and the optimizer
-   step), the median over the steps after warm-up;
+   step), the median over the steps after warm-up: wall time, or with
+   ``clock="cpu"`` the process's CPU time less the memory sampler's own;
 3. memory, over those steps (warm-up included): on CPU, the peak resident set
-   size sampled every millisecond by a thread, minus the resident size after
+   size (the kernel's high-water mark, reset after the set-up; sampled every
+   millisecond by a thread where it cannot be reset), minus the resident size after
    the model, optimizer and data were set up; on CUDA,
    ``torch.cuda.max_memory_allocated`` minus the allocation before.
 Methods are interleaved (the order rotates each repeat) so machine noise hits
@@ -59,10 +65,12 @@ from accounting.events import validate_int
 from dpclip.report import json_safe, package_versions
 from dpclip.sampling import split_evenly
 
-__all__ = ["COMPARE_SCHEMA", "METHODS", "ComparisonResult", "Row", "run"]
+__all__ = ["CLOCKS", "COMPARE_SCHEMA", "METHODS", "REFERENCES", "ComparisonResult", "Row", "refusal", "run"]
 
 COMPARE_SCHEMA = "dpclip.compare/1"
 METHODS = ("nonprivate", "opacus-hooks-bmm", "opacus-ghost-bmm", "opacus-ghost-accumulate", "dpclip")
+CLOCKS = ("wall", "cpu")
+REFERENCES = ("torch.func", "per-example", None)
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,23 @@ def _reference_update(model: nn.Module, criterion: nn.Module, x: Any, y: Any, c:
     norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
     factors = torch.clamp(c / norms, max=1.0)
     return {k: torch.einsum("i,i...->...", factors.to(v.dtype), v) / logical for k, v in g.items()}
+
+
+def _per_example_reference_update(model: nn.Module, criterion: nn.Module, x: Any, y: Any, c: float,
+                                  logical: float) -> dict[str, torch.Tensor]:
+    """As ``_reference_update`` with each gᵢ from a forward and backward of example i alone
+    (a batch of one) on a copy of ``model``: plain autograd, for models ``vmap`` cannot run."""
+    model = copy.deepcopy(model)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for _, p in named]
+    for i in range(len(y)):
+        loss = criterion(model(x[i : i + 1]), y[i : i + 1])
+        g = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for (_, p), gi in zip(named, g)]
+        factor = torch.clamp(c / torch.sqrt(sum(gi.pow(2).sum() for gi in g)), max=1.0)
+        for t, gi in zip(total, g):
+            t.add_(factor * gi)
+    return {k: t / logical for (k, _), t in zip(named, total)}
 
 
 # ---- the methods: each returns (trainer, epsilon(), module whose state_dict is compared, note)
@@ -311,15 +336,16 @@ def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
     train, epsilon, _, note = _setup(method, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])
     times: list[float] = []
     with _PeakMemory(device) as memory:
-        start = time.perf_counter()
+        clock = time.perf_counter if cfg["clock"] == "wall" else memory.cpu_time
+        start = clock()
         for _ in train(batches):
-            now = time.perf_counter()
+            now = clock()
             times.append(now - start)
             start = now
     eps = float(epsilon())
 
     diff = None
-    if method != "nonprivate":
+    if method != "nonprivate" and job["check"] and cfg["reference"] is not None:
         torch.manual_seed(cfg["seed"])
         reference_model = model_fn().to(device).train()
         model = copy.deepcopy(reference_model)
@@ -328,7 +354,8 @@ def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
         next(train(batches[:1]))
         after = _reference_names(module)
         x, y = _collate(dataset, batches[0], device)
-        expected = _reference_update(reference_model, criterion, x, y, cfg["max_grad_norm"], cfg["logical_batch"])
+        reference = _reference_update if cfg["reference"] == "torch.func" else _per_example_reference_update
+        expected = reference(reference_model, criterion, x, y, cfg["max_grad_norm"], cfg["logical_batch"])
         diff = max(float((before[k] - after[k] - expected[k]).abs().max()) for k in expected)
     return {
         "method": method,
@@ -353,17 +380,27 @@ def _reference_names(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _PeakMemory:
-    """Peak memory above the level at entry: sampled RSS on CPU, allocator peak on CUDA."""
+    """Peak memory above the level at entry. On CPU the resident set size: the kernel's
+    high-water mark reset at entry (Linux ``/proc/self/clear_refs``), else sampled every
+    millisecond by a thread; on CUDA the allocator's peak. ``cpu_time()`` is the
+    process's CPU time less the sampling thread's."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_mb = device, 0.0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sampler_cpu = 0.0
+
+    def cpu_time(self) -> float:
+        return time.process_time() - self._sampler_cpu
 
     def __enter__(self) -> "_PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
+        elif _reset_high_water_mark():
+            self._base = _rss()
         else:
             self._base = self._peak = _rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -373,11 +410,14 @@ class _PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
             self._peak = max(self._peak, _rss())
+            self._sampler_cpu = time.thread_time()
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        elif self._thread is None:
+            self.peak_mb = (_high_water_mark() - self._base) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -392,6 +432,23 @@ def _rss() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_high_water_mark() -> bool:
+    """Sets the peak resident set size (VmHWM) to the current one; False where the
+    kernel does not allow it (not Linux, or a restricted /proc)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _high_water_mark() <= _rss()
+    except (OSError, ValueError, StopIteration):
+        return False
+
+
+def _high_water_mark() -> int:
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    return int(kib) * 1024
 
 
 def _resolve(workload: Any) -> tuple[Callable[[], nn.Module], Dataset, nn.Module]:
@@ -422,6 +479,8 @@ def run(
     lr: float = 0.1,
     isolate: bool = True,
     device: str | None = None,
+    clock: str = "wall",
+    reference: str | None = "torch.func",
 ) -> ComparisonResult:
     """Run every method on the same logical batches; one ``Row`` per method.
 
@@ -443,10 +502,20 @@ def run(
             memory is its own; False runs in this process (peak memory then
             includes what this process already held: for quick checks only).
         device: "cpu" or "cuda" (default: cuda when available).
+        clock: step time as "wall" time or as the process's "cpu" time (less
+            the memory sampler's; with ``threads=1`` the work of one core).
+        reference: the per-sample gradients of the correctness check:
+            "torch.func" (vmap), "per-example" (one example at a time, for
+            models vmap cannot run) or None (no check: ``max_abs_update_diff``
+            is None).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Expected methods from {list(METHODS)}, got {list(methods)}")
+    if clock not in CLOCKS:
+        raise ValueError(f"Expected clock in {list(CLOCKS)}, got {clock!r}")
+    if reference not in REFERENCES:
+        raise ValueError(f"Expected reference in {list(REFERENCES)}, got {reference!r}")
     for name, value in (("logical_batch", logical_batch), ("micro_batch", micro_batch), ("steps", steps),
                         ("repeats", repeats), ("threads", threads)):
         validate_int(name, value)
@@ -467,7 +536,7 @@ def run(
         "logical_batch": logical_batch, "micro_batch": micro_batch, "steps": steps, "warmup": warmup,
         "noise_multiplier": float(noise_multiplier), "max_grad_norm": float(max_grad_norm),
         "delta": delta, "repeats": repeats, "seed": seed, "threads": threads, "lr": lr,
-        "device": device, "dataset_size": n, "isolate": isolate,
+        "device": device, "dataset_size": n, "isolate": isolate, "clock": clock, "reference": reference,
         "workload": model_fn if isinstance(model_fn, str) else getattr(model_fn, "__qualname__", repr(model_fn)),
     }
     if isolate and not isinstance(model_fn, str):
@@ -486,7 +555,7 @@ def run(
     order = list(methods)
     for r in range(repeats):
         for method in order[r % len(order):] + order[: r % len(order)]:
-            job = {"method": method, "workload": workload, "batches": batches, "config": config}
+            job = {"method": method, "workload": workload, "batches": batches, "config": config, "check": r == 0}
             results[method].append(_in_fresh_process(job) if isolate else _measure(job))
     rows = _rows(methods, results)
     environment = {
@@ -497,9 +566,59 @@ def run(
     return ComparisonResult(tuple(rows), config, environment)
 
 
+def refusal(
+    workload: Callable[[], nn.Module] | str,
+    method: str,
+    dataset: Dataset | None = None,
+    criterion: nn.Module | None = None,
+    *,
+    logical_batch: int,
+    micro_batch: int,
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> str | None:
+    """The error ``method`` raises when it trains one logical batch of the workload (a
+    model Opacus does not accept, say) as ``"TypeName: message"``, or None when it
+    trains. Runs in this process; call it before ``run`` to leave such a method out.
+    Arguments as for ``run`` (``workload`` is ``run``'s ``model_fn``)."""
+    if method not in METHODS:
+        raise ValueError(f"Expected a method from {list(METHODS)}, got {method!r}")
+    import warnings
+
+    model_fn, dataset, criterion = _resolve(workload if isinstance(workload, str) else (workload, dataset, criterion))
+    cfg = {"device": device, "logical_batch": logical_batch, "micro_batch": micro_batch,
+           "max_grad_norm": max_grad_norm, "seed": seed}
+    batches = _draw_batches(len(dataset), logical_batch, 1, seed)
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train, _, _, _ = _setup(method, model_fn().to(device).train(), criterion, dataset, cfg, sigma=1.0, lr=0.1)
+            next(train(batches))
+    except Exception as err:  # noqa: BLE001 - whatever the library raises is the answer
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def _in_fresh_process(job: dict[str, Any]) -> dict[str, Any]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_process_context(job["workload"])) as pool:
         return pool.submit(_measure, job).result()
+
+
+def _fresh_process_context(workload: Any) -> multiprocessing.context.BaseContext:
+    """Processes forked from a server that imported torch, Opacus, dpclip and the workload's
+    module once: a spawned process imports them again, seconds each (Hugging Face models:
+    about 10 s a run on 2 cores). Spawn where there is no forkserver (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    modules = ["torch", "opacus", "opacus.utils.batch_memory_manager", "dpclip.compare"]
+    if isinstance(workload, str) and ":" in workload:
+        modules.append(workload.partition(":")[0])
+    # Takes effect when the server starts (the first run of this process).
+    context.set_forkserver_preload(modules)
+    return context
 
 
 def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> list[Row]:

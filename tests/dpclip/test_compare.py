@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dpclip import compare
 from dpclip.workloads import tiny
@@ -85,3 +86,49 @@ def test_cli_runs_end_to_end_with_each_method_in_its_own_process(tmp_path):
     assert data["rows"][1]["max_abs_update_diff"] <= 1e-6
     assert data["config"]["isolate"] is True
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_example_reference_and_cpu_clock():
+    w = tiny()
+    result = compare.run(
+        w.model_fn, w.dataset, w.criterion, logical_batch=16, micro_batch=4, steps=2, noise_multiplier=1.0,
+        max_grad_norm=0.5, methods=["nonprivate", "dpclip", "opacus-ghost-accumulate"], clock="cpu",
+        reference="per-example", threads=1, isolate=False,
+    )
+    assert result.row("dpclip").max_abs_update_diff <= 1e-6
+    assert result.row("opacus-ghost-accumulate").max_abs_update_diff > 1e-3
+    assert all(r.step_time_s > 0 for r in result.rows)
+    assert result.config["clock"] == "cpu" and result.config["reference"] == "per-example"
+    unchecked = compare.run(w.model_fn, w.dataset, w.criterion, logical_batch=16, micro_batch=4, steps=1,
+                            noise_multiplier=1.0, max_grad_norm=0.5, methods=["dpclip"], reference=None,
+                            isolate=False)
+    assert unchecked.row("dpclip").max_abs_update_diff is None
+
+
+def test_bad_clock_and_reference_are_named():
+    w = tiny()
+    common = dict(logical_batch=16, micro_batch=4, steps=1, noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="clock"):
+        compare.run(w.model_fn, w.dataset, w.criterion, clock="gpu", **common)
+    with pytest.raises(ValueError, match="reference"):
+        compare.run(w.model_fn, w.dataset, w.criterion, reference="vmap", **common)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with compare._PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert 60 <= memory.peak_mb <= 80
+
+
+def test_refusal_names_the_error_of_a_method_that_cannot_train():
+    w = tiny()
+    assert compare.refusal(w.model_fn, "dpclip", w.dataset, w.criterion, logical_batch=16, micro_batch=4) is None
+    refused = compare.refusal(_frozen, "opacus-ghost-bmm", w.dataset, w.criterion, logical_batch=16, micro_batch=4)
+    assert refused is not None and refused.split(":")[0].endswith("Error")
+
+
+def _frozen():
+    model = tiny().model_fn()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,179 @@
+"""dpclip on Hugging Face models (issue 14): time and memory of a logical step against
+non-private training and Opacus ghost clipping + BatchMemoryManager; writes the
+"Hugging Face models" section of docs/comparison.md.
+
+Run: ``make bench-hf`` (about 15 minutes on 2 cores). The section between its
+markers is generated from the measured numbers, never edited by hand; the rest
+of the page (``make bench-compare``) is kept. Each (model, method, repeat) runs in
+its own process (see ``dpclip.compare``). On CPU the measure is the process's
+CPU time with one torch thread; with ``--device cuda`` wall time and the CUDA
+allocator's peak, e.g. ``python -m benchmarks.hf_bench --device cuda --models gpt2_small``
+(its own section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks import hf_workloads
+from dpclip import compare
+from dpclip.report import json_safe
+
+LOGICAL_BATCH, MICRO_BATCH = 64, 16  # k = 4 micro-batches a logical step
+#: two warm-up steps: Poisson batches vary in size, and each new micro-batch shape costs once
+WARMUP, STEPS = 2, 3
+OPACUS = "opacus-ghost-bmm"
+#: The issue's bounds on dpclip's time × non-private (none stated for the others) and × Opacus.
+TARGETS = {"gpt2": 1.5, "llama": 1.5, "qwen2": 1.5, "bert": 1.4, "roberta": 1.4, "vit": 1.4,
+           "bert_lora": 1.15, "llama_lora": 1.15}
+OPACUS_TARGET = 0.6
+CHOICES = (*hf_workloads.MODELS, "gpt2_small")
+
+
+def measure(name: str, repeats: int, steps: int, warmup: int, device: str) -> tuple[compare.ComparisonResult, str | None]:
+    """(the comparison of non-private, dpclip and, where it accepts the model, Opacus;
+    Opacus's refusal or None)."""
+    spec = f"benchmarks.hf_workloads:{name}"
+    refused = compare.refusal(spec, OPACUS, logical_batch=LOGICAL_BATCH, micro_batch=MICRO_BATCH, device=device)
+    methods = ("nonprivate", "dpclip") + (() if refused else (OPACUS,))
+    result = compare.run(
+        spec, logical_batch=LOGICAL_BATCH, micro_batch=MICRO_BATCH, steps=steps, warmup=warmup,
+        repeats=repeats, noise_multiplier=1.0, max_grad_norm=1.0, methods=methods, threads=1,
+        clock="cpu" if device == "cpu" else "wall", reference="per-example", device=device,
+    )
+    return result, refused
+
+
+def table(results: dict[str, tuple[compare.ComparisonResult, str | None]], unit: str) -> str:
+    head = (f"| model | non-private {unit} | dpclip {unit} | dpclip × non-private (bound) "
+            f"| Opacus ghost+BMM {unit} | dpclip × Opacus (bound {OPACUS_TARGET}) "
+            "| non-private memory (MiB) | dpclip memory × non-private | dpclip memory × Opacus "
+            "| max abs update diff dpclip / Opacus | Opacus |")
+    lines = [head, "|" + "---|" * 11]
+    for name, (result, refused) in results.items():
+        base, dp = result.row("nonprivate"), result.row("dpclip")
+        op = None if refused else result.row(OPACUS)
+        bound = f" ({TARGETS[name]})" if name in TARGETS else ""
+        lines.append(
+            f"| {name} | {_time(base)} | {_time(dp)} | {dp.time_ratio:.2f}{bound} "
+            f"| {_time(op) if op else '—'} | {_ratio(dp.step_time_s, op.step_time_s) if op else '—'} "
+            f"| {base.peak_memory_mb:.1f} | {_ratio(dp.peak_memory_mb, base.peak_memory_mb)} "
+            f"| {_ratio(dp.peak_memory_mb, op.peak_memory_mb) if op else '—'} "
+            f"| {_diff(dp)} / {_diff(op) if op else '—'} | {'ran' if op else 'refused: ' + _one_line(refused)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _time(row: compare.Row) -> str:
+    return f"{row.step_time_s:.3f} ({row.step_time_min_s:.3f}–{row.step_time_max_s:.3f})"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "—"
+
+
+def _diff(row: compare.Row) -> str:
+    return "—" if row.max_abs_update_diff is None else f"{row.max_abs_update_diff:.1e}"
+
+
+def _one_line(message: str | None) -> str:
+    """The first line of an error, cut short, with nothing that breaks a table row."""
+    first = (message or "").strip().splitlines()[0] if message else ""
+    first = first.replace("|", "/")
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def section(results: dict[str, tuple[compare.ComparisonResult, str | None]], device: str, repeats: int,
+            steps: int, warmup: int, minutes: float) -> str:
+    env = next(iter(results.values()))[0].environment
+    cpu = device == "cpu"
+    unit = "CPU s / step" if cpu else "s / step"
+    measure_text = (
+        "process CPU time of a logical step (1 torch thread: the work of one core), and the peak "
+        "resident set size above the level after set-up" if cpu else
+        f"wall time of a logical step on {env.get('cuda')}, and the CUDA allocator's peak above the "
+        "level after set-up"
+    )
+    return f"""## Hugging Face models{'' if cpu else ' on ' + str(env.get('cuda'))}
+
+Generated by `benchmarks/hf_bench.py` on {env.get('date')} ({minutes:.1f} minutes) — do not edit by hand.
+Python {env.get('python')}, torch {env.get('torch')}, transformers {_version('transformers')},
+peft {_version('peft')}, opacus {env.get('opacus')}, dpclip {env.get('dpclip')}; {env.get('cpus')} CPUs.
+Models from `benchmarks/hf_workloads.py`, built from configs (random weights, random data):
+hidden 64, 2 layers, 4 heads (Llama / Qwen2: 2 key-value heads), FFN 256, vocabulary 1000,
+sequences of 64 tokens, ViT on 32×32 images in 4×4 patches; LoRA r = 8 on the query / value
+projections (its non-private row trains the same LoRA model). Logical batch L = {LOGICAL_BATCH}
+(Poisson, q = {LOGICAL_BATCH}/{hf_workloads.SIZE}, the same batches for every method) in
+micro-batches of B = {MICRO_BATCH} (k = 4), σ = 1, C = 1; {warmup} warm-up + {steps} timed steps,
+{repeats} repeat(s), methods interleaved, each run in its own process.
+
+Times: {measure_text}; median over repeats of each run's median step (min–max of the run
+medians in brackets). Bounds are the issue's. `max abs update diff`: the first update with
+σ = 0 against the clipped update computed one example at a time (float32). Opacus is tried
+on one logical step first; where it refuses the model its message is shown.
+
+{table(results, unit)}"""
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace the block between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in the
+    page, or append it."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body}{end}\n"
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + block
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/comparison.md")
+    parser.add_argument("--json", help="also write every comparison's JSON here")
+    parser.add_argument("--models", default=",".join(hf_workloads.MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--warmup", type=int, default=WARMUP)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args()
+    names = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in names if m not in CHOICES]
+    if unknown:
+        parser.error(f"unknown models {unknown}; expected some of {list(CHOICES)}")
+    started = time.perf_counter()
+    results = {}
+    for name in names:
+        t = time.perf_counter()
+        results[name] = measure(name, args.repeats, args.steps, args.warmup, args.device)
+        result, refused = results[name]
+        dp = result.row("dpclip")
+        versus_opacus = "" if refused else f", × Opacus {dp.step_time_s / result.row(OPACUS).step_time_s:.2f}"
+        print(f"{name}: {time.perf_counter() - t:.0f} s, dpclip × non-private {dp.time_ratio:.2f}{versus_opacus}",
+              flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    body = section(results, args.device, args.repeats, args.steps, args.warmup, minutes)
+    write_section(Path(args.out), "hf" if args.device == "cpu" else f"hf-{args.device}", body)
+    if args.json:
+        data = {name: {**r.to_dict(), "opacus_refusal": refused} for name, (r, refused) in results.items()}
+        Path(args.json).write_text(json.dumps(json_safe(data), indent=2))
+    print(f"wrote {args.out} ({minutes:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
