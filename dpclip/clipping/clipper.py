@@ -159,8 +159,9 @@ class PerSampleClipper:
         self.last_norms: torch.Tensor | None = None
         self.check_independence = bool(check_independence)
         #: the forward hooks and what they recorded since the last ``clipped_sum``
+        functions = FunctionRecorder(module, self.units)
         self.recorder = Recorder(
-            module, self.units, self.check_independence, FunctionRecorder(module, self.units)
+            module, self.units, self.check_independence, functions if functions.needed else None
         )
         #: what the first micro-batches took per layer, for ``plan()``
         self.meter = CostMeter(self._owner_name)

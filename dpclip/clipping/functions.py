@@ -208,6 +208,13 @@ class FunctionRecorder(TorchFunctionMode):
         self._windows: list[tuple[Unit, int, int]] = []
         self._kinds: dict[Any, str] = {}
 
+    @property
+    def needed(self) -> bool:
+        """Whether any unit is recorded by operation. Without one the mode would record
+        nothing (e.g. LoRA with frozen embeddings), and its cost (a trip through Python for
+        every torch function and tensor attribute read in the forward) is left out."""
+        return bool(self._units)
+
     # --- the recorder's hooks -------------------------------------------------------------
 
     def start(self, args: tuple, kwargs: dict) -> None:
