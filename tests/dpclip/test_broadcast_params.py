@@ -25,9 +25,6 @@ from dpclip.clipping.rules.linear import LINEAR
 from dpclip.clipping.rules.prelu import PRELU
 from tests.dpclip.helpers import assert_clipped_sum_matches_reference, make_run, train_logical_batch
 
-# torch.func's reference runs F.bilinear under vmap, which loops and says so
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
-
 B, T, D_IN, D, CLASSES = 4, 5, 3, 6, 3
 STRATEGIES = ["ghost", "per_sample"]
 
