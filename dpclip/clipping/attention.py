@@ -8,6 +8,11 @@ mode reroutes that call to torch's own function, rebound so that its
 The attention itself (masks, dropout, kernels) is torch's unchanged code.
 Inside that function tensors are [T, B, E], or [T·B, E] with the batch index
 inner: the recorded calls say so (``LayerCall.batch_inner``).
+
+With ``add_bias_kv=True`` the function appends ``bias_k.repeat(1, B, 1)`` to the keys
+(and likewise for the values): that repeat is given the bias's view expanded over the
+batch instead, recorded for the broadcast rule (``dpclip.clipping.rules.broadcast``).
+``add_zero_attn`` appends constant zeros, which no parameter takes part in.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from torch.overrides import TorchFunctionMode
 
 from dpclip.clipping.rules.base import Target
 
-__all__ = ["AttentionRecorder", "Projection"]
+__all__ = ["AttentionRecorder", "ExpandedBias", "Projection"]
 
 #: (input, output, {"weight": target, "bias": target}, batch size) of one projection;
 #: rows of input and output are ordered (position, example)
 Projection = tuple[torch.Tensor, torch.Tensor, dict[str, Target], int]
+#: (the view of bias_k or bias_v expanded over the batch, [B, 1, E], and its target)
+ExpandedBias = tuple[torch.Tensor, Target]
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -40,8 +47,8 @@ def _rebind(fn: Callable[..., Any], namespace: dict[str, Any]) -> Callable[..., 
 
 
 class AttentionRecorder(TorchFunctionMode):
-    """Active during each forward call of an attention module; ``projections``
-    holds what the last call recorded, or ``unsupported`` says why nothing was.
+    """Active during each forward call of an attention module; ``projections`` and
+    ``biases`` hold what the last call recorded, or ``unsupported`` says why nothing was.
 
     Args:
         params: the module's trainable parameters; frozen ones (also those frozen
@@ -52,6 +59,7 @@ class AttentionRecorder(TorchFunctionMode):
         super().__init__()
         self._params = {id(p): p for p in params}
         self.projections: list[Projection] = []
+        self.biases: list[ExpandedBias] = []
         self.unsupported: str | None = None
         self._batch = 0
         namespace = dict(vars(F))
@@ -65,6 +73,7 @@ class AttentionRecorder(TorchFunctionMode):
     def reset(self) -> None:
         """Forget the last call's projections (before the next forward)."""
         self.projections = []
+        self.biases = []
         self.unsupported = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: A002 - torch's signature
@@ -77,17 +86,28 @@ class AttentionRecorder(TorchFunctionMode):
             self.unsupported = why
             return func(*args, **kwargs)
         self._batch = bound["query"].shape[1]
-        return self._forward(*args, **kwargs)
+        biases = {}
+        for name in ("bias_k", "bias_v"):
+            bias = bound.get(name)
+            target = self._target(bias)
+            if target is not None:
+                biases[id(bias)] = (bias, target)
+        if not biases:
+            return self._forward(*args, **kwargs)
+        with _ExpandBiases(biases, self._batch, self.biases):
+            return self._forward(*args, **kwargs)
 
     @staticmethod
     def _why_unsupported(arguments: dict[str, Any]) -> str | None:
         if arguments["query"].dim() != 3:
             return "unbatched input"
-        for name in ("bias_k", "bias_v", "static_k", "static_v"):
+        for name in ("static_k", "static_v"):
             if arguments.get(name) is not None:
                 return f"{name} is set"
-        if arguments.get("add_zero_attn"):
-            return "add_zero_attn=True"
+        for name in ("bias_k", "bias_v"):
+            bias = arguments.get(name)
+            if bias is not None and (bias.dim() != 3 or bias.shape[:2] != (1, 1)):
+                return f"{name} has shape {tuple(bias.shape)}, not [1, 1, E]"
         return None
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,3 +141,25 @@ class AttentionRecorder(TorchFunctionMode):
                 f"(shape {tuple(t.shape)}): dpclip cannot attribute its gradient"
             )
         return None  # a frozen parameter
+
+
+class _ExpandBiases(TorchFunctionMode):
+    """Active inside the rebound attention function when a trainable ``bias_k`` /
+    ``bias_v`` is set: its ``bias.repeat(1, B, 1)`` (shape [1, B, E], column b example
+    b's) becomes the same values as a view of the bias expanded over the batch, P_b of
+    shape [B, 1, E], transposed; P_b is appended to ``out`` with the bias's target. Its
+    gradient in the backward is then each example's own."""
+
+    def __init__(self, biases: dict[int, tuple[torch.Tensor, Target]], batch: int, out: list) -> None:
+        super().__init__()
+        self._biases, self._batch, self._out = biases, batch, out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: A002 - torch's signature
+        kwargs = kwargs or {}
+        if func is torch.Tensor.repeat and args and id(args[0]) in self._biases:
+            bias, target = self._biases[id(args[0])]
+            if bias is args[0] and tuple(args[1:]) in ((1, self._batch, 1), ((1, self._batch, 1),)):
+                expanded = bias.expand(self._batch, *bias.shape[1:])
+                self._out.append((expanded, target))
+                return expanded.transpose(0, 1)
+        return func(*args, **kwargs)

@@ -623,7 +623,7 @@ def _add_abs_sum(
     scale, eps = scales.get(p, (None, torch.finfo(per_sample.dtype).eps))
     if scale is None:
         scale = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
-    scale[rows if rows is not None else slice(None)] += total
+    scale[rows if rows is not None else ...] += total
     scales[p] = (scale, eps)
 
 

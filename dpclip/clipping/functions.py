@@ -13,6 +13,15 @@ model's forward. It records:
   module whose shape is x's trailing shape, x batch-first (the weight of T5's
   ``T5LayerNorm`` and Llama's ``LlamaRMSNorm``, applied after a normalisation computed
   in the module): the elementwise rules;
+- a trainable parameter of such a module broadcast over the batch otherwise: in an add,
+  sub, mul or div with a batch-first x where it has a leading dimension of size 1 or
+  fewer dimensions than x (ViT's ``embeddings + position_embeddings``, [1, T, D]), the
+  operation is given the parameter's view expanded over the batch; ``p.expand(B, …)``
+  (ViT's ``cls_token.expand(B, -1, -1)``) is recorded once the expanded view meets
+  batch-first tensors aligned at the batch dimension (a ``torch.cat`` or ``stack`` along
+  another dimension, a broadcasting add/sub/mul/div of as many dimensions), and
+  ``p.expand_as(x)`` at once: the broadcast rule, from the gradient of the expanded view;
+- ``F.prelu(x, w)`` with a trainable w of such a module: the PReLU rule;
 - batch provenance: the tensors derived from the root forward's tensor inputs
   carry the batch; a lookup on ids that do not (position ids ``[1, T]`` from
   ``torch.arange``, T5's ``[T, T]`` relative-position buckets) has no batch
@@ -23,6 +32,9 @@ model's forward. It records:
   own cotangent; a batched vector-Jacobian product back to the lookup's output
   (``resolve_broadcast``) gives each example's cotangent there, and the
   embedding rule the per-example gradient.
+
+The model itself, if it owns parameters and has no rule, is such a module: its window
+is its whole forward.
 
 A module without a rule whose parameters take part only in recorded operations
 during its forward is covered by them; if any of its parameters takes part in
@@ -48,9 +60,11 @@ from torch.overrides import TorchFunctionMode
 
 from dpclip.clipping.recording import LayerCall, Unit
 from dpclip.clipping.rules import Rule, Target
+from dpclip.clipping.rules.broadcast import BROADCAST, per_example_shape
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
 from dpclip.clipping.rules.embedding import EmbeddingRule, embedding_rule
 from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR, LINEAR
+from dpclip.clipping.rules.prelu import PRELU
 
 __all__ = ["BroadcastCall", "FunctionRecorder", "resolve_broadcast"]
 
@@ -68,6 +82,16 @@ _BROADCASTING = frozenset(
 #: Elementwise products and sums whose operand may be a parameter broadcast over x.
 _SCALING = frozenset({torch.mul, torch.Tensor.mul, torch.Tensor.__mul__})
 _SHIFTING = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__})
+#: Elementwise operations in which a parameter broadcast over the batch is recorded.
+_BROADCAST_ARITHMETIC = _SCALING | _SHIFTING | frozenset(
+    {
+        torch.sub, torch.Tensor.sub, torch.Tensor.__sub__,
+        torch.div, torch.Tensor.div, torch.Tensor.__truediv__,
+    }
+)
+#: Functions that join tensors along a dimension: an expanded parameter joined with
+#: batch-first tensors along another dimension than the batch's is aligned with them.
+_JOINING = frozenset({torch.cat, torch.concat, torch.concatenate, torch.stack})
 
 
 @dataclass(eq=False)
@@ -178,8 +202,8 @@ class FunctionRecorder(TorchFunctionMode):
     ``take`` hands over what it recorded.
 
     Args:
-        module: the model (the root: its own parameters, if any, take the graph path,
-            since its forward call spans the whole recording).
+        module: the model (its own parameters, if it has no rule, are recorded by
+            operation over its whole forward, ``root``).
         units: the model's units. Lookups on the parameters of the units recorded by
             operation (``records_calls_of``) are recorded wherever they run; linear
             operations only on parameters that no module-recorded unit owns (an
@@ -189,9 +213,12 @@ class FunctionRecorder(TorchFunctionMode):
     def __init__(self, module: nn.Module, units: list[Unit]) -> None:
         super().__init__()
         self._units = {
-            u for u in units if u.module is not module and not u.attention
-            and (u.rule is None or isinstance(u.rule, EmbeddingRule))
+            u for u in units if not u.attention
+            and (u.rule is None or u.module is not module and isinstance(u.rule, EmbeddingRule))
         }
+        #: the model's own unit, if it has no rule: its window opens at ``start`` and
+        #: closes at ``stop``, which says whether the operations recorded cover it
+        self.root = next((u for u in self._units if u.module is module), None)
         by_module = {p for u in units if u not in self._units for p in u.params}
         self._owner: dict[int, tuple[nn.Parameter, Unit]] = {}
         for u in units:
@@ -204,6 +231,8 @@ class FunctionRecorder(TorchFunctionMode):
         self._records: list[LayerCall | BroadcastCall] = []
         self._batched: dict[int, weakref.ref] = {}
         self._derived: dict[int, tuple[weakref.ref, tuple[BroadcastCall, ...]]] = {}
+        #: p.expand(B, …) not yet seen aligned with batch-first tensors, and its record
+        self._pending: dict[int, tuple[weakref.ref, LayerCall]] = {}
         self._unrecognised: dict[int, int] = {}
         self._windows: list[tuple[Unit, int, int]] = []
         self._kinds: dict[Any, str] = {}
@@ -224,17 +253,24 @@ class FunctionRecorder(TorchFunctionMode):
         for t in inputs:
             self._batched[id(t)] = weakref.ref(t)
         self.active = True
+        if self.root is not None:
+            self._windows.append((self.root, len(self._records), self._uses(self.root)))
         self.__enter__()
 
-    def stop(self) -> None:
-        """Leave the mode (the root forward ended, or raised); keep the records."""
+    def stop(self) -> bool:
+        """Leave the mode (the root forward ended, or raised); keep the records. True if
+        the model's own parameters (``root``) took part only in recorded operations; if
+        not, their records are dropped (the model takes the graph path)."""
         if not self.active:
-            return
+            return False
+        covered = self.root is not None and self.close(self.root)
         self.active = False
         self.__exit__(None, None, None)
         self._batched.clear()
         self._derived.clear()
+        self._pending.clear()
         self._windows.clear()
+        return covered
 
     def records_calls_of(self, unit: Unit) -> bool:
         """Whether ``unit``'s calls are recorded by operation rather than by its module
@@ -261,7 +297,8 @@ class FunctionRecorder(TorchFunctionMode):
         mine = {id(p) for p in unit.params}
         window = self._records[start:]
         ours = [r for r in window if any(id(p) in mine for p, _ in r.targets.values())]
-        if ours and self._uses(unit) == uses:
+        pending = [c for _, c in self._pending.values()]
+        if ours and self._uses(unit) == uses and not any(r is c for r in ours for c in pending):
             return True
         self._records[start:] = [r for r in window if all(r is not o for o in ours)]
         return False
@@ -277,6 +314,7 @@ class FunctionRecorder(TorchFunctionMode):
         batched = False
         derived: list[tuple[torch.Tensor, tuple[BroadcastCall, ...]]] = []
         watched = []
+        expanded = []
         for t in tensors:
             key = id(t)
             ref = self._batched.get(key)
@@ -288,6 +326,10 @@ class FunctionRecorder(TorchFunctionMode):
                 derived.append((t, entry[1]))
             elif key in self._owner and t.requires_grad:
                 watched.append(t)
+            elif key in self._pending and self._pending[key][0]() is t:
+                expanded.append(t)
+        if expanded:
+            self._settle(func, args, kwargs, expanded, batched)
         if watched and torch.is_grad_enabled():
             recorded = self._record(func, args, kwargs, batched, watched)
             if recorded is not None:
@@ -347,13 +389,48 @@ class FunctionRecorder(TorchFunctionMode):
 
         return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
 
+    def _settle(self, func, args: tuple, kwargs: dict, expanded: list, batched: bool) -> None:
+        """The first use of each expanded parameter view (``_expand``): kept if it joins
+        batch-first tensors of as many dimensions along another dimension than the batch's,
+        or meets them in a broadcasting add/sub/mul/div (operands aligned at their last
+        dimensions); otherwise its record is dropped and the use counts as one no rule
+        covers (its module takes the graph path)."""
+        others = [
+            t for t in _tensors(args, kwargs)
+            if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
+        ]
+        kind = self._kinds.get(func) or self._kind(func)
+        for t in expanded:
+            _, call = self._pending.pop(id(t))
+            aligned = batched and all(o.dim() == t.dim() for o in others)
+            if func in _JOINING:
+                dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+                rank = t.dim() + (func is torch.stack)
+                aligned = aligned and isinstance(dim, int) and dim % rank != 0
+            else:
+                aligned = aligned and (
+                    kind == "broadcast" or kind == "inplace-broadcast" and args[0] is not t
+                )
+            if aligned:
+                self._batched[id(t)] = weakref.ref(t)
+            else:
+                self._records = [r for r in self._records if r is not call]
+                p = call.targets["parameter"][0]
+                self._unrecognised[id(p)] = self._unrecognised.get(id(p), 0) + 1
+
     def _record(self, func, args: tuple, kwargs: dict, batched: bool, watched: list) -> Any:
         """Record ``func`` if it is a recognised use of the watched parameters; its
         result then, else None (not called)."""
         if func is F.embedding:
             return self._embedding(args, kwargs, batched, watched)
-        if not batched or any(id(w) not in self._linear_ok for w in watched):
+        if any(id(w) not in self._linear_ok for w in watched):
             return None
+        if func is torch.Tensor.expand and not batched and not kwargs:
+            return self._expand(args, watched)
+        if not batched:
+            return None
+        if func is torch.Tensor.expand_as and not kwargs and len(args) == 2:
+            return self._expand_as(args, watched)
         if func is torch.addmm and not kwargs and len(args) == 3:
             bias, x, weight = args
             return self._linear(torch.addmm, args, x, weight, bias, watched, INPUT_MAJOR_LINEAR)
@@ -363,10 +440,15 @@ class FunctionRecorder(TorchFunctionMode):
         if func is F.linear and not kwargs and len(args) in (2, 3):
             x, weight, bias = (*args, None)[:3]
             return self._linear(F.linear, args, x, weight, bias, watched, LINEAR)
-        if func in _SCALING and not kwargs and len(args) == 2:
-            return self._elementwise(func, args, watched, "weight")
-        if func in _SHIFTING and not kwargs and len(args) == 2:  # (alpha=… is not recorded)
-            return self._elementwise(func, args, watched, "bias")
+        if func is torch.prelu and not kwargs and len(args) == 2:
+            return self._prelu(args, watched)
+        if func in _BROADCAST_ARITHMETIC and not kwargs and len(args) == 2:  # (alpha=…: not)
+            recorded = None
+            if func in _SCALING:
+                recorded = self._elementwise(func, args, watched, "weight")
+            elif func in _SHIFTING:
+                recorded = self._elementwise(func, args, watched, "bias")
+            return recorded if recorded is not None else self._broadcast(func, args, watched)
         return None
 
     def _targets(self, roles: dict[str, Any], watched: list) -> dict[str, Target] | None:
@@ -416,6 +498,85 @@ class FunctionRecorder(TorchFunctionMode):
         owner = self._owner[id(param)][1]
         rule, activations = (SCALE, [x.detach()]) if role == "weight" else (SHIFT, [])
         self._records.append(LayerCall(rule, owner.module, activations, result, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
+
+    def _broadcast(self, func, args: tuple, watched: list) -> Any:
+        """``x ∘ p`` or ``p ∘ x`` (add, sub, mul, div) with one watched parameter p that
+        broadcasts over a batch-first x (a leading dimension of size 1, or fewer
+        dimensions than x): computed with p's view expanded over the batch, P_b, whose
+        gradient is each example's own (the broadcast rule)."""
+        a, b = args
+        if len(watched) != 1 or not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            return None
+        param = watched[0]
+        x = b if a is param else a
+        if x is param or self.batch == 0 or x.dim() < 2 or x.shape[0] != self.batch:
+            return None
+        rows = per_example_shape(param.shape, x.dim())
+        targets = self._targets({"parameter": param}, watched)
+        if rows is None or targets is None:
+            return None
+        expanded = param.reshape(1, *rows).expand(self.batch, *rows)
+        result = func(expanded, b) if a is param else func(a, expanded)
+        owner = self._owner[id(param)][1]
+        self._records.append(LayerCall(BROADCAST, owner.module, [], expanded, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
+
+    def _expand(self, args: tuple, watched: list) -> Any:
+        """``p.expand(B, …)`` of one watched parameter p with a leading dimension of size 1
+        (or fewer dimensions than asked for) to the batch size: recorded for the broadcast
+        rule, and followed until ``_settle`` sees it aligned with the batch (a size that
+        equals B by chance is not the batch's)."""
+        if len(args) < 2 or args[0] is not watched[0] or len(watched) != 1 or self.batch == 0:
+            return None
+        param = args[0]
+        sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        if len(sizes) < 2 or sizes[0] != self.batch or per_example_shape(param.shape, len(sizes)) is None:
+            return None
+        targets = self._targets({"parameter": param}, watched)
+        if targets is None:
+            return None
+        result = torch.Tensor.expand(*args)
+        owner = self._owner[id(param)][1]
+        call = LayerCall(BROADCAST, owner.module, [], result, targets, owner.strategy)
+        self._records.append(call)
+        self._pending[id(result)] = (weakref.ref(result), call)
+        return result
+
+    def _expand_as(self, args: tuple, watched: list) -> Any:
+        """``p.expand_as(x)`` of one watched parameter p that broadcasts over a batch-first
+        x: the result is aligned with x, so it is recorded for the broadcast rule as is."""
+        param, x = args
+        if (
+            param is not watched[0] or len(watched) != 1 or x is param or self.batch == 0
+            or x.dim() < 2 or x.shape[0] != self.batch or per_example_shape(param.shape, x.dim()) is None
+        ):
+            return None
+        targets = self._targets({"parameter": param}, watched)
+        if targets is None:
+            return None
+        result = torch.Tensor.expand_as(param, x)
+        owner = self._owner[id(param)][1]
+        self._records.append(LayerCall(BROADCAST, owner.module, [], result, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
+
+    def _prelu(self, args: tuple, watched: list) -> Any:
+        """``F.prelu(x, w)`` with a trainable w and a batch-first x: the PReLU rule."""
+        x, weight = args
+        if (
+            not isinstance(x, torch.Tensor) or x is weight or self.batch == 0 or x.dim() < 2
+            or x.shape[0] != self.batch or weight.numel() not in (1, x.shape[1])
+        ):
+            return None
+        targets = self._targets({"weight": weight}, watched)
+        if targets is None:
+            return None
+        result = torch.prelu(x, weight)
+        owner = self._owner[id(weight)][1]
+        self._records.append(LayerCall(PRELU, owner.module, [x.detach()], result, targets, owner.strategy))
         self._batched[id(result)] = weakref.ref(result)
         return result
 

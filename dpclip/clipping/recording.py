@@ -3,9 +3,10 @@
 The clipper's forward hooks record each call of a module that owns trainable
 parameters (a *unit*): a call of a layer whose type has a rule becomes a
 ``LayerCall`` (its tensor inputs and output), a projection inside
-``nn.MultiheadAttention`` becomes a ``LayerCall`` of the linear rule
-(``dpclip.clipping.attention``), and any other call a ``GraphCall`` (its outputs,
-whose autograd graph gives exact per-sample gradients: ``dpclip.clipping.graph``).
+``nn.MultiheadAttention`` becomes a ``LayerCall`` of the linear rule, and its
+``bias_k`` / ``bias_v`` one of the broadcast rule (``dpclip.clipping.attention``), and
+any other call a ``GraphCall`` (its outputs, whose autograd graph gives exact
+per-sample gradients: ``dpclip.clipping.graph``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
+from dpclip.clipping.rules.broadcast import BROADCAST
 from dpclip.independence import ExamplesMixedError, ForwardProbe
 
 __all__ = [
@@ -204,10 +206,11 @@ class FunctionRecorderLike(Protocol):
     """What the recorder asks of the recording by operation (``dpclip.clipping.functions``)."""
 
     active: bool
+    root: Unit | None
 
     def records_calls_of(self, unit: Unit) -> bool: ...
     def start(self, args: tuple, kwargs: dict) -> None: ...
-    def stop(self) -> None: ...
+    def stop(self) -> bool: ...
     def take(self) -> list[Any]: ...
     def open(self, unit: Unit) -> None: ...
     def close(self, unit: Unit) -> bool: ...
@@ -268,7 +271,9 @@ class Recorder:
         ]
         for u in units:
             if functions is not None and functions.records_calls_of(u):
-                if u.rule is None:  # covered by its operations, or the graph path
+                # covered by its operations, or the graph path (the model's own unit: its
+                # window is the recording's, closed by ``_functions_exit``)
+                if u.rule is None and u.module is not module:
                     self._handles.append(u.module.register_forward_pre_hook(self._open(u)))
                     self._handles.append(
                         u.module.register_forward_hook(self._call_hook(u), with_kwargs=True)
@@ -351,8 +356,11 @@ class Recorder:
 
     def _functions_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.functions is not None and self.functions.active:
-            self.functions.stop()
+            covered = self.functions.stop()
             self.calls.extend(self.functions.take())
+            root = self.functions.root
+            if root is not None and not covered:  # the model's own parameters: graph path
+                self._call_hook(root)(module, args, {}, output)
 
     def _open(self, unit: Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -449,6 +457,10 @@ class Recorder:
             for x, y, targets, batch in recorder.projections:
                 self.calls.append(
                     LayerCall(LINEAR, module, [x], y, targets, unit.strategy, batch_inner=batch)
+                )
+            for expanded, target in recorder.biases:
+                self.calls.append(
+                    LayerCall(BROADCAST, module, [], expanded, {"parameter": target}, unit.strategy)
                 )
 
         return hook

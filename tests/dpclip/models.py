@@ -175,7 +175,7 @@ def reference_update(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(Σ_i min(1, C/‖g_i‖) g_i / L per parameter name, the norms ‖g_i‖)."""
     g = per_sample_grads(model, params, x, y)
-    norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+    norms = torch.sqrt(sum(v.reshape(v.shape[0], -1).pow(2).sum(1) for v in g.values()))
     factors = torch.clamp(max_grad_norm / norms, max=1.0)
     update = {
         k: torch.einsum("i,i...->...", factors.to(v.dtype), v) / logical_batch for k, v in g.items()

@@ -357,25 +357,37 @@ def test_attention_called_twice_sums_per_sample_gradients_before_the_norm():
     _assert_matches_reference(model, x, y)
 
 
+class _TwicePositional(nn.Module):
+    """x - pos (the broadcast rule) or x - exp(pos) (an operation without a rule: the graph
+    path), run twice by ``_Twice``."""
+
+    def __init__(self, through_exp: bool) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(3, 4))
+        self.through_exp = through_exp
+
+    def forward(self, x):
+        return x - (self.pos.exp() if self.through_exp else self.pos)
+
+
+class _Twice(nn.Module):
+    def __init__(self, through_exp: bool) -> None:
+        super().__init__()
+        self.add = _TwicePositional(through_exp)
+
+    def forward(self, x):
+        return self.add(self.add(x)).mean(1)
+
+
 def test_module_with_its_own_parameter_runs_twice_is_refused_not_double_counted():
-    class TwicePositional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pos = nn.Parameter(torch.randn(3, 4))
-
-        def forward(self, x):
-            return x - self.pos  # an operation without a rule: the graph path
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.add = TwicePositional()
-
-        def forward(self, x):
-            return self.add(self.add(x)).mean(1)
-
-    model = Model()
+    model = _Twice(through_exp=True)
     _assert_refused(model, torch.randn(3, 3, 4), torch.tensor([0, 1, 2]), "runs 2 times")
+
+
+def test_module_with_a_broadcast_parameter_runs_twice_sums_per_sample_gradients():
+    torch.manual_seed(0)
+    model = _Twice(through_exp=False).double()
+    _assert_matches_reference(model, torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))
 
 
 def test_in_place_change_of_a_recorded_input_is_refused():

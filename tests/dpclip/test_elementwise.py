@@ -1,7 +1,8 @@
 """Elementwise scale and shift by a parameter inside a module without a rule
 (``w * x``, ``x + b``: RMS normalisations such as T5's and Llama's), recorded by
 operation with the elementwise rules instead of the exact graph path, each checked
-against torch.func per-sample gradients."""
+against torch.func per-sample gradients. (A parameter broadcast otherwise:
+test_broadcast_params.py.)"""
 
 from __future__ import annotations
 
@@ -138,10 +139,12 @@ def test_parameter_also_in_an_operation_without_a_rule_takes_the_graph_path_exac
     assert not layers and [c.unit.module for c in graph] == [model.inner]
 
 
-def test_parameter_broadcast_within_the_trailing_shape_takes_the_graph_path_exactly():
-    # weight [T, 1] against x [B, T, D]: not the trailing shape, so not the scale rule
+@pytest.mark.parametrize("clipping", ["auto", "per_sample"])
+def test_parameter_broadcast_within_the_trailing_shape_takes_the_broadcast_rule(clipping):
+    # weight [T, 1] against x [B, T, D]: not the trailing shape, so not the scale rule, but
+    # a parameter broadcast over the batch (tests/dpclip/test_broadcast_params.py)
     inner = ScaleShift()
     inner.weight = nn.Parameter(1 + 0.3 * torch.randn(T, 1))
-    model, clipper, _ = _assert_exact(inner, "auto")
+    model, clipper, _ = _assert_exact(inner, clipping)
     layers, graph = _inner_calls(model, clipper)
-    assert [c.rule for c in layers] == [] and [c.unit.module for c in graph] == [model.inner]
+    assert not graph and sorted(type(c.rule).__name__ for c in layers) == ["BroadcastRule", "ShiftRule"]

@@ -71,11 +71,11 @@ class AddmmProjection(nn.Module):
         return out.view(*x.shape[:-1], self.weight.shape[1])
 
 
-class MatmulMinusBias(AddmmProjection):
-    """x @ W - b: the bias is subtracted, an operation without a rule (graph path)."""
+class MatmulMinusExpBias(AddmmProjection):
+    """x @ W - exp(b): the bias enters through exp, an operation without a rule (graph path)."""
 
     def forward(self, x):
-        return x @ self.weight - self.bias
+        return x @ self.weight - self.bias.exp()
 
 
 class Conv1DNet(nn.Module):
@@ -165,7 +165,7 @@ def test_addmm_with_a_trainable_weight_takes_the_linear_rule(clipping):
 
 
 def test_parameter_in_an_operation_without_a_rule_takes_the_graph_path_exactly():
-    model = Conv1DNet(MatmulMinusBias)
+    model = Conv1DNet(MatmulMinusExpBias)
     clipper = _assert_exact(model, batch=4)
     model(_data(4)[0])
     mine = [c for c in clipper.recorder.calls if getattr(c, "module", None) is model.proj]

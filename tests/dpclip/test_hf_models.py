@@ -135,6 +135,24 @@ def test_float32_at_batch_16_and_64_positions_takes_a_step(name):
         assert torch.equal(p, before[n]) != p.requires_grad, n  # trainable moved, frozen not
 
 
+def test_vit_embeddings_take_the_broadcast_rule_not_the_graph_path():
+    # ViTEmbeddings owns cls_token.expand(B, -1, -1) and + position_embeddings [1, T+1, D]:
+    # parameters broadcast over the batch, recorded by operation (exactness: the test above)
+    case = CASES["vit"]
+    torch.manual_seed(0)
+    model = case.build(case.seq)
+    inputs, labels = _data(case, K * B, case.seq, torch.float32)
+    engine, model, optimizer, criterion, loader = _make_private(
+        model, case, inputs, labels, batch_size=B, noise_multiplier=1.0, max_grad_norm=1.0,
+    )
+    _train(model, optimizer, criterion, loader, style=2)
+    plan = engine.clipping_plan()
+    assert plan.slow_layers() == ()
+    embeddings = next(lp for lp in plan.layers if lp.type == "ViTEmbeddings")
+    assert embeddings.rule == "broadcast"
+    assert set(embeddings.parameters) == {"cls_token", "position_embeddings"}
+
+
 # --- PEFT: frozen base weights in an optimizer built from model.parameters() ----------------
 
 

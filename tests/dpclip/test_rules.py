@@ -10,12 +10,14 @@ import torch.nn.functional as F
 
 from dpclip import PerSampleClipper
 from dpclip.clipping.rules import Rule, base, register, rule_for
+from dpclip.clipping.rules.bilinear import BilinearRule
 from dpclip.clipping.rules.conv import ConvRule, ConvTransposeRule
 from dpclip.clipping.rules.embedding import EmbeddingRule
 from dpclip.clipping.rules.embedding_bag import EmbeddingBagRule
 from dpclip.clipping.rules.fallback import OpacusRule
 from dpclip.clipping.rules.linear import LinearRule
 from dpclip.clipping.rules.norm import NormRule
+from dpclip.clipping.rules.prelu import PreluRule
 from tests.dpclip.models import reference_update
 
 
@@ -65,7 +67,9 @@ CASES = [
     pytest.param(lambda: nn.Embedding(5, 3, sparse=True), None, id="embedding-sparse"),
     pytest.param(lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), None, id="embedding-freq"),
     pytest.param(lambda: nn.EmbeddingBag(5, 3, mode="max"), EmbeddingBagRule, id="embedding-bag"),
-    pytest.param(lambda: nn.PReLU(), None, id="prelu"),
+    pytest.param(lambda: nn.PReLU(), PreluRule, id="prelu"),
+    pytest.param(lambda: nn.Bilinear(3, 4, 2), BilinearRule, id="bilinear"),
+    pytest.param(lambda: nn.Softmax2d(), None, id="no-family"),
 ]
 
 
@@ -144,4 +148,4 @@ def test_fallback_entries_come_after_every_family_whatever_the_order():
     assert rule_for(nn.InstanceNorm1d(4, affine=True)) is own
     register(lambda module: True, None, fallback=True)
     assert type(rule_for(nn.Linear(2, 2))) is LinearRule
-    assert rule_for(nn.PReLU()) is None
+    assert rule_for(Scale(4)) is None

@@ -20,9 +20,10 @@ gradient counted ``MEMORY_WEIGHT`` times: it is written, read for the norm and
 read again for the clipped sum, at memory speed rather than matrix-multiply
 speed. For a Linear layer that is ghost when T²(d+p) < 64·p·d.
 
-One file per family of operations (``linear``, ``conv``, ``embedding``, ``norm``,
-``elementwise``), each registering its rules with ``register`` (``elementwise``'s are
-given to operations by ``dpclip.clipping.functions``, not to module types);
+One file per family of operations (``linear``, ``bilinear``, ``conv``, ``embedding``,
+``norm``, ``prelu``, ``elementwise``, ``broadcast``), each registering its rules with
+``register`` (``elementwise``'s and ``broadcast``'s are given to operations by
+``dpclip.clipping.functions``, not to module types);
 ``fallback`` registers Opacus's per-sample rules for the layer types none of them
 claims. A new family is a new
 file that defines its ``Rule`` subclass and registers it, and one import below.
@@ -30,6 +31,8 @@ file that defines its ``Rule`` subclass and registers it, and one import below.
 
 # each family registers its rules when imported
 from dpclip.clipping.rules import (  # noqa: F401
+    bilinear,
+    broadcast,
     conv,
     elementwise,
     embedding,
@@ -37,6 +40,7 @@ from dpclip.clipping.rules import (  # noqa: F401
     fallback,
     linear,
     norm,
+    prelu,
 )
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, STRATEGIES, Rule, Target, register, rule_for
 from dpclip.clipping.rules.linear import LINEAR
