@@ -381,8 +381,8 @@ def _reference_names(module: nn.Module) -> dict[str, torch.Tensor]:
 
 class _PeakMemory:
     """Peak memory above the level at entry. On CPU the resident set size: the kernel's
-    high-water mark reset at entry (Linux ``/proc/self/clear_refs``), else sampled every
-    millisecond by a thread; on CUDA the allocator's peak. ``cpu_time()`` is the
+    high-water mark reset at entry (Linux ``/proc/self/clear_refs``, where allowed) and
+    the resident size sampled every millisecond by a thread, whichever is higher; on CUDA the allocator's peak. ``cpu_time()`` is the
     process's CPU time less the sampling thread's."""
 
     def __init__(self, device: torch.device) -> None:
@@ -399,9 +399,11 @@ class _PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
-        elif _reset_high_water_mark():
-            self._base = _rss()
         else:
+            # the kernel's high-water mark where it can be reset, and a sampling thread
+            # always: the mark was seen to miss a transient allocation (it stayed at the
+            # level at entry), and sampling alone misses what lives under a millisecond
+            self._hwm = _reset_high_water_mark()
             self._base = self._peak = _rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -416,12 +418,11 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
-        elif self._thread is None:
-            self.peak_mb = (_high_water_mark() - self._base) / 2**20
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_mb = (max(self._peak, _rss()) - self._base) / 2**20
+            peak = max(self._peak, _rss(), _high_water_mark() if self._hwm else 0)
+            self.peak_mb = (peak - self._base) / 2**20
 
 
 def _rss() -> int:
