@@ -49,10 +49,15 @@ class LinearRule(Rule):
         a, g = self._rows(call)
         out = {}
         if "weight" in call.targets:
-            out["weight"] = torch.bmm(g.transpose(1, 2), a)
+            out["weight"] = self._per_sample_weight(a, g)
         if "bias" in call.targets:
             out["bias"] = g.sum(dim=1)
         return out
+
+    @staticmethod
+    def _per_sample_weight(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Σ_t g_itᵀ a_it per example, [B, out, in] as W is stored."""
+        return torch.bmm(g.transpose(1, 2), a)
 
     def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
         if call.per_sample is not None:
@@ -78,16 +83,11 @@ class InputMajorLinearRule(LinearRule):
     ``dpclip.clipping.functions``. The same norms as ``LinearRule``; W's gradient is
     the transpose."""
 
-    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
-        a, g = self._rows(call)
-        out = {}
-        if "weight" in call.targets:
-            # [B, in, out] as W is stored: a transposed [B, out, in] would be copied by the
-            # clipped sum (and cost as much to compute)
-            out["weight"] = torch.bmm(a.transpose(1, 2), g)
-        if "bias" in call.targets:
-            out["bias"] = g.sum(dim=1)
-        return out
+    @staticmethod
+    def _per_sample_weight(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        # [B, in, out] as W is stored: a transposed [B, out, in] would be copied by the
+        # clipped sum (and cost as much to compute)
+        return torch.bmm(a.transpose(1, 2), g)
 
     def clipped_sum(self, call: LayerCall, factors: torch.Tensor, out: Mapping[str, torch.Tensor]) -> None:
         if call.per_sample is None and "weight" in out:
