@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from accounting.events import validate_int
+from dpclip.allocator import keep_freed_memory
 from dpclip.report import json_safe, package_versions
 from dpclip.sampling import split_evenly
 
@@ -326,6 +327,9 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
 def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
     cfg = job["config"]
     torch.set_num_threads(cfg["threads"])
+    # every method under the malloc setting dpclip's make_private applies: no method's
+    # time includes page faults that another's setting avoids
+    keep_freed_memory()
     model_fn, dataset, criterion = _resolve(job["workload"])
     method, batches = job["method"], job["batches"]
     device = torch.device(cfg["device"])

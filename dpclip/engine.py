@@ -31,6 +31,7 @@ import accounting
 from accounting import CountedShuffledGaussian, Event, Ledger, PoissonGaussian, ShuffledGaussian
 from accounting.calibrate import step_event
 from accounting.events import validate_int, validate_positive
+from dpclip.allocator import keep_freed_memory
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import ClippingPlan, PerSampleClipper, validate_clipping, validate_module
 from dpclip.loss import DPCriterion
@@ -440,7 +441,9 @@ class PrivacyEngine:
         if max_epsilon is not None:
             budget = PrivacyBudget(max_epsilon, target_delta, self.accountant)
 
-        # All arguments are valid: from here on, state changes (undone if anything fails).
+        # All arguments are valid: from here on, state changes (undone if anything fails,
+        # except the process's malloc setting, which changes no result).
+        keep_freed_memory()
         try:
             return self._wrap(
                 module, optimizer, criterion, data_loader, plan, noise_multiplier,
