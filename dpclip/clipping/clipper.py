@@ -333,8 +333,11 @@ class PerSampleClipper:
         trainable = [p for p in self.params if p.requires_grad] if audit else []
         met = [t for c in broadcast for t in c.inputs()]
         inputs = flat + met + trainable
+        # the graph path and a lookup's output that met the batch only through other
+        # operations take a second pass through the graph
+        chained = any(p is not c.output for c in broadcast for p, _, _ in c.meetings)
         grads = torch.autograd.grad(
-            loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or broadcast),
+            loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or chained),
             allow_unused=True,
         ) if inputs else ()
         it = iter(grads[: len(flat)])
