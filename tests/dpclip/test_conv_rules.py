@@ -57,6 +57,11 @@ CASES = [
           "2d-circular"),
     _case(lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), (7, 6), "2d-depthwise"),
     _case(lambda: nn.Conv2d(6, 4, 2, padding="valid", dilation=2), (5, 5), "2d-valid"),
+    # non-overlapping patches (a ViT's patch embedding), also cut short and zero-padded
+    _case(lambda: nn.Conv2d(6, 4, (2, 3), stride=(2, 3)), (6, 9), "2d-patches"),
+    _case(lambda: nn.Conv2d(6, 4, 2, stride=2, padding=1), (5, 6), "2d-patches-padded-cut"),
+    _case(lambda: nn.Conv2d(6, 4, 2, stride=2, padding=1, padding_mode="reflect", bias=False), (5, 5),
+          "2d-patches-reflect"),
     _case(lambda: nn.Conv3d(6, 4, 2, stride=2, padding=1, groups=2), (4, 5, 3), "3d-groups"),
     _case(lambda: nn.Conv3d(6, 4, (2, 3, 2), padding="same", padding_mode="reflect", dilation=(1, 1, 2)),
           (4, 4, 5), "3d-same-reflect"),

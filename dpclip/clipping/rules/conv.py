@@ -105,6 +105,13 @@ def per_sample_conv_weight(
     the patches are large). The result runs past the kernel when the output gradient
     does not reach the end of u; those entries are cut off."""
     batch, c_in, c_out = u.shape[0], u.shape[1], v.shape[1]
+    if len(kernel) == 2 and groups == 1 and tuple(stride) == tuple(kernel) and tuple(dilation) == (1, 1):
+        # non-overlapping patches (a ViT's patch embedding): the unfolded input is no
+        # larger than the input, and one batched matmul is ~10x faster than the grouped
+        # convolution
+        patches = F.unfold(u, tuple(kernel), padding=tuple(padding), stride=tuple(stride))
+        w = torch.bmm(v.flatten(2), patches.transpose(1, 2))
+        return w.view(batch, c_out, c_in, *kernel)
     per_group = c_in // groups
     inputs = u.reshape(batch * groups, per_group, *u.shape[2:]).transpose(0, 1)
     w = _CONV[len(kernel)](
