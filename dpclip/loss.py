@@ -70,6 +70,13 @@ class DPLoss:
                     "gradient of every trainable parameter for the unscaled per-example losses; "
                     f"call backward() without {name}"
                 )
+        if self.loss_per_sample.numel() and not self.loss_per_sample.requires_grad:
+            raise RuntimeError(
+                "the loss does not require grad: the model's forward (or the criterion) ran "
+                "under torch.no_grad() or torch.inference_mode(), so there is nothing to "
+                "differentiate. Run the training forward and the criterion with gradients "
+                "enabled (keep no_grad for evaluation). Nothing was added"
+            )
         if self._generation is None or self._generation != self._optimizer.clipper.generation:
             raise RuntimeError(
                 "this loss's forward pass was already used by a backward() (of this loss, or "
@@ -104,6 +111,28 @@ class DPLoss:
         return combined
 
     __radd__ = __add__
+
+    def __getattr__(self, name: str) -> Any:
+        # a tensor method on the private loss (loss.mean(), loss.sum()) would reduce over the
+        # examples, which dpclip must keep apart to clip each one
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"'DPLoss' object has no attribute {name!r}: the criterion returned by make_private "
+            "gives a DPLoss, which keeps one loss per example (loss_per_sample, shape [B]) so "
+            "that backward() can clip each example. Call loss.backward() on it as it is (no "
+            ".mean() or .sum() first); loss.item() or loss.detach() give the reduced value"
+        )
+
+    def _not_scaled(self, other: Any) -> Any:
+        raise TypeError(
+            "the private loss (DPLoss) is not scaled: don't divide it by accumulation_steps or "
+            "multiply it (the optimizer divides the clipped sum by the logical batch size L). "
+            "Call loss.backward() as it is; to weight the examples' terms, scale them before "
+            "the criterion"
+        )
+
+    __mul__ = __rmul__ = __truediv__ = _not_scaled
 
     def detach(self) -> torch.Tensor:
         """The loss reduced as the user's criterion would ("mean" or "sum"); NaN-free for B=0."""

@@ -283,7 +283,11 @@ class DPOptimizer(Optimizer):
             raise RuntimeError(
                 f"param.grad of parameter {name!r} was written outside dpclip since dpclip last "
                 "set it (by backward() of another loss, or an in-place change such as "
-                "clip_grad_norm_): step() would overwrite it, so it would be lost. A per-example "
+                "clip_grad_norm_): step() would overwrite it, so it would be lost. The training "
+                "loss must come from the criterion make_private returned, criterion(model(x), y): "
+                "a model's own loss (Hugging Face's outputs.loss, from labels=...) is a mean over "
+                "the batch, which cannot be clipped per example; pass the logits and labels to "
+                "that criterion instead. A per-example "
                 "term (depends on the data): add it to the private loss before backward(), as "
                 "criterion(out, y) + aux with aux of shape [B]. A data-independent regulariser: "
                 "backward() it inside `with optimizer.public_gradient():`. Or call "

@@ -379,9 +379,30 @@ class PerSampleClipper:
 
     def _batch_error(self, module: nn.Module, t: torch.Tensor, batch: int) -> None:
         name = next((u.name for u in self.units if u.module is module), type(module).__name__)
+        forward = self.recorder.forward_batch
+        if forward is not None and batch > forward and batch % forward == 0:  # one per token
+            raise RuntimeError(
+                f"the criterion returned {batch} per-sample losses but the model's forward had "
+                f"a batch of {forward}: dpclip needs one loss per example (shape [B] or [B, ...]). "
+                "Flattening [B, T, V] logits to [B·T, V] (logits.view(-1, V), as Hugging Face's "
+                "own loss does) gives one loss per token: keep the batch dimension, e.g. "
+                "nn.CrossEntropyLoss on logits.transpose(1, 2) with labels [B, T] (dpclip "
+                "averages each sequence's tokens)"
+            )
+        rows = t.shape[0] if t.dim() > 0 else 0
+        if rows > batch and rows % batch == 0:
+            why = ("the model folds the batch into another dimension there (a reshape to "
+                   "[B·T, H], or windows [B·W, …]), which dpclip does not attribute to examples")
+        else:
+            why = ("the module runs on a tensor without the batch as its first dimension: "
+                   "computed from parameters alone (such as relative-position embeddings) and "
+                   "meeting the batch other than by a broadcasting add/sub/mul/div, where dpclip "
+                   "cannot tell each example's share of its gradient, or batch-second")
         raise RuntimeError(
             f"an output of module {name!r} has shape {tuple(t.shape)} but "
-            f"the loss has {batch} per-sample values: dpclip needs batch-first tensors"
+            f"the loss has {batch} per-sample values: dpclip needs batch-first tensors. Here "
+            f"{why}: the model is not supported as built (freeze that module with "
+            "requires_grad_(False) to leave it out of training)"
         )
 
     @staticmethod

@@ -259,6 +259,9 @@ class Recorder:
         self.dropped = False
         #: the last forward ran (partly) under torch.compile: its records are incomplete
         self.compiled = False
+        #: size of the leading dimension of the last recorded forward's first tensor input
+        #: (the micro-batch size B if the input is batch-first); None without one
+        self.forward_batch: int | None = None
         self._warned_dropped = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self.independence = ForwardProbe(module, self._rerun, check_independence)
@@ -350,6 +353,8 @@ class Recorder:
                     "forwards of the model is refused at its backward()",
                     stacklevel=5,  # the user's model(x): past this hook and Module.__call__
                 )
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        self.forward_batch = first.shape[0] if first is not None and first.dim() > 0 else None
         self.independence.before_forward()
         if self.functions is not None:
             self.functions.start(args, kwargs)
