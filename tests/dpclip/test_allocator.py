@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Training the built-in transformer (d = 128, seq 64) with accumulation: minor page
-# faults per micro-batch after four to warm up.
+# faults per micro-batch after six to warm up.
 _TRAIN = textwrap.dedent(
     """
     import resource, torch, torch.nn as nn
@@ -39,7 +39,7 @@ _TRAIN = textwrap.dedent(
         opt.step()
         opt.zero_grad()
 
-    for _ in range(4):
+    for _ in range(6):
         micro_batch()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(8):
@@ -59,16 +59,14 @@ def _faults(**env: str) -> int:
 
 
 def test_after_make_private_freed_memory_is_reused_without_page_faults():
-    # (about 1,200 a micro-batch with glibc's own thresholds; 1 with them fixed)
-    assert _faults() < 50
-
-
-def test_the_user_can_opt_out_and_then_glibc_returns_the_memory():
-    # with glibc's own thresholds each micro-batch faults in fresh pages again: what the
-    # setting saves, and proof that the test above measures it
-    assert _faults(DPCLIP_KEEP_FREED_MEMORY="0") > 200
+    # with glibc's own thresholds each micro-batch faults in fresh pages again (about
+    # 1,200; the opt-out), with them fixed about 1 (a loaded machine adds a few hundred
+    # at most): what the setting saves, and proof that the measure sees it
+    default = _faults(DPCLIP_KEEP_FREED_MEMORY="0")
+    assert default > 500
+    assert _faults() < default / 4
 
 
 def test_a_users_own_malloc_tuning_is_left_alone():
     # the user's trim threshold of 0 (return every free byte) is kept: pages fault again
-    assert _faults(MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536") > 200
+    assert _faults(MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536") > 500
