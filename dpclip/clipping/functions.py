@@ -22,6 +22,12 @@ model's forward. It records:
   another dimension, a broadcasting add/sub/mul/div of as many dimensions), and
   ``p.expand_as(x)`` at once: the broadcast rule, from the gradient of the expanded view;
 - ``F.prelu(x, w)`` with a trainable w of such a module: the PReLU rule;
+- ``F.layer_norm`` / ``F.group_norm`` with a trainable weight or bias of such a module
+  on a batch-first x (a LayerNorm subclass with its own ``forward``, such as ConvNeXt's
+  channels-first one): the normalisation rule;
+- a view of such a parameter that only adds or drops dimensions of size 1
+  (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``, ``w.unsqueeze(-1)``) is followed as the
+  parameter itself into the elementwise and broadcast rules;
 - batch provenance: the tensors derived from the root forward's tensor inputs
   carry the batch; a lookup on ids that do not (position ids ``[1, T]`` from
   ``torch.arange``, T5's ``[T, T]`` relative-position buckets) has no batch
@@ -64,6 +70,7 @@ from dpclip.clipping.rules.broadcast import BROADCAST, per_example_shape
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
 from dpclip.clipping.rules.embedding import EmbeddingRule, embedding_rule
 from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR, LINEAR
+from dpclip.clipping.rules.norm import functional_norm_rule
 from dpclip.clipping.rules.prelu import PRELU
 
 __all__ = ["BroadcastCall", "FunctionRecorder", "resolve_broadcast"]
@@ -92,6 +99,18 @@ _BROADCAST_ARITHMETIC = _SCALING | _SHIFTING | frozenset(
 #: Functions that join tensors along a dimension: an expanded parameter joined with
 #: batch-first tensors along another dimension than the batch's is aligned with them.
 _JOINING = frozenset({torch.cat, torch.concat, torch.concatenate, torch.stack})
+#: Normalisations with an elementwise weight and bias, and their arguments in order.
+_NORMALISING = {
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+}
+#: Functions that may give a view of a parameter with dimensions of size 1 added or dropped.
+_VIEWING = frozenset(
+    {
+        torch.Tensor.__getitem__, torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.view,
+        torch.Tensor.reshape, torch.reshape, torch.Tensor.squeeze, torch.squeeze,
+    }
+)
 
 
 @dataclass(eq=False)
@@ -233,6 +252,9 @@ class FunctionRecorder(TorchFunctionMode):
         self._derived: dict[int, tuple[weakref.ref, tuple[BroadcastCall, ...]]] = {}
         #: p.expand(B, …) not yet seen aligned with batch-first tensors, and its record
         self._pending: dict[int, tuple[weakref.ref, LayerCall]] = {}
+        #: views of a watched parameter that only add or drop dimensions of size 1
+        #: (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``), and the parameter
+        self._views: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
         self._unrecognised: dict[int, int] = {}
         self._windows: list[tuple[Unit, int, int]] = []
         self._kinds: dict[Any, str] = {}
@@ -326,6 +348,8 @@ class FunctionRecorder(TorchFunctionMode):
                 derived.append((t, entry[1]))
             elif key in self._owner and t.requires_grad:
                 watched.append(t)
+            elif key in self._views and self._views[key][0]() is t:
+                watched.append(t)
             elif key in self._pending and self._pending[key][0]() is t:
                 expanded.append(t)
         if expanded:
@@ -346,7 +370,8 @@ class FunctionRecorder(TorchFunctionMode):
         if watched and any(t.requires_grad for t in _outputs(result)):
             # a use the rules do not cover (reading .device or .shape is none)
             for t in watched:
-                self._unrecognised[id(t)] = self._unrecognised.get(id(t), 0) + 1
+                key = id(self._parameter(t))
+                self._unrecognised[key] = self._unrecognised.get(key, 0) + 1
         if batched:
             for t in _outputs(result):
                 self._batched[id(t)] = weakref.ref(t)
@@ -423,8 +448,12 @@ class FunctionRecorder(TorchFunctionMode):
         result then, else None (not called)."""
         if func is F.embedding:
             return self._embedding(args, kwargs, batched, watched)
-        if any(id(w) not in self._linear_ok for w in watched):
+        if any(id(self._parameter(w)) not in self._linear_ok for w in watched):
             return None
+        if func in _VIEWING:
+            return self._view(func, args, kwargs, watched)
+        if any(w is not self._parameter(w) for w in watched) and func not in _BROADCAST_ARITHMETIC:
+            return None  # a view of a parameter is recorded only in elementwise arithmetic
         if func is torch.Tensor.expand and not batched and not kwargs:
             return self._expand(args, watched)
         if not batched:
@@ -442,6 +471,8 @@ class FunctionRecorder(TorchFunctionMode):
             return self._linear(F.linear, args, x, weight, bias, watched, LINEAR)
         if func is torch.prelu and not kwargs and len(args) == 2:
             return self._prelu(args, watched)
+        if func in _NORMALISING:
+            return self._norm(func, args, kwargs, watched)
         if func in _BROADCAST_ARITHMETIC and not kwargs and len(args) == 2:  # (alpha=…: not)
             recorded = None
             if func in _SCALING:
@@ -452,11 +483,38 @@ class FunctionRecorder(TorchFunctionMode):
         return None
 
     def _targets(self, roles: dict[str, Any], watched: list) -> dict[str, Target] | None:
-        """{role: (param, None)} if the watched tensors are exactly parameters in ``roles``."""
+        """{role: (param, None)} if the watched tensors are exactly parameters (or their
+        views) in ``roles``."""
         targets = {r: (t, None) for r, t in roles.items() if any(t is w for w in watched)}
         if len(targets) != len(watched):
             return None
-        return {r: (self._owner[id(t)][0], None) for r, (t, _) in targets.items()}
+        return {r: (self._owner[id(self._parameter(t))][0], None) for r, (t, _) in targets.items()}
+
+    def _parameter(self, t: torch.Tensor) -> torch.Tensor:
+        """The parameter a watched tensor is, or is a view of."""
+        view = self._views.get(id(t))
+        return view[1] if view is not None and view[0]() is t else t
+
+    def _view(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
+        """A view of one watched parameter that only adds or drops dimensions of size 1
+        (its elements in the same order): followed as the parameter itself into the
+        elementwise and broadcast rules, whose per-example gradients have its elements."""
+        if len(watched) != 1 or not args or args[0] is not watched[0]:
+            return None
+        result = func(*args, **kwargs)
+        param = self._parameter(watched[0])
+        if (
+            not isinstance(result, torch.Tensor) or result.numel() != param.numel()
+            or [n for n in result.shape if n != 1] != [n for n in param.shape if n != 1]
+            or result.data_ptr() != param.data_ptr()
+        ):
+            # a slice or a copy: not the parameter's elements in order. (Computed already:
+            # counted as a use no rule covers, as the caller would have.)
+            key = id(param)
+            self._unrecognised[key] = self._unrecognised.get(key, 0) + 1
+            return result
+        self._views[id(result)] = (weakref.ref(result), param)
+        return result
 
     def _linear(self, func, args, x, weight, bias, watched, rule) -> Any:
         if (
@@ -495,9 +553,40 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = func(*args)
-        owner = self._owner[id(param)][1]
+        owner = self._owner[id(self._parameter(param))][1]
         rule, activations = (SCALE, [x.detach()]) if role == "weight" else (SHIFT, [])
         self._records.append(LayerCall(rule, owner.module, activations, result, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
+
+    def _norm(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
+        """``F.layer_norm(x, shape, w, b, eps)`` / ``F.group_norm(x, groups, w, b, eps)``
+        with watched w, b and a batch-first x not normalised over its batch dimension:
+        the normalisation rule."""
+        names = _NORMALISING[func]
+        bound = dict(zip(names, args))
+        if len(args) > len(names) or any(k not in names or k in bound for k in kwargs):
+            return None
+        bound.update(kwargs)
+        x = bound.get("input")
+        if not isinstance(x, torch.Tensor) or self.batch == 0 or x.dim() < 2 or x.shape[0] != self.batch:
+            return None
+        if any(t is x for t in watched):
+            return None
+        eps = float(bound.get("eps", 1e-5))
+        if func is F.layer_norm:
+            shape = tuple(bound.get("normalized_shape", ()))
+            if not shape or len(shape) >= x.dim():
+                return None  # over the batch dimension too: the examples are mixed
+            rule = functional_norm_rule(shape, 0, eps)
+        else:
+            rule = functional_norm_rule(None, int(bound.get("num_groups", 0)), eps)
+        targets = self._targets({"weight": bound.get("weight"), "bias": bound.get("bias")}, watched)
+        if targets is None:
+            return None
+        result = func(*args, **kwargs)
+        owner = self._owner[id(watched[0])][1]
+        self._records.append(LayerCall(rule, owner.module, [x.detach()], result, targets, owner.strategy))
         self._batched[id(result)] = weakref.ref(result)
         return result
 
@@ -519,8 +608,10 @@ class FunctionRecorder(TorchFunctionMode):
             return None
         expanded = param.reshape(1, *rows).expand(self.batch, *rows)
         result = func(expanded, b) if a is param else func(a, expanded)
-        owner = self._owner[id(param)][1]
-        self._records.append(LayerCall(BROADCAST, owner.module, [], expanded, targets, owner.strategy))
+        owner = self._owner[id(self._parameter(param))][1]
+        # a view of the parameter (``w[:, None, None]``) is broadcast as the view's shape says
+        shape = [] if param is self._parameter(param) else [param.detach()]
+        self._records.append(LayerCall(BROADCAST, owner.module, shape, expanded, targets, owner.strategy))
         self._batched[id(result)] = weakref.ref(result)
         return result
 

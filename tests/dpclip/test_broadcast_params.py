@@ -253,6 +253,60 @@ def test_expanded_parameter_leaving_its_module_unaligned_takes_the_graph_path_ex
     assert _graph_modules(clipper) == [model.inner.token]
 
 
+# --- views of a parameter: dimensions of size 1 added or dropped ----------------------
+
+
+class ChannelsFirstNorm(nn.Module):
+    """ConvNeXt's channels-first LayerNorm on [B, D, T]: normalised over channels by hand,
+    then ``weight[:, None] * x + bias[:, None]`` (``view``: ``weight.view(1, -1, 1)`` and
+    ``bias.unsqueeze(-1)``), on h [B, T, D] seen channels-first."""
+
+    def __init__(self, view: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(D))
+        self.bias = nn.Parameter(0.3 * torch.randn(D))
+        self.view = view
+
+    def forward(self, h):
+        x = h.transpose(1, 2)
+        x = (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+        if self.view == "index":
+            x = self.weight[:, None] * x + self.bias[:, None]
+        else:
+            x = self.weight.view(1, -1, 1) * x + self.bias.unsqueeze(-1)
+        return x.transpose(1, 2)
+
+
+@pytest.mark.parametrize("clipping", STRATEGIES)
+@pytest.mark.parametrize("view", ["index", "view-unsqueeze"])
+def test_views_of_a_parameter_with_unit_dimensions_take_the_broadcast_rule(clipping, view):
+    model = Net(ChannelsFirstNorm(view))
+    clipper = _assert_exact(model, clipping)
+    assert _rules_of(clipper, model.inner) == [BROADCAST, BROADCAST]
+
+
+class SlicedScale(nn.Module):
+    """A slice of a parameter (not all its elements) and a view that reorders them: the
+    rules do not take them, the exact graph path does."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.p = nn.Parameter(1 + 0.3 * torch.randn(2 * D if use == "slice" else (D, 2)))
+        self.use = use
+
+    def forward(self, h):
+        if self.use == "slice":
+            return h * self.p[:D, None].squeeze(-1)
+        return h * self.p.t()[:1].squeeze(0) + self.p[:, 1]
+
+
+@pytest.mark.parametrize("use", ["slice", "reordered"])
+def test_parameter_slices_and_reordered_views_take_the_graph_path_exactly(use):
+    model = Net(SlicedScale(use))
+    clipper = _assert_exact(model, "auto")
+    assert _graph_modules(clipper) == [model.inner]
+
+
 # --- Bilinear -------------------------------------------------------------------------
 
 

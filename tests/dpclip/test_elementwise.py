@@ -148,3 +148,39 @@ def test_parameter_broadcast_within_the_trailing_shape_takes_the_broadcast_rule(
     model, clipper, _ = _assert_exact(inner, clipping)
     layers, graph = _inner_calls(model, clipper)
     assert not graph and sorted(type(c.rule).__name__ for c in layers) == ["BroadcastRule", "ShiftRule"]
+
+
+# --- F.layer_norm / F.group_norm in a module's own forward ------------------------------------
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """ConvNeXt's ConvNextLayerNorm: an ``nn.LayerNorm`` subclass whose own forward permutes
+    [B, C, T] to channels-last around ``super().forward`` (``F.layer_norm``)."""
+
+    def __init__(self) -> None:
+        super().__init__(D, eps=1e-6)
+        with torch.no_grad():
+            self.weight.add_(0.3 * torch.randn(D))
+            self.bias.add_(0.3 * torch.randn(D))
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2).transpose(1, 2))
+
+
+class FunctionalGroupNorm(nn.Module):
+    """``F.group_norm`` on [B, C, T] with keyword arguments, weight only, in its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(1 + 0.3 * torch.randn(T))
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, num_groups=T, weight=self.scale, eps=1e-4)
+
+
+@pytest.mark.parametrize("clipping", ["auto", "per_sample"])
+@pytest.mark.parametrize("inner", [ChannelsFirstLayerNorm, FunctionalGroupNorm])
+def test_functional_normalisation_in_a_module_without_a_rule_takes_the_norm_rule(clipping, inner):
+    model, clipper, _ = _assert_exact(inner(), clipping)
+    layers, graph = _inner_calls(model, clipper)
+    assert not graph and [type(c.rule).__name__ for c in layers] == ["FunctionalNormRule"]

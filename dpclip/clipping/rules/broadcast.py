@@ -40,12 +40,16 @@ def per_example_shape(param_shape: torch.Size | tuple[int, ...], ndim: int) -> t
 class BroadcastRule(Rule):
     """Target role "parameter" p; the call's output is P_b, of shape [B, *s] where p,
     left-padded with ones to P_b's dimensions, has a leading 1 and broadcasts to
-    [1, *s]; no activations."""
+    [1, *s]; no activations, or the view of p (size-1 dimensions added or dropped)
+    that was broadcast instead of p."""
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         p = call.targets["parameter"][0]
         g = call.backprop
-        rows = per_example_shape(p.shape, g.dim())
+        # activations: [the view of p the operation used], a view that only adds or drops
+        # dimensions of size 1 (``w[:, None, None]``): broadcast as its shape says
+        shape = call.activations[0].shape if call.activations else p.shape
+        rows = per_example_shape(shape, g.dim())
         # the positions p is broadcast across within an example's rows
         g = g.to(norm_dtype(g.dtype)).sum_to_size(g.shape[0], *rows)
         return {"parameter": g.reshape(g.shape[0], *p.shape)}

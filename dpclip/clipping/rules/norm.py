@@ -1,4 +1,7 @@
-"""Normalisation layers: ``nn.LayerNorm`` / ``nn.GroupNorm``."""
+"""Normalisation layers: ``nn.LayerNorm`` / ``nn.GroupNorm``, and ``F.layer_norm`` /
+``F.group_norm`` with a trainable weight or bias in a module without a rule (a
+LayerNorm subclass with its own ``forward``, such as ConvNeXt's channels-first one),
+recorded from the operation by ``dpclip.clipping.functions``."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dpclip.clipping.rules.base import Rule, register
 if TYPE_CHECKING:
     from dpclip.clipping.recording import LayerCall
 
-__all__ = ["NormRule"]
+__all__ = ["NormRule", "functional_norm_rule"]
 
 
 class NormRule(Rule):
@@ -23,18 +26,25 @@ class NormRule(Rule):
     ∇γ ℓ_i = Σ_positions g_i·x̂_i and ∇β ℓ_i = Σ_positions g_i, as many numbers per example
     as the layer has parameters: per-sample gradients are the cheap way to the norm."""
 
-    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
+    def _spec(self, call: LayerCall) -> tuple[tuple[int, ...] | None, int, float]:
+        """(normalized_shape for a layer norm, else None; groups of a group norm; eps)."""
         layer = call.module
+        if isinstance(layer, nn.LayerNorm):
+            return tuple(layer.normalized_shape), 0, layer.eps
+        return None, layer.num_groups, layer.eps
+
+    def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
+        normalized, groups, eps = self._spec(call)
         x, g = call.activations[0].to(call.backprop.dtype), call.backprop
         batch = g.shape[0]
-        if isinstance(layer, nn.LayerNorm):
-            shape = tuple(layer.normalized_shape)
+        if normalized is not None:
+            shape = normalized
             n = math.prod(shape)
-            x_hat = F.layer_norm(x, shape, eps=layer.eps).reshape(batch, -1, n)
+            x_hat = F.layer_norm(x, shape, eps=eps).reshape(batch, -1, n)
             g = g.reshape(batch, -1, n)
         else:  # channels are dim 1: [B, C, L] seen as [B, L, C]
-            shape = (layer.num_channels,)
-            x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps)
+            shape = (x.shape[1],)
+            x_hat = F.group_norm(x, groups, eps=eps)
             x_hat = x_hat.reshape(batch, shape[0], -1).transpose(1, 2)
             g = g.reshape(batch, shape[0], -1).transpose(1, 2)
         out = {}
@@ -48,16 +58,16 @@ class NormRule(Rule):
     def abs_sum(self, call: LayerCall, out: Mapping[str, torch.Tensor]) -> None:
         # x̂ = (x − μ)·rstd cancels in x − μ, with rounding up to eps·(|x| + |μ|)·rstd: that,
         # not |x̂|, scales the rounding of ∇γ (a LayerNorm over one feature has x̂ = 0)
-        layer = call.module
+        normalized, groups, eps = self._spec(call)
         x, g = call.activations[0].to(call.backprop.dtype), call.backprop.abs()
         batch = g.shape[0]
-        if isinstance(layer, nn.LayerNorm):
-            shape = tuple(layer.normalized_shape)
+        if normalized is not None:
+            shape = normalized
             x, g = x.reshape(batch, -1, math.prod(shape)), g.reshape(batch, -1, math.prod(shape))
-            bound = _magnitude(x, layer.eps)
+            bound = _magnitude(x, eps)
         else:
-            shape = (layer.num_channels,)
-            bound = _magnitude(x.reshape(batch, layer.num_groups, -1), layer.eps)
+            shape = (x.shape[1],)
+            bound = _magnitude(x.reshape(batch, groups, -1), eps)
             bound = bound.reshape(batch, shape[0], -1).transpose(1, 2)
             g = g.reshape(batch, shape[0], -1).transpose(1, 2)
         if "weight" in call.targets:
@@ -71,6 +81,29 @@ def _magnitude(x: torch.Tensor, eps: float) -> torch.Tensor:
     mean = x.mean(dim=-1, keepdim=True)
     rstd = (x.var(dim=-1, unbiased=False, keepdim=True) + eps).rsqrt()
     return (x.abs() + mean.abs()) * rstd
+
+
+class FunctionalNormRule(NormRule):
+    """``F.layer_norm(x, normalized_shape, w, b, eps)`` (``groups`` 0) or
+    ``F.group_norm(x, groups, w, b, eps)`` called in a module's own ``forward``."""
+
+    def __init__(self, normalized_shape: tuple[int, ...] | None, groups: int, eps: float) -> None:
+        self.spec = (normalized_shape, groups, eps)
+
+    def _spec(self, call: LayerCall) -> tuple[tuple[int, ...] | None, int, float]:
+        return self.spec
+
+
+_FUNCTIONAL: dict[tuple, FunctionalNormRule] = {}
+
+
+def functional_norm_rule(normalized_shape: tuple[int, ...] | None, groups: int, eps: float) -> NormRule:
+    """The rule for an ``F.layer_norm`` (``normalized_shape``) or ``F.group_norm``
+    (``groups``; ``normalized_shape`` None) call with this ``eps``."""
+    key = (normalized_shape, groups, eps)
+    if key not in _FUNCTIONAL:
+        _FUNCTIONAL[key] = FunctionalNormRule(normalized_shape, groups, eps)
+    return _FUNCTIONAL[key]
 
 
 _NORM = NormRule()
