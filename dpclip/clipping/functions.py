@@ -22,6 +22,8 @@ model's forward. It records:
   another dimension, a broadcasting add/sub/mul/div of as many dimensions), and
   ``p.expand_as(x)`` at once: the broadcast rule, from the gradient of the expanded view;
 - ``F.prelu(x, w)`` with a trainable w of such a module: the PReLU rule;
+- ``F.conv1d/2d/3d`` with a trainable weight or bias of such a module on a batch-first
+  x (a convolution subclass with its own ``forward``, a bare call): the convolution rule;
 - ``F.layer_norm`` / ``F.group_norm`` with a trainable weight or bias of such a module
   on a batch-first x (a LayerNorm subclass with its own ``forward``, such as ConvNeXt's
   channels-first one): the normalisation rule;
@@ -68,6 +70,7 @@ from dpclip.clipping.recording import LayerCall, Unit
 from dpclip.clipping.rules import Rule, Target
 from dpclip.clipping.rules.broadcast import BROADCAST, per_example_shape
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
+from dpclip.clipping.rules.conv import functional_conv_rule
 from dpclip.clipping.rules.embedding import EmbeddingRule, embedding_rule
 from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR, LINEAR
 from dpclip.clipping.rules.norm import functional_norm_rule
@@ -104,6 +107,8 @@ _NORMALISING = {
     F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
     F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
 }
+#: Convolutions, by their number of spatial dimensions.
+_CONVOLVING = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 #: Functions that may give a view of a parameter with dimensions of size 1 added or dropped.
 _VIEWING = frozenset(
     {
@@ -473,6 +478,8 @@ class FunctionRecorder(TorchFunctionMode):
             return self._prelu(args, watched)
         if func in _NORMALISING:
             return self._norm(func, args, kwargs, watched)
+        if func in _CONVOLVING:
+            return self._conv(func, args, kwargs, watched)
         if func in _BROADCAST_ARITHMETIC and not kwargs and len(args) == 2:  # (alpha=…: not)
             recorded = None
             if func in _SCALING:
@@ -585,6 +592,47 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = func(*args, **kwargs)
+        owner = self._owner[id(watched[0])][1]
+        self._records.append(LayerCall(rule, owner.module, [x.detach()], result, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
+
+    def _conv(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
+        """``F.conv1d/2d/3d(x, w, b, stride, padding, dilation, groups)`` with watched w, b,
+        a batch-first x and padding given as numbers or "valid": the convolution rule."""
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, args))
+        if len(args) > len(names) or any(k not in names or k in bound for k in kwargs):
+            return None
+        bound.update(kwargs)
+        x, weight = bound.get("input"), bound.get("weight")
+        n = _CONVOLVING[func]
+        if (
+            not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
+            or self.batch == 0 or x.dim() != n + 2 or x.shape[0] != self.batch
+            or any(t is x for t in watched)
+        ):
+            return None
+
+        def spatial(v: Any, default: int) -> tuple[int, ...] | None:
+            v = default if v is None else v
+            if isinstance(v, int):
+                return (v,) * n
+            v = tuple(v)
+            return v if len(v) == n and all(isinstance(i, int) for i in v) else None
+
+        padding = bound.get("padding", 0)
+        padding = 0 if padding == "valid" else padding  # ("same": uneven padding, not here)
+        stride, dilation = spatial(bound.get("stride"), 1), spatial(bound.get("dilation"), 1)
+        padding = None if isinstance(padding, str) else spatial(padding, 0)
+        groups = bound.get("groups", 1)
+        if stride is None or dilation is None or padding is None or not isinstance(groups, int):
+            return None
+        targets = self._targets({"weight": weight, "bias": bound.get("bias")}, watched)
+        if targets is None:
+            return None
+        result = func(*args, **kwargs)
+        rule = functional_conv_rule(weight.shape, stride, padding, dilation, groups)
         owner = self._owner[id(watched[0])][1]
         self._records.append(LayerCall(rule, owner.module, [x.detach()], result, targets, owner.strategy))
         self._batched[id(result)] = weakref.ref(result)

@@ -107,6 +107,57 @@ def test_transposed_convolution_given_an_output_size_matches_reference(clipping)
     _assert_exact(lambda: nn.ConvTranspose2d(6, 4, 3, stride=(2, 3), padding=1), (4, 3), clipping, (8, 8))
 
 
+class OwnForward(nn.Conv2d):
+    """A convolution subclass whose own forward calls ``F.conv2d`` (no rule by type)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
+
+
+class BareConv1d(nn.Module):
+    """``F.conv1d`` with keyword arguments on a parameter of a module without a rule;
+    ``padding="same"`` (uneven for an even kernel) is not recorded: the exact graph path."""
+
+    def __init__(self, padding: str | int) -> None:
+        super().__init__()
+        self.out_channels = 4
+        self.weight = nn.Parameter(0.3 * torch.randn(4, 3, 2))
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv1d(x, self.weight, stride=1 if self.padding == "same" else 2,
+                                    padding=self.padding, dilation=2, groups=2)
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+@pytest.mark.parametrize("make, spatial, name", [
+    (lambda: OwnForward(6, 4, 3, stride=2, padding=(1, 2), groups=2), (7, 6), "own-forward"),
+    (lambda: BareConv1d(1), (11,), "bare-conv1d"),
+    (lambda: BareConv1d("valid"), (11,), "bare-conv1d-valid"),
+])
+def test_convolution_called_in_a_modules_own_forward_takes_the_convolution_rule(make, spatial, name, clipping):
+    torch.manual_seed(0)
+    model = Net(make()).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, *spatial, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (5,), generator=gen)
+    clipper = assert_clipped_sum_matches_reference(model, x, y, clipping, rtol=1e-9, atol=1e-12)
+    layer = next(lp for lp in clipper.plan().layers if lp.layer == "layer")
+    assert (layer.rule, layer.strategy) == ("functional conv", clipping.replace("_", "-"))
+
+
+def test_same_padding_in_a_bare_convolution_takes_the_graph_path_exactly():
+    torch.manual_seed(0)
+    model = Net(BareConv1d("same")).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, 11, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (5,), generator=gen)
+    with pytest.warns(dpclip.SlowClippingWarning, match="'layer'"):
+        clipper = assert_clipped_sum_matches_reference(model, x, y, "auto", rtol=1e-9, atol=1e-12)
+    assert next(lp for lp in clipper.plan().layers if lp.layer == "layer").rule == GRAPH_PATH
+
+
 class ConvZoo(nn.Module):
     """A reflect-padded "same" convolution, a circular depthwise one with a stride, a
     grouped transposed one and a head, on make_data("cnn") inputs [B, 1, 8, 8]."""

@@ -25,7 +25,8 @@ block-diagonal over the G groups, so ‖∇W ℓ_i‖² is the sum of the groups
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -39,8 +40,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConvRule",
+    "ConvSpec",
     "ConvTransposeRule",
+    "FunctionalConvRule",
     "conv_patches",
+    "functional_conv_rule",
     "grouped_gram_sq_norm",
     "per_sample_conv_weight",
 ]
@@ -133,11 +137,16 @@ class ConvRule(Rule):
     """``nn.Conv1d/2d/3d``: any ``padding_mode``, numbers or "same"/"valid" padding,
     stride, dilation, groups (depthwise included)."""
 
+    def _conv(self, call: LayerCall) -> Any:
+        """The convolution's configuration: kernel_size, stride, padding, dilation, groups,
+        padding_mode, weight (its shape). The module's own, here."""
+        return call.module
+
     def _operands(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """(u, v, zero padding) of the convolution whose weight gradient this is (module
         docstring), in the output gradient's dtype: the input as the layer used it
         (rounded to bfloat16 under autocast)."""
-        conv = call.module
+        conv = self._conv(call)
         g = call.backprop
         x = call.activations[0].to(g.dtype)
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
@@ -157,7 +166,8 @@ class ConvRule(Rule):
     def costs(self, call: LayerCall) -> tuple[float, float]:
         # per group a linear layer over T positions: d = a patch's size, p = its outputs
         # (both rules' weight is [v's channels, u's channels / G, *kernel])
-        groups, weight = call.module.groups, call.module.weight
+        conv = self._conv(call)
+        groups, weight = conv.groups, conv.weight
         t, d, p = self._positions(call), weight[0].numel(), weight.shape[0] // groups
         # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
         return (
@@ -169,7 +179,7 @@ class ConvRule(Rule):
         g = call.backprop
         total = torch.zeros(g.shape[0], dtype=norm_dtype(g.dtype), device=g.device)
         if "weight" in call.targets:
-            conv = call.module
+            conv = self._conv(call)
             u, v, padding = self._operands(call)
             a = conv_patches(u, conv.kernel_size, conv.stride, padding, conv.dilation, v.shape[2:])
             total = total + grouped_gram_sq_norm(a, v.flatten(2).transpose(1, 2), conv.groups)
@@ -181,7 +191,7 @@ class ConvRule(Rule):
         g = call.backprop
         out = {}
         if "weight" in call.targets:
-            conv = call.module
+            conv = self._conv(call)
             u, v, padding = self._operands(call)
             out["weight"] = per_sample_conv_weight(
                 u, v, conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups
@@ -203,7 +213,7 @@ class ConvRule(Rule):
 
     def _weight_grad(self, call: LayerCall, g: torch.Tensor) -> torch.Tensor:
         """∇W of Σ_i ⟨output_i, g_i⟩, in g's dtype."""
-        conv = call.module
+        conv = self._conv(call)
         u, _, padding = self._operands(call)
         no_output_padding = [0] * len(padding)
         return _convolution_weight_grad(conv, u.to(g.dtype), g, padding, False, no_output_padding)
@@ -215,13 +225,13 @@ class ConvTransposeRule(ConvRule):
 
     def _operands(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         g = call.backprop
-        return g, call.activations[0].to(g.dtype), call.module.padding
+        return g, call.activations[0].to(g.dtype), self._conv(call).padding
 
     def _positions(self, call: LayerCall) -> int:
         return call.activations[0][0, 0].numel()
 
     def _weight_grad(self, call: LayerCall, g: torch.Tensor) -> torch.Tensor:
-        conv = call.module
+        conv = self._conv(call)
         x = call.activations[0].to(call.backprop.dtype).to(g.dtype)
         # the positions the forward added at the end, from the shapes: the module's
         # output_padding, or what an output_size argument asked for
@@ -259,6 +269,50 @@ def _convolution_weight_grad(
         conv.groups,
         (False, True, False),
     )[1]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The configuration of an ``F.conv1d/2d/3d`` call (zero padding given as numbers):
+    what ``ConvRule`` reads from a module."""
+
+    weight: torch.Tensor  # on the meta device: the weight's shape only
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str = "zeros"
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+
+class FunctionalConvRule(ConvRule):
+    """``F.conv1d/2d/3d(x, w, b, stride, padding, dilation, groups)`` called in a module's
+    own ``forward`` (a convolution subclass that computes its weight first, a bare call),
+    recorded from the operation by ``dpclip.clipping.functions``."""
+
+    def __init__(self, spec: ConvSpec) -> None:
+        self.spec = spec
+
+    def _conv(self, call: LayerCall) -> ConvSpec:
+        return self.spec
+
+
+_FUNCTIONAL: dict[tuple, FunctionalConvRule] = {}
+
+
+def functional_conv_rule(
+    weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], groups: int,
+) -> FunctionalConvRule:
+    """The rule for an ``F.conv*d`` call with this weight shape and configuration."""
+    key = (tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation), groups)
+    if key not in _FUNCTIONAL:
+        meta = torch.empty(key[0], device="meta")
+        _FUNCTIONAL[key] = FunctionalConvRule(ConvSpec(meta, key[1], key[2], key[3], groups))
+    return _FUNCTIONAL[key]
 
 
 # exact types: a subclass may compute something else in its own forward
