@@ -49,7 +49,8 @@ Machine: {env.get('machine')} {env.get('processor') or ''}, {env.get('cpus')} CP
 Python {env.get('python')}, torch {env.get('torch')}, opacus {env.get('opacus')}, dpclip {env.get('dpclip')}.
 Logical batch L = {LOGICAL_BATCH} (Poisson, the same batches for every method), σ = 1, C = 1,
 2 torch threads; (warm-up, timed) steps: {', '.join(f'{m} {w}+{s}' for m, (w, s) in STEPS.items())};
-{args.repeats} repeat(s), methods interleaved, each run in its own process. Models:
+{args.repeats} repeat(s), methods interleaved, each run in its own process (all under the
+malloc setting dpclip's make_private applies, `dpclip/allocator.py`). Models:
 MLP 784-512-256-10; CNN (two 5×5 conv + GroupNorm blocks, 28×28 input); transformer
 (2 × `nn.TransformerEncoderLayer`, d = 128, 4 heads, sequence 64; Opacus runs it with
 `DPMultiheadAttention` swapped in, dpclip as built). Whole run: {{minutes:.1f}} minutes.

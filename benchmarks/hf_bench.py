@@ -111,7 +111,8 @@ sequences of 64 tokens, ViT on 32×32 images in 4×4 patches; LoRA r = 8 on the 
 projections (its non-private row trains the same LoRA model). Logical batch L = {LOGICAL_BATCH}
 (Poisson, q = {LOGICAL_BATCH}/{hf_workloads.SIZE}, the same batches for every method) in
 micro-batches of B = {MICRO_BATCH} (k = 4), σ = 1, C = 1; {warmup} warm-up + {steps} timed steps,
-{repeats} repeat(s), methods interleaved, each run in its own process.
+{repeats} repeat(s), methods interleaved, each run in its own process, all under the malloc
+setting dpclip's make_private applies (`dpclip/allocator.py`).
 
 Times: {measure_text}; median over repeats of each run's median step (min–max of the run
 medians in brackets). Bounds are the issue's. `max abs update diff`: the first update with
