@@ -203,6 +203,16 @@ def _one_hot(g: torch.Tensor) -> torch.Tensor:
     return eye.view(b, b, *([1] * (g.dim() - 1))) * g.unsqueeze(0)
 
 
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """A call's arguments by parameter name (``names`` in order); None for a call that
+    does not fit them."""
+    bound = dict(zip(names, args))
+    if len(args) > len(names) or any(k not in names or k in bound for k in kwargs):
+        return None
+    bound.update(kwargs)
+    return bound
+
+
 def _tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     out = []
     for a in (*args, *kwargs.values()):
@@ -497,6 +507,16 @@ class FunctionRecorder(TorchFunctionMode):
             return None
         return {r: (self._owner[id(self._parameter(t))][0], None) for r, (t, _) in targets.items()}
 
+    def _record_call(self, rule: Rule, param: torch.Tensor, activations: list, output: torch.Tensor,
+                     targets: dict[str, Target], result: torch.Tensor) -> torch.Tensor:
+        """Record ``rule``'s call (gradient taken at ``output``) for the unit owning
+        ``param`` (or the parameter it is a view of); ``result``, what the model gets,
+        carries the batch."""
+        owner = self._owner[id(self._parameter(param))][1]
+        self._records.append(LayerCall(rule, owner.module, activations, output, targets, owner.strategy))
+        self._batched[id(result)] = weakref.ref(result)
+        return result
+
     def _parameter(self, t: torch.Tensor) -> torch.Tensor:
         """The parameter a watched tensor is, or is a view of."""
         view = self._views.get(id(t))
@@ -560,21 +580,16 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = func(*args)
-        owner = self._owner[id(self._parameter(param))][1]
         rule, activations = (SCALE, [x.detach()]) if role == "weight" else (SHIFT, [])
-        self._records.append(LayerCall(rule, owner.module, activations, result, targets, owner.strategy))
-        self._batched[id(result)] = weakref.ref(result)
-        return result
+        return self._record_call(rule, param, activations, result, targets, result)
 
     def _norm(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
         """``F.layer_norm(x, shape, w, b, eps)`` / ``F.group_norm(x, groups, w, b, eps)``
         with watched w, b and a batch-first x not normalised over its batch dimension:
         the normalisation rule."""
-        names = _NORMALISING[func]
-        bound = dict(zip(names, args))
-        if len(args) > len(names) or any(k not in names or k in bound for k in kwargs):
+        bound = _bind(_NORMALISING[func], args, kwargs)
+        if bound is None:
             return None
-        bound.update(kwargs)
         x = bound.get("input")
         if not isinstance(x, torch.Tensor) or self.batch == 0 or x.dim() < 2 or x.shape[0] != self.batch:
             return None
@@ -592,19 +607,14 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = func(*args, **kwargs)
-        owner = self._owner[id(watched[0])][1]
-        self._records.append(LayerCall(rule, owner.module, [x.detach()], result, targets, owner.strategy))
-        self._batched[id(result)] = weakref.ref(result)
-        return result
+        return self._record_call(rule, watched[0], [x.detach()], result, targets, result)
 
     def _conv(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
         """``F.conv1d/2d/3d(x, w, b, stride, padding, dilation, groups)`` with watched w, b,
         a batch-first x and padding given as numbers or "valid": the convolution rule."""
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        bound = dict(zip(names, args))
-        if len(args) > len(names) or any(k not in names or k in bound for k in kwargs):
+        bound = _bind(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, kwargs)
+        if bound is None:
             return None
-        bound.update(kwargs)
         x, weight = bound.get("input"), bound.get("weight")
         n = _CONVOLVING[func]
         if (
@@ -633,10 +643,7 @@ class FunctionRecorder(TorchFunctionMode):
             return None
         result = func(*args, **kwargs)
         rule = functional_conv_rule(weight.shape, stride, padding, dilation, groups)
-        owner = self._owner[id(watched[0])][1]
-        self._records.append(LayerCall(rule, owner.module, [x.detach()], result, targets, owner.strategy))
-        self._batched[id(result)] = weakref.ref(result)
-        return result
+        return self._record_call(rule, watched[0], [x.detach()], result, targets, result)
 
     def _broadcast(self, func, args: tuple, watched: list) -> Any:
         """``x ∘ p`` or ``p ∘ x`` (add, sub, mul, div) with one watched parameter p that
@@ -656,12 +663,9 @@ class FunctionRecorder(TorchFunctionMode):
             return None
         expanded = param.reshape(1, *rows).expand(self.batch, *rows)
         result = func(expanded, b) if a is param else func(a, expanded)
-        owner = self._owner[id(self._parameter(param))][1]
         # a view of the parameter (``w[:, None, None]``) is broadcast as the view's shape says
         shape = [] if param is self._parameter(param) else [param.detach()]
-        self._records.append(LayerCall(BROADCAST, owner.module, shape, expanded, targets, owner.strategy))
-        self._batched[id(result)] = weakref.ref(result)
-        return result
+        return self._record_call(BROADCAST, param, shape, expanded, targets, result)
 
     def _expand(self, args: tuple, watched: list) -> Any:
         """``p.expand(B, …)`` of one watched parameter p with a leading dimension of size 1
@@ -697,10 +701,7 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = torch.Tensor.expand_as(param, x)
-        owner = self._owner[id(param)][1]
-        self._records.append(LayerCall(BROADCAST, owner.module, [], result, targets, owner.strategy))
-        self._batched[id(result)] = weakref.ref(result)
-        return result
+        return self._record_call(BROADCAST, param, [], result, targets, result)
 
     def _prelu(self, args: tuple, watched: list) -> Any:
         """``F.prelu(x, w)`` with a trainable w and a batch-first x: the PReLU rule."""
@@ -714,10 +715,7 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = torch.prelu(x, weight)
-        owner = self._owner[id(weight)][1]
-        self._records.append(LayerCall(PRELU, owner.module, [x.detach()], result, targets, owner.strategy))
-        self._batched[id(result)] = weakref.ref(result)
-        return result
+        return self._record_call(PRELU, weight, [x.detach()], result, targets, result)
 
     def _embedding(self, args: tuple, kwargs: dict, batched: bool, watched: list) -> Any:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

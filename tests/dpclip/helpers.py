@@ -14,6 +14,20 @@ import dpclip
 from tests.dpclip.models import MODELS, make_data, reference_update
 
 
+class Around(nn.Module):
+    """A layer under test in context: proj (Linear d_in -> d) -> inner -> tanh -> mean over
+    positions -> head (Linear d -> classes); ``inner`` maps [B, T, d] to [B, T', d]."""
+
+    def __init__(self, inner: nn.Module, d_in: int, d: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d)
+        self.inner = inner
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(self.proj(x))).mean(dim=1))
+
+
 @dataclass
 class Run:
     engine: dpclip.PrivacyEngine

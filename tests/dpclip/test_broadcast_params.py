@@ -23,24 +23,14 @@ from dpclip.clipping.rules.bilinear import BILINEAR
 from dpclip.clipping.rules.broadcast import BROADCAST
 from dpclip.clipping.rules.linear import LINEAR
 from dpclip.clipping.rules.prelu import PRELU
-from tests.dpclip.helpers import assert_clipped_sum_matches_reference, make_run, train_logical_batch
+from tests.dpclip.helpers import Around, assert_clipped_sum_matches_reference, make_run, train_logical_batch
 
 B, T, D_IN, D, CLASSES = 4, 5, 3, 6, 3
 STRATEGIES = ["ghost", "per_sample"]
 
 
-class Net(nn.Module):
-    """proj -> inner -> tanh -> mean over positions -> head; ``inner`` maps [B, T, D] to
-    [B, T', D]."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.proj = nn.Linear(D_IN, D)
-        self.inner = inner
-        self.head = nn.Linear(D, CLASSES)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.inner(self.proj(x))).mean(dim=1))
+def Net(inner: nn.Module) -> Around:  # noqa: N802 - a model, named like one
+    return Around(inner, D_IN, D, CLASSES)
 
 
 def _assert_exact(model: nn.Module, clipping: str, x: torch.Tensor | None = None) -> PerSampleClipper:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from dpclip import PerSampleClipper
 from dpclip.clipping.recording import GraphCall, LayerCall
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
-from tests.dpclip.helpers import assert_clipped_sum_matches_reference
+from tests.dpclip.helpers import Around, assert_clipped_sum_matches_reference
 
 T, D_IN, D, CLASSES = 5, 4, 6, 3
 
@@ -68,20 +68,13 @@ class ShiftByExp(ScaleShift):
         return x * self.weight + self.bias.exp()
 
 
-class Net(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.proj = nn.Linear(D_IN, D)
-        self.inner = inner
-        self.head = nn.Linear(D, CLASSES)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.inner(self.proj(x))).mean(dim=1))
+def Net(inner: nn.Module) -> Around:  # noqa: N802 - a model, named like one
+    return Around(inner, D_IN, D, CLASSES)
 
 
 def _assert_exact(
     inner: nn.Module, clipping: str, dtype: torch.dtype = torch.float64, batch: int = 4
-) -> tuple[Net, PerSampleClipper, torch.Tensor]:
+) -> tuple[Around, PerSampleClipper, torch.Tensor]:
     """dpclip's clipped sum and norms equal torch.func's at C = the median per-example norm."""
     torch.manual_seed(0)
     model = Net(inner).to(dtype)
@@ -94,7 +87,7 @@ def _assert_exact(
     return model, clipper, x
 
 
-def _inner_calls(model: Net, clipper: PerSampleClipper) -> tuple[list[LayerCall], list[GraphCall]]:
+def _inner_calls(model: Around, clipper: PerSampleClipper) -> tuple[list[LayerCall], list[GraphCall]]:
     calls = clipper.recorder.calls
     layers = [c for c in calls if isinstance(c, LayerCall) and c.module is model.inner]
     return layers, [c for c in calls if isinstance(c, GraphCall)]
