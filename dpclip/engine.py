@@ -34,6 +34,7 @@ from accounting.events import validate_int, validate_positive
 from dpclip.allocator import keep_freed_memory
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import ClippingPlan, PerSampleClipper, validate_clipping, validate_module
+from dpclip.clipping.memory import check_memory
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer, LogicalBatchError
 from dpclip.report import PrivacyReport, make_report
@@ -303,6 +304,7 @@ class PrivacyEngine:
         target_delta: float | None = None,
         clipping: str | Mapping[str, str] = "auto",
         check_independence: bool = True,
+        memory: str = "auto",
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """Wrap the training objects; returns (module, optimizer, criterion, data_loader).
 
@@ -355,6 +357,14 @@ class PrivacyEngine:
                 no-grad forward and criterion call, once per run
                 (``dpclip.independence``). Turn it off only for a model you know
                 computes each example's outputs from its own inputs alone.
+            memory: what the clipping keeps between the backward and the clipped
+                sum (``dpclip.clipping.memory``): "fast" keeps every layer's output
+                gradient (one backward pass; peak memory about activations plus
+                output gradients), "low" takes each layer's norm as its output
+                gradient arrives and drops it, then gets the clipped sum from a
+                second backward of Σ c_i·ℓ_i (peak memory about non-private
+                training's; one more backward pass), "auto" (default) chooses by
+                the model's shapes. All give the same update up to rounding.
 
         Returns:
             The same module; a ``DPOptimizer`` (step once per logical batch);
@@ -420,6 +430,7 @@ class PrivacyEngine:
                 )
         validate_module(module)
         validate_clipping(module, clipping)
+        check_memory(memory)
         if not isinstance(check_independence, bool):
             raise ValueError(f"Expected check_independence to be True or False, got {check_independence!r}")
         # Frozen parameters of the module may be in the optimizer (one built from
@@ -448,7 +459,7 @@ class PrivacyEngine:
             return self._wrap(
                 module, optimizer, criterion, data_loader, plan, noise_multiplier,
                 max_grad_norm, noise_generator, sample_generator, budget, clipping,
-                check_independence,
+                check_independence, memory,
             )
         except BaseException:
             _CLAIMED.discard(module)
@@ -472,6 +483,7 @@ class PrivacyEngine:
         budget: PrivacyBudget | None,
         clipping: str | Mapping[str, str],
         check_independence: bool,
+        memory: str,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         trainable = [p for p in module.parameters() if p.requires_grad]
         device = trainable[0].device
@@ -513,7 +525,7 @@ class PrivacyEngine:
         self.budget = budget
         self._budget_cache = None
         clipper = PerSampleClipper(
-            module, max_grad_norm, clipping, check_independence=check_independence
+            module, max_grad_norm, clipping, check_independence=check_independence, memory=memory
         )
         try:
             return self._finish_wrap(
@@ -592,6 +604,7 @@ class PrivacyEngine:
         max_epsilon: float | None = None,
         clipping: str | Mapping[str, str] = "auto",
         check_independence: bool = True,
+        memory: str = "auto",
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         """``make_private`` with the smallest σ (this engine's accountant) such that
         ``epochs`` epochs of optimizer steps at q = L/N are (target_epsilon, target_delta)-DP."""
@@ -635,6 +648,7 @@ class PrivacyEngine:
             target_delta=None if max_epsilon is None else target_delta,
             clipping=clipping,
             check_independence=check_independence,
+            memory=memory,
         )
 
     def get_epsilon(self, delta: float, *, no_amplification: bool = False) -> float:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
+from dpclip.clipping.memory import EarlyNorms, check_memory, recomputable
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
@@ -140,9 +142,13 @@ class PerSampleClipper:
         max_grad_norm: float,
         clipping: str | Mapping[str, str] = "auto",
         check_independence: bool = True,
+        memory: str = "auto",
     ) -> None:
         validate_module(module)
         check_strategies(clipping)
+        check_memory(memory)
+        #: "fast", "low" or "auto" (``dpclip.clipping.memory``)
+        self.memory = memory
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
         self.units = build_units(module, clipping)
@@ -261,7 +267,8 @@ class PerSampleClipper:
         batch = loss_per_sample.shape[0]
         # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit
         eps = rounding_eps(
-            t.dtype for c in calls for t in (c.outputs if isinstance(c, GraphCall) else [c.output])
+            c.dtype if isinstance(c, LayerCall) else t.dtype
+            for c in calls for t in (c.outputs if isinstance(c, GraphCall) else [c.output])
         )
         # the first few micro-batches are measured per layer, for the plan
         meter = self.meter if self.meter.measuring else None
@@ -269,16 +276,23 @@ class PerSampleClipper:
             meter.begin(loss_per_sample.device)
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"), timed(meter, None):
-            layer_calls, graph_calls, full = self._backward(loss_per_sample, calls, batch)
+            layer_calls, graph_calls, full, early = self._backward(loss_per_sample, calls, batch, meter)
         # the audit's rounding scale needs the calls' tensors, which the norms may release
         scales = None if full is None else _contribution_scales(layer_calls, graph_calls)
+        if scales is not None:
+            scales.update(early.scales)  # (a parameter's calls are all early, or none)
         with record_function("dpclip.norms"):
-            parts = self._layer_sq_norms(layer_calls, meter)
+            # per-example gradients taken whole (the graph path, groups of calls sharing a
+            # parameter): the norms and the clipped sum both come from these
             graph_grads: dict[nn.Parameter, torch.Tensor] = {}
+            done: set[LayerCall] = set()
+            parts = self._layer_sq_norms(layer_calls, meter, graph_grads, done) + early.parts
+            layer_calls = [c for c in layer_calls if c not in done]
             for call in graph_calls:
                 with timed(meter, call, "per-sample"):
-                    graph_grads.update(graph_per_sample([call]))
-            parts += [row_sq_norms(g) for g in graph_grads.values()]
+                    grads = graph_per_sample([call])
+                parts += [row_sq_norms(g) for g in grads.values()]
+                graph_grads.update(grads)
             norms = _total(parts, batch, norm_dtype(loss_per_sample.dtype), loss_per_sample.device).sqrt()
             bad = int((~torch.isfinite(norms)).sum())
         if bad:
@@ -289,14 +303,21 @@ class PerSampleClipper:
                 "optimizer.step() as usual"
             )
         if full is not None:
-            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch), scales, eps)
+            self._audit(full, layer_calls + early.kept, graph_grads, norms.new_ones(batch), scales, eps, early.own)
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
+        recomputed: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if early.recomputed:
+            # the second backward, before anything is written (it may fail, e.g. out of memory)
+            with record_function("dpclip.second_backward"), timed(meter, None):
+                recomputed = self._second_backward(loss_per_sample, factors, early.recomputed)
         with record_function("dpclip.clipped_sum"):
             self.writing = True  # an error from here on leaves ``out`` partly added to
             result = self._sum(
-                layer_calls, graph_grads, factors, False, {} if out is None else out, meter
+                layer_calls + early.kept, graph_grads, factors, False, {} if out is None else out, meter
             )
+            for p, g in recomputed:
+                _add_into(result, p, g)
             self.writing = False
         if meter is not None:
             meter.finish(batch)
@@ -304,13 +325,33 @@ class PerSampleClipper:
                 warn_slow_layers(self.plan())
         return result
 
+    @staticmethod
+    def _second_backward(
+        loss_per_sample: torch.Tensor, factors: torch.Tensor, calls: list[LayerCall]
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Σ_i c_i ∇ ℓ_i for the parameters of the recomputed calls: the gradient of
+        Σ_i c_i ℓ_i, by a second backward through the graph the first one kept."""
+        params = list(dict.fromkeys(p for c in calls for p, _ in c.targets.values()))
+        weighted = (loss_per_sample.to(factors.dtype) * factors).sum()
+        grads = torch.autograd.grad(weighted, params, allow_unused=True)
+        return [(p, g) for p, g in zip(params, grads) if g is not None]
+
     def _backward(
-        self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int
-    ) -> tuple[list[LayerCall], list[GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None]:
+        self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int,
+        meter: CostMeter | None,
+    ) -> tuple[
+        list[LayerCall], list[GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None, EarlyNorms
+    ]:
         """The one backward pass: gradients of Σ ℓ_i at every recorded output (and, on
         the first micro-batch only, at the trainable parameters, for the audit).
         Lookups without a batch dimension (``BroadcastCall``) become layer calls from the
-        gradients at the places where they met the batch."""
+        gradients at the places where they met the batch.
+
+        The calls ``recomputable`` allows take their norms during the pass, as their
+        output gradients arrive (``EarlyNorms``), and keep only what the clipped sum needs;
+        with ``memory="low"`` nothing, and the graph is kept for the second backward
+        that gives their part of the clipped sum. The others (parameters shared between
+        calls) get their output gradients at the end of the pass."""
         broadcast = [c for c in calls if isinstance(c, BroadcastCall)]
         calls = [c for c in calls if not isinstance(c, BroadcastCall)]
         for call in calls:
@@ -327,38 +368,65 @@ class PerSampleClipper:
                     "forward (e.g. by nn.ReLU(inplace=True) or x += layer(x)); use the "
                     "out-of-place version"
                 )
-        graph_calls = [c for c in calls if isinstance(c, GraphCall)]
-        flat = [t for c in calls for t in ([c.output] if isinstance(c, LayerCall) else c.outputs)]
         audit = self._audit_due
+        layer = [c for c in calls if isinstance(c, LayerCall)]
+        hooked = recomputable(layer)
+        recompute = hooked if self.memory == "low" else set()
+        early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
+        # a hooked call's output is captured only where nothing captured is below it (its
+        # input needs no gradient: a lookup); the pass reaches the others on the way down
+        nodes = {c.edge.node for c in layer}
+        nodes.update(t.grad_fn for c in calls if isinstance(c, GraphCall) for t in c.outputs)
+        captured = [c for c in calls if c not in hooked or not _input_needs_grad(c, nodes)]
+        graph_calls = [c for c in calls if isinstance(c, GraphCall)]
+        flat = [t for c in captured for t in ([c.edge] if isinstance(c, LayerCall) else c.outputs)]
         trainable = [p for p in self.params if p.requires_grad] if audit else []
         met = [t for c in broadcast for t in c.inputs()]
         inputs = flat + met + trainable
-        # the graph path and a lookup's output that met the batch only through other
-        # operations take a second pass through the graph
+        # the graph path, a lookup's output that met the batch only through other
+        # operations, and a second backward take a second pass through the graph
         chained = any(p is not c.output for c in broadcast for p, _, _ in c.meetings)
-        grads = torch.autograd.grad(
-            loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or chained),
-            allow_unused=True,
-        ) if inputs else ()
+        try:
+            grads = torch.autograd.grad(
+                loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or chained or recompute),
+                allow_unused=True,
+            ) if inputs else ()
+        finally:
+            early.remove()
         it = iter(grads[: len(flat)])
         layer_calls: list[LayerCall] = []
         used_graph: list[GraphCall] = []
-        for call in calls:
+        for call in captured:
             if isinstance(call, LayerCall):
-                call.backprop = next(it)
+                g = next(it)
+                if call in hooked:  # a node the pass did not run: its hook did not fire
+                    if g is not None:
+                        early.take(call, g)
+                    continue
+                call.backprop = g
                 if call.backprop is not None:
                     layer_calls.append(call)
             else:
                 call.backprops = [next(it) for _ in call.outputs]
                 if any(b is not None for b in call.backprops):
                     used_graph.append(call)
+        late = [c for c in hooked if c not in captured and not early.took(c)]
+        if late:
+            # no captured tensor below them (an input that requires grad from outside the
+            # model, or an output the loss does not use): their gradients, in a pass of their own
+            for c, g in zip(late, torch.autograd.grad(
+                loss_per_sample.sum(), [c.edge for c in late], retain_graph=True, allow_unused=True,
+            )):
+                if g is not None:
+                    early.take(c, g)
         at = iter(grads[len(flat): len(flat) + len(met)])
         for call in broadcast:
             name = self._owner_name.get(call.targets["weight"][0], "?")
             resolved = resolve_broadcast(call, [next(at) for _ in call.inputs()], batch, name)
             if resolved is not None:
                 layer_calls.append(resolved)
-        if not layer_calls and not used_graph and not audit:  # (the audit says more)
+        taken = early.kept + early.recomputed
+        if not layer_calls and not used_graph and not taken and not audit:  # (the audit says more)
             raise RuntimeError(
                 "the loss depends on no layer call recorded by a forward of the private model "
                 "since the last backward(): it was computed from a forward whose records a "
@@ -366,18 +434,22 @@ class PerSampleClipper:
                 "losses of one forward per example first, loss_a + loss_b), or not from the "
                 "model made private"
             )
-        check_graph_units(used_graph, layer_calls)
-        for call in layer_calls:
-            if call.backprop.dim() == 0 or call.by_example(call.backprop).shape[0] != batch:
-                self._batch_error(call.module, call.output, batch)
+        check_graph_units(used_graph, layer_calls + taken)
+        wrong = early.wrong_batch + [
+            c for c in layer_calls if c.backprop.dim() == 0 or c.by_example(c.backprop).shape[0] != batch
+        ]
+        if wrong:  # the first in the forward's order
+            order = {c: i for i, c in enumerate(calls)}
+            first = min(wrong, key=lambda c: order.get(c, len(order)))
+            self._batch_error(first.module, first.shape, batch)
         for call in used_graph:
             for t, b in zip(call.outputs, call.backprops):
                 if b is not None and (t.dim() == 0 or t.shape[0] != batch):
-                    self._batch_error(call.unit.module, t, batch)
+                    self._batch_error(call.unit.module, tuple(t.shape), batch)
         full = [(p, g) for p, g in zip(trainable, grads[len(flat) + len(met):]) if g is not None]
-        return layer_calls, used_graph, (full if audit else None)
+        return layer_calls, used_graph, (full if audit else None), early
 
-    def _batch_error(self, module: nn.Module, t: torch.Tensor, batch: int) -> None:
+    def _batch_error(self, module: nn.Module, shape: tuple[int, ...], batch: int) -> None:
         name = next((u.name for u in self.units if u.module is module), type(module).__name__)
         forward = self.recorder.forward_batch
         if forward is not None and batch > forward and batch % forward == 0:  # one per token
@@ -389,7 +461,7 @@ class PerSampleClipper:
                 "nn.CrossEntropyLoss on logits.transpose(1, 2) with labels [B, T] (dpclip "
                 "averages each sequence's tokens)"
             )
-        rows = t.shape[0] if t.dim() > 0 else 0
+        rows = shape[0] if shape else 0
         if rows > batch and rows % batch == 0:
             why = ("the model folds the batch into another dimension there (a reshape to "
                    "[B·T, H], or windows [B·W, …]), which dpclip does not attribute to examples")
@@ -399,7 +471,7 @@ class PerSampleClipper:
                    "meeting the batch other than by a broadcasting add/sub/mul/div, where dpclip "
                    "cannot tell each example's share of its gradient, or batch-second")
         raise RuntimeError(
-            f"an output of module {name!r} has shape {tuple(t.shape)} but "
+            f"an output of module {name!r} has shape {tuple(shape)} but "
             f"the loss has {batch} per-sample values: dpclip needs batch-first tensors. Here "
             f"{why}: the model is not supported as built (freeze that module with "
             "requires_grad_(False) to leave it out of training)"
@@ -412,10 +484,17 @@ class PerSampleClipper:
         return list(call.params)
 
     @staticmethod
-    def _layer_sq_norms(calls: list[LayerCall], meter: CostMeter | None = None) -> list[torch.Tensor]:
+    def _layer_sq_norms(
+        calls: list[LayerCall],
+        meter: CostMeter | None,
+        grouped: dict[nn.Parameter, torch.Tensor],
+        done: set[LayerCall],
+    ) -> list[torch.Tensor]:
         """‖g_i‖² contributions, [B] each: a call's own where no other call uses its
         parameters, else one per group of calls whose parameters overlap (each call's work
-        timed by ``meter`` when it measures)."""
+        timed by ``meter`` when it measures). A group's per-example gradients, summed over
+        its calls, go into ``grouped`` ({param: [B, *shape]}), and its calls into ``done``:
+        its clipped sum is taken from those sums."""
         uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
         shared = False
         for call in calls:
@@ -451,9 +530,9 @@ class PerSampleClipper:
             summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
                 with timed(meter, call, "per-sample"):  # summed over the group: never ghost
-                    call.per_sample = call.rule.per_sample_grads(call)
+                    grads = call.rule.per_sample_grads(call)
                 call.release()
-                for role, g in call.per_sample.items():
+                for role, g in grads.items():
                     p, rows = call.targets[role]
                     full = summed.get(p)
                     if full is None:
@@ -464,7 +543,11 @@ class PerSampleClipper:
                         full += g
                     else:
                         full[:, rows] += g
+                del grads  # one call's per-example gradients at a time, besides the sums
             out.append(sum(row_sq_norms(g) for g in summed.values()))
+            # the clipped sum is taken from the group's sums: the calls keep nothing
+            grouped.update(summed)
+            done.update(members)
         return out
 
     @staticmethod
@@ -507,6 +590,7 @@ class PerSampleClipper:
         ones: torch.Tensor,
         scales: dict[nn.Parameter, tuple[torch.Tensor, float]],
         eps: float,
+        own: dict[nn.Parameter, torch.Tensor] | None = None,
     ) -> None:
         """Once, on the first micro-batch: the recorded calls must account for each
         trainable parameter's whole gradient. A weight also used outside its own module
@@ -522,8 +606,10 @@ class PerSampleClipper:
         and passes; a use no record sees is a whole missing contribution, and does not.
         ``eps``: the relative rounding of the layers' arithmetic (bfloat16's under
         autocast, where a float32 parameter's whole gradient comes from a bfloat16 backward).
+        ``own``: the sums (factors 1) of calls whose tensors are already released
+        (``memory="low"``), added to.
         """
-        own = self._sum(layer_calls, graph_grads, ones, retain_graph=True, out={})
+        own = self._sum(layer_calls, graph_grads, ones, retain_graph=True, out=own or {})
         for call in layer_calls:  # the per-example level: holds for rules that are not bilinear
             for role, g in (call.per_sample or {}).items():
                 _add_abs_sum(scales, *call.targets[role], g)
@@ -590,6 +676,31 @@ class PerSampleClipper:
         )
 
 
+def _input_needs_grad(call: LayerCall | GraphCall, recorded: set[Any]) -> bool:
+    """Whether the backward from the call's output goes on below it, to another recorded
+    call or to something other than parameters. Unsure (a deep graph of parameters
+    alone) counts as yes."""
+    return isinstance(call, LayerCall) and _reaches_below(call.edge.node, recorded, 3)
+
+
+def _reaches_below(node: Any, recorded: set[Any], depth: int) -> bool:
+    for nxt, _ in getattr(node, "next_functions", ()):
+        if nxt is None or type(nxt).__name__ == "AccumulateGrad":
+            continue
+        if depth == 0 or nxt in recorded or not nxt.next_functions:
+            return True
+        if _reaches_below(nxt, recorded, depth - 1):
+            return True
+    return False
+
+
+def _add_into(out: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, g: torch.Tensor) -> None:
+    """Add g into the accumulator's p (zeros in ``norm_dtype`` first, if it has none)."""
+    if p not in out:
+        out[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format)
+    out[p].add_(g)
+
+
 def _smallest_normal(eps: float) -> float:
     """The smallest normal number of the floating-point type whose rounding unit is ``eps``."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -610,19 +721,9 @@ def _contribution_scales(
     product of |output gradient| gives it for parameters that enter linearly (a bias, a
     broadcast parameter). The audit adds Σ_i |g_i| where per-example gradients are
     materialised, which bounds |gradient| for any rule."""
-    out: dict[nn.Parameter, torch.Tensor] = {}
-    eps: dict[nn.Parameter, float] = {}
-
-    def target(p: nn.Parameter, rows: slice | None, unit: float) -> torch.Tensor:
-        if p not in out:
-            out[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
-        eps[p] = max(eps.get(p, 0.0), unit)
-        return out[p] if rows is None else out[p][rows]
-
+    scales: dict[nn.Parameter, tuple[torch.Tensor, float]] = {}
     for call in layer_calls:
-        tensors = [call.backprop, *(a for a in call.activations if _floating(a))]
-        unit = max(torch.finfo(t.dtype).eps for t in tensors)
-        call.rule.abs_sum(call, {r: target(p, rows, unit) for r, (p, rows) in call.targets.items()})
+        _add_call_scales(call, scales)
     for call in graph_calls:
         used = [(t, b) for t, b in zip(call.outputs, call.backprops) if b is not None]
         grads = torch.autograd.grad(
@@ -632,8 +733,29 @@ def _contribution_scales(
         unit = max(torch.finfo(b.dtype).eps for _, b in used)
         for p, g in zip(call.params, grads):
             if g is not None:
-                target(p, None, unit).add_(g.abs())
-    return {p: (a, eps[p]) for p, a in out.items()}
+                _scale_target(scales, p, None, unit).add_(g.abs())
+    return scales
+
+
+def _add_call_scales(call: LayerCall, scales: dict[nn.Parameter, tuple[torch.Tensor, float]]) -> None:
+    """Add a rule call's A (``Rule.abs_sum``, and Σ_i |g_i| of per-example gradients it
+    holds) into ``scales``."""
+    tensors = [call.backprop, *(a for a in call.activations if _floating(a))]
+    unit = max(torch.finfo(t.dtype).eps for t in tensors)
+    call.rule.abs_sum(call, {r: _scale_target(scales, p, rows, unit) for r, (p, rows) in call.targets.items()})
+    for role, g in (call.per_sample or {}).items():
+        _add_abs_sum(scales, *call.targets[role], g)
+
+
+def _scale_target(
+    scales: dict[nn.Parameter, tuple[torch.Tensor, float]], p: nn.Parameter, rows: slice | None, unit: float
+) -> torch.Tensor:
+    """p's A in ``scales`` (zeros at first; rows ``rows``), its eps raised to ``unit``."""
+    a, eps = scales.get(p, (None, 0.0))
+    if a is None:
+        a = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
+    scales[p] = (a, max(eps, unit))
+    return a if rows is None else a[rows]
 
 
 def _add_abs_sum(

@@ -210,6 +210,7 @@ class CostMeter:
         self.totals: MicroBatchCosts | None = None
         self._current = MicroBatchCosts()
         self._device: torch.device | None = None
+        self._inner = 0.0  # seconds of layer work measured so far
 
     @property
     def measuring(self) -> bool:
@@ -259,14 +260,15 @@ class CostMeter:
         """Time the block as the work of ``work``'s layer (None: the backward pass); a call
         also records its rule and, if given, the strategy it took."""
         self.sync()
-        start = time.perf_counter()
+        start, inner = time.perf_counter(), self._inner
         yield
         self.sync()
         elapsed = time.perf_counter() - start
         costs = self._current
-        if work is None:
-            costs.backward_seconds += elapsed
+        if work is None:  # less the layers' work timed inside it (norms taken during the pass)
+            costs.backward_seconds += elapsed - (self._inner - inner)
             return
+        self._inner += elapsed
         name = self.layer_of(work)
         costs.seconds[name] = costs.seconds.get(name, 0.0) + elapsed
         if isinstance(work, (LayerCall, GraphCall)):

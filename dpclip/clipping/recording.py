@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
@@ -47,12 +48,17 @@ class LayerCall:
 
     ``targets`` maps the rule's roles ("weight", "bias") to the trainable
     parameters (or row blocks) they fill; frozen ones are left out.
+
+    The output itself is not kept (after the forward only autograd's own saved tensors
+    should hold it): ``edge``, where its gradient enters the graph (the gradient of the
+    output as computed, also if it is changed in place later), and its ``shape`` and
+    ``dtype``.
     """
 
     rule: Rule
     module: nn.Module
     activations: list[Any]
-    output: torch.Tensor
+    output: torch.Tensor | None
     targets: dict[str, Target]
     strategy: str = "auto"
     #: B when rows are ordered (position, example), as inside attention; None: batch first
@@ -60,9 +66,16 @@ class LayerCall:
     backprop: torch.Tensor | None = None
     per_sample: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     versions: tuple[int, ...] = ()
+    edge: GradientEdge | None = field(default=None, repr=False)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        self.versions = self.current_versions()
+        if self.output is not None:
+            self.edge = get_gradient_edge(self.output)
+            self.shape, self.dtype = tuple(self.output.shape), self.output.dtype
+            self.output = None
+            self.versions = self.current_versions()
 
     def by_example(self, t: torch.Tensor) -> torch.Tensor:
         """An activation or output gradient as [B, T, features] (T positions per example)."""
@@ -85,8 +98,8 @@ class LayerCall:
         self.backprop = None
 
     def current_versions(self) -> tuple[int, ...]:
-        """Version counters of the output and the tensor inputs (in-place changes bump them)."""
-        return (self.output._version, *[a._version for a in self.activations if isinstance(a, torch.Tensor)])
+        """Version counters of the tensor inputs (in-place changes bump them)."""
+        return tuple(a._version for a in self.activations if isinstance(a, torch.Tensor))
 
     def uses_ghost(self) -> bool:
         if self.strategy == "per_sample" or not self.rule.has_ghost(self):
@@ -449,21 +462,24 @@ class Recorder:
             if recorder is None:
                 return
             recorder.__exit__(None, None, None)
+            # taken out of the recorder: it must not keep the projections' outputs alive
+            projections, biases, unsupported = recorder.projections, recorder.biases, recorder.unsupported
+            recorder.reset()
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
             ]
             params = tuple(p for p in unit.params if p.requires_grad)
             if not outputs or not params:
                 return
-            if recorder.unsupported is not None or not recorder.projections:
+            if unsupported is not None or not projections:
                 versions = [t._version for t in outputs]
                 self.calls.append(GraphCall(unit, outputs, versions, params))
                 return
-            for x, y, targets, batch in recorder.projections:
+            for x, y, targets, batch in projections:
                 self.calls.append(
                     LayerCall(LINEAR, module, [x], y, targets, unit.strategy, batch_inner=batch)
                 )
-            for expanded, target in recorder.biases:
+            for expanded, target in biases:
                 self.calls.append(
                     LayerCall(BROADCAST, module, [], expanded, {"parameter": target}, unit.strategy)
                 )

@@ -61,6 +61,7 @@ def make_run(
     seed: int = 0,
     model: nn.Module | None = None,
     clipping: str = "auto",
+    memory: str = "auto",
 ) -> Run:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -91,6 +92,7 @@ def make_run(
         noise_generator=torch.Generator().manual_seed(seed + 1),
         sample_generator=torch.Generator().manual_seed(seed + 2),
         clipping=clipping,
+        memory=memory,
     )
     return Run(engine, model, reference_model, dp_opt, crit, loader, x, y)
 
@@ -116,12 +118,15 @@ def assert_clipped_sum_matches_reference(
     _, norms = reference_update(model, params, x, y, 1.0, 1.0)
     max_grad_norm = float(norms.median())
     expected, _ = reference_update(model, params, x, y, max_grad_norm, 1.0)
-    clipper = dpclip.PerSampleClipper(model, max_grad_norm, clipping)
-    got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     names = {p: n for n, p in model.named_parameters()}
-    got = {names[p]: g for p, g in got.items()}
-    assert set(got) == set(expected)
-    for n, e in expected.items():
-        torch.testing.assert_close(got[n], e.to(got[n].dtype), rtol=rtol, atol=atol, msg=n)
-    torch.testing.assert_close(clipper.last_norms, norms.to(clipper.last_norms.dtype), rtol=rtol, atol=0)
+    for memory in ("low", "auto"):  # every memory mode: the same sums (the last clipper stays)
+        clipper = dpclip.PerSampleClipper(model, max_grad_norm, clipping, memory=memory)
+        got = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+        got = {names[p]: g for p, g in got.items()}
+        assert set(got) == set(expected), memory
+        for n, e in expected.items():
+            torch.testing.assert_close(got[n], e.to(got[n].dtype), rtol=rtol, atol=atol, msg=f"{n} ({memory})")
+        torch.testing.assert_close(clipper.last_norms, norms.to(clipper.last_norms.dtype), rtol=rtol, atol=0)
+        if memory == "low":
+            clipper.remove()
     return clipper

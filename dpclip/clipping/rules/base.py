@@ -70,7 +70,6 @@ class Rule:
                 a.abs() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                 for a in call.activations
             ],
-            output=call.output.detach(),
             backprop=call.backprop.abs(),
             per_sample=None,
         )

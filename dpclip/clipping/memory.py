@@ -1,0 +1,174 @@
+"""What the clipper keeps between the backward pass and the clipped sum: the memory modes.
+
+The clipped sum S = Σ_i c_i g_i needs every example's clipping factor c_i, known only
+once every layer's share of ‖g_i‖² is. A layer's share comes from its recorded input
+and the gradient at its output (its *output gradient*). Two ways to get its part of S:
+
+- **keep** ("fast"): hold its input and output gradient (or its per-example gradients)
+  until the factors are known, then add Σ_i c_i g_i from them (one backward pass).
+- **recompute** ("low"): take its share of the norms as its output gradient arrives
+  during the backward, then drop both; its part of S comes from a second backward,
+  of Σ_i c_i ℓ_i, to its parameters (Opacus's two-pass ghost clipping, with a first
+  pass that computes no parameter gradient). The first pass keeps the graph (the
+  activations, as at the start of a non-private backward) for the second; time: one
+  more backward pass.
+
+In both, each call's norm is taken as its output gradient arrives (``EarlyNorms``), and a
+call with per-example gradients keeps those, not its input and output gradient. Calls
+whose parameters other calls use too (tied weights, a layer run twice) are kept in both
+modes: their norm needs per-example gradients summed over the calls.
+
+``memory="auto"`` is "fast" today: measured on the models of the README's memory table,
+"low" peaked lower only where the layers' per-example gradients are large next to the
+activations (T5), at about one more backward pass of time everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from dpclip.clipping.norms import norm_dtype, row_sq_norms
+from dpclip.clipping.plan import CostMeter, timed
+from dpclip.clipping.recording import LayerCall
+
+__all__ = ["MEMORY_MODES", "EarlyNorms", "check_memory", "recomputable"]
+
+#: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
+MEMORY_MODES = ("auto", "fast", "low")
+
+
+def check_memory(memory: str) -> None:
+    """Raise ``ValueError`` unless ``memory`` is one of ``MEMORY_MODES``."""
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"Expected memory to be one of {MEMORY_MODES}, got {memory!r}")
+
+
+def recomputable(calls: Sequence[LayerCall]) -> set[LayerCall]:
+    """The calls whose part of S a second backward can give: those whose parameters no
+    other call of the micro-batch uses (a layer run twice, tied weights, overlapping
+    row blocks need per-example gradients summed over the calls before the norm), and
+    closed over parameters (a parameter's calls are all recomputed, or all kept: the
+    second backward gives a parameter's whole gradient)."""
+    uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
+    for call in calls:
+        for p, rows in call.targets.values():
+            uses.setdefault(p, []).append((call, rows))
+    kept: set[LayerCall] = set()
+    for entries in uses.values():
+        for i, (a, ra) in enumerate(entries):
+            for b, rb in entries[i + 1:]:
+                if ra is None or rb is None or (ra.start < rb.stop and rb.start < ra.stop):
+                    kept.update((a, b))
+    grown = True
+    while grown:  # a kept call keeps every call that shares a parameter with it
+        grown = False
+        for entries in uses.values():
+            if any(c in kept for c, _ in entries) and not all(c in kept for c, _ in entries):
+                kept.update(c for c, _ in entries)
+                grown = True
+    return {c for c in calls if c not in kept}
+
+
+class EarlyNorms:
+    """Norms taken during the backward pass, by hooks on the recorded calls' outputs, as
+    each output gradient arrives; then the call keeps only what its part of S needs.
+
+    A ghost-norm call in ``recompute`` keeps nothing (a second backward gives its part
+    of S); else a ghost-norm call keeps its input and output gradient, and a call with
+    per-example gradients keeps those (recompute: nothing) and releases the rest.
+
+    ``parts``: the calls' [B] contributions to ‖g_i‖²; ``kept``: the calls whose part of
+    S comes from what they keep; ``recomputed``: those (of ``recompute``) whose output
+    got a gradient; ``wrong_batch``: the calls whose output gradient was not batch-first (the
+    clipper raises its error after the pass). With ``audit``, also the audit's sums of
+    contributions (``own``, factors 1, for recomputed calls: the kept ones still have
+    theirs) and of their absolute values (``scales``; ``scales_of`` adds a call's, with its
+    per-example gradients' where it holds them).
+    """
+
+    def __init__(
+        self,
+        calls: set[LayerCall],
+        recompute: set[LayerCall],
+        batch: int,
+        meter: CostMeter | None,
+        audit: bool,
+        scales_of: Callable[[LayerCall, dict], None],
+    ) -> None:
+        self.batch, self.meter, self.recompute = batch, meter, recompute
+        self.parts: list[torch.Tensor] = []
+        self.kept: list[LayerCall] = []
+        self.recomputed: list[LayerCall] = []
+        self.wrong_batch: list[LayerCall] = []
+        self.own: dict[nn.Parameter, torch.Tensor] | None = {} if audit else None
+        self.scales: dict[nn.Parameter, tuple[torch.Tensor, float]] = {}
+        self._audit = audit
+        self._scales_of = scales_of
+        self._taken: set[LayerCall] = set()
+        # a hook on the node the output's gradient enters: it fires when the node runs
+        # (a node the pass does not run is one whose gradient the clipper captures)
+        self._handles = [c.edge.node.register_prehook(self._hook(c)) for c in calls]
+
+    def took(self, call: LayerCall) -> bool:
+        """Whether a gradient of the call's output was taken."""
+        return call in self._taken
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, call: LayerCall) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
+        def hook(grads: tuple[torch.Tensor | None, ...]) -> None:
+            grad = grads[call.edge.output_nr]
+            if grad is not None:
+                self.take(call, grad)
+
+        return hook
+
+    def take(self, call: LayerCall, grad: torch.Tensor) -> None:
+        """The call's share of the norms from its output gradient ``grad``; then it keeps
+        what its part of S needs. Once per call: a second gradient of it is ignored."""
+        if call in self._taken:
+            return
+        self._taken.add(call)
+        call.backprop = grad
+        if grad.dim() == 0 or call.by_example(grad).shape[0] != self.batch:
+            self.wrong_batch.append(call)
+            call.release()
+            return
+        recompute = call in self.recompute
+        if self._audit and not recompute:  # (the audit adds its per-example gradients' part)
+            self._scales_of(call, self.scales)
+        ghost = call.uses_ghost()
+        with timed(self.meter, call, "ghost" if ghost else "per-sample"):
+            if ghost:
+                self.parts.append(call.rule.ghost_sq_norms(call))
+            else:
+                call.per_sample = call.rule.per_sample_grads(call)
+                self.parts.extend(row_sq_norms(g) for g in call.per_sample.values())
+        if not recompute:
+            self.kept.append(call)
+            if not ghost:
+                call.release()
+            return
+        self.recomputed.append(call)
+        if self._audit:
+            self._scales_of(call, self.scales)
+            self._own_sums(call)
+        call.release()
+        call.per_sample = None
+
+    def _own_sums(self, call: LayerCall) -> None:
+        own = self.own
+
+        def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
+            if p not in own:
+                own[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format)
+            return own[p] if rows is None else own[p][rows]
+
+        ones = call.backprop.new_ones(self.batch, dtype=norm_dtype(call.backprop.dtype))
+        call.rule.clipped_sum(call, ones, {r: target(p, rows) for r, (p, rows) in call.targets.items()})
