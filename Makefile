@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-profile
+.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-profile
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench-compare: $(STAMP)
 # "Hugging Face models" section of docs/comparison.md (about 15 minutes on 2 cores).
 bench-hf: $(STAMP)
 	$(BIN)/python -m benchmarks.hf_bench
+
+# Memory (issue 15): peak memory and time of dpclip ("auto" and "low") vs non-private and
+# Opacus ghost+BMM over sequence lengths and widths; the "Memory" section of docs/comparison.md.
+bench-memory: $(STAMP)
+	$(BIN)/python -m benchmarks.memory_bench
 
 # Per-phase time of a dpclip step next to non-private training (MODEL=, B=, CLIPPING=, DEVICE=).
 bench-profile: $(STAMP)

@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--reference", choices=("torch.func", "per-example", "none"), default="torch.func",
                      help="per-sample gradients of the correctness check: torch.func (vmap), "
                           "per-example (one example at a time: models vmap cannot run) or none")
-    cmp.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    cmp.add_argument(
+        "--methods",
+        help="comma-separated subset of the methods (default: all but dpclip-low, dpclip with memory='low')",
+    )
     cmp.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
                      help="write the result as JSON to OUT.json (or print it)")
     cmp.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -270,7 +273,7 @@ def _table(epsilons: dict[str, float | None], unavailable: dict[str, str]) -> st
 def _compare(args: argparse.Namespace) -> tuple[Any, str]:
     from dpclip import compare
 
-    methods = compare.METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(","))
+    methods = compare.DEFAULT_METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(","))
     result = compare.run(
         args.model, logical_batch=args.logical_batch, micro_batch=args.micro_batch, steps=args.steps,
         noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm, methods=methods,

@@ -66,10 +66,16 @@ from dpclip.allocator import keep_freed_memory
 from dpclip.report import json_safe, package_versions
 from dpclip.sampling import split_evenly
 
-__all__ = ["CLOCKS", "COMPARE_SCHEMA", "METHODS", "REFERENCES", "ComparisonResult", "Row", "refusal", "run"]
+__all__ = [
+    "CLOCKS", "COMPARE_SCHEMA", "DEFAULT_METHODS", "METHODS", "REFERENCES", "ComparisonResult", "Row",
+    "refusal", "run",
+]
 
 COMPARE_SCHEMA = "dpclip.compare/1"
-METHODS = ("nonprivate", "opacus-hooks-bmm", "opacus-ghost-bmm", "opacus-ghost-accumulate", "dpclip")
+#: What a comparison runs unless told otherwise.
+DEFAULT_METHODS = ("nonprivate", "opacus-hooks-bmm", "opacus-ghost-bmm", "opacus-ghost-accumulate", "dpclip")
+#: All methods: also "dpclip-low", dpclip with ``memory="low"``.
+METHODS = (*DEFAULT_METHODS, "dpclip-low")
 CLOCKS = ("wall", "cpu")
 REFERENCES = ("torch.func", "per-example", None)
 
@@ -240,7 +246,7 @@ def _setup(method: str, model: nn.Module, criterion: nn.Module, dataset: Dataset
 
         return train, lambda: math.inf, model, ""
 
-    if method == "dpclip":
+    if method in ("dpclip", "dpclip-low"):
         import dpclip
         from dpclip.sampling import GroupedBatchSampler, wrap_data_loader
 
@@ -249,6 +255,7 @@ def _setup(method: str, model: nn.Module, criterion: nn.Module, dataset: Dataset
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), criterion=criterion,
             data_loader=DataLoader(dataset, batch_size=L), noise_multiplier=sigma, max_grad_norm=C,
             max_physical_batch_size=B, noise_generator=noise,
+            memory="low" if method == "dpclip-low" else "auto",
         )
 
         def train(batches: list[list[int]]) -> Iterator[None]:
@@ -429,6 +436,25 @@ class _PeakMemory:
             self.peak_mb = (peak - self._base) / 2**20
 
 
+def allocated_bytes(step: Callable[[], Any]) -> tuple[int, int]:
+    """(peak, net) bytes of torch's live CPU allocations during ``step()``, relative to the
+    level at its start (the profiler's allocation records): what torch code holds, not what
+    the process's allocator keeps mapped, so steadier than the resident set size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [
+        e for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, live
+
+
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -475,7 +501,7 @@ def run(
     steps: int,
     noise_multiplier: float,
     max_grad_norm: float,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     delta: float = 1e-5,
     warmup: int = 1,
     repeats: int = 1,

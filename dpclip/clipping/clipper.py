@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
-from dpclip.clipping.memory import EarlyNorms, check_memory, recomputable
+from dpclip.clipping.memory import KEEPS, EarlyNorms, check_memory, recomputable
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
@@ -289,6 +289,8 @@ class PerSampleClipper:
             parts = self._layer_sq_norms(layer_calls, meter, graph_grads, done) + early.parts
             layer_calls = [c for c in layer_calls if c not in done]
             for call in graph_calls:
+                if meter is not None:
+                    meter.note_keeps(call, KEEPS[False])
                 with timed(meter, call, "per-sample"):
                     grads = graph_per_sample([call])
                 parts += [row_sq_norms(g) for g in grads.values()]
@@ -545,6 +547,9 @@ class PerSampleClipper:
                         full[:, rows] += g
                 del grads  # one call's per-example gradients at a time, besides the sums
             out.append(sum(row_sq_norms(g) for g in summed.values()))
+            if meter is not None:
+                for call in members:
+                    meter.note_keeps(call, "summed per-example gradients")
             # the clipped sum is taken from the group's sums: the calls keep nothing
             grouped.update(summed)
             done.update(members)
@@ -782,6 +787,8 @@ def _own_sq_norms(call: LayerCall, meter: CostMeter | None, out: list[torch.Tens
     per-sample gradients, which stay on the call for the clipped sum while its
     activations are released)."""
     ghost = call.uses_ghost()
+    if meter is not None:
+        meter.note_keeps(call, KEEPS[ghost])
     with timed(meter, call, "ghost" if ghost else "per-sample"):
         if ghost:
             out.append(call.rule.ghost_sq_norms(call))

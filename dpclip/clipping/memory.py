@@ -38,6 +38,9 @@ __all__ = ["MEMORY_MODES", "EarlyNorms", "check_memory", "recomputable"]
 
 #: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
 MEMORY_MODES = ("auto", "fast", "low")
+#: What a kept call holds until the clipped sum, by whether it took a ghost norm (the plan's
+#: ``keeps``).
+KEEPS = {True: "input + output gradient", False: "per-example gradients"}
 
 
 def check_memory(memory: str) -> None:
@@ -150,6 +153,8 @@ class EarlyNorms:
             else:
                 call.per_sample = call.rule.per_sample_grads(call)
                 self.parts.extend(row_sq_norms(g) for g in call.per_sample.values())
+        if self.meter is not None:
+            self.meter.note_keeps(call, "nothing" if recompute else KEEPS[ghost])
         if not recompute:
             self.kept.append(call)
             if not ghost:

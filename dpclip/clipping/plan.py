@@ -96,6 +96,10 @@ class LayerPlan:
             differed, or "decided per call" (``clipping="auto"``, nothing measured yet).
         share: fraction (0..1) of dpclip's backward() time its per-example work took on
             the measured micro-batch; None before one was measured, or if not called.
+        keeps: what it holds from its norm until the clipped sum (``dpclip.clipping.memory``):
+            "per-example gradients", "input + output gradient" (a ghost norm), "nothing"
+            (``memory="low"``: a second backward gives its part), "summed per-example
+            gradients" (calls sharing a parameter); "-" before a micro-batch was measured.
     """
 
     layer: str
@@ -104,6 +108,7 @@ class LayerPlan:
     rule: str
     strategy: str
     share: float | None = None
+    keeps: str = "-"
 
 
 @dataclass(frozen=True)
@@ -149,13 +154,13 @@ class ClippingPlan:
         def pct(share: float | None) -> str:
             return "-" if share is None else f"{100 * share:.1f}%"
 
-        header = ("layer", "type", "parameters", "rule", "strategy", "share")
+        header = ("layer", "type", "parameters", "rule", "strategy", "keeps", "share")
         rows = [
-            (lp.layer, lp.type, ", ".join(lp.parameters), lp.rule, lp.strategy, pct(lp.share))
+            (lp.layer, lp.type, ", ".join(lp.parameters), lp.rule, lp.strategy, lp.keeps, pct(lp.share))
             for lp in self.layers
         ]
         if self.micro_batches is not None:
-            rows.append(("(backward pass)", "", "", "", "", pct(self.backward_share)))
+            rows.append(("(backward pass)", "", "", "", "", "", pct(self.backward_share)))
             first, last = self.micro_batches
             which = f"micro-batch {first}" if first == last else f"micro-batches {first}-{last}"
             title = f"clipping plan (share: of dpclip's backward() on {which}, B={self.batch_size})"
@@ -180,6 +185,7 @@ class MicroBatchCosts:
     seconds: dict[str, float] = field(default_factory=dict)
     rules: dict[str, set[str]] = field(default_factory=dict)
     strategies: dict[str, set[str]] = field(default_factory=dict)
+    keeps: dict[str, set[str]] = field(default_factory=dict)
 
     def add(self, other: MicroBatchCosts) -> None:
         """Add ``other``'s times and rules and strategies into these (its batch size last)."""
@@ -187,7 +193,8 @@ class MicroBatchCosts:
         self.backward_seconds += other.backward_seconds
         for name, t in other.seconds.items():
             self.seconds[name] = self.seconds.get(name, 0.0) + t
-        for mine, theirs in ((self.rules, other.rules), (self.strategies, other.strategies)):
+        for mine, theirs in ((self.rules, other.rules), (self.strategies, other.strategies),
+                             (self.keeps, other.keeps)):
             for name, labels in theirs.items():
                 mine.setdefault(name, set()).update(labels)
 
@@ -253,6 +260,10 @@ class CostMeter:
         if self._device is not None and self._device.type != "cpu":
             torch.accelerator.synchronize(self._device)
 
+    def note_keeps(self, work: LayerCall | GraphCall | nn.Parameter, what: str) -> None:
+        """Record what the call's layer holds until the clipped sum (``LayerPlan.keeps``)."""
+        self._current.keeps.setdefault(self.layer_of(work), set()).add(what)
+
     @contextmanager
     def measure(
         self, work: LayerCall | GraphCall | nn.Parameter | None, strategy: str | None
@@ -302,10 +313,11 @@ def build_plan(units: Sequence[Unit], meter: CostMeter) -> ClippingPlan:
             rule = " + ".join(sorted(rules))
             strategy = " + ".join(sorted(last.strategies.get(u.name, {"per-sample"})))
             share = last.seconds[u.name] / total if total > 0 else 0.0
+            keeps = " + ".join(sorted(last.keeps.get(u.name, {"-"})))
         else:
             rule, strategy = _static(u)
-            share = None
-        layers.append(LayerPlan(u.name or "<root>", type(u.module).__name__, names, rule, strategy, share))
+            share, keeps = None, "-"
+        layers.append(LayerPlan(u.name or "<root>", type(u.module).__name__, names, rule, strategy, share, keeps))
     if last is None:
         return ClippingPlan(tuple(layers))
     backward = last.backward_seconds / total if total > 0 else 0.0

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 import dpclip
+from dpclip.compare import allocated_bytes
 from dpclip.workloads import Transformer, transformer
 from tests.dpclip.helpers import make_run, train_logical_batch
 from tests.dpclip.test_engine import _assert_update_matches, _micro_batches
@@ -67,22 +67,6 @@ def test_unknown_memory_mode_is_refused_before_anything_changes(memory):
             noise_multiplier=1.0, max_grad_norm=1.0, memory=memory,
         )
     assert not model._forward_hooks and engine.steps == 0
-
-
-def allocated_bytes(step) -> tuple[int, int]:
-    """(peak, net) of torch's live CPU allocations during ``step()``, relative to the level
-    at its start: the peak, and what is still allocated at its end."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [
-        e for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU
-    ]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak, live
 
 
 def _micro_batch_peaks(memory: str | None, batch: int = 16) -> int:

@@ -129,7 +129,7 @@ def test_plan_shows_the_strategy_each_layer_took(clipping, expected):
     assert {lp.layer: lp.strategy for lp in clipper.plan().layers} == expected
 
 
-def _private(model, kind, n=16, batch_size=4):
+def _private(model, kind, n=16, batch_size=4, memory="auto", clipping="auto"):
     x, y = make_data(kind, n, torch.Generator().manual_seed(0), torch.float32)
     engine = dpclip.PrivacyEngine(accountant="rdp")
     model, optimizer, criterion, loader = engine.make_private(
@@ -141,8 +141,28 @@ def _private(model, kind, n=16, batch_size=4):
         max_grad_norm=1.0,
         accumulation_steps=2,
         poisson_sampling=False,
+        memory=memory,
+        clipping=clipping,
     )
     return engine, model, optimizer, criterion, loader
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_plan_says_what_each_layer_keeps_until_the_clipped_sum(memory, clipping):
+    torch.manual_seed(0)
+    engine, model, optimizer, criterion, loader = _private(
+        MODELS["mlp"](), "mlp", memory=memory, clipping=clipping
+    )
+    assert {lp.keeps for lp in engine.clipping_plan().layers} == {"-"}  # nothing measured yet
+    xb, yb = next(iter(loader))
+    criterion(model(xb), yb).backward()
+    keeps = {lp.keeps for lp in engine.clipping_plan().layers}
+    expected = "nothing" if memory == "low" else (
+        "input + output gradient" if clipping == "ghost" else "per-example gradients"
+    )
+    assert keeps == {expected}
+    assert expected in str(engine.clipping_plan())
 
 
 def _train(model, optimizer, criterion, loader) -> list[warnings.WarningMessage]:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dpclip import PerSampleClipper
+from dpclip.compare import allocated_bytes
 from tests.dpclip.helpers import make_run, train_logical_batch
 from tests.dpclip.models import MLP, TinyTransformer, make_data, reference_update
-from tests.dpclip.test_memory import allocated_bytes
 
 
 @pytest.mark.parametrize("model_type", [MLP, TinyTransformer])

@@ -1,0 +1,172 @@
+"""Memory and time of dpclip (``memory="auto"`` and ``"low"``) against non-private training
+and Opacus ghost clipping + BatchMemoryManager, over the sizes of the memory issue (issue
+15); writes the "Memory" section of docs/comparison.md.
+
+Run: ``make bench-memory`` (about 6 minutes on 2 cores). Each configuration is a
+workload of this module (``memory_bench:roberta_b16_t64_h64`` …: the Hugging Face
+model of ``benchmarks/hf_workloads.py`` at that sequence length and width, FFN 4×width),
+and each (configuration, method) runs in its own process (``dpclip.compare``). On CPU:
+process CPU time of a logical step (1 torch thread) and the peak resident set size above
+the level after set-up; with ``--device cuda``, wall time and the CUDA allocator's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from benchmarks import hf_workloads
+from benchmarks.hf_bench import _one_line, _version, write_section
+from dpclip import compare
+from dpclip.workloads import Workload, transformer
+
+#: (workload, micro-batch B, sequence length T, width H) of the issue's table; k = 4.
+CONFIGS = (
+    ("roberta", 16, 64, 64), ("roberta", 64, 64, 64), ("roberta", 16, 256, 64), ("roberta", 16, 64, 256),
+    ("llama", 8, 256, 64), ("llama_lora", 8, 64, 64), ("t5", 16, 64, 64),
+    ("transformer", 32, 64, 128), ("transformer", 64, 64, 128),
+)
+K = 4
+WARMUP, STEPS, REPEATS = 2, 3, 3
+OPACUS = "opacus-ghost-bmm"
+METHODS = ("nonprivate", "dpclip", "dpclip-low", OPACUS)
+
+
+def _sized(name: str, seq: int, hidden: int, n: int = 512, seed: int = 0) -> Workload:
+    if name == "transformer":  # the built-in one is 64 tokens, width 128
+        return transformer(n, seed)
+    hf_workloads.SEQ, hf_workloads.HIDDEN, hf_workloads.FFN = seq, hidden, 4 * hidden
+    return hf_workloads.MODELS[name](n, seed)
+
+
+def config_name(name: str, b: int, t: int, h: int) -> str:
+    return f"{name}_b{b}_t{t}_h{h}"
+
+
+for _name, _b, _t, _h in CONFIGS:  # the workload factories ``dpclip.compare`` loads by name
+    globals()[config_name(_name, _b, _t, _h)] = partial(_sized, _name, _t, _h)
+
+
+def measure(config: tuple[str, int, int, int], device: str, repeats: int) -> tuple[compare.ComparisonResult, str | None]:
+    spec = f"benchmarks.memory_bench:{config_name(*config)}"
+    b = config[1]
+    refused = compare.refusal(spec, OPACUS, logical_batch=K * b, micro_batch=b, device=device)
+    methods = tuple(m for m in METHODS if not (refused and m == OPACUS))
+    result = compare.run(
+        spec, logical_batch=K * b, micro_batch=b, steps=STEPS, warmup=WARMUP, repeats=repeats,
+        noise_multiplier=1.0, max_grad_norm=1.0, methods=methods, threads=1,
+        clock="cpu" if device == "cpu" else "wall", reference=None, device=device,
+    )
+    return result, refused
+
+
+def allocation_peaks(config: tuple[str, int, int, int], methods: tuple[str, ...]) -> dict[str, float]:
+    """{method: peak torch CPU allocation of one logical step (MiB)} after two warm-up
+    steps (parameter gradients, optimizer state and the first micro-batch's checks exist
+    by then), each method on a fresh model in this process: the memory torch code holds,
+    which the resident set size shows only through the allocator (``compare.allocated_bytes``)."""
+    work = globals()[config_name(*config)]()
+    b = config[1]
+    cfg = {"device": "cpu", "logical_batch": K * b, "micro_batch": b, "max_grad_norm": 1.0, "seed": 0,
+           "delta": 1e-5}
+    batches = compare._draw_batches(len(work.dataset), K * b, 3, 0)
+    peaks = {}
+    for method in methods:
+        torch.manual_seed(0)
+        train = compare._setup(method, work.model_fn().train(), work.criterion, work.dataset, cfg, 1.0, 0.01)[0]
+        steps = train(batches)
+        next(steps), next(steps)
+        peaks[method] = compare.allocated_bytes(lambda: next(steps))[0] / 2**20
+    return peaks
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}"
+
+
+def table(results: dict[tuple, tuple[compare.ComparisonResult, str | None, dict[str, float]]]) -> str:
+    lines = [
+        "| model | B / T / H | non-private torch peak (MiB) | torch peak × non-private: dpclip / dpclip low "
+        "/ Opacus | non-private RSS peak (MiB) | RSS peak × non-private: dpclip / dpclip low / Opacus "
+        "| time × non-private: dpclip / dpclip low / Opacus |",
+        "|" + "---|" * 7,
+    ]
+    for (name, b, t, h), (result, refused, peaks) in results.items():
+        base = result.row("nonprivate")
+        rows = {r.method: r for r in result.rows}
+        private = ("dpclip", "dpclip-low", OPACUS)
+
+        def three(value: Callable[[str], str]) -> str:
+            return " / ".join(value(m) if m in rows else "refused" for m in private)
+
+        lines.append(
+            f"| {name} | {b} / {t} / {h} | {peaks['nonprivate']:.1f} "
+            f"| {three(lambda m: _ratio(peaks[m], peaks['nonprivate']))} | {base.peak_memory_mb:.1f} "
+            f"| {three(lambda m: _ratio(rows[m].peak_memory_mb, base.peak_memory_mb))} "
+            f"| {three(lambda m: _ratio(rows[m].step_time_s, base.step_time_s))} |"
+        )
+    refusals = {name: r for (name, *_), (_, r, _) in results.items() if r}
+    notes = "".join(f"\nOpacus refuses {name}: {_one_line(r)}\n" for name, r in refusals.items())
+    return "\n".join(lines) + "\n" + notes
+
+
+def section(results: dict, device: str, minutes: float, repeats: int) -> str:
+    env = next(iter(results.values()))[0].environment
+    cpu = device == "cpu"
+    measure_text = (
+        "process CPU time of a logical step (1 torch thread), and the peak resident set size "
+        "above the level after set-up (the kernel's high-water mark and 1 ms sampling)" if cpu else
+        f"wall time of a logical step on {env.get('cuda')}, and the CUDA allocator's peak above "
+        "the level after set-up"
+    )
+    return f"""## Memory{'' if cpu else ' on ' + str(env.get('cuda'))}
+
+Generated by `benchmarks/memory_bench.py` on {env.get('date')} ({minutes:.1f} minutes) — do not edit by hand.
+Python {env.get('python')}, torch {env.get('torch')}, transformers {_version('transformers')},
+opacus {env.get('opacus')}, dpclip {env.get('dpclip')}; {env.get('cpus')} CPUs. Hugging Face
+models of `benchmarks/hf_workloads.py` at sequence length T and width H (FFN 4·H, 2 layers);
+"transformer" is the built-in one (`dpclip.workloads`, T 64, H 128). Logical batch 4·B in
+micro-batches of B (k = 4), σ = 1, C = 1; {WARMUP} warm-up + {STEPS} timed steps, {repeats}
+repeat(s) per method (medians), each run in its own process, methods interleaved, all under the
+malloc setting dpclip's make_private applies.
+dpclip: `memory="auto"` (today "fast": one backward); dpclip low: `memory="low"` (two).
+Measured: {measure_text}; ratios to non-private training of the same model. The torch peak
+is the peak of torch's live CPU allocations during one logical step after two warm-up steps
+(the profiler's allocation records, `dpclip.compare.allocated_bytes`): what the code holds,
+steadier than the resident set size, which also shows how the process's allocator reuses
+memory (it varied by up to ±30% between runs of the same configuration).
+
+{table(results)}"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/comparison.md")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--only", help="comma-separated workload names (default: every configuration)")
+    args = parser.parse_args()
+    only = None if args.only is None else {m.strip() for m in args.only.split(",")}
+    started = time.perf_counter()
+    results = {}
+    for config in CONFIGS:
+        if only is None or config[0] in only:
+            result, refused = measure(config, args.device, args.repeats)
+            peaks = allocation_peaks(config, tuple(r.method for r in result.rows))
+            results[config] = (result, refused, peaks)
+            print(config_name(*config), {r.method: (round(peaks[r.method], 1), round(r.peak_memory_mb, 1),
+                                                    round(r.step_time_s, 4)) for r in result.rows}, flush=True)
+    body = section(results, args.device, (time.perf_counter() - started) / 60, args.repeats)
+    name = "memory" if args.device == "cpu" else f"memory-{args.device}"
+    write_section(Path(args.out), name, body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
