@@ -12,9 +12,9 @@ import torch.nn as nn
 from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
-from dpclip.clipping.memory import KEEPS, EarlyNorms, check_memory, recomputable
+from dpclip.clipping.memory import KEEPS, EarlyNorms, check_memory, recomputable, rows_overlap
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
-from dpclip.clipping.norms import add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
+from dpclip.clipping.norms import accumulator, add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
@@ -267,8 +267,10 @@ class PerSampleClipper:
         batch = loss_per_sample.shape[0]
         # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit
         eps = rounding_eps(
-            c.dtype if isinstance(c, LayerCall) else t.dtype
-            for c in calls for t in (c.outputs if isinstance(c, GraphCall) else [c.output])
+            d for c in calls for d in (
+                [c.dtype] if isinstance(c, LayerCall)
+                else [t.dtype for t in (c.outputs if isinstance(c, GraphCall) else [c.output])]
+            )
         )
         # the first few micro-batches are measured per layer, for the plan
         meter = self.meter if self.meter.measuring else None
@@ -319,7 +321,7 @@ class PerSampleClipper:
                 layer_calls + early.kept, graph_grads, factors, False, {} if out is None else out, meter
             )
             for p, g in recomputed:
-                _add_into(result, p, g)
+                accumulator(result, p).add_(g)
             self.writing = False
         if meter is not None:
             meter.finish(batch)
@@ -519,7 +521,7 @@ class PerSampleClipper:
         for entries in uses.values():
             for i, (a, ra) in enumerate(entries):
                 for b, rb in entries[i + 1:]:
-                    if _overlap(ra, rb):
+                    if rows_overlap(ra, rb):
                         group[find(a)] = find(b)
         groups: dict[LayerCall, list[LayerCall]] = {}
         for call in calls:
@@ -568,15 +570,8 @@ class PerSampleClipper:
         it lacks: a half-precision accumulator would round each example's c_i·g_i); each
         layer's part timed by ``meter`` when it measures."""
 
-        def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
-            if p not in out:
-                out[p] = torch.zeros_like(
-                    p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format
-                )
-            return out[p] if rows is None else out[p][rows]
-
         for call in layer_calls:
-            views = {role: target(p, rows) for role, (p, rows) in call.targets.items()}
+            views = {role: accumulator(out, p, rows) for role, (p, rows) in call.targets.items()}
             with timed(meter, call):
                 call.rule.clipped_sum(call, factors, views)
             if not retain_graph:  # the last use: free as we go (the audit sums twice)
@@ -584,7 +579,7 @@ class PerSampleClipper:
                 call.per_sample = None
         for p, g in graph_grads.items():
             with timed(meter, p):
-                add_weighted(target(p, None), g, factors)
+                add_weighted(accumulator(out, p), g, factors)
         return out
 
     def _audit(
@@ -699,13 +694,6 @@ def _reaches_below(node: Any, recorded: set[Any], depth: int) -> bool:
     return False
 
 
-def _add_into(out: dict[nn.Parameter, torch.Tensor], p: nn.Parameter, g: torch.Tensor) -> None:
-    """Add g into the accumulator's p (zeros in ``norm_dtype`` first, if it has none)."""
-    if p not in out:
-        out[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format)
-    out[p].add_(g)
-
-
 def _smallest_normal(eps: float) -> float:
     """The smallest normal number of the floating-point type whose rounding unit is ``eps``."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -807,7 +795,3 @@ def _total(parts: list[torch.Tensor], batch: int, dtype: torch.dtype, device: to
     return torch.stack(parts).sum(dim=0)
 
 
-def _overlap(a: slice | None, b: slice | None) -> bool:
-    if a is None or b is None:
-        return True
-    return a.start < b.stop and b.start < a.stop

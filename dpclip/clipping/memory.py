@@ -30,11 +30,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import norm_dtype, row_sq_norms
+from dpclip.clipping.norms import accumulator, norm_dtype, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall
 
-__all__ = ["MEMORY_MODES", "EarlyNorms", "check_memory", "recomputable"]
+__all__ = ["KEEPS", "MEMORY_MODES", "EarlyNorms", "check_memory", "recomputable", "rows_overlap"]
 
 #: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
 MEMORY_MODES = ("auto", "fast", "low")
@@ -47,6 +47,13 @@ def check_memory(memory: str) -> None:
     """Raise ``ValueError`` unless ``memory`` is one of ``MEMORY_MODES``."""
     if not isinstance(memory, str) or memory not in MEMORY_MODES:
         raise ValueError(f"Expected memory to be one of {MEMORY_MODES}, got {memory!r}")
+
+
+def rows_overlap(a: slice | None, b: slice | None) -> bool:
+    """Whether two targets of one parameter (None: all its rows) share a row."""
+    if a is None or b is None:
+        return True
+    return a.start < b.stop and b.start < a.stop
 
 
 def recomputable(calls: Sequence[LayerCall]) -> set[LayerCall]:
@@ -63,7 +70,7 @@ def recomputable(calls: Sequence[LayerCall]) -> set[LayerCall]:
     for entries in uses.values():
         for i, (a, ra) in enumerate(entries):
             for b, rb in entries[i + 1:]:
-                if ra is None or rb is None or (ra.start < rb.stop and rb.start < ra.stop):
+                if rows_overlap(ra, rb):
                     kept.update((a, b))
     grown = True
     while grown:  # a kept call keeps every call that shares a parameter with it
@@ -168,12 +175,5 @@ class EarlyNorms:
         call.per_sample = None
 
     def _own_sums(self, call: LayerCall) -> None:
-        own = self.own
-
-        def target(p: nn.Parameter, rows: slice | None) -> torch.Tensor:
-            if p not in own:
-                own[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format)
-            return own[p] if rows is None else own[p][rows]
-
         ones = call.backprop.new_ones(self.batch, dtype=norm_dtype(call.backprop.dtype))
-        call.rule.clipped_sum(call, ones, {r: target(p, rows) for r, (p, rows) in call.targets.items()})
+        call.rule.clipped_sum(call, ones, {r: accumulator(self.own, p, rows) for r, (p, rows) in call.targets.items()})

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 __all__ = [
+    "accumulator",
     "add_weighted",
     "clip_factors",
     "gram_sq_norm",
@@ -91,3 +92,11 @@ def add_weighted(target: torch.Tensor, per_sample: torch.Tensor, factors: torch.
         target.view(-1).addmv_(g.reshape(g.shape[0], -1).t(), c)
     else:
         target.add_(torch.einsum("b,b...->...", c, g))
+
+
+def accumulator(out: dict, p: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """p's entry of the accumulator ``out`` (rows ``rows`` of it), zeros in ``norm_dtype``
+    first if it has none: a half-precision accumulator would round each example's c_i·g_i."""
+    if p not in out:
+        out[p] = torch.zeros_like(p, dtype=norm_dtype(p.dtype), memory_format=torch.contiguous_format)
+    return out[p] if rows is None else out[p][rows]
