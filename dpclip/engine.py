@@ -21,6 +21,7 @@ from opacus.utils.uniform_sampler import (
 from torch.optim import Optimizer
 from torch.utils.data import (
     DataLoader,
+    DistributedSampler,
     RandomSampler,
     SequentialSampler,
     SubsetRandomSampler,
@@ -35,6 +36,7 @@ from dpclip.allocator import keep_freed_memory
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import ClippingPlan, PerSampleClipper, validate_clipping, validate_module
 from dpclip.clipping.memory import check_memory
+from dpclip.distributed import World, agree, inner_module, parameter_fingerprint, shared_seed, stop_ddp_sync, world_of
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer, LogicalBatchError
 from dpclip.report import PrivacyReport, make_report
@@ -92,6 +94,8 @@ class LogicalBatchPlan:
         index_set: which examples Poisson sampling draws from: "all" (the whole
             dataset), or "sha256:…" of the sorted indices the loader's sampler can
             yield (a training split), so a resumed run can check it is the same set.
+        processes: W, the processes training together (``dpclip.distributed``); the
+            micro-batch is per process, L = W·k·B.
     """
 
     dataset_size: int
@@ -102,6 +106,7 @@ class LogicalBatchPlan:
     steps_per_epoch: int
     sampling: Sampling
     index_set: str = "all"
+    processes: int = 1
 
     def event(self, noise_multiplier: float, micro_batches: int, added_uses: int = 1) -> Event:
         """The privacy event of one optimizer step that summed ``micro_batches`` micro-batches
@@ -119,12 +124,17 @@ def plan_logical_batches(
     accumulation_steps: int | None,
     max_physical_batch_size: int | None,
     poisson_sampling: bool,
+    world_size: int = 1,
 ) -> LogicalBatchPlan:
     """Validate the loader and batching arguments; derive L, q, steps per epoch and the sampling.
 
     A loader drawn by Opacus's ``UniformWithReplacementSampler`` (an Opacus
     ``DPDataLoader``) keeps its own sampler: each of its batches is a Poisson
     draw at its ``sample_rate``.
+
+    With ``world_size`` W > 1 processes (``dpclip.distributed``) the loader's batch is
+    per rank: L = W·k·B (W times the loader's batch with ``max_physical_batch_size``),
+    drawn by dpclip's Poisson sampler over the whole dataset.
     """
     if not isinstance(data_loader, DataLoader):
         raise ValueError(f"Expected data_loader to be a torch DataLoader, got {type(data_loader)}")
@@ -143,7 +153,23 @@ def plan_logical_batches(
         raise ValueError("data_loader.dataset is empty")
     sampler = data_loader.batch_sampler
     if isinstance(sampler, DistributedUniformWithReplacementSampler):
-        raise ValueError("distributed Opacus DPDataLoaders are not supported")
+        raise ValueError(
+            "data_loader is a distributed Opacus DPDataLoader, whose ranks draw independently: "
+            "pass a plain DataLoader over the whole dataset (the same on every rank); dpclip "
+            "draws one global Poisson logical batch per step and gives each rank its share"
+        )
+    if world_size > 1:
+        if isinstance(sampler, UniformWithReplacementSampler):
+            raise ValueError(
+                "data_loader is an Opacus DPDataLoader, which would draw on each rank on its "
+                "own: with several processes pass a plain DataLoader over the whole dataset "
+                "(the same on every rank)"
+            )
+        if not poisson_sampling:
+            raise ValueError(
+                "poisson_sampling=False is not supported with several processes (each rank's "
+                "shuffled batches are not accounted across ranks): leave poisson_sampling=True"
+            )
     if isinstance(sampler, UniformWithReplacementSampler):
         return _plan_opacus_poisson(sampler, n, accumulation_steps, max_physical_batch_size, poisson_sampling)
     batch = data_loader.batch_size
@@ -154,10 +180,10 @@ def plan_logical_batches(
         )
     if max_physical_batch_size is not None:
         m = validate_int("max_physical_batch_size", max_physical_batch_size)
-        k, logical, micro = None, batch, m
+        k, logical, micro = None, world_size * batch, m
     else:
         k = validate_int("accumulation_steps", 1 if accumulation_steps is None else accumulation_steps)
-        logical, micro = k * batch, batch
+        logical, micro = world_size * k * batch, batch
     index_set = "all"
     if poisson_sampling:
         indices = poisson_indices(data_loader)
@@ -166,8 +192,9 @@ def plan_logical_batches(
             digest = hashlib.sha256(",".join(map(str, sorted(indices))).encode()).hexdigest()
             index_set = f"sha256:{digest}"
     if logical > n:
+        ranks = f" over {world_size} processes" if world_size > 1 else ""
         raise ValueError(
-            f"logical batch L={logical} exceeds the dataset size N={n} (the examples the "
+            f"logical batch L={logical}{ranks} exceeds the dataset size N={n} (the examples the "
             "loader's sampler yields; sample rate L/N > 1)"
         )
     if poisson_sampling:
@@ -182,7 +209,7 @@ def plan_logical_batches(
             )
         steps = math.ceil(len(data_loader) / k) if k is not None else len(data_loader)
         sampling = Sampling.SHUFFLED
-    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, sampling, index_set)
+    return LogicalBatchPlan(n, logical, micro, k, logical / n, steps, sampling, index_set, world_size)
 
 
 def poisson_indices(data_loader: DataLoader) -> list[int] | None:
@@ -193,6 +220,10 @@ def poisson_indices(data_loader: DataLoader) -> list[int] | None:
     if isinstance(sampler, SequentialSampler):
         return None
     if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == n:
+        return None
+    if isinstance(sampler, DistributedSampler):
+        # each rank's shard of the whole dataset: dpclip draws from all of it, and gives
+        # each rank its share of every logical batch instead
         return None
     if isinstance(sampler, SubsetRandomSampler):
         indices = [int(i) for i in sampler.indices]
@@ -382,12 +413,74 @@ class PrivacyEngine:
             )
         if not isinstance(module, nn.Module):
             raise ValueError(f"Expected module to be an nn.Module, got {type(module)}")
-        _refuse_distributed(module)
+        world = world_of(module)
+        inner = inner_module(module)
+        try:
+            plan, budget, noise_multiplier, max_grad_norm = self._check_arguments(
+                inner, module, optimizer, criterion, data_loader, noise_multiplier, max_grad_norm,
+                accumulation_steps, max_physical_batch_size, poisson_sampling, noise_generator,
+                sample_generator, max_epsilon, target_delta, clipping, check_independence, memory, world,
+            )
+        except (ValueError, RuntimeError) as err:
+            if world.distributed:  # the other ranks raise too, instead of waiting for this one
+                agree(world, err, {})
+            raise
+        if world.distributed:
+            agree(world, None, {
+                "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+                "accountant": self.accountant, "batching": plan, "clipping": clipping, "memory": memory,
+                "max_epsilon": max_epsilon, "target_delta": target_delta,
+                "sample_generator": sample_generator, "parameters": parameter_fingerprint(inner),
+            })
+            if sample_generator is None:  # one global Poisson draw: the same stream on every rank
+                sample_generator = torch.Generator().manual_seed(shared_seed(world))
+
+        # All arguments are valid: from here on, state changes (undone if anything fails,
+        # except the process's malloc setting, which changes no result).
+        keep_freed_memory()
+        try:
+            return self._wrap(
+                module, optimizer, criterion, data_loader, plan, noise_multiplier,
+                max_grad_norm, noise_generator, sample_generator, budget, clipping,
+                check_independence, memory, world,
+            )
+        except BaseException:
+            _CLAIMED.discard(module)
+            _CLAIMED.discard(inner)
+            _CLAIMED.discard(optimizer)
+            self.plan = self.noise_multiplier = self.max_grad_norm = None
+            self.optimizer = self.budget = self._batch_sampler = self._uses = None
+            self._budget_cache = None
+            raise
+
+    def _check_arguments(
+        self,
+        module: nn.Module,
+        given: nn.Module,
+        optimizer: Optimizer,
+        criterion: nn.Module,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        accumulation_steps: int | None,
+        max_physical_batch_size: int | None,
+        poisson_sampling: bool,
+        noise_generator: torch.Generator | None,
+        sample_generator: torch.Generator | None,
+        max_epsilon: float | None,
+        target_delta: float | None,
+        clipping: str | Mapping[str, str],
+        check_independence: bool,
+        memory: str,
+        world: World,
+    ) -> tuple[LogicalBatchPlan, PrivacyBudget | None, float, float]:
+        """``make_private``'s arguments checked (``module``: the model, ``given``: as passed,
+        perhaps its DistributedDataParallel); nothing changes. (plan, budget, σ, C)."""
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, DPOptimizer):
             raise ValueError(
                 f"Expected optimizer to be a plain torch.optim optimizer, got {type(optimizer)}"
             )
-        for name, obj in (("module", module), ("optimizer", optimizer)):
+        for name, obj in (("module", given), ("module", module), ("optimizer", optimizer)):
             if obj in _CLAIMED:
                 raise RuntimeError(
                     f"this {name} was already made private; make_private it once (build a "
@@ -413,7 +506,14 @@ class PrivacyEngine:
             accumulation_steps=accumulation_steps,
             max_physical_batch_size=max_physical_batch_size,
             poisson_sampling=poisson_sampling,
+            world_size=world.size,
         )
+        if self.secure_mode and world.distributed:
+            raise ValueError(
+                "secure_mode=True is not supported with several processes yet (each rank's secure "
+                "generator would draw its own logical batches): train in one process, or leave "
+                "secure_mode False"
+            )
         if self.secure_mode and (
             plan.sampling is not Sampling.POISSON
             or isinstance(data_loader.batch_sampler, UniformWithReplacementSampler)
@@ -455,22 +555,7 @@ class PrivacyEngine:
         if max_epsilon is not None:
             budget = PrivacyBudget(max_epsilon, target_delta, self.accountant)
 
-        # All arguments are valid: from here on, state changes (undone if anything fails,
-        # except the process's malloc setting, which changes no result).
-        keep_freed_memory()
-        try:
-            return self._wrap(
-                module, optimizer, criterion, data_loader, plan, noise_multiplier,
-                max_grad_norm, noise_generator, sample_generator, budget, clipping,
-                check_independence, memory,
-            )
-        except BaseException:
-            _CLAIMED.discard(module)
-            _CLAIMED.discard(optimizer)
-            self.plan = self.noise_multiplier = self.max_grad_norm = None
-            self.optimizer = self.budget = self._batch_sampler = self._uses = None
-            self._budget_cache = None
-            raise
+        return plan, budget, noise_multiplier, max_grad_norm
 
     def _wrap(
         self,
@@ -487,7 +572,9 @@ class PrivacyEngine:
         clipping: str | Mapping[str, str],
         check_independence: bool,
         memory: str,
+        world: World,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
+        given, module = module, inner_module(module)
         trainable = [p for p in module.parameters() if p.requires_grad]
         device = trainable[0].device
         if self.secure_mode:
@@ -512,6 +599,7 @@ class PrivacyEngine:
                 max_micro_batch_size=None if plan.accumulation_steps else int(plan.micro_batch_size),
                 schedule=schedule,
                 indices=poisson_indices(data_loader),
+                shard=(world.rank, world.size),
             )
         else:
             batch_sampler = GroupedBatchSampler(
@@ -532,7 +620,7 @@ class PrivacyEngine:
         )
         try:
             return self._finish_wrap(
-                module, optimizer, criterion, data_loader, clipper, noise_generator, batch_sampler
+                given, optimizer, criterion, data_loader, clipper, noise_generator, batch_sampler, world
             )
         except BaseException:
             clipper.remove()  # the module leaves as it came
@@ -547,6 +635,7 @@ class PrivacyEngine:
         clipper: PerSampleClipper,
         noise_generator: torch.Generator | SecureRandom,
         batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler,
+        world: World,
     ) -> tuple[nn.Module, DPOptimizer, DPCriterion, DataLoader]:
         plan, budget, uses = self.plan, self.budget, self._uses
         dp_optimizer = DPOptimizer(
@@ -560,12 +649,15 @@ class PrivacyEngine:
             step_event=self._step_event,
             generator=noise_generator,
             step_guard=self._check_budget,
+            world=world,
         )
         self.optimizer = dp_optimizer
         if uses is not None:
             dp_optimizer.step_callbacks.append(self._count_uses)
         _CLAIMED.add(module)
+        _CLAIMED.add(clipper.module)
         _CLAIMED.add(optimizer)
+        stop_ddp_sync(module)
         if budget is not None:
             self._budget_state()  # the steps the cap allows, known from the start
         loader = wrap_data_loader(data_loader, batch_sampler)
@@ -617,6 +709,7 @@ class PrivacyEngine:
             accumulation_steps=accumulation_steps,
             max_physical_batch_size=max_physical_batch_size,
             poisson_sampling=poisson_sampling,
+            world_size=world_of(module).size,
         )
         independent = plan.sampling is Sampling.INDEPENDENT_POISSON
         if plan.sampling is Sampling.SHUFFLED:
@@ -705,6 +798,8 @@ class PrivacyEngine:
             raise RuntimeError("nothing to save: call make_private first")
         plan = dataclasses.asdict(self.plan)
         plan["sampling"] = self.plan.sampling.value
+        if plan["processes"] == 1:  # (as states saved before several processes were supported)
+            del plan["processes"]
         budget = None
         if self.budget is not None:
             budget = {
@@ -870,23 +965,6 @@ def check_ledger_against_plan(ledger: Ledger, plan: LogicalBatchPlan, noise_mult
                 f"(q={plan.sample_rate:g}, σ={noise_multiplier:g}, {plan.sampling.value} "
                 "sampling) never records: the state does not describe one run"
             )
-
-
-def _refuse_distributed(module: nn.Module) -> None:
-    """Several processes are not supported yet: each would add its own full noise and
-    report ε for its own shard while the replicas drift apart."""
-    wrapped = isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))
-    world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-    if wrapped or world > 1:
-        what = f"{type(module).__name__} module" if wrapped else f"process group of {world} processes"
-        raise ValueError(
-            f"make_private got a {what}: dpclip runs in one process for now (each process "
-            "would add its own full noise, gradients would not be synchronised, and ε would "
-            "describe one shard). Train in a single process, without DistributedDataParallel "
-            "or DataParallel"
-        )
 
 
 def _checked_position(position: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from accounting import Event, Ledger
 from dpclip.clipping import NonFiniteNormError, PerSampleClipper
+from dpclip.distributed import World, all_reduce_sums
 from dpclip.sampling import MicroBatchSchedule
 from dpclip.secure import SecureRandom
 
@@ -125,6 +126,9 @@ class DPOptimizer(Optimizer):
             parameter changes; raising refuses the step (the budget cap).
         step_callbacks: called after each optimizer step, once it is recorded.
         generator: noise source.
+        world: the processes training together (``dpclip.distributed``): at each step
+            rank 0 adds the noise to its clipped sum and one all-reduce sums them over
+            the ranks; L is then the logical batch of all ranks.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class DPOptimizer(Optimizer):
         step_event: Callable[[int], Event],
         generator: torch.Generator | SecureRandom,
         step_guard: Callable[[Event], None] | None = None,
+        world: World = World(),
     ) -> None:
         # The wrapped optimizer keeps param_groups and state; no super().__init__ (as Opacus).
         self.original_optimizer = optimizer
@@ -153,6 +158,7 @@ class DPOptimizer(Optimizer):
         self.step_guard = step_guard
         self.step_callbacks: list[Callable[[], None]] = []
         self.generator = generator
+        self.world = world
         self._accumulator: dict[torch.Tensor, torch.Tensor] = {}
         self._micro_batches = 0  # backward() calls in the current logical batch
         self._since_step_call = 0  # backward() calls since the last step() call
@@ -434,14 +440,10 @@ class DPOptimizer(Optimizer):
                 f"step() after {n} micro-batches, but the logical batch has {planned} "
                 f"micro-batches (step after every micro-batch, or once after all {planned})"
             )
-        if self._lost is not None:
-            reason, self._lost = self._lost, None
+        lost, self._lost = self._lost, None
+        if lost is not None and not self.world.distributed:
             self._reset_logical_batch()
-            raise LogicalBatchError(
-                "this logical batch was not applied: adding a micro-batch's clipped gradients "
-                f"into the accumulator failed part-way ({reason}); no step was taken or "
-                "recorded, and training can go on with the next logical batch"
-            )
+            raise LogicalBatchError(_lost_message(lost))
         event = self.step_event(n, self._examples)
         if self.step_guard is not None:
             self.step_guard(event)  # may refuse: nothing has changed yet
@@ -453,20 +455,29 @@ class DPOptimizer(Optimizer):
         if not interrupted:
             self.schedule.stepped(n)
         with record_function("dpclip.noise"):
+            sums = []
             for p in self.params:
                 if not p.requires_grad:  # frozen: no noise, and torch optimizers skip it
-                    p.grad = None
                     continue
-                s = accumulator.get(p)
+                s = None if lost is not None else accumulator.get(p)
                 if s is None:  # in float32 at least, as the clipper accumulates
                     s = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
-                g = private_gradient(
-                    s,
-                    noise_std=noise_std,
-                    expected_batch_size=self.expected_batch_size,
-                    generator=self.generator,
-                    inplace=True,
-                )
+                sums.append((p, s))
+            if self.world.distributed:
+                self._reduce(sums, noise_std, lost)
+            else:
+                for _, s in sums:
+                    private_gradient(
+                        s,
+                        noise_std=noise_std,
+                        expected_batch_size=self.expected_batch_size,
+                        generator=self.generator,
+                        inplace=True,
+                    )
+            for p in self.params:
+                if not p.requires_grad:
+                    p.grad = None
+            for p, g in sums:
                 if p in public:
                     g.add_(public[p].to(g.dtype))
                 p.grad = g.to(p.dtype)  # no copy unless the parameter is half precision
@@ -480,8 +491,47 @@ class DPOptimizer(Optimizer):
             callback()
         return loss
 
+    def _reduce(self, sums: list[tuple[torch.Tensor, torch.Tensor]], noise_std: float, lost: str | None) -> None:
+        """(S + noise) / L on every rank: rank 0 adds the noise to its sum, one all-reduce
+        adds the ranks' sums, with three checks in the same message (every rank is at the
+        same step, none lost its logical batch); then the division by L."""
+        world = self.world
+        if lost is None and world.rank == 0:
+            for _, s in sums:
+                private_gradient(s, noise_std=noise_std, expected_batch_size=1.0, generator=self.generator, inplace=True)
+        # (the step modulo 4096: its sum over the ranks stays exact in float32)
+        control = [1.0, float(self.ledger.steps % 4096), 0.0 if lost is None else 1.0]
+        try:
+            ranks, steps, lost_ranks = all_reduce_sums([s for _, s in sums], control)
+        except Exception as err:
+            raise RuntimeError(
+                f"the all-reduce of the clipped sums over {world.size} processes failed on rank "
+                f"{world.rank} ({type(err).__name__}: {err}); another rank raised or left. No "
+                "parameter changed and the step was not recorded: stop every rank and resume from "
+                "the last checkpoint"
+            ) from err
+        if ranks != world.size or steps != world.size * (self.ledger.steps % 4096):
+            raise RuntimeError(
+                f"the ranks are not at the same optimizer step (rank {world.rank} is at step "
+                f"{self.ledger.steps}; the ranks' steps sum to {steps:g} over {ranks:g} ranks): a rank "
+                "skipped or added a step, so their updates no longer match. Stop every rank and "
+                "resume from the last checkpoint"
+            )
+        if lost_ranks:
+            raise LogicalBatchError(_lost_message(lost or f"on {lost_ranks:g} other rank(s)"))
+        for _, s in sums:
+            s.div_(self.expected_batch_size)
+
     def __repr__(self) -> str:
         return (
             f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, "
             f"max_grad_norm={self.max_grad_norm}, expected_batch_size={self.expected_batch_size})"
         )
+
+
+def _lost_message(reason: str) -> str:
+    return (
+        "this logical batch was not applied: adding a micro-batch's clipped gradients into the "
+        f"accumulator failed part-way ({reason}); no step was taken or recorded, and training "
+        "can go on with the next logical batch"
+    )

@@ -65,6 +65,8 @@ class PrivacyReport:
             run's steps recorded); False for one read from a file (an engine
             state or a saved report), whose figures nothing checked against a
             training run. A saved report without the field reads as False.
+        processes: W, the processes that trained together (``torch.distributed``;
+            L = W·k·B); 1 for one process, also for a report saved without the field.
     """
 
     epsilon: dict[str, float | None]
@@ -89,6 +91,7 @@ class PrivacyReport:
     warnings: tuple[str, ...]
     ledger: dict[str, Any] = field(repr=False)
     checked: bool = False
+    processes: int = 1
 
     # ---- formats -------------------------------------------------------------
 
@@ -108,13 +111,14 @@ class PrivacyReport:
     def from_dict(cls, data: dict[str, Any]) -> "PrivacyReport":
         """Inverse of ``to_dict``; refuses another schema or a field of the wrong type or range.
 
-        A report written before ``checked`` existed reads as unchecked.
+        A report written before ``checked`` existed reads as unchecked, one before
+        ``processes`` as one process.
         """
         if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
             got = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"Expected a report with schema {REPORT_SCHEMA!r}, got {got!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - data.keys() - {"checked"}
+        missing = names - data.keys() - {"checked", "processes"}
         if missing:
             raise ValueError(f"report is missing fields: {sorted(missing)}")
         unknown = data.keys() - names - {"schema"}
@@ -154,7 +158,8 @@ class PrivacyReport:
             ("dataset size N", str(self.dataset_size)),
             ("sample rate q", f"{self.sample_rate:.6g}"),
             ("logical batch L", f"{self.logical_batch_size:g}"),
-            ("micro-batch B", f"{self.micro_batch_size:g}"),
+            *([("processes W", str(self.processes))] if self.processes > 1 else []),
+            ("micro-batch B", f"{self.micro_batch_size:g}" + (" per process" if self.processes > 1 else "")),
             ("accumulation steps k", "varies" if self.accumulation_steps is None else str(self.accumulation_steps)),
             ("noise multiplier sigma", f"{self.noise_multiplier:.6g}"),
             ("max grad norm C", f"{self.max_grad_norm:g}"),
@@ -276,7 +281,7 @@ def make_report(state: dict[str, Any], delta: float, *, checked: bool = True) ->
             "accountants' numerics are least reliable here"
         )
     k, micro, logical = plan["accumulation_steps"], plan["micro_batch_size"], plan["logical_batch_size"]
-    parts = logical / micro
+    parts = logical / plan.get("processes", 1) / micro
     if k is None and abs(parts - round(parts)) > 1e-9 * parts:
         warnings.append(
             f"k·B differs from the logical batch: L={logical:g} is not a multiple of "
@@ -311,6 +316,7 @@ def make_report(state: dict[str, Any], delta: float, *, checked: bool = True) ->
         warnings=tuple(warnings),
         ledger=state["ledger"],
         checked=checked,
+        processes=plan.get("processes", 1),
     )
 
 
@@ -399,6 +405,7 @@ _REPORT_FIELDS: dict[str, Any] = {
     "warnings": _strings,
     "ledger": _type(dict, "a ledger state (an object)"),
     "checked": _type(bool, "true or false"),
+    "processes": lambda n, v: _int(n, v, 1),
 }
 _STATE_FIELDS: dict[str, Any] = {
     "accountant": _in(accounting.ACCOUNTANTS),
@@ -439,6 +446,8 @@ def _validate_state(state: Any) -> None:
         raise ValueError(f"Expected an engine state (an object), got {type(state).__name__}")
     _validate_fields("engine state", state, _STATE_FIELDS)
     _validate_fields("engine state plan", state["plan"], _PLAN_FIELDS)
+    if "processes" in state["plan"]:  # (states of one process may leave it out)
+        _REPORT_FIELDS["processes"]("engine state plan processes", state["plan"]["processes"])
     if state.get("budget") is not None:
         _validate_fields("engine state budget", state["budget"], _BUDGET_FIELDS)
 

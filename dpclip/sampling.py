@@ -191,6 +191,11 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
             source, which cannot be replayed.
         indices: the dataset indices the N examples are (default ``range(N)``):
             the index set of the loader's sampler, e.g. a training split.
+        shard: (rank, world size) with several processes (``dpclip.distributed``): each
+            logical batch is the same global draw on every rank (the same generator),
+            and this rank yields its share, every world-th example of it from ``rank``
+            on; with ``max_micro_batch_size`` every rank splits its share into as many
+            micro-batches as the largest share needs, so that ranks step together.
 
     ``len()`` is the exact number of micro-batches of the next epoch (of its
     remainder, for a resumed pass): ``steps · k`` with ``micro_batches``; with
@@ -209,11 +214,15 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
         max_micro_batch_size: int | None = None,
         schedule: MicroBatchSchedule | None = None,
         indices: Sequence[int] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if (micro_batches is None) == (max_micro_batch_size is None):
             raise ValueError("pass exactly one of micro_batches and max_micro_batch_size")
         if indices is not None and len(indices) != num_samples:
             raise ValueError(f"Expected {num_samples} indices, got {len(indices)}")
+        if not (len(shard) == 2 and shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise ValueError(f"Expected shard to be (rank, world size) with 0 <= rank < size, got {shard}")
+        self.shard = tuple(shard)
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps = steps
@@ -250,7 +259,8 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
     def _parts(self, size: int) -> int:
         if self.micro_batches is not None:
             return self.micro_batches
-        return max(1, math.ceil(size / self.max_micro_batch_size))
+        largest_share = math.ceil(size / self.shard[1])  # rank 0's
+        return max(1, math.ceil(largest_share / self.max_micro_batch_size))
 
     def _pass(self) -> tuple[str | None, list[int], int]:
         if self._next is None:
@@ -275,8 +285,9 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
             try:
                 if isinstance(self.schedule, PlannedSchedule):
                     self.schedule.start_epoch([self._parts(s) for s in sizes[done:]])
+                rank, world = self.shard
                 for size in sizes[done:]:
-                    for micro in split_evenly(self._subset(size), self._parts(size)):
+                    for micro in split_evenly(self._subset(size)[rank::world], self._parts(size)):
                         self.schedule.handed_out(micro)
                         yield micro
             finally:

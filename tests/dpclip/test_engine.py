@@ -313,28 +313,44 @@ def test_a_failure_after_hooks_are_added_undoes_make_private(monkeypatch):
     assert engine.steps_remaining > 0
 
 
-def test_distributed_training_is_refused_until_supported(monkeypatch):
+def test_data_parallel_is_refused_before_anything_changes():
     kwargs = _fresh()
-    with pytest.raises(ValueError, match="DataParallel module: dpclip runs in one process"):
+    with pytest.raises(ValueError, match="DataParallel module: its replicas are rebuilt"):
         dpclip.PrivacyEngine().make_private(**{**kwargs, "module": nn.DataParallel(kwargs["module"])})
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
-    with pytest.raises(ValueError, match="process group of 2 processes"):
-        dpclip.PrivacyEngine().make_private(**kwargs)
     assert all(not m._forward_hooks for m in kwargs["module"].modules())
 
 
-def test_a_ddp_wrapped_module_is_refused(tmp_path):
+def test_a_ddp_module_in_a_one_process_group_trains_as_the_plain_module(tmp_path):
     import torch.distributed as dist
+
+    def one_step(wrap):
+        torch.manual_seed(0)
+        kwargs = _fresh()
+        module = wrap(kwargs["module"])
+        engine = dpclip.PrivacyEngine()
+        model, opt, crit, loader = engine.make_private(
+            **{**kwargs, "module": module, "optimizer": torch.optim.SGD(module.parameters(), lr=0.1)},
+            accumulation_steps=2, sample_generator=torch.Generator().manual_seed(1),
+            noise_generator=torch.Generator().manual_seed(2),
+        )
+        assert model is module
+        for i, (x, y) in enumerate(loader):
+            crit(model(x), y).backward()
+            if i % 2:
+                opt.step()
+                opt.zero_grad()
+                break
+        return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        kwargs = _fresh()
-        ddp = nn.parallel.DistributedDataParallel(kwargs["module"])
-        with pytest.raises(ValueError, match="DistributedDataParallel module"):
-            dpclip.PrivacyEngine().make_private(**{**kwargs, "module": ddp})
+        ddp = one_step(nn.parallel.DistributedDataParallel)
     finally:
         dist.destroy_process_group()
+    plain = one_step(lambda m: m)
+    assert set(ddp) == set(plain)
+    for n, p in plain.items():
+        assert torch.equal(ddp[n], p), n
 
 
 def test_make_private_with_epsilon_meets_the_target():
