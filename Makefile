@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-profile
+.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-profile bench-ddp
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
+# Two worker processes (pytest-xdist), then the tests that measure this process's memory alone.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 # Benchmarks are not tests: minutes, machine-dependent, run on demand.
 bench-accounting: $(STAMP)
@@ -37,6 +39,11 @@ bench-hf: $(STAMP)
 # Opacus ghost+BMM over sequence lengths and widths; the "Memory" section of docs/comparison.md.
 bench-memory: $(STAMP)
 	$(BIN)/python -m benchmarks.memory_bench
+
+# Several processes (issue 16): 1 vs 2 gloo processes, time per logical step and the
+# all-reduce's share; the "Measured" section of docs/distributed.md (about 2 minutes).
+bench-ddp: $(STAMP)
+	$(BIN)/python -m benchmarks.ddp_bench
 
 # Per-phase time of a dpclip step next to non-private training (MODEL=, B=, CLIPPING=, DEVICE=).
 bench-profile: $(STAMP)

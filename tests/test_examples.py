@@ -23,3 +23,17 @@ def test_finetune_hf_with_lora_runs_and_prints_the_report(capsys):
     out = capsys.readouterr().out
     assert "vit + LoRA" in out and "epoch 1: test accuracy" in out
     assert "dpclip privacy report" in out and "optimizer steps" in out
+
+
+def test_ddp_example_runs_on_two_processes_and_reports_once():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLES / "ddp.py")],
+        capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes, logical batch L = 128, replicas identical" in out.stdout
+    assert out.stdout.count("dpclip privacy report") == 1  # rank 0 only
+    assert "processes W              2" in out.stdout

@@ -1,7 +1,8 @@
 """One rank of a 2-process gloo run, as a DDP user writes it (tests/dpclip/test_distributed.py).
 
 python -m tests.dpclip.ddp_run CASE RANK WORLD PORT OUT: writes OUT/rank{RANK}.pt.
-Cases: "k", "bmm", "max_physical" (σ = 0, the three ways to loop), "noise" (σ = 1),
+Cases: "k", "bmm", "max_physical" (σ = 0, the three ways to loop), "sparse" (σ = 0,
+shares often empty), "noise" (σ = 1),
 "fail" (rank 1 dies inside a logical batch), "refuse" (arguments differ between ranks),
 "resume" (a run saved and continued equals one that was not).
 """
@@ -43,8 +44,8 @@ def make(rank: int, case: str, sigma: float = 0.0, width: int = 8, **kw):
     # a different initialisation per rank: DistributedDataParallel broadcasts rank 0's
     ddp = DistributedDataParallel(model(width, seed=rank))
     engine = dpclip.PrivacyEngine(accountant="rdp")
-    batch = 8 if case == "max_physical" else B
-    batching = {"max_physical_batch_size": 3} if case == "max_physical" else {"accumulation_steps": K}
+    batch = {"max_physical": 8, "sparse": 1}.get(case, B)  # sparse: L = 2, shares often empty
+    batching = {"max_physical_batch_size": 3} if case == "max_physical" else {"accumulation_steps": 1 if case == "sparse" else K}
     args = dict(
         module=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(),
         data_loader=DataLoader(dataset(), batch_size=batch), noise_multiplier=sigma, max_grad_norm=0.5,

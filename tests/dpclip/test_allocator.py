@@ -10,10 +10,13 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="the setting is glibc's malloc's",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+        reason="the setting is glibc's malloc's",
+    ),
+    pytest.mark.serial,  # page faults: another test process's memory traffic moves them
+]
 
 # Training the built-in transformer (d = 128, seq 64) with accumulation: minor page
 # faults per micro-batch after six to warm up.

@@ -80,13 +80,15 @@ def _world_one_draws(sample_rate: float, steps: int) -> list[set[int]]:
     return [set(b) for b, _ in zip(sampler, range(steps))]
 
 
-@pytest.mark.parametrize("case", ["k", "bmm", "max_physical"])
-def test_every_rank_applies_the_clipped_mean_over_both_ranks_examples(case, tmp_path_factory):
+@pytest.mark.parametrize("case, logical", [
+    ("k", WORLD * run.K * run.B), ("bmm", WORLD * run.K * run.B),  # L = world · k · B
+    ("max_physical", WORLD * 8),  # world · the loader's batch
+    ("sparse", WORLD * 1),
+])
+def test_every_rank_applies_the_clipped_mean_over_both_ranks_examples(case, logical, tmp_path_factory):
     results = _ok(case, tmp_path_factory)
     q = results[0]["sample_rate"]
-    logical = results[0]["logical_batch"]
-    assert logical == WORLD * run.K * run.B  # L = world · k · B (or world · the loader's batch)
-    assert q == logical / run.N
+    assert results[0]["logical_batch"] == logical and q == logical / run.N
     draws = _world_one_draws(q, run.STEPS)
     for s in range(run.STEPS):
         steps = [r["record"][s] for r in results]
@@ -97,6 +99,8 @@ def test_every_rank_applies_the_clipped_mean_over_both_ranks_examples(case, tmp_
         for st in steps:
             for n, e in expected.items():
                 torch.testing.assert_close(st["after"][n], e, rtol=1e-9, atol=1e-12)
+    if case == "sparse":  # a rank with no example in a step still takes the noisy, accounted step
+        assert any(not r["record"][s]["indices"] for r in results for s in range(run.STEPS))
     for r in results:
         assert r["steps"] == run.STEPS
         assert r["all_reduces"] == run.STEPS  # one all-reduce of the clipped sums per logical step

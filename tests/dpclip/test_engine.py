@@ -472,3 +472,16 @@ def test_make_private_probes_independence_unless_told_not_to(check):
     else:
         crit(model(x), y).backward()  # the user said the model is per-example
         assert opt.micro_batches_accumulated == 1
+
+
+def test_a_loader_with_a_distributed_sampler_is_drawn_from_the_whole_dataset():
+    kwargs = _fresh()
+    dataset = kwargs["data_loader"].dataset
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=1)  # a shard of 16
+    engine = dpclip.PrivacyEngine()
+    *_, loader = engine.make_private(
+        **{**kwargs, "data_loader": DataLoader(dataset, batch_size=4, sampler=sampler)}, accumulation_steps=2,
+    )
+    assert engine.plan.dataset_size == len(dataset) == 32 and engine.plan.sample_rate == 8 / 32
+    drawn = {i for batch in loader.batch_sampler for i in batch}
+    assert drawn - set(sampler) and drawn <= set(range(32))  # not only the shard's examples
