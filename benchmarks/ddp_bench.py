@@ -122,8 +122,8 @@ def main() -> int:
         comm = sum(r["comm"]) / sum(r["times"])
         rate = r["logical_batch"] / step
         base = base or rate
-        rows.append(f"| {world} | {r['logical_batch']:g} | {1000 * step:.1f} | {rate:.0f} | {rate / base:.2f} | "
-                    f"{100 * comm:.1f} % |")
+        share = f"{100 * comm:.1f} %" if world > 1 else "— (none: one process)"
+        rows.append(f"| {world} | {r['logical_batch']:g} | {1000 * step:.1f} | {rate:.0f} | {rate / base:.2f} | {share} |")
         print(rows[-1], flush=True)
     body = (
         f"### Measured ({args.device}, built-in transformer, B = {B} per process, k = {K}, one thread per "
