@@ -56,6 +56,12 @@ def world_of(module: nn.Module) -> World:
             "forward, which per-example clipping cannot follow. Use one process per device with "
             "DistributedDataParallel (torchrun), or the plain module in one process"
         )
+    if isinstance(module, nn.parallel.DistributedDataParallel) and getattr(module, "static_graph", False):
+        raise ValueError(
+            "make_private got a DistributedDataParallel with static_graph=True, whose reducer "
+            "expects its own backward hooks every iteration: dpclip reduces the clipped sums "
+            "itself, once per logical batch; build it with static_graph=False (the default)"
+        )
     if not (dist.is_available() and dist.is_initialized()):
         if isinstance(module, nn.parallel.DistributedDataParallel):
             raise ValueError("make_private got a DistributedDataParallel module but no process group is initialised")
@@ -74,6 +80,10 @@ def stop_ddp_sync(module: nn.Module) -> None:
     if isinstance(module, nn.parallel.DistributedDataParallel):
         # DDP's forward prepares its reducer only while this is True (what no_sync() clears)
         module.require_backward_grad_sync = False
+        # and broadcasts buffers before a forward while this is: a collective per forward,
+        # which hangs when another rank skips the forward of an empty micro-batch
+        # (add_empty_micro_batch); the constructor already broadcast them
+        module.require_forward_param_sync = False
 
 
 def shared_seed(world: World) -> int:

@@ -64,7 +64,7 @@ def _expected_after(step: dict, others: list[dict], logical_batch: float) -> dic
     """SGD(lr=1) from ``before`` by the clipped mean over every rank's examples of the step."""
     data = run.dataset().tensors
     union = sorted(i for s in [step, *others] for i in s["indices"])
-    m = run.model(width=step["before"]["0.weight"].shape[0])
+    m = run.model(width=step["before"]["1.weight"].shape[0])
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.copy_(step["before"][n])

@@ -485,3 +485,17 @@ def test_a_loader_with_a_distributed_sampler_is_drawn_from_the_whole_dataset():
     assert engine.plan.dataset_size == len(dataset) == 32 and engine.plan.sample_rate == 8 / 32
     drawn = {i for batch in loader.batch_sampler for i in batch}
     assert drawn - set(sampler) and drawn <= set(range(32))  # not only the shard's examples
+
+
+def test_a_ddp_with_a_static_graph_is_refused_before_anything_changes(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        kwargs = _fresh()
+        ddp = nn.parallel.DistributedDataParallel(kwargs["module"], static_graph=True)
+        with pytest.raises(ValueError, match="static_graph=True"):
+            dpclip.PrivacyEngine().make_private(**{**kwargs, "module": ddp})
+        assert all(not m._forward_hooks for m in kwargs["module"].modules())
+    finally:
+        dist.destroy_process_group()
