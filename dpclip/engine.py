@@ -645,6 +645,7 @@ class PrivacyEngine:
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=plan.logical_batch_size,
             schedule=batch_sampler.schedule,
+            accumulation_steps=plan.accumulation_steps,
             ledger=self.ledger,
             step_event=self._step_event,
             generator=noise_generator,

@@ -20,8 +20,10 @@ class DPLoss:
     """A micro-batch's loss. ``backward()`` adds the clipped per-sample gradient
     sum to the optimizer's accumulator (``param.grad`` is not touched).
 
-    Don't scale it for accumulation (no ``loss / k``): the optimizer divides by
-    the expected logical batch size L.
+    It needs no scaling for accumulation: the optimizer divides by the expected
+    logical batch size L = k·B. ``loss / k`` (k = accumulation steps, as
+    ``accelerator.backward`` divides) is accepted and changes nothing; any other
+    scaling is refused.
 
     One ``backward()`` per forward pass: the forward's recorded layer calls are
     used up by it. Several losses of one forward are added first, per example:
@@ -126,13 +128,27 @@ class DPLoss:
 
     def _not_scaled(self, other: Any) -> Any:
         raise TypeError(
-            "the private loss (DPLoss) is not scaled: don't divide it by accumulation_steps or "
-            "multiply it (the optimizer divides the clipped sum by the logical batch size L). "
-            "Call loss.backward() as it is; to weight the examples' terms, scale them before "
-            "the criterion"
+            "the private loss (DPLoss) is not scaled: don't multiply it, or divide it by anything "
+            "but the accumulation steps k (the optimizer divides the clipped sum by the logical "
+            "batch size L). Call loss.backward() as it is; to weight the examples' terms, scale "
+            "them before the criterion"
         )
 
-    __mul__ = __rmul__ = __truediv__ = _not_scaled
+    __mul__ = __rmul__ = _not_scaled
+
+    def __truediv__(self, other: Any) -> "DPLoss":
+        """``loss / k`` with k the accumulation steps (or 1) is this loss unchanged.
+
+        Dividing each micro-batch's loss by k is how frameworks average a logical batch
+        (``accelerator.backward`` does it); dpclip's division of the clipped sum by the
+        expected logical batch L = k·B already averages over the k micro-batches, so it
+        is accepted and changes nothing. Any other factor would change what is clipped
+        (``TypeError``).
+        """
+        steps = self._optimizer.accumulation_steps  # None: k varies
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other in (1, steps):
+            return self
+        self._not_scaled(other)
 
     def detach(self) -> torch.Tensor:
         """The loss reduced as the user's criterion would ("mean" or "sum"); NaN-free for B=0."""

@@ -145,6 +145,7 @@ class DPOptimizer(Optimizer):
         generator: torch.Generator | SecureRandom,
         step_guard: Callable[[Event], None] | None = None,
         world: World = World(),
+        accumulation_steps: int | None = None,
     ) -> None:
         # The wrapped optimizer keeps param_groups and state; no super().__init__ (as Opacus).
         self.original_optimizer = optimizer
@@ -159,6 +160,8 @@ class DPOptimizer(Optimizer):
         self.step_callbacks: list[Callable[[], None]] = []
         self.generator = generator
         self.world = world
+        #: k, micro-batches per logical batch; None where it varies (max_physical_batch_size)
+        self.accumulation_steps = accumulation_steps
         self._accumulator: dict[torch.Tensor, torch.Tensor] = {}
         self._micro_batches = 0  # backward() calls in the current logical batch
         self._since_step_call = 0  # backward() calls since the last step() call

@@ -307,12 +307,31 @@ def test_reducing_the_private_loss_is_refused_with_the_fix(reduce):
     assert optimizer._micro_batches == 1
 
 
-@pytest.mark.parametrize("scale", [lambda l: l / K, lambda l: l * 0.5, lambda l: 0.5 * l])
+@pytest.mark.parametrize(
+    "scale", [lambda l: l / (K + 1), lambda l: l / 0.5, lambda l: l * 0.5, lambda l: 0.5 * l, lambda l: l / True]
+)
 def test_scaling_the_private_loss_is_refused_with_the_fix(scale):
     engine, model, optimizer, criterion, loader = _albert_run()
     x, y = next(iter(loader))
-    with pytest.raises(TypeError, match="don't divide it by accumulation_steps"):
+    with pytest.raises(TypeError, match="don't multiply it, or divide it by anything but the accumulation steps"):
         scale(criterion(model(x), y))
+
+
+@pytest.mark.parametrize("divisor", [K, 1, float(K)])
+def test_dividing_by_the_accumulation_steps_changes_nothing(divisor):
+    # the framework convention (accelerator.backward divides by k): dpclip's division by
+    # L = k·B already averages the k micro-batches
+    updates = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        engine, model, optimizer, criterion, loader = _albert_run()  # seeded noise, fixed batches
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            (loss / divisor if scaled else loss).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        updates.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*updates))
 
 
 @pytest.mark.parametrize("criterion_too", [False, True])
