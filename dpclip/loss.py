@@ -3,6 +3,7 @@ clips and accumulates instead of writing ``param.grad``."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,6 +151,29 @@ class DPLoss:
             return self
         self._not_scaled(other)
 
+    def as_tensor(self) -> torch.Tensor:
+        """This loss as a scalar tensor, for frameworks that take only tensors (Lightning's
+        ``training_step``): its value is ``detach()``, and its ``backward()`` (also
+        through ``/ k``, as frameworks average micro-batches) is this loss's ``backward()``.
+
+        Any other use of its gradient is refused when backward() reaches it: the
+        tensor is not a function of the parameters, so it cannot take part in another
+        loss (``RuntimeError`` from backward; nothing added).
+        """
+        anchor = torch.zeros((), device=self.loss_per_sample.device, requires_grad=True)
+        return _PrivateBackward.apply(anchor, self.detach(), self)
+
+    def _backward_scaled(self, grad: torch.Tensor) -> None:
+        steps = self._optimizer.accumulation_steps
+        scale = float(grad)
+        if not (math.isclose(scale, 1.0) or (steps is not None and math.isclose(scale * steps, 1.0))):
+            raise RuntimeError(
+                f"the private loss tensor (DPLoss.as_tensor()) reached backward() scaled by {scale:g}: "
+                "dpclip clips the unscaled per-example losses and divides by L itself; only the "
+                "framework's 1/k for k accumulation steps is accepted. Nothing was added"
+            )
+        self.backward()
+
     def detach(self) -> torch.Tensor:
         """The loss reduced as the user's criterion would ("mean" or "sum"); NaN-free for B=0."""
         losses = self.loss_per_sample.detach()
@@ -165,6 +189,23 @@ class DPLoss:
 
     def __repr__(self) -> str:
         return f"DPLoss({self.item():.4f}, batch={self.loss_per_sample.shape[0]})"
+
+
+class _PrivateBackward(torch.autograd.Function):
+    """A scalar whose backward runs a ``DPLoss``'s clipped backward (``as_tensor``)."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, value: torch.Tensor, loss: DPLoss) -> torch.Tensor:
+        ctx.loss = loss
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        # runs dpclip's own backward over the model's graph from inside this one (where
+        # autograd turned grad mode off)
+        with torch.enable_grad():
+            ctx.loss._backward_scaled(grad)
+        return None, None, None
 
 
 class DPCriterion:

@@ -37,3 +37,25 @@ def test_ddp_example_runs_on_two_processes_and_reports_once():
     assert "2 processes, logical batch L = 128, replicas identical" in out.stdout
     assert out.stdout.count("dpclip privacy report") == 1  # rank 0 only
     assert "processes W              2" in out.stdout
+
+
+@pytest.mark.hf
+def test_hf_trainer_example_runs_and_prints_the_report(capsys):
+    _load("hf_trainer").main(["--epochs", "1", "--pretrain-epochs", "1"])
+    out = capsys.readouterr().out
+    assert "after public pretraining" in out and "test accuracy" in out
+    assert "dpclip privacy report" in out and "accumulation steps k     4" in out
+
+
+def test_lightning_example_runs_and_prints_the_report(capsys):
+    _load("lightning_module").main(["--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "after 22 steps" in out
+    assert "dpclip privacy report" in out and "accumulation steps k     4" in out
+
+
+def test_accelerate_example_runs_and_prints_the_report(capsys):
+    _load("accelerate_loop").main(["--epochs", "1"])
+    out = capsys.readouterr().out
+    assert "epoch 1: test accuracy" in out and "22 steps" in out
+    assert "dpclip privacy report" in out and "accumulation steps k     4" in out

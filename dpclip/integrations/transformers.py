@@ -114,7 +114,12 @@ def loss_kind(model: nn.Module, labels: torch.Tensor | None = None) -> str:
     )
     if name in token_heads or loss_type in ("ForMaskedLM", "ForTokenClassification", "ForConditionalGeneration"):
         return "tokens"
-    if name in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values() or loss_type == "ForSequenceClassification":
+    classifiers = (
+        *auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values(),
+        *auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values(),
+        *auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES.values(),
+    )
+    if name in classifiers or loss_type in ("ForSequenceClassification", "ForImageClassification"):
         config = base.config
         if config.problem_type is not None:
             return {"regression": "regression", "single_label_classification": "single_label",
@@ -325,6 +330,7 @@ class DPTrainer(transformers.Trainer):
             target_delta=None if settings["max_epsilon"] is None else target_delta, **settings,
         )
         self.optimizer, self._dp_criterion, self._dp_loader = dp_optimizer, dp_criterion, dp_loader
+        self._dp_optimizer = dp_optimizer
         return dp_loader
 
     def _planned_steps(self, steps_per_epoch: int) -> int:
@@ -355,6 +361,9 @@ class DPTrainer(transformers.Trainer):
                 "DPTrainer needs the batch's 'labels' for the per-example losses; the collator "
                 f"gave {sorted(inputs)}"
             )
+        if labels.shape[0] == 0:  # an empty Poisson micro-batch: counted, nothing to clip
+            self._dp_optimizer.add_empty_micro_batch()
+            return self._logged_loss()
         base = _base_model(model)
         if (
             "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs
@@ -368,14 +377,17 @@ class DPTrainer(transformers.Trainer):
             logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
             loss = self._dp_criterion(logits, labels)
         loss.backward()
-        total = self._logical_loss
-        total[0] += float(loss.loss_per_sample.detach().sum())
-        total[1] += loss.loss_per_sample.shape[0]
+        self._logical_loss[0] += float(loss.loss_per_sample.detach().sum())
+        self._logical_loss[1] += loss.loss_per_sample.shape[0]
+        return self._logged_loss()
+
+    def _logged_loss(self) -> torch.Tensor:
+        """0 inside a logical batch; on its last micro-batch, its mean per-example loss."""
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
-        mean = total[0] / max(total[1], 1)
+        total, count = self._logical_loss
         self._logical_loss = [0.0, 0]
-        return torch.tensor(mean, device=self.args.device)
+        return torch.tensor(total / max(count, 1), device=self.args.device)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         # the Trainer reads it before optimizer.step(), when dpclip has not yet written any

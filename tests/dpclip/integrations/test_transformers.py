@@ -74,6 +74,14 @@ def t5():
     return transformers.T5ForConditionalGeneration(config)
 
 
+def vit():
+    config = transformers.ViTConfig(
+        image_size=4, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.ViTForImageClassification(config)
+
+
 def dataset(kind: str, n: int = N, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Examples as a Hugging Face dataset yields them: dicts of tensors, with 'labels'."""
     gen = torch.Generator().manual_seed(seed)
@@ -82,6 +90,10 @@ def dataset(kind: str, n: int = N, seed: int = 0) -> list[dict[str, torch.Tensor
     lengths = torch.randint(SEQ // 2, SEQ + 1, (n,), generator=gen)
     for i, length in enumerate(lengths.tolist()):  # padded tails of different lengths
         ids[i, length:], mask[i, length:] = 0, 0
+    if kind == "image":
+        images = torch.rand(n, 1, 4, 4, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, 3, (n,), generator=gen)
+        return [{"pixel_values": images[i], "labels": labels[i]} for i in range(n)]
     if kind == "single_label":
         labels = torch.randint(0, 3, (n,), generator=gen)
     elif kind == "regression":
@@ -106,6 +118,7 @@ MODELS = {
     "causal": gpt2,
     "seq2seq": t5,
     "causal_lora": gpt2_lora,
+    "image": vit,
 }
 DATA_KIND = {"causal_lora": "causal"}
 # Hugging Face's causal-LM loss computes in float32 (``logits.float()``) even for a float64
@@ -386,3 +399,20 @@ def test_a_per_example_loss_of_the_users_own(tmp_path):
     trainer.train()
     assert trainer.privacy_engine.steps == 1 and len(calls) >= K
     assert os.path.isdir(tmp_path)
+
+
+def test_empty_poisson_micro_batches_are_counted_without_a_forward(tmp_path):
+    torch.manual_seed(3)
+    model = bert_classifier()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    # B = 1, k = 4: L = 4, q = 1/16, so many logical batches have fewer than 4 examples
+    trainer = DPTrainer(
+        model=model, args=training_args(tmp_path, per_device_train_batch_size=1, max_steps=6),
+        train_dataset=dataset("single_label"), noise_multiplier=1.0, target_delta=1e-5, max_grad_norm=C,
+        sample_generator=torch.Generator().manual_seed(3),
+    )
+    trainer.train()
+    assert trainer.privacy_engine.steps == trainer.state.global_step == 6
+    assert 0 not in forwards and len(forwards) < 6 * K  # the empty ones ran no forward
