@@ -662,6 +662,10 @@ class PrivacyEngine:
         if budget is not None:
             self._budget_state()  # the steps the cap allows, known from the start
         loader = wrap_data_loader(data_loader, batch_sampler)
+        if world.distributed:
+            # it yields this rank's share of each global logical batch already: accelerate's
+            # prepare() must not shard it again (the attribute it checks for that)
+            loader._is_accelerate_prepared = True
         return module, dp_optimizer, DPCriterion(criterion, dp_optimizer), loader
 
     def _step_event(self, micro_batches: int, examples: list[int] | None) -> Event:

@@ -2,12 +2,14 @@
 `accelerator.backward(loss)`, as written for non-private training.
 
 Run: python examples/accelerate_loop.py [--epochs 8]
+ or: torchrun --nproc_per_node 2 examples/accelerate_loop.py   (one DP run over 2 processes)
 Needs: pip install 'dpclip[accelerate]'
 
 The data is scikit-learn's digits (shipped inside scikit-learn: nothing is downloaded).
 
 The lines that differ from non-private training: the engine and `make_private`
-before `accelerator.prepare`, with `accumulation_steps` equal to the Accelerator's
+between preparing the model and preparing the optimizer and loader, with
+`accumulation_steps` equal to the Accelerator's
 `gradient_accumulation_steps` (k = 4; B = 16, so L = 64, Poisson sampling at
 q = L/N). `accelerator.backward` divides the loss by k; dpclip takes that as the
 mean over the k micro-batches that its division by L already is. The engine is
@@ -49,13 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     accelerator = Accelerator(gradient_accumulation_steps=K, cpu=True)
+    model = accelerator.prepare(model)  # first: with several processes it is the DDP wrapper
     engine = dpclip.PrivacyEngine()
     model, optimizer, criterion, loader = engine.make_private(
         module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(),
         data_loader=DataLoader(TensorDataset(x_train, y_train), batch_size=16),
         noise_multiplier=args.noise_multiplier, max_grad_norm=1.0, accumulation_steps=K,
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    optimizer, loader = accelerator.prepare(optimizer, loader)
     accelerator.register_for_checkpointing(engine)
 
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -69,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.save_state(checkpoints)  # model, optimizer, RNG and the privacy state
             with torch.no_grad():
                 accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
-            print(f"epoch {epoch + 1}: test accuracy {accuracy:.3f}, "
+            accelerator.print(f"epoch {epoch + 1}: test accuracy {accuracy:.3f}, "
                   f"ε = {engine.get_epsilon(DELTA):.2f} (δ = {DELTA:g}), {engine.steps} steps")
-    print()
-    print(engine.report(delta=DELTA))
+    accelerator.print()
+    accelerator.print(engine.report(delta=DELTA))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ carry the privacy state (the callback's state) and resume bit-exactly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
+from dpclip.distributed import stop_ddp_sync
 from dpclip.engine import PrivacyEngine
 from dpclip.loss import DPCriterion
 
@@ -40,6 +42,19 @@ class _TensorCriterion(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.dp_criterion(*args, **kwargs).as_tensor()
+
+
+class _Batches:
+    """dpclip's loader as a plain iterable of micro-batches."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class DPCallback(pl.Callback):
@@ -93,17 +108,12 @@ class DPCallback(pl.Callback):
             noise_generator=noise_generator, sample_generator=sample_generator,
         )
         self._pending_state: dict[str, Any] | None = None
+        self._boundary_state: dict[str, Any] | None = None  # the state at the last applied step
         self._logged_step = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"DPCallback runs in one process (this fit has {trainer.world_size}); for several "
-                "processes use DistributedDataParallel with dpclip's loop (README: Several processes "
-                "or GPUs)"
-            )
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "DPCallback needs automatic optimization: with manual optimization, use dpclip's "
@@ -134,6 +144,11 @@ class DPCallback(pl.Callback):
             raise ValueError(
                 f"DPCallback takes one optimizer (configure_optimizers gave {len(trainer.optimizers)})"
             )
+        if trainer.ckpt_path is not None and self._pending_state is None:
+            raise ValueError(
+                f"the checkpoint {trainer.ckpt_path} has no dpclip privacy state (it is not from a "
+                "fit with DPCallback): resuming from it would start ε at 0"
+            )
         source = trainer.fit_loop._data_source
         loader = source.dataloader()
         criterion = getattr(pl_module, self._criterion_name)
@@ -143,15 +158,16 @@ class DPCallback(pl.Callback):
         )
         trainer.strategy.optimizers = [optimizer]
         setattr(pl_module, self._criterion_name, _TensorCriterion(dp_criterion, criterion))
-        source.instance = dp_loader
+        # not a DataLoader to Lightning: it would replace the sampler with a DistributedSampler
+        # (dpclip draws one global logical batch and gives each rank its share)
+        source.instance = _Batches(dp_loader)
+        # the strategy wrapped the module in DistributedDataParallel: its own all-reduce stays
+        # off (its no_sync() during accumulation restores the flag)
+        stop_ddp_sync(trainer.strategy.model)
         if self._pending_state is not None:
             self.privacy_engine.load_state_dict(self._pending_state)
             self._pending_state = None
-        elif trainer.ckpt_path is not None:
-            raise ValueError(
-                f"the checkpoint {trainer.ckpt_path} has no dpclip privacy state (it is not from a "
-                "fit with DPCallback): resuming from it would start ε at 0"
-            )
+        self._boundary_state = self.privacy_engine.state_dict()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -161,6 +177,8 @@ class DPCallback(pl.Callback):
         if step == self._logged_step:
             return
         self._logged_step = step
+        if engine.optimizer.micro_batches_accumulated == 0:
+            self._boundary_state = engine.state_dict()
         if step % trainer.log_every_n_steps == 0:
             pl_module.log("epsilon", engine.get_epsilon(self.target_delta), on_step=True, on_epoch=False)
             pl_module.log("privacy_steps", float(step), on_step=True, on_epoch=False)
@@ -173,14 +191,28 @@ class DPCallback(pl.Callback):
             setattr(pl_module, self._criterion_name, wrapped.original)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.privacy_engine.plan is None:
+        engine = self.privacy_engine
+        if engine.plan is None:
             return {}
-        return {"engine": self.privacy_engine.state_dict()}
+        in_progress = engine.optimizer.micro_batches_accumulated
+        if in_progress == 0:
+            return {"engine": engine.state_dict(), "micro_batches_in_progress": 0}
+        # A checkpoint inside a logical batch (ModelCheckpoint(every_n_train_steps) saves again
+        # at the first batch after a resume): its clipped sums cannot be saved. Saving goes on;
+        # resuming from it is refused (load_state_dict).
+        return {"engine": self._boundary_state, "micro_batches_in_progress": in_progress}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "engine" not in state_dict:
             raise ValueError(
                 "the checkpoint has no dpclip privacy state for this DPCallback: resuming from it "
                 "would start ε at 0. Resume from a checkpoint of a private fit"
+            )
+        if state_dict.get("micro_batches_in_progress"):
+            raise ValueError(
+                f"the checkpoint was written {state_dict['micro_batches_in_progress']} micro-batch(es) "
+                "into a logical batch, whose clipped sums a checkpoint cannot hold: resume from a "
+                "checkpoint written at an optimizer step (as ModelCheckpoint(every_n_train_steps=...) "
+                "writes them, except right after a resume)"
             )
         self._pending_state = state_dict["engine"]

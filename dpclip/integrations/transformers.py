@@ -27,6 +27,7 @@ import transformers
 from torch.utils.data import DataLoader, IterableDataset
 
 import accounting
+from dpclip.distributed import stop_ddp_sync, world_of
 from dpclip.engine import PrivacyEngine, plan_logical_batches
 from dpclip.optimizer import DPOptimizer
 
@@ -237,11 +238,10 @@ class DPTrainer(transformers.Trainer):
         self.privacy_engine = PrivacyEngine(accountant=accountant)
         super().__init__(*args, **kwargs)
         args_ = self.args
-        if args_.world_size > 1 or args_.n_gpu > 1:
+        if args_.n_gpu > 1:
             raise ValueError(
-                f"DPTrainer runs in one process on one device (this run has world_size="
-                f"{args_.world_size}, n_gpu={args_.n_gpu}); for several processes use "
-                "DistributedDataParallel with dpclip's loop (README: Several processes or GPUs)"
+                f"DPTrainer does not take nn.DataParallel over {args_.n_gpu} GPUs in one process: "
+                "launch one process per device (torchrun), which DPTrainer trains as one DP run"
             )
         if args_.fp16:
             raise ValueError(
@@ -319,7 +319,10 @@ class DPTrainer(transformers.Trainer):
         sigma = settings.pop("noise_multiplier")
         k = self.args.gradient_accumulation_steps
         if target_epsilon is not None:
-            plan = plan_logical_batches(loader, accumulation_steps=k, max_physical_batch_size=None, poisson_sampling=True)
+            plan = plan_logical_batches(
+                loader, accumulation_steps=k, max_physical_batch_size=None, poisson_sampling=True,
+                world_size=world_of(self.model).size,
+            )
             sigma = accounting.calibrate_noise(
                 target_epsilon=target_epsilon, delta=target_delta, sample_rate=plan.sample_rate,
                 steps=self._planned_steps(plan.steps_per_epoch), method=self.privacy_engine.accountant,
@@ -370,6 +373,9 @@ class DPTrainer(transformers.Trainer):
             and hasattr(base, "prepare_decoder_input_ids_from_labels")
         ):
             inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+        # with several processes the Trainer wraps the model in DistributedDataParallel after
+        # make_private: its own all-reduce stays off (accelerate's no_sync restores the flag)
+        stop_ddp_sync(model)
         outputs = model(**inputs)
         if self._per_example_loss is not None:
             loss = self._dp_criterion(outputs, labels)
@@ -385,9 +391,11 @@ class DPTrainer(transformers.Trainer):
         """0 inside a logical batch; on its last micro-batch, its mean per-example loss."""
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
-        total, count = self._logical_loss
+        totals = torch.tensor(self._logical_loss, dtype=torch.float64)
         self._logical_loss = [0.0, 0]
-        return torch.tensor(total / max(count, 1), device=self.args.device)
+        if self._dp_optimizer.world.distributed:  # the logical batch is spread over the ranks
+            torch.distributed.all_reduce(totals)
+        return torch.tensor(float(totals[0] / totals[1].clamp(min=1)), device=self.args.device)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         # the Trainer reads it before optimizer.step(), when dpclip has not yet written any

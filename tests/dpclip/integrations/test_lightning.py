@@ -157,26 +157,34 @@ def test_two_noisy_epochs_are_the_plain_loops_and_log_dp_accountings_epsilon():
 
 
 def test_resume_from_a_lightning_checkpoint_mid_epoch_is_bit_exact(tmp_path):
-    def fit(ckpt_path=None, save=False):
+    def fit(directory, ckpt_path=None):
         model, cb = module(), callback(1.0, noise_seed=None)
-        checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-        run = trainer(cb, max_epochs=2, enable_checkpointing=True, callbacks=[cb, checkpoints] if save else [cb])
+        checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        run = trainer(cb, max_epochs=2, enable_checkpointing=True, callbacks=[cb, checkpoints],
+                      default_root_dir=tmp_path)
         run.fit(model, train_dataloaders=DataLoader(data(), batch_size=B), ckpt_path=ckpt_path)
         return model, cb
 
-    full, full_cb = fit(save=True)
-    resumed, resumed_cb = fit(ckpt_path=str(tmp_path / "step=6.ckpt"))  # mid second epoch (4 per epoch)
+    full, full_cb = fit(tmp_path / "full")
+    resumed, resumed_cb = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "step=6.ckpt"))  # mid epoch 2
     assert resumed_cb.privacy_engine.steps == full_cb.privacy_engine.steps == 8
     assert resumed_cb.privacy_engine.state_dict() == full_cb.privacy_engine.state_dict()
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+    # after a resume, ModelCheckpoint writes again at the first batch, inside a logical batch:
+    # writing goes on, resuming from that checkpoint is refused
+    inside = tmp_path / "resumed" / "step=6.ckpt"
+    assert torch.load(inside, weights_only=False)["callbacks"]
+    with pytest.raises(ValueError, match="1 micro-batch\\(es\\) into a logical batch"):
+        trainer(callback(1.0), max_epochs=2).fit(module(), train_dataloaders=DataLoader(data(), batch_size=B),
+                                                  ckpt_path=str(inside))
 
 
 def test_a_checkpoint_without_the_privacy_state_is_refused(tmp_path):
     plain = module()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, filename="plain")
     pl.Trainer(
-        max_steps=2, accumulate_grad_batches=K, callbacks=[checkpoints], logger=False,
+        max_steps=2, accumulate_grad_batches=K, callbacks=[checkpoints], logger=False, default_root_dir=tmp_path,
         enable_progress_bar=False, enable_model_summary=False,
     ).fit(plain, train_dataloaders=DataLoader(data(), batch_size=B))
     cb = callback(1.0)
