@@ -12,11 +12,11 @@ import dp_accounting
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpclip
+from tests.dpclip.integrations.reference import clipped_update
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -78,18 +78,10 @@ def test_one_step_equals_the_plain_loop_and_the_per_example_reference():
     _, by_hand = plain_loop(0.0, steps=1)
     for p, q in zip(model.parameters(), by_hand.parameters()):
         assert torch.equal(p, q)
-    # Σ_i min(1, C/‖g_i‖) g_i / (k·B), one example at a time
     _, reference_model, *_ = private(0.0)
-    params = list(reference_model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    for x, y in seen:
-        for i in range(y.shape[0]):
-            grads = torch.autograd.grad(F.cross_entropy(reference_model(x[i : i + 1]), y[i : i + 1]), params)
-            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-            for t, g in zip(total, grads):
-                t.add_(torch.clamp(C / norm, max=1.0) * g)
-    for p, p0, t in zip(model.parameters(), start, total):
-        torch.testing.assert_close((p0 - p.detach()) / LR, t / (K * B), rtol=1e-9, atol=1e-14)
+    reference = clipped_update(reference_model, seen, C, K * B)  # Σ_i min(1, C/‖g_i‖) g_i / (k·B)
+    for p, p0, r in zip(model.parameters(), start, reference):
+        torch.testing.assert_close((p0 - p.detach()) / LR, r, rtol=1e-9, atol=1e-14)
 
 
 def test_a_noisy_pass_is_the_plain_loops_and_its_epsilon_is_dp_accountings():
