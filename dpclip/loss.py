@@ -147,8 +147,16 @@ class DPLoss:
         (``TypeError``).
         """
         steps = self._optimizer.accumulation_steps  # None: k varies
-        if isinstance(other, (int, float)) and not isinstance(other, bool) and other in (1, steps):
-            return self
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            if other in (1, steps):
+                return self
+            if other == int(other) and other > 1:
+                raise TypeError(
+                    f"the private loss (DPLoss) divided by {other:g}, but the logical batch has "
+                    f"k = {steps} micro-batches (make_private's accumulation_steps): a framework "
+                    "that averages micro-batches (Accelerator(gradient_accumulation_steps=...)) "
+                    "must accumulate the same k. Nothing was added"
+                )
         self._not_scaled(other)
 
     def as_tensor(self) -> torch.Tensor:

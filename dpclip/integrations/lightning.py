@@ -45,16 +45,21 @@ class _TensorCriterion(nn.Module):
 
 
 class _Batches:
-    """dpclip's loader as a plain iterable of micro-batches."""
+    """dpclip's loader as a plain iterable of micro-batches, one pass a Lightning epoch.
 
-    def __init__(self, loader: DataLoader) -> None:
+    Its length is always a whole pass: after a resume inside a pass, dpclip's loader
+    yields the rest of that pass while Lightning counts on from the restored batch
+    index, so the epoch ends where the uninterrupted one would."""
+
+    def __init__(self, loader: DataLoader, micro_batches_per_pass: int) -> None:
         self.loader = loader
+        self.micro_batches_per_pass = micro_batches_per_pass
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.loader)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.micro_batches_per_pass
 
 
 class DPCallback(pl.Callback):
@@ -160,7 +165,8 @@ class DPCallback(pl.Callback):
         setattr(pl_module, self._criterion_name, _TensorCriterion(dp_criterion, criterion))
         # not a DataLoader to Lightning: it would replace the sampler with a DistributedSampler
         # (dpclip draws one global logical batch and gives each rank its share)
-        source.instance = _Batches(dp_loader)
+        plan = self.privacy_engine.plan
+        source.instance = _Batches(dp_loader, plan.steps_per_epoch * plan.accumulation_steps)
         # the strategy wrapped the module in DistributedDataParallel: its own all-reduce stays
         # off (its no_sync() during accumulation restores the flag)
         stop_ddp_sync(trainer.strategy.model)

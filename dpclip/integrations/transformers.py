@@ -50,17 +50,24 @@ class PerExampleLoss(nn.Module):
             "single_label" (cross-entropy) or "multi_label" (binary cross-entropy
             with logits).
         ignore_index: labels with this value are left out ("causal_lm", "tokens").
+        label_smoothing: the cross-entropy kinds' smoothing (``TrainingArguments``'
+            ``label_smoothing_factor``, as the Trainer's ``LabelSmoother``).
 
     Token losses are the mean over the example's own labelled tokens (not over the
     batch's tokens, which would make one example's weight depend on the others);
     an example with no labelled token has loss 0.
     """
 
-    def __init__(self, kind: str, ignore_index: int = -100, reduction: str = "mean") -> None:
+    def __init__(
+        self, kind: str, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         if kind not in _KINDS:
             raise ValueError(f"Expected kind to be one of {_KINDS}, got {kind!r}")
+        if label_smoothing and kind in ("regression", "multi_label"):
+            raise ValueError(f"label smoothing applies to cross-entropy losses, not to a {kind} head")
         self.kind, self.ignore_index, self.reduction = kind, ignore_index, reduction
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         per_example = self._per_example(logits, labels)
@@ -77,7 +84,7 @@ class PerExampleLoss(nn.Module):
                 logits, labels = logits[:, :-1], labels[:, 1:]
             token = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=self.ignore_index, reduction="none",
+                ignore_index=self.ignore_index, reduction="none", label_smoothing=self.label_smoothing,
             ).view(batch, -1)
             counted = (labels != self.ignore_index).reshape(batch, -1).sum(dim=1)
             return token.sum(dim=1) / counted.clamp(min=1)
@@ -85,7 +92,10 @@ class PerExampleLoss(nn.Module):
             squared = F.mse_loss(logits.reshape(labels.shape), labels.to(logits.dtype), reduction="none")
             return squared.reshape(batch, -1).mean(dim=1)
         if self.kind == "single_label":
-            return F.cross_entropy(logits.reshape(batch, -1), labels.reshape(batch), reduction="none")
+            return F.cross_entropy(
+                logits.reshape(batch, -1), labels.reshape(batch), reduction="none",
+                label_smoothing=self.label_smoothing,
+            )
         bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
         return bce.reshape(batch, -1).mean(dim=1)
 
@@ -345,8 +355,13 @@ class DPTrainer(transformers.Trainer):
 
     def _make_criterion(self) -> nn.Module:
         if self._per_example_loss is not None:
+            if self.args.label_smoothing_factor:
+                raise ValueError(
+                    "label_smoothing_factor with per_example_loss: smooth the labels in your "
+                    "per_example_loss (the Trainer's smoother works on the whole batch)"
+                )
             return _CallableLoss(self._per_example_loss)
-        return _LazyKind(self.model)
+        return _LazyKind(self.model, self.args.label_smoothing_factor)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -442,14 +457,16 @@ class _LazyKind(nn.Module):
     """``PerExampleLoss`` of the kind the model's head computes, chosen at the first
     call (sequence classification needs the labels' dtype)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, label_smoothing: float) -> None:
         super().__init__()
         self.reduction = "mean"
         self._model = [model]  # not a submodule
+        self._label_smoothing = label_smoothing
         self._loss: PerExampleLoss | None = None
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._loss is None:
-            self._loss = PerExampleLoss(loss_kind(self._model[0], labels))
+            kind = loss_kind(self._model[0], labels)
+            self._loss = PerExampleLoss(kind, label_smoothing=self._label_smoothing)
         self._loss.reduction = self.reduction
         return self._loss(logits, labels)

@@ -308,12 +308,19 @@ def test_reducing_the_private_loss_is_refused_with_the_fix(reduce):
 
 
 @pytest.mark.parametrize(
-    "scale", [lambda l: l / (K + 1), lambda l: l / 0.5, lambda l: l * 0.5, lambda l: 0.5 * l, lambda l: l / True]
+    "scale, message",
+    [
+        (lambda l: l / (K + 1), rf"divided by {K + 1}, but the logical batch has k = {K} micro-batches"),
+        (lambda l: l / 0.5, "don't multiply it, or divide it by anything but the accumulation steps"),
+        (lambda l: l * 0.5, "don't multiply it, or divide it by anything but the accumulation steps"),
+        (lambda l: 0.5 * l, "don't multiply it, or divide it by anything but the accumulation steps"),
+        (lambda l: l / True, "don't multiply it, or divide it by anything but the accumulation steps"),
+    ],
 )
-def test_scaling_the_private_loss_is_refused_with_the_fix(scale):
+def test_scaling_the_private_loss_is_refused_with_the_fix(scale, message):
     engine, model, optimizer, criterion, loader = _albert_run()
     x, y = next(iter(loader))
-    with pytest.raises(TypeError, match="don't multiply it, or divide it by anything but the accumulation steps"):
+    with pytest.raises(TypeError, match=message):
         scale(criterion(model(x), y))
 
 

@@ -158,14 +158,17 @@ def test_resume_from_a_lightning_checkpoint_mid_epoch_is_bit_exact(tmp_path):
         return model, cb
 
     full, full_cb = fit(tmp_path / "full")
-    resumed, resumed_cb = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / "step=6.ckpt"))  # mid epoch 2
-    assert resumed_cb.privacy_engine.steps == full_cb.privacy_engine.steps == 8
-    assert resumed_cb.privacy_engine.state_dict() == full_cb.privacy_engine.state_dict()
-    for p, q in zip(full.parameters(), resumed.parameters()):
-        assert torch.equal(p, q)
+    # early in the first epoch (Lightning counts the epoch's batches on from the checkpoint's
+    # index: the epoch must still end where the uninterrupted one did), and in the second
+    for checkpoint in ("step=2.ckpt", "step=6.ckpt"):
+        resumed, resumed_cb = fit(tmp_path / "resumed", ckpt_path=str(tmp_path / "full" / checkpoint))
+        assert resumed_cb.privacy_engine.steps == full_cb.privacy_engine.steps == 8
+        assert resumed_cb.privacy_engine.state_dict() == full_cb.privacy_engine.state_dict()
+        for p, q in zip(full.parameters(), resumed.parameters()):
+            assert torch.equal(p, q), checkpoint
     # after a resume, ModelCheckpoint writes again at the first batch, inside a logical batch:
     # writing goes on, resuming from that checkpoint is refused
-    inside = tmp_path / "resumed" / "step=6.ckpt"
+    inside = tmp_path / "resumed" / "step=6-v1.ckpt"
     assert torch.load(inside, weights_only=False)["callbacks"]
     with pytest.raises(ValueError, match="1 micro-batch\\(es\\) into a logical batch"):
         trainer(callback(1.0), max_epochs=2).fit(module(), train_dataloaders=DataLoader(data(), batch_size=B),

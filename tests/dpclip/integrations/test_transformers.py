@@ -416,3 +416,26 @@ def test_empty_poisson_micro_batches_are_counted_without_a_forward(tmp_path):
     trainer.train()
     assert trainer.privacy_engine.steps == trainer.state.global_step == 6
     assert 0 not in forwards and len(forwards) < 6 * K  # the empty ones ran no forward
+
+
+@pytest.mark.parametrize("case", ["single_label", "causal"])
+def test_label_smoothing_is_the_trainers_per_example(case, tmp_path):
+    # the Trainer's LabelSmoother on one example at a time is the reference
+    torch.manual_seed(0)
+    model = MODELS[case]().double()
+    data = dataset(case, n=5)
+    batch = transformers.default_data_collator(data)
+    labels = batch.pop("labels")
+    losses = PerExampleLoss(loss_kind(model, labels), reduction="none", label_smoothing=0.3)(model(**batch).logits, labels)
+    smoother = transformers.trainer_pt_utils.LabelSmoother(epsilon=0.3)
+    expected = torch.stack([
+        smoother(model(**{k: v.unsqueeze(0) for k, v in example.items() if k != "labels"}),
+                 example["labels"].unsqueeze(0), shift_labels=case == "causal")
+        for example in data
+    ])
+    torch.testing.assert_close(losses, expected.to(losses.dtype), rtol=1e-6, atol=1e-9)
+    trainer = DPTrainer(model=model, args=training_args(tmp_path, label_smoothing_factor=0.3), train_dataset=dataset(case),
+                        noise_multiplier=0.0, target_delta=1e-5, max_grad_norm=C)
+    trainer.get_train_dataloader()
+    assert trainer._dp_criterion.criterion(model(**batch).logits, labels).item() == pytest.approx(
+        float(losses.mean()), rel=1e-9)
