@@ -113,8 +113,9 @@ def agree(world: World, failure: BaseException | None, settings: dict[str, Any])
                 raise ValueError(
                     f"make_private on rank {world.rank} and rank {rank} differ in {key}: every rank "
                     "must pass the same model (DistributedDataParallel broadcasts rank 0's), the "
-                    "same settings and dataset, and a sample_generator seeded the same or none (one "
-                    "global Poisson logical batch is drawn on every rank, each training on its share)"
+                    "same settings, the same whole dataset (not a shard of its own: dpclip gives "
+                    "each rank its share of every logical batch), and a sample_generator seeded the "
+                    "same or none (one global Poisson logical batch is drawn on every rank)"
                 )
 
 
@@ -127,6 +128,58 @@ def parameter_fingerprint(module: nn.Module) -> list[tuple[str, tuple[int, ...],
         weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
         out.append((name, tuple(p.shape), float(flat.sum()), float((flat * weights).sum())))
     return out
+
+
+def data_fingerprint(dataset: Any, samples: int = 8) -> str:
+    """A digest of ``samples`` examples spread over ``dataset`` (read under fixed random
+    seeds, so that random transforms read the same): ranks that hand-shard the data
+    (``Subset(ds, range(rank, N, W))``) differ here even when their sizes agree, and
+    their ε would be computed for the wrong N."""
+    import random
+
+    import numpy as np
+
+    n = len(dataset)
+    positions = sorted({(n - 1) * i // max(samples - 1, 1) for i in range(samples)}) if n else []
+    digest = hashlib.sha256(f"{n}".encode())
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            for i in positions:
+                _feed(digest, dataset[i])
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Adds an example's contents (tensors, arrays, numbers, strings, nested) to ``digest``;
+    of other objects only the type (a repr may hold a memory address)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    elif isinstance(value, (int, float, complex, str, bytes, bool)) or value is None:
+        digest.update(repr(value).encode())
+    elif hasattr(value, "__array__"):  # numpy arrays, PIL images
+        import numpy as np
+
+        array = np.asarray(value)
+        digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
+    else:
+        digest.update(type(value).__name__.encode())
 
 
 def _digest(value: Any) -> str:

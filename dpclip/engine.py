@@ -36,7 +36,9 @@ from dpclip.allocator import keep_freed_memory
 from dpclip.budget import PrivacyBudget, PrivacyBudgetExceeded
 from dpclip.clipping import ClippingPlan, PerSampleClipper, validate_clipping, validate_module
 from dpclip.clipping.memory import check_memory
-from dpclip.distributed import World, agree, inner_module, parameter_fingerprint, shared_seed, stop_ddp_sync, world_of
+from dpclip.distributed import (
+    World, agree, data_fingerprint, inner_module, parameter_fingerprint, shared_seed, stop_ddp_sync, world_of,
+)
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer, LogicalBatchError
 from dpclip.report import PrivacyReport, make_report
@@ -431,6 +433,7 @@ class PrivacyEngine:
                 "accountant": self.accountant, "batching": plan, "clipping": clipping, "memory": memory,
                 "max_epsilon": max_epsilon, "target_delta": target_delta,
                 "sample_generator": sample_generator, "parameters": parameter_fingerprint(inner),
+                "data": data_fingerprint(data_loader.dataset),
             })
             if sample_generator is None:  # one global Poisson draw: the same stream on every rank
                 sample_generator = torch.Generator().manual_seed(shared_seed(world))

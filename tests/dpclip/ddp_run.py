@@ -106,8 +106,11 @@ def main() -> int:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     result: dict = {}
     if case == "refuse":
+        # a shard of its own per rank, of equal size: the accounting would use the wrong N
+        own_shard = DataLoader(torch.utils.data.Subset(dataset(), range(rank, N, world)), batch_size=B)
         for what, kw in (("seed", {"sample_generator": torch.Generator().manual_seed(SEED + rank)}),
-                         ("bad", {"max_grad_norm": -1.0 if rank == 1 else 0.5})):
+                         ("bad", {"max_grad_norm": -1.0 if rank == 1 else 0.5}),
+                         ("shard", {"data_loader": own_shard})):
             try:
                 make(rank, "k", **kw)
                 result[what] = None

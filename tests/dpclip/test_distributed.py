@@ -147,6 +147,7 @@ def test_ranks_with_different_arguments_all_refuse(tmp_path_factory):
     results = _ok("refuse", tmp_path_factory)
     for r in results:
         assert "differ in sample_generator" in r["seed"]
+        assert "differ in data" in r["shard"] and "not a shard of its own" in r["shard"]
     assert "max_grad_norm" in results[1]["bad"]
     assert "make_private failed on rank 1" in results[0]["bad"] and "max_grad_norm" in results[0]["bad"]
 
@@ -159,3 +160,39 @@ def test_a_resumed_run_continues_bit_exactly_on_every_rank(tmp_path_factory):
             assert torch.equal(r["resumed"][n], p)
     for n, p in results[0]["resumed"].items():
         assert torch.equal(results[1]["resumed"][n], p)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Random noise added on each read, as a data augmentation does."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        import random
+
+        import numpy as np
+
+        return {"x": self.x[i] + torch.randn(3), "shift": random.random() + np.random.rand(), "id": i}
+
+
+def test_the_data_fingerprint_sees_contents_not_the_read_randomness():
+    import random
+
+    import numpy as np
+
+    from dpclip.distributed import data_fingerprint
+
+    x = torch.arange(60.0).reshape(20, 3)
+    states = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    first = data_fingerprint(_Augmented(x))
+    assert data_fingerprint(_Augmented(x)) == first  # random transforms read alike
+    assert torch.equal(torch.random.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()  # the caller's streams are untouched
+    assert data_fingerprint(_Augmented(x + 1)) != first
+    shards = [torch.utils.data.Subset(_Augmented(x), range(r, 20, 2)) for r in range(2)]
+    assert data_fingerprint(shards[0]) != data_fingerprint(shards[1])
+    assert data_fingerprint(torch.utils.data.Subset(_Augmented(x), range(20))) == first
