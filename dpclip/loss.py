@@ -146,14 +146,14 @@ class DPLoss:
         is accepted and changes nothing. Any other factor would change what is clipped
         (``TypeError``).
         """
-        steps = self._optimizer.accumulation_steps  # None: k varies
         if isinstance(other, (int, float)) and not isinstance(other, bool):
-            if other in (1, steps):
+            if self._averages_micro_batches(other):
                 return self
             if other == int(other) and other > 1:
                 raise TypeError(
                     f"the private loss (DPLoss) divided by {other:g}, but the logical batch has "
-                    f"k = {steps} micro-batches (make_private's accumulation_steps): a framework "
+                    f"k = {self._optimizer.accumulation_steps} micro-batches (make_private's "
+                    "accumulation_steps): a framework "
                     "that averages micro-batches (Accelerator(gradient_accumulation_steps=...)) "
                     "must accumulate the same k. Nothing was added"
                 )
@@ -171,10 +171,15 @@ class DPLoss:
         anchor = torch.zeros((), device=self.loss_per_sample.device, requires_grad=True)
         return _PrivateBackward.apply(anchor, self.detach(), self)
 
+    def _averages_micro_batches(self, divisor: float) -> bool:
+        """Whether dividing by ``divisor`` is the frameworks' mean over the k micro-batches
+        (or 1): what the division by L already does."""
+        steps = self._optimizer.accumulation_steps  # None: k varies
+        return math.isclose(divisor, 1.0) or (steps is not None and math.isclose(divisor, steps))
+
     def _backward_scaled(self, grad: torch.Tensor) -> None:
-        steps = self._optimizer.accumulation_steps
         scale = float(grad)
-        if not (math.isclose(scale, 1.0) or (steps is not None and math.isclose(scale * steps, 1.0))):
+        if scale == 0 or not self._averages_micro_batches(1 / scale):
             raise RuntimeError(
                 f"the private loss tensor (DPLoss.as_tensor()) reached backward() scaled by {scale:g}: "
                 "dpclip clips the unscaled per-example losses and divides by L itself; only the "

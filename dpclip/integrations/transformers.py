@@ -70,10 +70,7 @@ class PerExampleLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_example = self._per_example(logits, labels)
-        if self.reduction == "none":
-            return per_example
-        return per_example.sum() if self.reduction == "sum" else per_example.mean()
+        return _reduce(self._per_example(logits, labels), self.reduction)
 
     def _per_example(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         batch = logits.shape[0]
@@ -154,10 +151,14 @@ class _CallableLoss(nn.Module):
         self.fn, self.reduction = fn, "mean"
 
     def forward(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-        losses = self.fn(outputs, labels)
-        if self.reduction == "none":
-            return losses
-        return losses.sum() if self.reduction == "sum" else losses.mean()
+        return _reduce(self.fn(outputs, labels), self.reduction)
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-example losses [B] reduced as a loss module's ``reduction`` says."""
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 class _PrivacySteps(transformers.TrainerCallback):
