@@ -155,3 +155,8 @@ if __name__ == "__main__":
     resume = sys.argv[5] if len(sys.argv) > 5 else None
     torch.set_num_threads(1)
     {"trainer": trainer_run, "lightning": lightning_run, "accelerate": accelerate_run}[framework](out, sigma, steps, resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # left open, gloo's threads can abort the process at exit
+        dist.barrier()
+        dist.destroy_process_group()
