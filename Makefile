@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-profile bench-ddp
+.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-profile bench-ddp bench-audit
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-memory: $(STAMP)
 # all-reduce's share; the "Measured" section of docs/distributed.md (about 2 minutes).
 bench-ddp: $(STAMP)
 	$(BIN)/python -m benchmarks.ddp_bench
+
+# Canary audit (issue 18): cost and power of `dpclip audit` on the built-in MLP over
+# canaries and steps, with the counted-twice control; the table of docs/audit.md (about 5 minutes).
+bench-audit: $(STAMP)
+	$(BIN)/python -m benchmarks.audit_bench
 
 # Per-phase time of a dpclip step next to non-private training (MODEL=, B=, CLIPPING=, DEVICE=).
 bench-profile: $(STAMP)

@@ -6,6 +6,7 @@ from typing import Any
 # Names are imported on first use (PEP 562): the command line's accounting commands
 # (`python -m dpclip epsilon ...`) then start without importing torch (seconds).
 _EXPORTS = {
+    "audit": None,
     "callbacks": None,
     "PrivacyBudget": "dpclip.budget",
     "PrivacyBudgetExceeded": "dpclip.budget",
@@ -69,6 +70,7 @@ __all__ = [
     "Sampling",
     "SlowClippingWarning",
     "__version__",
+    "audit",
     "callbacks",
     "clip_factors",
     "private_gradient",

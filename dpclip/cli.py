@@ -98,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     eps.add_argument("--sample-rate", type=float, required=True, help="q = L/N per step")
     eps.add_argument("--steps", type=int, required=True, help="optimizer steps")
     eps.add_argument("--json", action="store_true", help="print one JSON object")
+
+    aud = sub.add_parser("audit", help="an empirical lower bound on ε from canaries in one training run")
+    aud.add_argument("--model", required=True,
+                     help="built-in workload (mlp, cnn, transformer, tiny) or module:function returning a Workload")
+    aud.add_argument("--noise-multiplier", type=float, required=True, help="σ = noise std / C")
+    aud.add_argument("--logical-batch", type=int, required=True,
+                     help="L, expected examples per step, out of the data plus the included canaries")
+    aud.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    aud.add_argument("--canaries", type=int, default=10000,
+                     help="m canaries, each included with probability 1/2 (default 10000)")
+    aud.add_argument("--micro-batch", type=int, help="B, most examples per forward/backward (default min(L, 256))")
+    aud.add_argument("--max-grad-norm", type=float, default=1.0, help="C (default 1)")
+    aud.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")
+    aud.add_argument("--confidence", type=float, default=0.95, help="of the lower bounds (default 0.95)")
+    aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--accountant", choices=methods, default="prv", help="for the claimed ε (default prv)")
+    aud.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -287,8 +304,19 @@ def _compare(args: argparse.Namespace) -> tuple[Any, str]:
     return json.loads(result.to_json()), result.to_markdown()
 
 
+def _audit(args: argparse.Namespace) -> tuple[Any, str]:
+    from dpclip import audit
+
+    result = audit.run(
+        args.model, noise_multiplier=args.noise_multiplier, logical_batch=args.logical_batch, steps=args.steps,
+        canaries=args.canaries, micro_batch=args.micro_batch, max_grad_norm=args.max_grad_norm,
+        delta=args.delta, confidence=args.confidence, seed=args.seed, accountant=args.accountant,
+    )
+    return result.to_dict(), str(result)
+
+
 _COMMANDS = {"report": _report, "calibrate": _calibrate, "budget": _budget, "compare": _compare,
-             "epsilon": _epsilon}
+             "epsilon": _epsilon, "audit": _audit}
 
 
 if __name__ == "__main__":

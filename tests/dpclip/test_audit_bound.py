@@ -1,14 +1,25 @@
-"""The ε-from-guesses bound of dpclip.audit against an independent computation: exact
+"""The ε-from-guesses bounds of dpclip.audit against independent computations: exact
 binomial tails summed from math.comb, the paper's δ term written out, and ε found by
-bisection."""
+bisection; the f-DP test against the binomial test on pure-DP curves and against
+simulated Gaussian canaries; DP-SGD's curve against the Gaussian closed form."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import scipy.stats
 
-from dpclip.audit import epsilon_lower_bound, p_value
+from dpclip.audit import (
+    canary_scores,
+    dpsgd_epsilon_lower_bound,
+    dpsgd_tradeoff,
+    epsilon_lower_bound,
+    guess_counts,
+    p_value,
+    refutes,
+)
 
 
 def tail(r: int, p: float, v: int) -> float:
@@ -71,3 +82,85 @@ def test_more_right_guesses_give_a_higher_bound_and_delta_lowers_it():
 def test_bad_counts_are_refused(args, message):
     with pytest.raises(ValueError, match=message):
         p_value(*args)
+
+
+# The f-DP test (Mahloujifar, Melis & Chaudhuri 2024) and DP-SGD's trade-off curve.
+
+
+def pure_dp_curve(eps: float):
+    return lambda a: max(0.0, 1 - math.exp(eps) * a, math.exp(-eps) * (1 - a))
+
+
+@pytest.mark.parametrize("m", [100, 1000])
+@pytest.mark.parametrize("r", [10, 40, 100])
+@pytest.mark.parametrize("eps", [0.5, 1.0, 2.0, 3.0])
+def test_refutes_on_the_pure_dp_curve_is_the_binomial_tail_test(m, r, eps):
+    # For pure ε-DP the f-DP test and the binomial tail (Steinke et al., δ = 0) agree, up
+    # to the boundary: a tail below 0.05/1.5 is refuted, one above 0.05·1.5 is not (the
+    # grid has one case between, tail 0.044, refuted by the f-DP test at 0.06).
+    for v in range(r // 2, r + 1):
+        tail_p = reference_p(m, r, v, eps, 0.0)
+        if tail_p <= 0.05 / 1.5:
+            assert refutes(m, r, v, pure_dp_curve(eps), 0.05), v
+        if tail_p > 0.05 * 1.5:
+            assert not refutes(m, r, v, pure_dp_curve(eps), 0.05), v
+
+
+def test_refutes_keeps_its_significance_on_gaussian_canaries_and_has_power():
+    # 300 simulated one-run audits of a Gaussian mechanism with μ = 1 (DP-SGD, q = 1,
+    # one step, σ = 1): the true curve is refuted in at most 5 % of them (+3 sd of a
+    # binomial(300, 0.05)); a claim of σ = 2 is refuted in most.
+    rng = np.random.default_rng(0)
+    true, claim = dpsgd_tradeoff(1.0, 1.0, 1), dpsgd_tradeoff(1.0, 2.0, 1)
+    trials, m = 300, 1000
+    false_alarms = power = 0
+    for _ in range(trials):
+        included = rng.random(m) < 0.5
+        ((r, v),) = guess_counts(included + rng.standard_normal(m), included, (0.1,))
+        false_alarms += refutes(m, r, v, true, 0.05)
+        power += refutes(m, r, v, claim, 0.05)
+    assert false_alarms <= trials * 0.05 + 3 * math.sqrt(trials * 0.05 * 0.95)
+    assert power >= 0.8 * trials
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 3.0])
+def test_dpsgd_tradeoff_is_the_gaussian_curve_from_below(sigma):
+    # One step at q = 1 is the Gaussian mechanism: f(α) = Φ(Φ⁻¹(1 − α) − 1/σ) (Dong, Roth
+    # & Su). The curve from the PLD is a lower bound, close to it.
+    f = dpsgd_tradeoff(1.0, sigma, 1)
+    for a in np.linspace(1e-4, 1 - 1e-4, 41):
+        exact = scipy.stats.norm.cdf(scipy.stats.norm.ppf(1 - a) - 1 / sigma)
+        assert exact - 0.01 <= f(a) <= exact + 1e-9
+
+
+def test_canary_scores_are_the_mixture_likelihood_ratio():
+    rng = np.random.default_rng(1)
+    y = rng.normal(0.5, 2.0, size=(7, 5))
+    for q in (0.01, 0.3, 1.0):
+        sigma = 1.5
+        null = scipy.stats.norm.pdf(y, 0, sigma)
+        mixture = (1 - q) * null + q * scipy.stats.norm.pdf(y, 1, sigma)
+        expected = np.log(mixture / null).sum(axis=0)
+        np.testing.assert_allclose(canary_scores(y, q, sigma), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_guess_counts_guess_the_extremes():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
+    included = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    # 10 %: one "in" (5.0, in: right) and one "out" (-4.0, out: right); 20 %: two each
+    # (5, 4 in: right; -3, -4 out: right); 30 %: (5, 4, 3) 2 right, (-2, -3, -4) 3 right.
+    assert guess_counts(scores, included, (0.1, 0.2, 0.3)) == [(2, 2), (4, 4), (6, 5)]
+
+
+def test_dpsgd_bound_finds_the_noise_the_guesses_allow():
+    # Many right guesses refute large σ; no better than chance refutes nothing.
+    eps, sigma = dpsgd_epsilon_lower_bound(
+        1000, [(200, 190)], sample_rate=1.0, steps=1, noise_multiplier=2.0, delta=1e-5
+    )
+    assert 0 < sigma < 2.0 and eps > epsilon_lower_bound(1000, 200, 190, 1e-5) > 0
+    # σ* is the refuted end: DP-SGD at σ* is refuted, a little less noise is not.
+    assert refutes(1000, 200, 190, dpsgd_tradeoff(1.0, sigma, 1), 0.05)
+    assert not refutes(1000, 200, 190, dpsgd_tradeoff(1.0, sigma / 1.01, 1), 0.05)
+    assert dpsgd_epsilon_lower_bound(
+        1000, [(200, 100)], sample_rate=1.0, steps=1, noise_multiplier=2.0, delta=1e-5
+    ) == (0.0, math.inf)
