@@ -85,7 +85,9 @@ class PrvAccountant(Accountant):
             parts = [sc.compute_composition([n]) for sc, n in used]
             composed = composers.ConvolutionTree(parts).compute_composition([1] * len(parts))
             _, _, upper = composed.compute_epsilon(delta, delta_error, error)
-            out.append(upper)
+            # ε >= 0 by definition: at large δ (about 0.3 and above) prv-accountant's
+            # interval reaches below 0
+            out.append(max(0.0, upper))
         return out
 
 

@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="L, expected examples per step, out of the data plus the included canaries")
     aud.add_argument("--steps", type=int, required=True, help="optimizer steps")
     aud.add_argument("--canaries", type=int, default=10000,
-                     help="m canaries, each included with probability 1/2 (default 10000)")
+                     help="m >= 100 canaries, each included with probability 1/2 (default 10000)")
     aud.add_argument("--micro-batch", type=int, help="B, most examples per forward/backward (default min(L, 256))")
     aud.add_argument("--max-grad-norm", type=float, default=1.0, help="C (default 1)")
     aud.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5)")

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 import pytest
+
+import accounting
 import scipy.stats
 
 from dpclip.audit import (
@@ -158,6 +160,9 @@ def test_dpsgd_bound_finds_the_noise_the_guesses_allow():
         1000, [(200, 190)], sample_rate=1.0, steps=1, noise_multiplier=2.0, delta=1e-5
     )
     assert 0 < sigma < 2.0 and eps > epsilon_lower_bound(1000, 200, 190, 1e-5) > 0
+    # ε is from below: under every accountant's figure for σ*, close to them
+    assert eps <= accounting.epsilon_for(sigma, delta=1e-5, sample_rate=1.0, steps=1, method="pld")
+    assert eps == pytest.approx(accounting.epsilon_for(sigma, delta=1e-5, sample_rate=1.0, steps=1), rel=0.01)
     # σ* is the refuted end: DP-SGD at σ* is refuted, a little less noise is not.
     assert refutes(1000, 200, 190, dpsgd_tradeoff(1.0, sigma, 1), 0.05)
     assert not refutes(1000, 200, 190, dpsgd_tradeoff(1.0, sigma / 1.01, 1), 0.05)

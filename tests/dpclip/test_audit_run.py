@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import dpclip.clipping.clipper as clipper_module
 import dpclip.optimizer as optimizer_module
 from dpclip import audit
 from dpclip.cli import main
-from dpclip.workloads import mlp
+from dpclip.workloads import Workload, mlp
 
 # 10 000 canaries, q ≈ 0.64 of 512 examples + ~5 000 included canaries, 2 steps at σ = 3:
 # claimed ε ≈ 1.3 at δ = 1e-5 (about 5 s an audit on 2 cores).
@@ -80,13 +81,24 @@ def test_command_line_text(capsys):
     "kwargs, message",
     [
         ({"noise_multiplier": 0.0}, "noise_multiplier > 0"),
-        ({"canaries": 5}, "canaries"),
+        ({"canaries": 99}, "canaries"),
         ({"logical_batch": 10**6}, "exceeds the audit's dataset size"),
         ({"steps": 0}, "steps"),
         ({"confidence": 1.0}, "confidence"),
+        ({"delta": 0.0}, "delta"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):
     settings = {"noise_multiplier": 1.0, "logical_batch": 50, "steps": 1, "canaries": 100, **kwargs}
     with pytest.raises(ValueError, match=message):
         audit.run("tiny", **settings)
+
+
+def test_a_workload_outside_the_convention_is_refused_before_training():
+    tiny = mlp(n=8)
+    as_dicts = Workload(tiny.model_fn, [{"x": x, "y": y} for x, y in tiny.dataset], tiny.criterion)
+    with pytest.raises(ValueError, match=r"\(x, y\) pairs"):
+        audit.run(as_dicts, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)
+    as_function = Workload(tiny.model_fn, tiny.dataset, torch.nn.functional.cross_entropy)
+    with pytest.raises(ValueError, match="loss module with reduction"):
+        audit.run(as_function, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)
