@@ -379,6 +379,11 @@ def run(
         validate_int(name, value)
     validate_int("canaries", canaries, minimum=100)
     micro_batch = min(logical_batch, 256) if micro_batch is None else validate_int("micro_batch", micro_batch)
+    if micro_batch > logical_batch:
+        raise ValueError(
+            f"Expected micro_batch={micro_batch} <= logical_batch={logical_batch}: a micro-batch is "
+            "a part of the logical batch"
+        )
     if not noise_multiplier > 0:
         raise ValueError(f"Expected noise_multiplier > 0: the audit scores canaries against the noise, got {noise_multiplier}")
     if not max_grad_norm > 0:
@@ -387,16 +392,25 @@ def run(
         raise ValueError(f"Expected 0 < confidence < 1, got {confidence}")
     validate_delta(delta)
     model_fn, dataset, criterion = _resolve_workload(workload)
+    if isinstance(model_fn, nn.Module) or not callable(model_fn):
+        raise ValueError(
+            "Expected the workload's model_fn to build a fresh model when called (a class or "
+            f"function, e.g. Workload(MyModel, ...)), got {type(model_fn).__name__}"
+        )
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("Expected the workload's dataset to hold at least one example, got none")
     example = dataset[0]
     if not isinstance(example, (tuple, list)) or len(example) != 2:
+        shape = f" of {len(example)}" if isinstance(example, (tuple, list)) else ""
         raise ValueError(
             "Expected the workload's dataset to yield (x, y) pairs (x may be a tensor, tuple or "
-            f"dict), got a {type(example).__name__}"
+            f"dict), got a {type(example).__name__}{shape}"
         )
-    if not isinstance(criterion, nn.Module) or getattr(criterion, "reduction", None) not in ("mean", "sum"):
+    reduction = getattr(criterion, "reduction", None)
+    if not isinstance(criterion, nn.Module) or reduction not in ("mean", "sum"):
         raise ValueError(
             "Expected the workload's criterion to be a loss module with reduction 'mean' or 'sum' "
-            f"(e.g. nn.CrossEntropyLoss()), got {criterion!r}"
+            f"(e.g. nn.CrossEntropyLoss()), got {criterion!r} with reduction {reduction!r}"
         )
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

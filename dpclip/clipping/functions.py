@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dpclip.clipping.recording import LayerCall, Unit
+from dpclip.clipping.recording import LayerCall, Unit, argument_tensors
 from dpclip.clipping.rules import Rule, Target
 from dpclip.clipping.rules.broadcast import BROADCAST, per_example_shape
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
@@ -213,16 +212,6 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any] |
     return bound
 
 
-def _tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    out = []
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            out.extend(t for t in a if isinstance(t, torch.Tensor))
-    return out
-
-
 def _outputs(result: Any) -> list[torch.Tensor]:
     if isinstance(result, torch.Tensor):
         return [result]
@@ -285,7 +274,7 @@ class FunctionRecorder(TorchFunctionMode):
 
     def start(self, args: tuple, kwargs: dict) -> None:
         """Enter the mode for a root forward whose tensor inputs carry the batch."""
-        inputs = _tensors(args, kwargs)
+        inputs = argument_tensors(args, kwargs)
         self.batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else 0
         for t in inputs:
             self._batched[id(t)] = weakref.ref(t)
@@ -347,7 +336,7 @@ class FunctionRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: A002 - torch's signature
         kwargs = kwargs or {}
-        tensors = _tensors(args, kwargs)
+        tensors = argument_tensors(args, kwargs)
         batched = False
         derived: list[tuple[torch.Tensor, tuple[BroadcastCall, ...]]] = []
         watched = []
@@ -411,7 +400,7 @@ class FunctionRecorder(TorchFunctionMode):
     def _meet(self, args: tuple, kwargs: dict, derived: list, inplace: bool) -> tuple[tuple, dict]:
         """Replace each batch-less operand by its view expanded over the batch (the
         operations in ``_BROADCASTING`` align operands at their last dimension)."""
-        ndim = max(a.dim() for a in _tensors(args, kwargs))
+        ndim = max(a.dim() for a in argument_tensors(args, kwargs))
         swaps = {}
         for p, sources in derived:
             if inplace and args and p is args[0]:
@@ -436,7 +425,7 @@ class FunctionRecorder(TorchFunctionMode):
         dimensions); otherwise its record is dropped and the use counts as one no rule
         covers (its module takes the graph path)."""
         others = [
-            t for t in _tensors(args, kwargs)
+            t for t in argument_tensors(args, kwargs)
             if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
         ]
         kind = self._kinds.get(func) or self._kind(func)

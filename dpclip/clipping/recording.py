@@ -12,7 +12,7 @@ per-sample gradients: ``dpclip.clipping.graph``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,23 @@ __all__ = [
 #: Modules that use their children's parameters without calling the children
 #: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
 OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+def argument_tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors of a forward's arguments, also inside (nested) lists, tuples and
+    mappings: ``model(batch)`` with a dict of input_ids and attention_mask (a Hugging
+    Face ``BatchEncoding`` is a mapping) carries the batch as much as ``model(**batch)``."""
+    out: list[torch.Tensor] = []
+    pending = [*args, *kwargs.values()]
+    while pending:
+        a = pending.pop(0)
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            pending[:0] = a
+        elif isinstance(a, Mapping):
+            pending[:0] = a.values()
+    return out
 
 
 @dataclass(eq=False)
@@ -366,7 +383,7 @@ class Recorder:
                     "forwards of the model is refused at its backward()",
                     stacklevel=5,  # the user's model(x): past this hook and Module.__call__
                 )
-        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        first = next(iter(argument_tensors(args, kwargs)), None)
         self.forward_batch = first.shape[0] if first is not None and first.dim() > 0 else None
         self.independence.before_forward()
         if self.functions is not None:

@@ -86,6 +86,7 @@ def test_command_line_text(capsys):
         ({"steps": 0}, "steps"),
         ({"confidence": 1.0}, "confidence"),
         ({"delta": 0.0}, "delta"),
+        ({"micro_batch": 60}, "micro_batch=60 <= logical_batch=50"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, message):
@@ -102,3 +103,9 @@ def test_a_workload_outside_the_convention_is_refused_before_training():
     as_function = Workload(tiny.model_fn, tiny.dataset, torch.nn.functional.cross_entropy)
     with pytest.raises(ValueError, match="loss module with reduction"):
         audit.run(as_function, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)
+    as_instance = Workload(tiny.model_fn(), tiny.dataset, tiny.criterion)
+    with pytest.raises(ValueError, match="build a fresh model"):
+        audit.run(as_instance, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)
+    empty = Workload(tiny.model_fn, [], tiny.criterion)
+    with pytest.raises(ValueError, match="at least one example"):
+        audit.run(empty, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)

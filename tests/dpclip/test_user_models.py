@@ -375,3 +375,60 @@ def test_frozen_embeddings_in_the_optimizer_get_no_update():
     train(model, optimizer, criterion, loader, steps=2)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) == (not p.requires_grad), n
+
+
+class DictClassifier(nn.Module):
+    """The user's model takes the batch as one dict, as a collated dataset of
+    {"input_ids", "attention_mask"} gives it: ``model(batch)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = tf.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=2 * HIDDEN, max_position_embeddings=SEQ, num_labels=CLASSES,
+                               **NO_DROPOUT)
+        self.hf = tf.BertForSequenceClassification(config)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.hf(**batch).logits
+
+
+class AsTensors(nn.Module):
+    """The same model called with tensors, for the one-example-at-a-time reference."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": ids, "attention_mask": mask})
+
+
+def test_a_model_taking_one_dict_of_tensors_is_clipped_exactly():
+    # The batch is found inside the dict (before: its ids were taken for a lookup table
+    # without a batch dimension, and the first backward was refused).
+    torch.manual_seed(0)
+    model = DictClassifier().double()
+    ids = torch.randint(1, VOCAB, (K * B, SEQ))
+    mask = torch.ones_like(ids)
+    mask[::2, SEQ // 2:] = 0
+    y = torch.randint(0, CLASSES, (K * B,))
+    criterion = nn.CrossEntropyLoss()
+    _, norms = reference_update(AsTensors(model), (ids, mask), y, criterion, 1.0, 1.0)
+    max_grad_norm = float(norms.median())
+    expected, _ = reference_update(AsTensors(model), (ids, mask), y, criterion, max_grad_norm, K * B)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = [({"input_ids": i, "attention_mask": m}, t) for i, m, t in zip(ids, mask, y)]
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    model, optimizer, dp_criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=criterion,
+        data_loader=DataLoader(data, batch_size=B), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        accumulation_steps=K, poisson_sampling=False,
+    )
+    for batch, target in loader:
+        dp_criterion(model(batch), target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert engine.steps == 1
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    reference = torch.cat([g.flatten() for g in expected.values()])
+    assert float((update - reference).norm() / reference.norm()) < 1e-9
