@@ -34,10 +34,13 @@ import scipy.special
 import scipy.stats
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
 
 from accounting.accountant import validate_delta
 from accounting.events import PoissonGaussian, validate_int
+from dpclip.engine import PrivacyEngine
+from dpclip.loss import per_example_losses
 
 __all__ = [
     "AuditResult",
@@ -160,17 +163,23 @@ def dpsgd_tradeoff(sample_rate: float, noise_multiplier: float, steps: int) -> C
 
 @functools.lru_cache(maxsize=64)
 def _dpsgd_profile(sample_rate: float, noise_multiplier: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    from dp_accounting.pld import privacy_loss_distribution as pld_lib
-
-    # A coarser grid for small σ keeps the PLD's size bounded; coarser is pessimistic.
-    interval = 1e-3 * max(1.0, noise_multiplier**-2)
-    pld = pld_lib.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, sampling_prob=sample_rate,
-        value_discretization_interval=interval,
-    ).self_compose(steps)
+    pld = _dpsgd_pld(sample_rate, noise_multiplier, steps, pessimistic=True)
     top = min(float(pld.get_epsilon_for_delta(1e-12)), 60.0)
     eps = np.linspace(0.0, max(top, 1.0), 1000)
     return eps, np.asarray(pld.get_delta_for_epsilon(eps), dtype=float)
+
+
+def _dpsgd_pld(sample_rate: float, noise_multiplier: float, steps: int, *, pessimistic: bool) -> Any:
+    """dp-accounting's PLD of ``steps`` DP-SGD steps: pessimistic (δ(ε) from above, for
+    the trade-off curve) or optimistic (ε from below). The grid coarsens for small σ,
+    which keeps the PLD's size bounded and errs in the same direction."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, sampling_prob=sample_rate, pessimistic_estimate=pessimistic,
+        use_connect_dots=pessimistic,  # (connect-the-dots is pessimistic only)
+        value_discretization_interval=(1e-3 if pessimistic else 1e-4) * max(1.0, noise_multiplier**-2),
+    ).self_compose(steps)
 
 
 def dpsgd_epsilon_lower_bound(
@@ -212,20 +221,9 @@ def dpsgd_epsilon_lower_bound(
         while high / low > 1.005:
             mid = math.sqrt(low * high)
             low, high = (low, mid) if refuted(mid) else (mid, high)
-    return _dpsgd_epsilon_from_below(sample_rate, high, steps, delta), float(high)
-
-
-def _dpsgd_epsilon_from_below(sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
-    """A lower bound on ε at δ of DP-SGD (optimistic discretisation: every accountant's
-    upper bound is above it)."""
-    from dp_accounting.pld import privacy_loss_distribution as pld_lib
-
-    pld = pld_lib.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, sampling_prob=sample_rate, pessimistic_estimate=False,
-        use_connect_dots=False,  # (connect-the-dots is pessimistic only)
-        value_discretization_interval=1e-4 * max(1.0, noise_multiplier**-2),
-    ).self_compose(steps)
-    return max(0.0, float(pld.get_epsilon_for_delta(delta)))
+    # from below (optimistic PLD): every accountant's upper bound for σ* is above it
+    epsilon = _dpsgd_pld(sample_rate, high, steps, pessimistic=False).get_epsilon_for_delta(delta)
+    return max(0.0, float(epsilon)), float(high)
 
 
 def canary_scores(updates: np.ndarray, sample_rate: float, noise_multiplier: float) -> np.ndarray:
@@ -372,8 +370,6 @@ def run(
         memory: ``make_private``'s memory mode.
         device: "cpu" or "cuda" (default: cuda when available).
     """
-    from dpclip.engine import PrivacyEngine
-
     started = time.perf_counter()
     for name, value in (("logical_batch", logical_batch), ("steps", steps)):
         validate_int(name, value)
@@ -439,7 +435,8 @@ def run(
     before = head.detach()[:canaries, 0].double().cpu().clone()
     while engine.steps < steps:
         for (x, slot), (y, is_canary) in loader:
-            loss = dp_criterion(model(_to(x, device_), slot.to(device_)), (_to(y, device_), is_canary.to(device_)))
+            x, y = tree_map(lambda t: t.to(device_) if isinstance(t, torch.Tensor) else t, (x, y))
+            loss = dp_criterion(model(x, slot.to(device_)), (y, is_canary.to(device_)))
             taken = engine.steps
             loss.backward()
             optimizer.step()
@@ -447,15 +444,15 @@ def run(
             if engine.steps > taken:
                 after = head.detach()[:canaries, 0].double().cpu().clone()
                 # SGD at lr 1: the step is −(S + noise)/L, S_j = C when canary j was drawn
-                y = ((before - after) * expected / max_grad_norm).numpy()
-                scores += canary_scores(y[None], engine.ledger.entries[-1][0].sample_rate, noise_multiplier)
+                update = ((before - after) * expected / max_grad_norm).numpy()
+                scores += canary_scores(update[None], engine.ledger.entries[-1][0].sample_rate, noise_multiplier)
                 before = after
                 if engine.steps == steps:
                     break
 
     entries = engine.ledger.entries
     events = {event for event, _ in entries}
-    if len(events) != 1 or not isinstance(next(iter(events)), PoissonGaussian) or engine.steps != steps:
+    if len(events) != 1 or not isinstance(next(iter(events)), PoissonGaussian):
         raise RuntimeError(f"the audit expects {steps} Poisson-sampled Gaussian steps in the ledger, got {entries}")
     q = float(next(iter(events)).sample_rate)
     counts = guess_counts(scores, included)
@@ -483,16 +480,6 @@ def _resolve_workload(workload: Any) -> tuple[Callable[[], Any], Any, Any]:
     if not isinstance(workload, Workload):
         raise ValueError(f"Expected workload to be a dpclip.workloads.Workload or a spec string, got {type(workload).__name__}")
     return workload.model_fn, workload.dataset, workload.criterion
-
-
-def _to(value: Any, device: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
 
 
 class _CanaryData(Dataset):
@@ -542,15 +529,7 @@ class _CanaryLoss(nn.Module):
 
     def forward(self, output: tuple[Any, torch.Tensor], target: tuple[Any, torch.Tensor]) -> torch.Tensor:
         (out, score), (y, is_canary) = output, target
-        own = self.criterion.reduction
-        self.criterion.reduction = "none"
-        try:
-            losses = self.criterion(out, y)
-        finally:
-            self.criterion.reduction = own
-        if losses.dim() > 1:
-            dims = tuple(range(1, losses.dim()))
-            losses = losses.sum(dim=dims) if own == "sum" else losses.mean(dim=dims)
+        losses = per_example_losses(self.criterion, out, y)
         losses = torch.where(is_canary, score.to(losses.dtype), losses)
         if self.reduction == "none":
             return losses

@@ -14,7 +14,7 @@ from dpclip.independence import ExamplesMixedError, Outcome, RandomState, check_
 if TYPE_CHECKING:
     from dpclip.optimizer import DPOptimizer
 
-__all__ = ["DPCriterion", "DPLoss"]
+__all__ = ["DPCriterion", "DPLoss", "per_example_losses"]
 
 
 class DPLoss:
@@ -257,22 +257,29 @@ class DPCriterion:
         return DPLoss(losses, self.optimizer, self.criterion.reduction)
 
     def _per_example(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """ℓ_i for each example, shape [B]."""
-        reduction = self.criterion.reduction
-        self.criterion.reduction = "none"
-        try:
-            losses = self.criterion(*args, **kwargs)
-        finally:
-            self.criterion.reduction = reduction
-        if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
-            raise ValueError(
-                "the criterion returned a scalar with reduction='none': dpclip needs one loss "
-                "per example (shape [B, ...])"
-            )
-        if losses.dim() > 1:
-            dims = tuple(range(1, losses.dim()))
-            losses = losses.sum(dim=dims) if reduction == "sum" else losses.mean(dim=dims)
-        return losses
+        return per_example_losses(self.criterion, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"DPCriterion({self.criterion!r})"
+
+
+def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """ℓ_i for each example, shape [B]: the loss module called with ``reduction="none"``
+    (its own restored after), losses with more than one dimension (e.g. per token)
+    reduced over the non-batch dimensions with the module's own reduction, so the
+    privacy unit is one example (one sequence)."""
+    reduction = criterion.reduction
+    criterion.reduction = "none"
+    try:
+        losses = criterion(*args, **kwargs)
+    finally:
+        criterion.reduction = reduction
+    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
+        raise ValueError(
+            "the criterion returned a scalar with reduction='none': dpclip needs one loss "
+            "per example (shape [B, ...])"
+        )
+    if losses.dim() > 1:
+        dims = tuple(range(1, losses.dim()))
+        losses = losses.sum(dim=dims) if reduction == "sum" else losses.mean(dim=dims)
+    return losses
