@@ -530,6 +530,13 @@ class _CanaryLoss(nn.Module):
     def forward(self, output: tuple[Any, torch.Tensor], target: tuple[Any, torch.Tensor]) -> torch.Tensor:
         (out, score), (y, is_canary) = output, target
         losses = per_example_losses(self.criterion, out, y)
+        if losses.shape[0] != is_canary.shape[0]:
+            raise ValueError(
+                f"the workload's criterion returned {losses.shape[0]} losses for a micro-batch of "
+                f"{is_canary.shape[0]} examples: it needs one loss per example (shape [B] or [B, ...]). "
+                "Flattening [B, T, V] logits to [B·T, V] gives one loss per token: keep the batch "
+                "dimension, e.g. nn.CrossEntropyLoss on logits.transpose(1, 2) with labels [B, T]"
+            )
         losses = torch.where(is_canary, score.to(losses.dtype), losses)
         if self.reduction == "none":
             return losses

@@ -109,3 +109,30 @@ def test_a_workload_outside_the_convention_is_refused_before_training():
     empty = Workload(tiny.model_fn, [], tiny.criterion)
     with pytest.raises(ValueError, match="at least one example"):
         audit.run(empty, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)
+
+
+class PerTokenFlattened(torch.nn.CrossEntropyLoss):
+    """The usual language-model loss: [B, T, V] logits flattened to [B·T, V]."""
+
+    def forward(self, logits, labels):
+        return super().forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def test_a_loss_per_token_instead_of_per_example_is_refused_with_the_fix():
+    tokens = torch.randint(0, 7, (64, 5))
+    data = torch.utils.data.TensorDataset(tokens, tokens)
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7))
+
+    flattened = Workload(model, data, PerTokenFlattened())
+    with pytest.raises(ValueError, match="one loss per example.*transpose"):
+        audit.run(flattened, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100)
+    # the fix the message names: class scores second, [B, V, T], losses [B, T] per example
+    per_token = Workload(lambda: torch.nn.Sequential(model(), Transposed()), data, torch.nn.CrossEntropyLoss())
+    assert audit.run(per_token, noise_multiplier=1.0, logical_batch=50, steps=1, canaries=100).steps == 1
+
+
+class Transposed(torch.nn.Module):
+    def forward(self, logits):
+        return logits.transpose(1, 2)
