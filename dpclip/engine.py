@@ -397,8 +397,7 @@ class PrivacyEngine:
                 gradient arrives and drops it, then gets the clipped sum from a
                 second backward of Σ c_i·ℓ_i (peak memory about non-private
                 training's; one more backward pass), "auto" (default; "fast" for
-                now: it used as little memory or less on every model measured but
-                T5). All give the same update up to rounding; under autocast,
+                now). All give the same update up to rounding; under autocast,
                 "low"'s clipped sum has the layers' own (bfloat16) rounding, as
                 Opacus's does, where "fast" adds it in float32.
 

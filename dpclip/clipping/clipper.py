@@ -387,16 +387,16 @@ class PerSampleClipper:
         trainable = [p for p in self.params if p.requires_grad] if audit else []
         met = [t for c in broadcast for t in c.inputs()]
         inputs = flat + met + trainable
-        # the graph path, a lookup's output that met the batch only through other
-        # operations, and a second backward take a second pass through the graph
-        chained = any(p is not c.output for c in broadcast for p, _, _ in c.meetings)
-        try:
+        watched = [h for c in broadcast for h in c.watch(batch)]
+        try:  # the graph path and a second backward take a second pass through the graph
             grads = torch.autograd.grad(
-                loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or chained or recompute),
+                loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or recompute),
                 allow_unused=True,
             ) if inputs else ()
         finally:
             early.remove()
+            for h in watched:
+                h.remove()
         it = iter(grads[: len(flat)])
         layer_calls: list[LayerCall] = []
         used_graph: list[GraphCall] = []

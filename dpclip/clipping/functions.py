@@ -135,10 +135,36 @@ class BroadcastCall:
     targets: dict[str, Target]
     strategy: str
     meetings: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
+    #: Σ over the meetings at a P other than the output of the per-example cotangents
+    #: carried back from P to the output ([B, *output.shape]; ``watch``)
+    through: torch.Tensor | None = None
 
     def inputs(self) -> list[torch.Tensor]:
         """The tensors whose gradients ``resolve_broadcast`` needs: output, then each P_b."""
         return [self.output, *(pb for _, pb, _ in self.meetings)]
+
+    def watch(self, batch: int) -> list[Any]:
+        """Hooks that, as the backward pass reaches each meeting at a P computed from the
+        output, carry its per-example cotangents back to the output (into ``through``):
+        then, before the pass frees the operations between them, so it needs not keep
+        the graph for after it. Returns the hook handles (remove them after the pass)."""
+        handles = []
+        for p, pb, aligned in self.meetings:
+            if p is self.output:
+                continue
+
+            def hook(grads: tuple[torch.Tensor | None, ...], p=p, pb=pb, aligned=aligned) -> None:
+                g = grads[pb.output_nr]
+                if g is None:
+                    return
+                cot = _one_hot(g) if aligned else g.reshape(batch, *p.shape)
+                (t,) = torch.autograd.grad(
+                    [p], [self.output], grad_outputs=[cot], retain_graph=True, is_grads_batched=True
+                )
+                self.through = t if self.through is None else self.through + t
+
+            handles.append(pb.grad_fn.register_prehook(hook))
+        return handles
 
 
 def resolve_broadcast(
@@ -164,21 +190,10 @@ def resolve_broadcast(
         summed = backprop
     else:
         direct = torch.zeros((batch, *y0.shape), dtype=total.dtype, device=total.device)
-        chained, cotangents = [], []
         for p, _, aligned, g in pairs:
-            # example i's cotangent on P: its row of g (broadcast), or g's row i alone (aligned)
-            cot = _one_hot(g) if aligned else g.reshape(batch, *p.shape)
-            if p is y0:
-                direct = direct + cot
-            else:
-                chained.append(p)
-                cotangents.append(cot)
-        if chained:
-            (through,) = torch.autograd.grad(
-                chained, [y0], grad_outputs=cotangents, retain_graph=True, is_grads_batched=True
-            )
-            direct = direct + through
-        backprop = direct
+            if p is y0:  # example i's cotangent: its row of g (broadcast), or g's row i alone (aligned)
+                direct = direct + (_one_hot(g) if aligned else g.reshape(batch, *p.shape))
+        backprop = direct if call.through is None else direct + call.through
         ids = call.ids.expand(batch, *call.ids.shape)
         summed = backprop.sum(dim=0)
     tol = math.sqrt(torch.finfo(total.dtype).eps)

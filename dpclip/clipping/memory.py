@@ -18,9 +18,7 @@ call with per-example gradients keeps those, not its input and output gradient. 
 whose parameters other calls use too (tied weights, a layer run twice) are kept in both
 modes: their norm needs per-example gradients summed over the calls.
 
-``memory="auto"`` is "fast" today: measured on the models of the README's memory table,
-"low" peaked lower only where the layers' per-example gradients are large next to the
-activations (T5), at about one more backward pass of time everywhere.
+``memory="auto"`` is "fast" today.
 """
 
 from __future__ import annotations
