@@ -111,7 +111,15 @@ class AttentionRecorder(TorchFunctionMode):
         return None
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
+        if x.dim() > 2 and not x.is_contiguous():
+            # F.linear would save a contiguous copy of this [T, B, E] view for the weight's
+            # gradient; made here, the record shares that copy instead of keeping the
+            # layer's input alive beside it (rows stay (position, example))
+            shape = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1])
+            y = F.linear(x, weight, bias).view(*shape, -1)
+        else:
+            y = F.linear(x, weight, bias)
         targets = {}
         for role, t in (("weight", weight), ("bias", bias)):
             target = self._target(t)

@@ -268,8 +268,7 @@ class PerSampleClipper:
         # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit
         eps = rounding_eps(
             d for c in calls for d in (
-                [c.dtype] if isinstance(c, LayerCall)
-                else [t.dtype for t in (c.outputs if isinstance(c, GraphCall) else [c.output])]
+                [t.dtype for t in c.outputs] if isinstance(c, GraphCall) else [c.dtype]
             )
         )
         # the first few micro-batches are measured per layer, for the plan

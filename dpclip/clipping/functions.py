@@ -37,9 +37,10 @@ model's forward. It records:
   are followed until they meet a batched tensor in a broadcasting add, sub, mul
   or div (``BroadcastCall``): there the batch-less operand is replaced by a view
   expanded over the batch, whose gradient in the one backward is each example's
-  own cotangent; a batched vector-Jacobian product back to the lookup's output
-  (``resolve_broadcast``) gives each example's cotangent there, and the
-  embedding rule the per-example gradient.
+  own cotangent; a batched vector-Jacobian product back to the lookup's output,
+  taken as the backward reaches the meeting (``BroadcastCall.watch``), gives each
+  example's cotangent there (``resolve_broadcast``), and the embedding rule the
+  per-example gradient. Only graph edges of these tensors are held, not their memory.
 
 The model itself, if it owns parameters and has no rule, is such a module: its window
 is its whole forward.
@@ -63,6 +64,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from dpclip.clipping.recording import LayerCall, Unit, argument_tensors
@@ -117,31 +119,51 @@ _VIEWING = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class Meeting:
+    """A place where a tensor P computed from a lookup's output alone met the batch: the
+    operation used P_b, P's view expanded over the batch, instead (P_b's gradient is per
+    example). Only graph edges are held, not the tensors (their memory).
+
+    ``p``: P's gradient edge, None when P is the lookup's output itself; ``shape``: P's;
+    ``pb``: P_b's edge; ``aligned``: P's leading dimension already had the batch size (a
+    batch-less ``expand(B, T)``), so P_b's row i is example i's, not a broadcast.
+    """
+
+    p: GradientEdge | None
+    shape: tuple[int, ...]
+    pb: GradientEdge
+    aligned: bool
+
+    def cotangents(self, g: torch.Tensor, batch: int) -> torch.Tensor:
+        """Example i's cotangent on P, [B, *shape], from P_b's gradient ``g``: its row of
+        g (broadcast), or g's row i alone (aligned)."""
+        return _one_hot(g) if self.aligned else g.reshape(batch, *self.shape)
+
+
 @dataclass(eq=False)
 class BroadcastCall:
-    """An embedding lookup on ids without a batch dimension, and the places where a
-    tensor computed from its output alone met the batch.
-
-    ``meetings``: (P, P_b) per place: P the batch-less operand, P_b the view of it
-    expanded over the batch that the operation used instead (its gradient is
-    per example). ``aligned``: P's leading dimension already had the batch size (a
-    batch-less ``expand(B, T)``), so P_b's row i is example i's, not a broadcast.
+    """An embedding lookup on ids without a batch dimension (``edge``: where its
+    output's gradient enters the graph; ``shape``, ``dtype``: the output's), and the
+    places where a tensor computed from its output alone met the batch (``meetings``).
     """
 
     rule: Rule
     module: nn.Module
     ids: torch.Tensor
-    output: torch.Tensor
+    edge: GradientEdge
+    shape: tuple[int, ...]
+    dtype: torch.dtype
     targets: dict[str, Target]
     strategy: str
-    meetings: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
+    meetings: list[Meeting] = field(default_factory=list)
     #: Σ over the meetings at a P other than the output of the per-example cotangents
-    #: carried back from P to the output ([B, *output.shape]; ``watch``)
+    #: carried back from P to the output ([B, *shape]; ``watch``)
     through: torch.Tensor | None = None
 
-    def inputs(self) -> list[torch.Tensor]:
-        """The tensors whose gradients ``resolve_broadcast`` needs: output, then each P_b."""
-        return [self.output, *(pb for _, pb, _ in self.meetings)]
+    def inputs(self) -> list[GradientEdge]:
+        """Where ``resolve_broadcast`` needs the gradients: the output, then each P_b."""
+        return [self.edge, *(m.pb for m in self.meetings)]
 
     def watch(self, batch: int) -> list[Any]:
         """Hooks that, as the backward pass reaches each meeting at a P computed from the
@@ -149,21 +171,21 @@ class BroadcastCall:
         then, before the pass frees the operations between them, so it needs not keep
         the graph for after it. Returns the hook handles (remove them after the pass)."""
         handles = []
-        for p, pb, aligned in self.meetings:
-            if p is self.output:
+        for m in self.meetings:
+            if m.p is None:
                 continue
 
-            def hook(grads: tuple[torch.Tensor | None, ...], p=p, pb=pb, aligned=aligned) -> None:
-                g = grads[pb.output_nr]
+            def hook(grads: tuple[torch.Tensor | None, ...], m: Meeting = m) -> None:
+                g = grads[m.pb.output_nr]
                 if g is None:
                     return
-                cot = _one_hot(g) if aligned else g.reshape(batch, *p.shape)
                 (t,) = torch.autograd.grad(
-                    [p], [self.output], grad_outputs=[cot], retain_graph=True, is_grads_batched=True
+                    [m.p], [self.edge], grad_outputs=[m.cotangents(g, batch)], retain_graph=True,
+                    is_grads_batched=True,
                 )
                 self.through = t if self.through is None else self.through + t
 
-            handles.append(pb.grad_fn.register_prehook(hook))
+            handles.append(m.pb.node.register_prehook(hook))
         return handles
 
 
@@ -181,19 +203,19 @@ def resolve_broadcast(
     total, *met = grads
     if total is None:
         return None
-    y0 = call.output
-    pairs = [(p, pb, aligned, g) for (p, pb, aligned), g in zip(call.meetings, met) if g is not None]
-    if pairs and all(aligned and p is y0 for p, _, aligned, _ in pairs):
+    pairs = [(m, g) for m, g in zip(call.meetings, met) if g is not None]
+    if pairs and all(m.aligned and m.p is None for m, _ in pairs):
         # row i of the output is example i's: an ordinary batch-first lookup
-        backprop = pairs[0][3] if len(pairs) == 1 else sum(g for *_, g in pairs)
+        backprop = pairs[0][1] if len(pairs) == 1 else sum(g for _, g in pairs)
         ids = call.ids
         summed = backprop
     else:
-        direct = torch.zeros((batch, *y0.shape), dtype=total.dtype, device=total.device)
-        for p, _, aligned, g in pairs:
-            if p is y0:  # example i's cotangent: its row of g (broadcast), or g's row i alone (aligned)
-                direct = direct + (_one_hot(g) if aligned else g.reshape(batch, *p.shape))
-        backprop = direct if call.through is None else direct + call.through
+        backprop = torch.zeros((batch, *call.shape), dtype=total.dtype, device=total.device)
+        for m, g in pairs:
+            if m.p is None:
+                backprop = backprop + m.cotangents(g, batch)
+        if call.through is not None:
+            backprop = backprop + call.through
         ids = call.ids.expand(batch, *call.ids.shape)
         summed = backprop.sum(dim=0)
     tol = math.sqrt(torch.finfo(total.dtype).eps)
@@ -205,8 +227,8 @@ def resolve_broadcast(
             "example's share of its gradient: combine it with the batch by broadcasting "
             "(x + pos_emb), or pass ids with the batch dimension (expanded from the input)"
         )
-    layer = LayerCall(call.rule, call.module, [ids], y0, call.targets, call.strategy)
-    layer.backprop = backprop
+    layer = LayerCall(call.rule, call.module, [ids], None, call.targets, call.strategy)
+    layer.edge, layer.shape, layer.dtype, layer.backprop = call.edge, call.shape, call.dtype, backprop
     return layer
 
 
@@ -425,8 +447,11 @@ class FunctionRecorder(TorchFunctionMode):
                 continue  # does not broadcast over the batch: the backward check refuses it
             aligned = lead.shape[0] == self.batch and self.batch != 1
             pb = lead.expand(self.batch, *lead.shape[1:])
+            edge, pb_edge = get_gradient_edge(p), get_gradient_edge(pb)
             for call in sources:
-                call.meetings.append((p, pb, aligned))
+                call.meetings.append(
+                    Meeting(None if edge == call.edge else edge, tuple(p.shape), pb_edge, aligned)
+                )
             swaps[id(p)] = pb
         def swap(a: Any) -> Any:
             return swaps.get(id(a), a) if isinstance(a, torch.Tensor) else a
@@ -743,7 +768,10 @@ class FunctionRecorder(TorchFunctionMode):
             self._records.append(LayerCall(rule, owner.module, [ids], result, targets, owner.strategy))
             self._batched[id(result)] = weakref.ref(result)
         else:
-            call = BroadcastCall(rule, owner.module, ids, result, targets, owner.strategy)
+            call = BroadcastCall(
+                rule, owner.module, ids, get_gradient_edge(result), tuple(result.shape), result.dtype,
+                targets, owner.strategy,
+            )
             self._records.append(call)
             self._derived[id(result)] = (weakref.ref(result), (call,))
         return result
