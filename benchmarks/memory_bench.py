@@ -19,7 +19,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
+import dpclip
 from benchmarks import hf_workloads
 from benchmarks.hf_bench import _one_line, _version, write_section
 from dpclip import compare
@@ -85,6 +87,24 @@ def allocation_peaks(config: tuple[str, int, int, int], methods: tuple[str, ...]
     return peaks
 
 
+def auto_choice(config: tuple[str, int, int, int]) -> str:
+    """The mode ``memory="auto"`` runs on the configuration ("fast" or "low"), from the
+    clipping plan after one micro-batch."""
+    work = globals()[config_name(*config)]()
+    b = config[1]
+    torch.manual_seed(0)
+    model = work.model_fn().train()
+    engine = dpclip.PrivacyEngine()
+    model, _, criterion, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=work.criterion,
+        data_loader=DataLoader(work.dataset, batch_size=b), noise_multiplier=1.0, max_grad_norm=1.0,
+        accumulation_steps=K,
+    )
+    *inputs, labels = work.dataset[:b]
+    criterion(model(*inputs), labels).backward()
+    return engine.clipping_plan().memory.removeprefix("auto: ")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}"
 
@@ -93,10 +113,10 @@ def table(results: dict[tuple, tuple[compare.ComparisonResult, str | None, dict[
     lines = [
         "| model | B / T / H | non-private torch peak (MiB) | torch peak × non-private: dpclip / dpclip low "
         "/ Opacus | non-private RSS peak (MiB) | RSS peak × non-private: dpclip / dpclip low / Opacus "
-        "| time × non-private: dpclip / dpclip low / Opacus |",
-        "|" + "---|" * 7,
+        "| time × non-private: dpclip / dpclip low / Opacus | auto ran |",
+        "|" + "---|" * 8,
     ]
-    for (name, b, t, h), (result, refused, peaks) in results.items():
+    for (name, b, t, h), (result, refused, peaks, chose) in results.items():
         base = result.row("nonprivate")
         rows = {r.method: r for r in result.rows}
         private = ("dpclip", "dpclip-low", OPACUS)
@@ -108,9 +128,9 @@ def table(results: dict[tuple, tuple[compare.ComparisonResult, str | None, dict[
             f"| {name} | {b} / {t} / {h} | {peaks['nonprivate']:.1f} "
             f"| {three(lambda m: _ratio(peaks[m], peaks['nonprivate']))} | {base.peak_memory_mb:.1f} "
             f"| {three(lambda m: _ratio(rows[m].peak_memory_mb, base.peak_memory_mb))} "
-            f"| {three(lambda m: _ratio(rows[m].step_time_s, base.step_time_s))} |"
+            f"| {three(lambda m: _ratio(rows[m].step_time_s, base.step_time_s))} | {chose} |"
         )
-    refusals = {name: r for (name, *_), (_, r, _) in results.items() if r}
+    refusals = {name: r for (name, *_), (_, r, *_) in results.items() if r}
     notes = "".join(f"\nOpacus refuses {name}: {_one_line(r)}\n" for name, r in refusals.items())
     return "\n".join(lines) + "\n" + notes
 
@@ -134,7 +154,8 @@ models of `benchmarks/hf_workloads.py` at sequence length T and width H (FFN 4·
 micro-batches of B (k = 4), σ = 1, C = 1; {WARMUP} warm-up + {STEPS} timed steps, {repeats}
 repeat(s) per method (medians), each run in its own process, methods interleaved, all under the
 malloc setting dpclip's make_private applies.
-dpclip: `memory="auto"` (today "fast": one backward); dpclip low: `memory="low"` (two).
+dpclip: `memory="auto"` (the default: "fast", one backward, or "low", two, as "auto ran"
+says); dpclip low: `memory="low"`.
 Measured: {measure_text}; ratios to non-private training of the same model. The torch peak
 is the peak of torch's live CPU allocations during one logical step after two warm-up steps
 (the profiler's allocation records, `dpclip.compare.allocated_bytes`): what the code holds,
@@ -158,7 +179,7 @@ def main() -> int:
         if only is None or config[0] in only:
             result, refused = measure(config, args.device, args.repeats)
             peaks = allocation_peaks(config, tuple(r.method for r in result.rows))
-            results[config] = (result, refused, peaks)
+            results[config] = (result, refused, peaks, auto_choice(config))
             print(config_name(*config), {r.method: (round(peaks[r.method], 1), round(r.peak_memory_mb, 1),
                                                     round(r.step_time_s, 4)) for r in result.rows}, flush=True)
     body = section(results, args.device, (time.perf_counter() - started) / 60, args.repeats)

@@ -391,13 +391,15 @@ class PrivacyEngine:
                 (``dpclip.independence``). Turn it off only for a model you know
                 computes each example's outputs from its own inputs alone.
             memory: what the clipping keeps between the backward and the clipped
-                sum (``dpclip.clipping.memory``): "fast" keeps every layer's output
-                gradient (one backward pass; peak memory about activations plus
-                output gradients), "low" takes each layer's norm as its output
-                gradient arrives and drops it, then gets the clipped sum from a
-                second backward of Σ c_i·ℓ_i (peak memory about non-private
-                training's; one more backward pass), "auto" (default; "fast" for
-                now). All give the same update up to rounding; under autocast,
+                sum (``dpclip.clipping.memory``): "fast" keeps each layer's output
+                gradient (or per-example gradients) from its norm to the clipped sum
+                (one backward pass), "low" keeps nothing and gets the clipped sum
+                from a second backward of Σ c_i·ℓ_i through the graph the first
+                kept (one more backward pass), "auto" (default) runs the first
+                micro-batch "fast" and from then on "low" where "fast" kept more
+                than 0.8 times the bytes of the activations autograd saved
+                (``auto_mode``; ``clipping_plan().memory`` says which it chose).
+                All give the same update up to rounding; under autocast,
                 "low"'s clipped sum has the layers' own (bfloat16) rounding, as
                 Opacus's does, where "fast" adds it in float32.
 
@@ -854,6 +856,8 @@ class PrivacyEngine:
             "sampling": self._batch_sampler.position(),
         }
         state["example_uses"] = None if self._uses is None else self._uses.state_dict()
+        # the mode memory="auto" chose: a resumed run takes the same (the modes' rounding differs)
+        state["memory_mode"] = self.optimizer.clipper.chosen_mode
         return state
 
     def load_state_dict(self, state: dict[str, Any], *, replace_steps: bool = False) -> None:
@@ -905,6 +909,9 @@ class PrivacyEngine:
         if not isinstance(rng, dict) or set(rng) != {"noise", "sampling"}:
             raise ValueError("the saved state has no generator states ('rng'): it cannot be resumed")
         position = _checked_position(rng["sampling"])
+        memory_mode = state.get("memory_mode")
+        if memory_mode not in (None, "fast", "low"):
+            raise ValueError(f"Expected the saved memory_mode to be 'fast', 'low' or None, got {memory_mode!r}")
         if self.ledger.steps or self.optimizer.micro_batches_accumulated:
             if self.optimizer.micro_batches_accumulated:
                 raise RuntimeError(
@@ -931,6 +938,7 @@ class PrivacyEngine:
         self.ledger.load_state_dict(state["ledger"])
         if uses is not None:
             self._uses = uses
+        self.optimizer.clipper.resume_mode(memory_mode)
         self._budget_cache = None
 
     def clipping_plan(self) -> ClippingPlan:

@@ -12,7 +12,10 @@ import torch.nn as nn
 from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
-from dpclip.clipping.memory import KEEPS, EarlyNorms, check_memory, recomputable, rows_overlap
+from dpclip.clipping.memory import (
+    KEEPS, EarlyNorms, SavedActivations, auto_mode, check_memory, kept_bytes, recomputable,
+    rows_overlap,
+)
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import accumulator, add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
@@ -149,6 +152,9 @@ class PerSampleClipper:
         check_memory(memory)
         #: "fast", "low" or "auto" (``dpclip.clipping.memory``)
         self.memory = memory
+        #: the mode micro-batches run, "fast" or "low" ("auto": ``auto_mode``, chosen on the
+        #: first micro-batch before its backward pass)
+        self.mode = "fast" if memory == "auto" else memory
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
         self.units = build_units(module, clipping)
@@ -169,6 +175,8 @@ class PerSampleClipper:
         self.recorder = Recorder(
             module, self.units, self.check_independence, functions if functions.needed else None
         )
+        if memory == "auto":
+            self.recorder.saved = SavedActivations(self.params)
         #: what the first micro-batches took per layer, for ``plan()``
         self.meter = CostMeter(self._owner_name)
 
@@ -176,10 +184,25 @@ class PerSampleClipper:
         """Detach the hooks; the module is as it was before."""
         self.recorder.remove()
 
+    @property
+    def chosen_mode(self) -> str | None:
+        """The mode ``memory="auto"`` chose ("fast" or "low"); None before it chose, or
+        when the mode was set."""
+        return self.mode if self.memory == "auto" and self.recorder.saved is None else None
+
+    def resume_mode(self, mode: str | None) -> None:
+        """Run ``mode``, a saved run's ``chosen_mode``, from now on where ``memory="auto"``
+        (None: choose as usual), so that a resumed run rounds as the saved one did."""
+        if self.memory == "auto" and mode is not None:
+            self.mode = mode
+            self.recorder.saved = None
+
     def plan(self) -> ClippingPlan:
         """Per layer: the rule and strategy its per-example gradients take and, once a
         micro-batch was clipped, its share of that backward() (``dpclip.clipping.plan``)."""
-        return build_plan(self.units, self.meter)
+        chosen = self.chosen_mode
+        memory = self.memory if self.memory != "auto" or chosen is None else f"auto: {chosen}"
+        return build_plan(self.units, self.meter, memory)
 
     def discard(self) -> None:
         """Forget the forward calls recorded since the last ``clipped_sum``."""
@@ -374,7 +397,15 @@ class PerSampleClipper:
         audit = self._audit_due
         layer = [c for c in calls if isinstance(c, LayerCall)]
         hooked = recomputable(layer)
-        recompute = hooked if self.memory == "low" else set()
+        if self.recorder.saved is not None and self.recorder.saved_counts is not None:
+            saved, dtypes = self.recorder.saved_counts
+            dtypes = dtypes | {c.dtype for c in layer} | {loss_per_sample.dtype}
+            self.mode = auto_mode(
+                sum(kept_bytes(c, batch) for c in hooked), saved,
+                len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64},
+            )
+            self.recorder.saved = None
+        recompute = hooked if self.mode == "low" else set()
         early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
         # a hooked call's output is captured only where nothing captured is below it (its
         # input needs no gradient: a lookup); the pass reaches the others on the way down

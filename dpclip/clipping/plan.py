@@ -122,12 +122,16 @@ class ClippingPlan:
         batch_size: the size of the last of them.
         backward_share: fraction of their backward() spent in the one backward pass to
             the recorded outputs (shared by all layers).
+        memory: the memory mode micro-batches run (``dpclip.clipping.memory``): "fast",
+            "low", "auto: fast" / "auto: low" (what ``memory="auto"`` chose on the first
+            micro-batch), or "auto" before it chose.
     """
 
     layers: tuple[LayerPlan, ...]
     micro_batches: tuple[int, int] | None = None
     batch_size: int | None = None
     backward_share: float | None = None
+    memory: str = "auto"
 
     @property
     def measured(self) -> bool:
@@ -147,6 +151,7 @@ class ClippingPlan:
             "micro_batches": None if self.micro_batches is None else list(self.micro_batches),
             "batch_size": self.batch_size,
             "backward_share": self.backward_share,
+            "memory": self.memory,
             "layers": layers,
         }
 
@@ -163,9 +168,11 @@ class ClippingPlan:
             rows.append(("(backward pass)", "", "", "", "", "", pct(self.backward_share)))
             first, last = self.micro_batches
             which = f"micro-batch {first}" if first == last else f"micro-batches {first}-{last}"
-            title = f"clipping plan (share: of dpclip's backward() on {which}, B={self.batch_size})"
+            title = (f"clipping plan (memory {self.memory}; share: of dpclip's backward() on {which}, "
+                     f"B={self.batch_size})")
         else:
-            title = "clipping plan (no micro-batch yet: auto strategies decided per call, shares unknown)"
+            title = (f"clipping plan (memory {self.memory}; no micro-batch yet: auto strategies decided "
+                     "per call, shares unknown)")
         widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
 
         def line(r: Sequence[str]) -> str:
@@ -298,9 +305,9 @@ def timed(
     return nullcontext() if meter is None else meter.measure(work, strategy)
 
 
-def build_plan(units: Sequence[Unit], meter: CostMeter) -> ClippingPlan:
+def build_plan(units: Sequence[Unit], meter: CostMeter, memory: str = "auto") -> ClippingPlan:
     """The plan of a clipper's units: what their types decide, and what the measured
-    micro-batch took where ``meter`` has one."""
+    micro-batch took where ``meter`` has one; ``memory``: ``ClippingPlan.memory``."""
     last = meter.totals
     total = 0.0 if last is None else last.backward_seconds + sum(last.seconds.values())
     layers = []
@@ -319,9 +326,9 @@ def build_plan(units: Sequence[Unit], meter: CostMeter) -> ClippingPlan:
             share, keeps = None, "-"
         layers.append(LayerPlan(u.name or "<root>", type(u.module).__name__, names, rule, strategy, share, keeps))
     if last is None:
-        return ClippingPlan(tuple(layers))
+        return ClippingPlan(tuple(layers), memory=memory)
     backward = last.backward_seconds / total if total > 0 else 0.0
-    return ClippingPlan(tuple(layers), meter.counted, last.batch_size, backward)
+    return ClippingPlan(tuple(layers), meter.counted, last.batch_size, backward, memory)
 
 
 def _param_names(unit: Unit) -> list[str]:

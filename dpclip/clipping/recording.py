@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,9 @@ from dpclip.clipping.attention import AttentionRecorder
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
 from dpclip.clipping.rules.broadcast import BROADCAST
 from dpclip.independence import ExamplesMixedError, ForwardProbe
+
+if TYPE_CHECKING:
+    from dpclip.clipping.memory import SavedActivations
 
 __all__ = [
     "OPAQUE_MODULES",
@@ -292,6 +295,10 @@ class Recorder:
         #: size of the leading dimension of the last recorded forward's first tensor input
         #: (the micro-batch size B if the input is batch-first); None without one
         self.forward_batch: int | None = None
+        #: set: each recorded forward counts what autograd saves into ``saved_counts``
+        #: (bytes, floating-point dtypes: ``SavedActivations.stop``)
+        self.saved: SavedActivations | None = None
+        self.saved_counts: tuple[int, frozenset[torch.dtype]] | None = None
         self._warned_dropped = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self.independence = ForwardProbe(module, self._rerun, check_independence)
@@ -300,6 +307,7 @@ class Recorder:
             # first among the root's forward hooks, and also when the forward raises: the
             # probe's re-run and everything after the forward run without the mode
             module.register_forward_hook(self._functions_exit, always_call=True),
+            module.register_forward_hook(self._saved_exit, always_call=True),
             module.register_forward_hook(self._root_exit, with_kwargs=True),
         ]
         for u in units:
@@ -388,6 +396,14 @@ class Recorder:
         self.independence.before_forward()
         if self.functions is not None:
             self.functions.start(args, kwargs)
+        if self.saved is not None:
+            self.saved.start()
+
+    def _saved_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.saved is not None:
+            counted = self.saved.stop()
+            if counted is not None:
+                self.saved_counts = counted
 
     def _functions_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.functions is not None and self.functions.active:

@@ -215,6 +215,8 @@ def test_str_and_to_dict_list_every_trainable_layer():
         data = json.loads(json.dumps(plan.to_dict()))
         assert {d["layer"] for d in data["layers"]} == trainable
         assert data["micro_batches"] == ([1, 1] if measured else None)
+        assert data["memory"] in (("auto: fast", "auto: low") if measured else ("auto",))
+        assert f"memory {data['memory']};" in text[0]
         if not measured:
             xb, yb = next(iter(loader))
             criterion(model(xb), yb).backward()

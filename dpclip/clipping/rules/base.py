@@ -39,7 +39,9 @@ class Rule:
         return False
 
     def costs(self, call: LayerCall) -> tuple[float, float]:
-        """(ghost, per-sample) multiply-adds per example for this call (rules with a ghost norm)."""
+        """(ghost, per-sample) multiply-adds per example for this call (rules with a ghost
+        norm), from its activations and output shape (``call.shape``): also asked before
+        the backward pass, when there is no output gradient yet."""
         raise NotImplementedError(f"{type(self).__name__} has no ghost norm")
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:

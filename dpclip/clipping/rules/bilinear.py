@@ -44,7 +44,7 @@ class BilinearRule(Rule):
     def costs(self, call: LayerCall) -> tuple[float, float]:
         x1, x2 = (call.by_example(x) for x in call.activations[:2])
         t, d1, d2 = x1.shape[1], x1.shape[2], x2.shape[2]
-        p = call.backprop.shape[-1]
+        p = call.shape[-1]
         # both pay T·p·d1·d2 once: ghost for the clipped sum, per-sample for the gradients
         return (t * t * (p + d1 + d2) + t * p * d1 * d2, t * p * d1 * d2 + MEMORY_WEIGHT * p * d1 * d2)
 

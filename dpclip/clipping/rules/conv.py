@@ -24,6 +24,7 @@ block-diagonal over the G groups, so ‖∇W ℓ_i‖² is the sum of the groups
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -161,7 +162,7 @@ class ConvRule(Rule):
 
     def _positions(self, call: LayerCall) -> int:
         """T: v's positions per example (the convolution's output positions)."""
-        return call.backprop[0, 0].numel()
+        return math.prod(call.shape[2:])
 
     def costs(self, call: LayerCall) -> tuple[float, float]:
         # per group a linear layer over T positions: d = a patch's size, p = its outputs

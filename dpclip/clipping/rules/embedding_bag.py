@@ -73,7 +73,7 @@ class EmbeddingBagRule(Rule):
     def costs(self, call: LayerCall) -> tuple[float, float]:
         layer: nn.EmbeddingBag = call.module
         d, v = layer.embedding_dim, layer.num_embeddings
-        n = call.activations[0].numel() / call.backprop.shape[0]  # entries per bag
+        n = call.activations[0].numel() / call.shape[0]  # entries per bag
         return (n * 8 + d, n * d + MEMORY_WEIGHT * v * d)
 
     def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:

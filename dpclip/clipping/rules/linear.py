@@ -30,7 +30,7 @@ class LinearRule(Rule):
     def costs(self, call: LayerCall) -> tuple[float, float]:
         a = call.by_example(call.activations[0])
         t, d = a.shape[1], a.shape[2]
-        p = call.backprop.shape[-1]
+        p = call.shape[-1]
         # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
         return (t * t * (d + p) + t * d * p, t * d * p + MEMORY_WEIGHT * d * p)
 
