@@ -121,7 +121,7 @@ class PerSampleClipper:
             "auto" (mixed: per layer, ghost norm or per-sample gradients,
             whichever costs less for its shapes: ``dpclip.clipping.rules.Rule.costs``;
             for Linear on T positions, d inputs, p outputs, ghost when
-            T²(d+p) < 64·p·d), "ghost", "per_sample"; or a
+            T²(d+p) ≤ 64·p·d), "ghost", "per_sample"; or a
             mapping from module names (as in ``named_modules``) to those, "auto"
             for the modules it leaves out. The result is the same up to rounding.
             A parameter used by several calls (a layer run twice, tied weights)

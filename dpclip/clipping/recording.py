@@ -127,7 +127,8 @@ class LayerCall:
         if self.strategy == "ghost":
             return True
         ghost, per_sample = self.rule.costs(self)
-        return ghost < per_sample
+        # at equal cost the ghost norm: it keeps no [B, p, d] until the clipped sum
+        return ghost <= per_sample
 
 
 @dataclass(eq=False)

@@ -71,7 +71,8 @@ def test_unknown_memory_mode_is_refused_before_anything_changes(memory):
 
 
 def _micro_batch_peaks(memory: str | None, batch: int = 16, model: nn.Module | None = None,
-                       dataset: TensorDataset | None = None, criterion: nn.Module | None = None) -> int:
+                       dataset: TensorDataset | None = None, criterion: nn.Module | None = None,
+                       clipping: str = "auto") -> int:
     """Peak bytes of one micro-batch, after warm-up micro-batches (the first one also
     checks the records against the whole gradient); by default of the built-in
     transformer (d 128, 64 tokens)."""
@@ -85,7 +86,7 @@ def _micro_batch_peaks(memory: str | None, batch: int = 16, model: nn.Module | N
         model, optimizer, criterion, _ = dpclip.PrivacyEngine().make_private(
             module=model, optimizer=optimizer, criterion=criterion,
             data_loader=DataLoader(dataset, batch_size=batch), noise_multiplier=1.0,
-            max_grad_norm=1.0, accumulation_steps=4, memory=memory,
+            max_grad_norm=1.0, accumulation_steps=4, memory=memory, clipping=clipping,
         )
 
     def step():
@@ -104,14 +105,18 @@ def test_peak_memory_of_a_micro_batch_stays_near_non_private():
     # attention projections' outputs) past the forward and every output gradient until
     # the norms were known, as dpclip did before, peaked at 2.3x it here. Taking each
     # layer's norm as its gradient arrives and keeping only what the clipped sum needs
-    # peaks at 1.38x ("fast": the linear layers' inputs and output gradients for their
-    # ghost norms' clipped sum) and 1.33x ("low": the graph kept for the second pass).
+    # peaked at 1.38x ("fast": the linear layers' inputs and output gradients for their
+    # ghost norms' clipped sum) and 1.33x ("low": the graph kept for the second pass);
+    # recording the attention's in-projection input as the copy F.linear saves anyway,
+    # a position lookup by its graph edge, not its output, and a ghost norm where its cost
+    # ties with per-example gradients' (the attention's 128 x 128 output projection at 64
+    # tokens): 1.25x and 1.21x.
     non_private = _micro_batch_peaks(None)
     fast = _micro_batch_peaks("fast")
     low = _micro_batch_peaks("low")
     assert non_private > 2**20  # activations of 16 x 64 tokens x 128 features: megabytes
-    assert fast <= 1.5 * non_private, (fast / non_private, "fast")
-    assert low <= 1.45 * non_private, (low / non_private, "low")
+    assert fast <= 1.28 * non_private, (fast / non_private, "fast")
+    assert low <= 1.25 * non_private, (low / non_private, "low")
 
 
 def test_t5_relative_position_bias_does_not_keep_the_graph_in_fast_mode():
@@ -171,26 +176,26 @@ def test_saved_activations_counts_what_the_graph_holds():
     assert counter.stop() is None  # not started again: nothing counted
 
 
-@pytest.mark.parametrize("build, expected", [("transformer", "low"), ("gpt2", "fast")])
+@pytest.mark.parametrize("build, expected", [("per-sample transformer", "low"), ("gpt2", "fast")])
 def test_auto_runs_the_mode_that_peaks_lower(build, expected):
-    # "auto" decides on its first micro-batch, from the bytes "fast" keeps against those
-    # autograd saved; the peak under "auto" is then the lower of the two modes' peaks
-    # (built-in transformer: kept/saved 0.85, low peaks lower; GPT-2: 0.39, fast does)
-    if build == "transformer":
-        args = {}
-    else:
+    # "auto" decides on its first micro-batch, from the bytes "fast" would keep against
+    # those autograd saved; the peak under "auto" is then the lower of the two modes'
+    # (the built-in transformer with per-example gradients for every layer: they outweigh
+    # the activations, low peaks lower; GPT-2: kept/saved 0.39, fast does)
+    if build == "gpt2":
         from tests.dpclip.hf_models import TokenCrossEntropy, causal_lm_batch, gpt2
 
         ids, labels = causal_lm_batch(64, 64, torch.Generator().manual_seed(0))
-        torch.manual_seed(0)
         args = {"dataset": TensorDataset(*ids, labels), "criterion": TokenCrossEntropy()}
+    else:
+        args = {"clipping": "per_sample"}
     peaks = {}
     for memory in ("fast", "low", "auto"):
         torch.manual_seed(0)
-        model = None if build == "transformer" else gpt2(64).float()
+        model = gpt2(64).float() if build == "gpt2" else None
         peaks[memory] = _micro_batch_peaks(memory, 16, model, **args)
     assert peaks["auto"] <= 1.01 * min(peaks["fast"], peaks["low"]), peaks
-    assert (peaks["low"] < peaks["fast"]) == (expected == "low"), peaks
+    assert (peaks["low"] < 0.95 * peaks["fast"]) == (expected == "low"), peaks
 
 
 def test_plan_shows_the_mode_auto_chose_and_what_each_layer_then_keeps():
@@ -201,7 +206,7 @@ def test_plan_shows_the_mode_auto_chose_and_what_each_layer_then_keeps():
     model, _, criterion, _ = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
         criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=4,
+        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=4, clipping="per_sample",
     )
     assert engine.clipping_plan().memory == "auto"
     x, y = work.dataset[:16]
@@ -224,7 +229,7 @@ def test_resume_runs_the_mode_the_saved_run_chose():
         model, optimizer, criterion, _ = engine.make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-            noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=1,
+            noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=1, clipping="per_sample",
         )
         return engine, model, optimizer, criterion, work.dataset[:16]
 
@@ -285,7 +290,7 @@ def test_auto_keeps_fast_where_part_of_the_model_computes_in_lower_precision(par
     model, _, criterion, _ = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
         criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=4,
+        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=4, clipping="per_sample",
     )
     x, y = work.dataset[:16]
     criterion(model(x), y).backward()

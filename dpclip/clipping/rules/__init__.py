@@ -18,7 +18,8 @@ the first two from the shapes. The costs counted here (``Rule.costs``) are
 multiply-adds per example, with each number of a materialised per-sample
 gradient counted ``MEMORY_WEIGHT`` times: it is written, read for the norm and
 read again for the clipped sum, at memory speed rather than matrix-multiply
-speed. For a Linear layer that is ghost when T²(d+p) < 64·p·d.
+speed. For a Linear layer that is ghost when T²(d+p) ≤ 64·p·d (at a tie the ghost norm,
+which keeps no per-example gradient).
 
 One file per family of operations (``linear``, ``bilinear``, ``conv``, ``embedding``,
 ``norm``, ``prelu``, ``elementwise``, ``broadcast``), each registering its rules with
