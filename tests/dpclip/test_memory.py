@@ -198,18 +198,25 @@ def test_auto_runs_the_mode_that_peaks_lower(build, expected):
     assert (peaks["low"] < 0.95 * peaks["fast"]) == (expected == "low"), peaks
 
 
-def test_plan_shows_the_mode_auto_chose_and_what_each_layer_then_keeps():
+def _private_transformer(model: nn.Module | None = None, clipping: str = "per_sample", k: int = 4):
+    """(engine, model, optimizer, criterion, one micro-batch) of the built-in transformer
+    made private with "auto" memory (per-example gradients for every layer by default:
+    "auto" then runs "low")."""
     torch.manual_seed(0)
     work = transformer(n=64)
-    model = Transformer()
+    model = Transformer() if model is None else model
     engine = dpclip.PrivacyEngine()
-    model, _, criterion, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+    model, optimizer, criterion, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=4, clipping="per_sample",
+        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=k, clipping=clipping,
     )
+    return engine, model, optimizer, criterion, work.dataset[:16]
+
+
+def test_plan_shows_the_mode_auto_chose_and_what_each_layer_then_keeps():
+    engine, model, _, criterion, (x, y) = _private_transformer()
     assert engine.clipping_plan().memory == "auto"
-    x, y = work.dataset[:16]
     for _ in range(2):  # the second micro-batch runs the chosen mode (the plan's totals)
         criterion(model(x), y).backward()
     plan = engine.clipping_plan()
@@ -221,25 +228,13 @@ def test_plan_shows_the_mode_auto_chose_and_what_each_layer_then_keeps():
 def test_resume_runs_the_mode_the_saved_run_chose():
     # the modes round differently: a resumed run must not choose again (its first
     # micro-batch could choose otherwise), or it would not continue bit-exactly
-    def private():
-        torch.manual_seed(0)
-        work = transformer(n=64)
-        model = Transformer()
-        engine = dpclip.PrivacyEngine()
-        model, optimizer, criterion, _ = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-            noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=1, clipping="per_sample",
-        )
-        return engine, model, optimizer, criterion, work.dataset[:16]
-
-    engine, model, optimizer, criterion, (x, y) = private()
+    engine, model, optimizer, criterion, (x, y) = _private_transformer(k=1)
     assert engine.state_dict()["memory_mode"] is None  # not chosen yet
     criterion(model(x), y).backward()
     optimizer.step()
     state = engine.state_dict()
     assert state["memory_mode"] == "low"
-    resumed = private()[0]
+    resumed = _private_transformer(k=1)[0]
     with pytest.raises(ValueError, match="memory_mode"):
         resumed.load_state_dict({**state, "memory_mode": "medium"})
     assert resumed.steps == 0 and resumed.clipping_plan().memory == "auto"
@@ -250,16 +245,7 @@ def test_resume_runs_the_mode_the_saved_run_chose():
 
 def test_auto_where_saved_tensor_hooks_are_disabled_trains_in_fast_mode():
     # nothing can be counted there: "auto" stays "fast" instead of failing the forward
-    torch.manual_seed(0)
-    work = transformer(n=64)
-    model = Transformer()
-    engine = dpclip.PrivacyEngine()
-    model, optimizer, criterion, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=1,
-    )
-    x, y = work.dataset[:16]
+    engine, model, optimizer, criterion, (x, y) = _private_transformer(k=1)
     with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
         loss = criterion(model(x), y)
     loss.backward()
@@ -283,15 +269,7 @@ def test_auto_keeps_fast_where_part_of_the_model_computes_in_lower_precision(par
     # "low" backpropagates c_i-scaled losses through the float32 step (rounded there, 1e-8
     # off the per-example reference in float64: measured on Mistral); "fast" scales each
     # example's own gradient in float64
-    torch.manual_seed(0)
-    work = transformer(n=64)
     model = _PartlyFloat32() if partly_float32 else Transformer().double()
-    engine = dpclip.PrivacyEngine()
-    model, _, criterion, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        criterion=work.criterion, data_loader=DataLoader(work.dataset, batch_size=16),
-        noise_multiplier=1.0, max_grad_norm=1.0, accumulation_steps=4, clipping="per_sample",
-    )
-    x, y = work.dataset[:16]
+    engine, model, _, criterion, (x, y) = _private_transformer(model)
     criterion(model(x), y).backward()
     assert engine.clipping_plan().memory == ("auto: fast" if partly_float32 else "auto: low")
