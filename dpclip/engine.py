@@ -395,10 +395,11 @@ class PrivacyEngine:
                 gradient (or per-example gradients) from its norm to the clipped sum
                 (one backward pass), "low" keeps nothing and gets the clipped sum
                 from a second backward of Σ c_i·ℓ_i through the graph the first
-                kept (one more backward pass), "auto" (default) runs the first
-                micro-batch "fast" and from then on "low" where "fast" kept more
-                than 0.8 times the bytes of the activations autograd saved
-                (``auto_mode``; ``clipping_plan().memory`` says which it chose).
+                kept (one more backward pass), "auto" (default) chooses on the
+                first micro-batch, before its backward: "low" where "fast" would
+                keep more than 0.8 times the bytes of the activations autograd
+                saved, else "fast" (``auto_mode``; ``clipping_plan().memory`` says
+                which it chose).
                 All give the same update up to rounding; under autocast,
                 "low"'s clipped sum has the layers' own (bfloat16) rounding, as
                 Opacus's does, where "fast" adds it in float32.
