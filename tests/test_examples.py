@@ -30,7 +30,8 @@ def test_ddp_example_runs_on_two_processes_and_reports_once():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(EXAMPLES / "ddp.py")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(EXAMPLES / "ddp.py")],
         capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent,
     )
     assert out.returncode == 0, out.stderr[-3000:]

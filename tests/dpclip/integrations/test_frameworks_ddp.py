@@ -37,7 +37,9 @@ def launch(framework: str, out: Path, sigma: float, steps: int, resume: Path | N
     if framework == "lightning":  # Lightning starts the other rank itself
         command = [sys.executable, str(RUN), *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(W), str(RUN), *args]
+        # --standalone: a free port, not 29500 (another test may hold it under xdist)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(W),
+                   str(RUN), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=out)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(W)]
