@@ -73,6 +73,7 @@ def main() -> None:
         print(f"{world} processes, logical batch L = {engine.plan.logical_batch_size:g}, "
               "replicas identical")
         print(engine.report(DELTA))
+    dist.barrier()  # tear gloo down together: a rank that exits while rank 0 reports can abort
     dist.destroy_process_group()
 
 
