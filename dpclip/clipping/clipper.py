@@ -399,10 +399,9 @@ class PerSampleClipper:
         hooked = recomputable(layer)
         if self.recorder.saved is not None and self.recorder.saved_counts is not None:
             saved, dtypes = self.recorder.saved_counts
-            dtypes = dtypes | {c.dtype for c in layer} | {loss_per_sample.dtype}
             self.mode = auto_mode(
                 sum(kept_bytes(c, batch) for c in hooked), saved,
-                len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64},
+                {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)},
             )
             self.recorder.saved = None
         recompute = hooked if self.mode == "low" else set()

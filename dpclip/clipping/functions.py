@@ -227,9 +227,10 @@ def resolve_broadcast(
             "example's share of its gradient: combine it with the batch by broadcasting "
             "(x + pos_emb), or pass ids with the batch dimension (expanded from the input)"
         )
-    layer = LayerCall(call.rule, call.module, [ids], None, call.targets, call.strategy)
-    layer.edge, layer.shape, layer.dtype, layer.backprop = call.edge, call.shape, call.dtype, backprop
-    return layer
+    return LayerCall(
+        call.rule, call.module, [ids], None, call.targets, call.strategy, backprop=backprop,
+        edge=call.edge, shape=call.shape, dtype=call.dtype,
+    )
 
 
 def _one_hot(g: torch.Tensor) -> torch.Tensor:

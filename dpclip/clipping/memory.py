@@ -19,10 +19,11 @@ whose parameters other calls use too (tied weights, a layer run twice) are kept 
 modes: their norm needs per-example gradients summed over the calls.
 
 ``memory="auto"`` chooses on the first micro-batch, before its backward pass, from what
-its forward had autograd save (``SavedActivations``: bytes and dtypes) and what "fast" would keep from the
-layers' norms to the clipped sum (``kept_bytes``: output gradients, per-example
-gradients; not the inputs, which autograd holds too until the layer's backward): "low"
-where the kept bytes exceed ``AUTO_LOW_ABOVE`` times the saved ones (``auto_mode``).
+its forward had autograd save (``SavedActivations``: bytes and dtypes) and what "fast"
+would keep from the layers' norms to the clipped sum (``kept_bytes``: output gradients,
+per-example gradients; not the inputs, which autograd holds too until the layer's
+backward): "low" where the kept bytes exceed ``AUTO_LOW_ABOVE`` times the saved ones
+(``auto_mode``).
 """
 
 from __future__ import annotations
@@ -57,16 +58,18 @@ KEEPS = {True: "input + output gradient", False: "per-example gradients"}
 AUTO_LOW_ABOVE = 0.8
 
 
-def auto_mode(kept: int, saved: int, mixed_precision: bool) -> str:
+def auto_mode(kept: int, saved: int, dtypes: set[torch.dtype]) -> str:
     """The mode ``memory="auto"`` runs: "low" if "fast" would keep more than
     ``AUTO_LOW_ABOVE`` times the bytes of the activations autograd saved (at the peak of
     "fast" the kept gradients of the layers above sit beside the activations not yet
     freed below; "low" keeps the graph and nothing else), else "fast" (one backward
-    pass). Also "fast" where the layers, the loss and the saved activations are not all
-    in one float32 or float64 dtype (``mixed_precision``: half precision, autocast, a
-    float64 model that computes its RMSNorm in float32): "fast" scales each example's gradient by its factor in the layers'
-    precision, "low" would scale its loss and backpropagate through the lower one."""
-    return "low" if not mixed_precision and kept > AUTO_LOW_ABOVE * saved else "fast"
+    pass). Also "fast" where ``dtypes`` (the layers', the loss's and the saved
+    activations') are not one float32 or float64 dtype (half precision, autocast, a
+    float64 model that computes its RMSNorm in float32): "fast" scales each example's
+    gradient by its factor in the layers' precision, "low" would scale its loss and
+    backpropagate through the lower one."""
+    one_precision = len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+    return "low" if one_precision and kept > AUTO_LOW_ABOVE * saved else "fast"
 
 
 def kept_bytes(call: LayerCall, batch: int) -> int:
@@ -85,9 +88,10 @@ class SavedActivations:
     """Counts the bytes of the tensors autograd saves for the backward while it is on
     (``start`` … ``stop``; ``torch.autograd.graph.saved_tensors_hooks``): each storage
     once, the parameters' left out; and their floating-point dtypes (a model may compute
-    parts in another precision than its layers: Hugging Face's RMSNorm in float32). Inside a region with saved-tensor hooks of its own
-    (activation checkpointing, offloading) what that region saves is not counted; where
-    such hooks are disabled, nothing is (``stop`` gives None)."""
+    parts in another precision than its layers: Hugging Face's RMSNorm in float32).
+    Inside a region with saved-tensor hooks of its own (activation checkpointing,
+    offloading) what that region saves is not counted; where such hooks are disabled,
+    nothing is (``stop`` gives None)."""
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self._params = params
