@@ -50,16 +50,22 @@ def argument_tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.
     mappings: ``model(batch)`` with a dict of input_ids and attention_mask (a Hugging
     Face ``BatchEncoding`` is a mapping) carries the batch as much as ``model(**batch)``."""
     out: list[torch.Tensor] = []
-    pending = [*args, *kwargs.values()]
-    while pending:
-        a = pending.pop(0)
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        # (the function recorder calls this for every torch function of the forward: the
+        # usual arguments, tensors and numbers, are settled without the Mapping check)
         if isinstance(a, torch.Tensor):
             out.append(a)
+        elif type(a) in _LEAVES:
+            continue
         elif isinstance(a, (list, tuple)):
-            pending[:0] = a
+            out.extend(argument_tensors(a, {}))
         elif isinstance(a, Mapping):
-            pending[:0] = a.values()
+            out.extend(argument_tensors(a.values(), {}))
     return out
+
+
+#: Argument types that hold no tensor.
+_LEAVES = frozenset({int, float, bool, str, type(None), slice, torch.dtype, torch.device, torch.Size})
 
 
 @dataclass(eq=False)
@@ -110,6 +116,14 @@ class LayerCall:
         if self.batch_inner is None:
             return (t.reshape(factors.shape[0], -1, f) * factors.view(-1, 1, 1)).reshape(-1, f)
         return (t.reshape(-1, self.batch_inner, f) * factors.view(1, -1, 1)).reshape(-1, f)
+
+    def example_sums(self, t: torch.Tensor) -> torch.Tensor:
+        """An activation or output gradient of the call summed over each example's
+        positions: [B, features]."""
+        f = t.shape[-1]
+        if self.batch_inner is None:
+            return t.reshape(t.shape[0], -1, f).sum(dim=1)
+        return t.reshape(-1, self.batch_inner, f).sum(dim=0)
 
     def release(self) -> None:
         """Drop the activations and output gradient (their memory) once the call no longer

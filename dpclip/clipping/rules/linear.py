@@ -70,7 +70,15 @@ class LinearRule(Rule):
             x = x.to(g.dtype)  # autocast), as in the norm
         a = x.reshape(-1, x.shape[-1])
         a = a if a.dtype == dtype else a.to(dtype)
-        g = call.scale_by_example(g if g.dtype == dtype else g.to(dtype), factors.to(dtype))
+        g = g if g.dtype == dtype else g.to(dtype)
+        factors = factors.to(dtype)
+        if "weight" in call.targets and a.shape[-1] < g.shape[-1]:
+            # Σ_i c_i g_iᵀ a_i with the factors on the narrower of the two (one copy of it)
+            out["weight"].addmm_(g.reshape(-1, g.shape[-1]).t(), call.scale_by_example(a, factors))
+            if "bias" in call.targets:  # Σ_i c_i Σ_t g_it without a scaled copy of g
+                out["bias"].addmv_(call.example_sums(g).t(), factors)
+            return
+        g = call.scale_by_example(g, factors)
         if "weight" in call.targets:
             out["weight"].addmm_(g.t(), a)
         if "bias" in call.targets:
