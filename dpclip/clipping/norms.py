@@ -73,13 +73,18 @@ def row_sq_norms(g: torch.Tensor) -> torch.Tensor:
     ).square()
 
 
-def gram_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖Σ_t g_tᵀ a_t‖²_F per example for a [B, T, d], g [B, T, p], in O(T²(d+p)), in ``norm_dtype``."""
+def gram_sq_norm(a: torch.Tensor, g: torch.Tensor, bias: bool = False) -> torch.Tensor:
+    """‖Σ_t g_tᵀ a_t‖²_F per example for a [B, T, d], g [B, T, p], in O(T²(d+p)), in
+    ``norm_dtype``; with ``bias``, plus ‖Σ_t g_t‖² (a bias's part: a_t with a 1 appended,
+    so the input's Gram matrix gains 1 everywhere, and no pass over g of its own)."""
     dtype = norm_dtype(g.dtype)
     a, g = a.to(dtype), g.to(dtype)
     if a.shape[1] == 1:
-        return row_sq_norms(a) * row_sq_norms(g)
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        return (row_sq_norms(a) + 1 if bias else row_sq_norms(a)) * row_sq_norms(g)
+    gram = torch.bmm(a, a.transpose(1, 2))
+    if bias:
+        gram += 1
+    return gram.mul_(torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
 
 
 def add_weighted(target: torch.Tensor, per_sample: torch.Tensor, factors: torch.Tensor) -> None:

@@ -149,3 +149,18 @@ def test_fallback_entries_come_after_every_family_whatever_the_order():
     register(lambda module: True, None, fallback=True)
     assert type(rule_for(nn.Linear(2, 2))) is LinearRule
     assert rule_for(Scale(4)) is None
+
+
+@pytest.mark.parametrize("positions", [1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gram_norm_is_the_norm_of_the_per_example_gradient(positions, bias):
+    # the ghost norm of a linear layer against its per-example gradients written out
+    from dpclip.clipping.norms import gram_sq_norm
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, positions, 3, generator=gen, dtype=torch.float64) * 10
+    g = torch.randn(4, positions, 2, generator=gen, dtype=torch.float64)
+    expected = torch.einsum("btp,btd->bpd", g, a).square().sum(dim=(1, 2))
+    if bias:
+        expected = expected + g.sum(dim=1).square().sum(dim=1)
+    torch.testing.assert_close(gram_sq_norm(a, g, bias=bias), expected, rtol=1e-12, atol=0)

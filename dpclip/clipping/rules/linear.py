@@ -38,12 +38,9 @@ class LinearRule(Rule):
         a, g = self._rows(call)
         # in norm_dtype throughout: the clipped sum adds these same numbers in it
         a, g = a.to(norm_dtype(g.dtype)), g.to(norm_dtype(g.dtype))
-        parts = []
         if "weight" in call.targets:
-            parts.append(gram_sq_norm(a, g))
-        if "bias" in call.targets:
-            parts.append(row_sq_norms(g.sum(dim=1)))
-        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            return gram_sq_norm(a, g, bias="bias" in call.targets)
+        return row_sq_norms(g.sum(dim=1))
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = self._rows(call)
