@@ -587,7 +587,8 @@ class FunctionRecorder(TorchFunctionMode):
         # record [B, T, ·] views so that each example's rows are together
         rows = x.reshape(self.batch, -1, x.shape[-1]).detach()
         y = result.view(self.batch, -1, result.shape[-1]) if x.dim() == 2 else result
-        owner = self._owner[id(weight)][1]
+        # the unit of a trainable target: the weight may be frozen (a bias-only fine-tune)
+        owner = self._owner[id(next(iter(targets.values()))[0])][1]
         self._records.append(LayerCall(rule, owner.module, [rows], y, targets, owner.strategy))
         out = y.view(result.shape) if y is not result else result
         self._batched[id(out)] = weakref.ref(out)

@@ -113,8 +113,9 @@ def assert_clipped_sum_matches_reference(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, clipping: str, rtol: float, atol: float
 ) -> dpclip.PerSampleClipper:
     """One micro-batch through a fresh clipper at C = the median per-example norm: its
-    clipped sum and norms must equal torch.func's (``reference_update``); the clipper."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    clipped sum and norms must equal torch.func's (``reference_update``, over the trainable
+    parameters); the clipper."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     _, norms = reference_update(model, params, x, y, 1.0, 1.0)
     max_grad_norm = float(norms.median())
     expected, _ = reference_update(model, params, x, y, max_grad_norm, 1.0)

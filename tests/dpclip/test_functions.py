@@ -164,6 +164,14 @@ def test_addmm_with_a_trainable_weight_takes_the_linear_rule(clipping):
     assert any(isinstance(c, LayerCall) and c.module is model.proj for c in records)
 
 
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_addmm_with_a_frozen_weight_and_a_trainable_bias_is_exact(clipping):
+    # bias-only fine-tuning (BitFit) of GPT-2's Conv1D: the call belongs to the bias's unit
+    model = Conv1DNet()
+    model.proj.weight.requires_grad_(False)
+    _assert_exact(model, batch=4, clipping=clipping)
+
+
 def test_parameter_in_an_operation_without_a_rule_takes_the_graph_path_exactly():
     model = Conv1DNet(MatmulMinusExpBias)
     clipper = _assert_exact(model, batch=4)
