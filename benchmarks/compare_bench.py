@@ -57,7 +57,9 @@ MLP 784-512-256-10; CNN (two 5×5 conv + GroupNorm blocks, 28×28 input); transf
 
 `max abs update diff`: the first update with σ = 0 against a `torch.func` per-sample
 reference (float32). `time × nonprivate` and `memory × nonprivate` are against plain
-accumulation of the same micro-batches. Memory is the peak resident set size above the
+accumulation of the same micro-batches; the time ratio is paired (each method and
+non-private training take the same steps in turn after the measured run: the median of
+the two's times in the same step, free of the machine's drift). Memory is the peak resident set size above the
 level before the timed steps (the kernel's high-water mark, reset before them), or the CUDA
 allocator's peak.
 `opacus-ghost-accumulate` is Opacus ghost clipping with ordinary accumulation: its update

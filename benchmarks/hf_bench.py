@@ -62,7 +62,7 @@ def table(results: dict[str, tuple[compare.ComparisonResult, str | None]], unit:
         bound = f" ({TARGETS[name]})" if name in TARGETS else ""
         lines.append(
             f"| {name} | {_time(base)} | {_time(dp)} | {dp.time_ratio:.2f}{bound} "
-            f"| {_time(op) if op else '—'} | {_ratio(dp.step_time_s, op.step_time_s) if op else '—'} "
+            f"| {_time(op) if op else '—'} | {_ratio(dp.time_ratio, op.time_ratio) if op else '—'} "
             f"| {base.peak_memory_mb:.1f} | {_ratio(dp.peak_memory_mb, base.peak_memory_mb)} "
             f"| {_ratio(dp.peak_memory_mb, op.peak_memory_mb) if op else '—'} "
             f"| {_diff(dp)} / {_diff(op) if op else '—'} | {'ran' if op else 'refused: ' + _one_line(refused)} |"
@@ -115,7 +115,11 @@ micro-batches of B = {MICRO_BATCH} (k = 4), σ = 1, C = 1; {warmup} warm-up + {s
 setting dpclip's make_private applies (`dpclip/allocator.py`).
 
 Times: {measure_text}; median over repeats of each run's median step (min–max of the run
-medians in brackets). Bounds are the issue's. `max abs update diff`: the first update with
+medians in brackets). The ratios are paired (`dpclip.compare`): each method and non-private
+training take the same steps in turn after the measured run, and a ratio is the median of
+the two's times in the same step (this machine's speed drifts by ±20%, so that ratios of
+the separate runs' times moved by up to 0.3); dpclip × Opacus is the ratio of their two
+ratios. Bounds are the issue's. `max abs update diff`: the first update with
 σ = 0 against the clipped update computed one example at a time (float32). Opacus is tried
 on one logical step first; where it refuses the model its message is shown.
 
@@ -163,7 +167,7 @@ def main() -> int:
         results[name] = measure(name, args.repeats, args.steps, args.warmup, args.device)
         result, refused = results[name]
         dp = result.row("dpclip")
-        versus_opacus = "" if refused else f", × Opacus {dp.step_time_s / result.row(OPACUS).step_time_s:.2f}"
+        versus_opacus = "" if refused else f", × Opacus {dp.time_ratio / result.row(OPACUS).time_ratio:.2f}"
         print(f"{name}: {time.perf_counter() - t:.0f} s, dpclip × non-private {dp.time_ratio:.2f}{versus_opacus}",
               flush=True)
     minutes = (time.perf_counter() - started) / 60

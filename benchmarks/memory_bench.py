@@ -5,16 +5,15 @@ and Opacus ghost clipping + BatchMemoryManager, over the sizes of the memory iss
 Run: ``make bench-memory`` (about 12 minutes on 2 cores). Each configuration is a
 workload of this module (``memory_bench:roberta_b16_t64_h64`` …: the Hugging Face
 model of ``benchmarks/hf_workloads.py`` at that sequence length and width, FFN 4×width),
-and each (configuration, method) runs in its own process (``dpclip.compare``) for its
-memory: on CPU the peak resident set size above the level after set-up, with ``--device
-cuda`` the CUDA allocator's peak. Time ratios come from all methods interleaved in one
-process (``paired_times``): on CPU process CPU time (1 torch thread), on CUDA wall time.
+and each (configuration, method) runs in its own process (``dpclip.compare``). On CPU:
+process CPU time of a logical step (1 torch thread) and the peak resident set size above
+the level after set-up; with ``--device cuda``, wall time and the CUDA allocator's peak.
+Time ratios are ``dpclip.compare``'s paired ones.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -37,8 +36,6 @@ CONFIGS = (
 )
 K = 4
 WARMUP, STEPS, REPEATS = 2, 3, 3
-#: rounds of the paired timing (``paired_times``), each 2 logical steps of every method
-ROUNDS = 6
 OPACUS = "opacus-ghost-bmm"
 METHODS = ("nonprivate", "dpclip", "dpclip-low", OPACUS)
 
@@ -91,52 +88,6 @@ def allocation_peaks(config: tuple[str, int, int, int], methods: tuple[str, ...]
     return peaks
 
 
-def paired_times(
-    config: tuple[str, int, int, int], methods: tuple[str, ...], device: str = "cpu", rounds: int = ROUNDS,
-) -> dict[str, float]:
-    """{method: its time ÷ non-private training's}: the median over ``rounds`` rounds, in
-    each of which every method takes the same 2 logical steps (on CPU process CPU time, 1
-    torch thread; on CUDA wall time), in this process, the order reversed every other round.
-
-    This machine's speed drifts by ±20% over seconds to minutes (the same process ran a
-    step 85 to 130 ms), so that separate processes run one after another (``measure``)
-    give time ratios that moved by 0.3 between runs; a ratio within one round, where
-    both ran at the same moment, moved by a few hundredths."""
-    work = globals()[config_name(*config)]()
-    b = config[1]
-    cfg = {"device": "cpu", "logical_batch": K * b, "micro_batch": b, "max_grad_norm": 1.0, "seed": 0,
-           "delta": 1e-5}
-    batches = compare._draw_batches(len(work.dataset), K * b, 2 + 2 * rounds, 0)
-    cuda = device == "cuda"
-
-    def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.process_time()
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        steps = {}
-        for method in methods:
-            torch.manual_seed(0)
-            model = work.model_fn().to(device).train()
-            train = compare._setup(method, model, work.criterion, work.dataset, {**cfg, "device": device}, 1.0, 0.01)[0]
-            steps[method] = train(batches)
-            next(steps[method]), next(steps[method])  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for r in range(rounds):
-            for method in methods if r % 2 == 0 else methods[::-1]:
-                start = clock()
-                next(steps[method]), next(steps[method])
-                times[method].append(clock() - start)
-    finally:
-        torch.set_num_threads(threads)
-    base = times["nonprivate"]
-    return {m: statistics.median(t / u for t, u in zip(v, base)) for m, v in times.items()}
-
-
 def auto_choice(config: tuple[str, int, int, int]) -> str:
     """The mode ``memory="auto"`` runs on the configuration ("fast" or "low"), from the
     clipping plan after one micro-batch."""
@@ -166,7 +117,7 @@ def table(results: dict[tuple, tuple[compare.ComparisonResult, str | None, dict[
         "| time × non-private: dpclip / dpclip low / Opacus | auto ran |",
         "|" + "---|" * 8,
     ]
-    for (name, b, t, h), (result, refused, peaks, chose, paired) in results.items():
+    for (name, b, t, h), (result, refused, peaks, chose) in results.items():
         base = result.row("nonprivate")
         rows = {r.method: r for r in result.rows}
         private = ("dpclip", "dpclip-low", OPACUS)
@@ -178,7 +129,7 @@ def table(results: dict[tuple, tuple[compare.ComparisonResult, str | None, dict[
             f"| {name} | {b} / {t} / {h} | {peaks['nonprivate']:.1f} "
             f"| {three(lambda m: _ratio(peaks[m], peaks['nonprivate']))} | {base.peak_memory_mb:.1f} "
             f"| {three(lambda m: _ratio(rows[m].peak_memory_mb, base.peak_memory_mb))} "
-            f"| {three(lambda m: f'{paired[m]:.2f}')} | {chose} |"
+            f"| {three(lambda m: f'{rows[m].time_ratio:.2f}')} | {chose} |"
         )
     refusals = {name: r for (name, *_), (_, r, *_) in results.items() if r}
     notes = "".join(f"\nOpacus refuses {name}: {_one_line(r)}\n" for name, r in refusals.items())
@@ -190,13 +141,9 @@ def section(results: dict, device: str, minutes: float, repeats: int) -> str:
     cpu = device == "cpu"
     measure_text = (
         "the peak resident set size above the level after set-up (the kernel's high-water mark "
-        "and 1 ms sampling) in those processes; time: process CPU time (1 torch thread), paired: "
-        f"all methods in one process, {ROUNDS} rounds of 2 logical steps each, the ratio to "
-        "non-private training taken within each round, median over rounds (`paired_times`: "
-        "this machine's speed drifts by ±20%, so that times from processes run one after "
-        "another moved ratios by up to 0.3)" if cpu else
-        f"wall time of a logical step on {env.get('cuda')}, and the CUDA allocator's peak above "
-        "the level after set-up"
+        "and 1 ms sampling); time: process CPU time of a logical step (1 torch thread)" if cpu else
+        f"the CUDA allocator's peak above the level after set-up on {env.get('cuda')}; time: "
+        "wall time of a logical step"
     )
     return f"""## Memory{'' if cpu else ' on ' + str(env.get('cuda'))}
 
@@ -210,7 +157,10 @@ repeat(s) per method (medians), each run in its own process, methods interleaved
 malloc setting dpclip's make_private applies.
 dpclip: `memory="auto"` (the default: "fast", one backward, or "low", two, as "auto ran"
 says); dpclip low: `memory="low"`.
-Measured: {measure_text}; ratios to non-private training of the same model. The torch peak
+Measured: {measure_text}. Time ratios are paired (`dpclip.compare`): after its measured
+run, each method and non-private training take the same steps in turn, and the ratio is
+the median of the two's times in the same step (separate runs carry this machine's drift of
+±20%). The torch peak
 is the peak of torch's live CPU allocations during one logical step after two warm-up steps
 (the profiler's allocation records, `dpclip.compare.allocated_bytes`): what the code holds,
 steadier than the resident set size, which also shows how the process's allocator reuses
@@ -233,10 +183,9 @@ def main() -> int:
         if only is None or config[0] in only:
             result, refused = measure(config, args.device, args.repeats)
             peaks = allocation_peaks(config, tuple(r.method for r in result.rows))
-            paired = paired_times(config, tuple(r.method for r in result.rows), args.device)
-            results[config] = (result, refused, peaks, auto_choice(config), paired)
+            results[config] = (result, refused, peaks, auto_choice(config))
             print(config_name(*config), {r.method: (round(peaks[r.method], 1), round(r.peak_memory_mb, 1),
-                                                    round(r.step_time_s, 4), round(paired[r.method], 2))
+                                                    round(r.step_time_s, 4), round(r.time_ratio, 2))
                                          for r in result.rows}, flush=True)
     body = section(results, args.device, (time.perf_counter() - started) / 60, args.repeats)
     name = "memory" if args.device == "cpu" else f"memory-{args.device}"

@@ -33,7 +33,14 @@ Measurement, per method and repeat, in a fresh process (``isolate=True``):
    size (the kernel's high-water mark, reset after the set-up; sampled every
    millisecond by a thread where it cannot be reset), minus the resident size after
    the model, optimizer and data were set up; on CUDA,
-   ``torch.cuda.max_memory_allocated`` minus the allocation before.
+   ``torch.cuda.max_memory_allocated`` minus the allocation before;
+4. time ratio (with ``nonprivate`` among the methods; last): fresh copies of the method
+   and of non-private training take the same logical steps in turn, one step of each
+   right after the other (the order alternating), and ``time_ratio`` is the median,
+   over the steps after warm-up of all repeats, of the method's time ÷ non-private's in
+   the same step. Step times of separate processes carry the machine's drift (on a cloud
+   machine the same step took 85 to 130 ms minutes apart, and ratios of such times moved
+   by up to 0.3); a ratio of two moments this close does not.
 Methods are interleaved (the order rotates each repeat) so machine noise hits
 all alike; each row reports the median over repeats and min / max of the
 per-repeat medians. ε is each library's own RDP accountant at ``delta``.
@@ -368,6 +375,7 @@ def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
         reference = _reference_update if cfg["reference"] == "torch.func" else _per_example_reference_update
         expected = reference(reference_model, criterion, x, y, cfg["max_grad_norm"], cfg["logical_batch"])
         diff = max(float((before[k] - after[k] - expected[k]).abs().max()) for k in expected)
+    paired = _paired_ratios(method, model_fn, dataset, criterion, batches, cfg) if job["paired"] else None
     return {
         "method": method,
         "max_abs_update_diff": diff,
@@ -376,7 +384,43 @@ def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
         "step_time_s": statistics.median(times[cfg["warmup"]:]),
         "peak_memory_mb": memory.peak_mb,
         "note": note,
+        "paired_ratios": paired,
     }
+
+
+def _paired_ratios(
+    method: str, model_fn: Callable[[], nn.Module], dataset: Dataset, criterion: nn.Module,
+    batches: list[list[int]], cfg: dict[str, Any],
+) -> list[float]:
+    """The method's time ÷ non-private training's, per logical step after the warm-up: fresh
+    copies of both train the same logical batches, each step of one right after the same
+    step of the other (the order alternating). Times of separate runs carry the machine's
+    drift (±20% over seconds to minutes was seen on a cloud machine); a ratio of two
+    moments this close does not."""
+    device = torch.device(cfg["device"])
+    steps = {}
+    for m in ("nonprivate", method):
+        torch.manual_seed(cfg["seed"])
+        model = model_fn().to(device).train()
+        steps[m] = _setup(m, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])[0](batches)
+
+    def clock() -> float:
+        if cfg["clock"] == "cpu":
+            return time.process_time()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    ratios = []
+    for i in range(len(batches)):
+        taken = {}
+        for m in ("nonprivate", method) if i % 2 == 0 else (method, "nonprivate"):
+            start = clock()
+            next(steps[m])
+            taken[m] = clock() - start
+        if i >= cfg["warmup"]:
+            ratios.append(taken[method] / taken["nonprivate"])
+    return ratios
 
 
 def _reference_names(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -523,7 +567,8 @@ def run(
             module with reduction "mean"; not needed with a workload spec.
         logical_batch: L, expected examples per optimizer step (q = L/N).
         micro_batch: B, the most examples per forward/backward.
-        steps: timed optimizer steps (after ``warmup`` more).
+        steps: timed optimizer steps (after ``warmup`` more); the time ratios take as
+            many again of each private method and of non-private training.
         noise_multiplier, max_grad_norm: σ and C for every private method.
         methods: a subset of ``METHODS``, in the order of the rows.
         delta: δ for ε.
@@ -586,7 +631,8 @@ def run(
     order = list(methods)
     for r in range(repeats):
         for method in order[r % len(order):] + order[: r % len(order)]:
-            job = {"method": method, "workload": workload, "batches": batches, "config": config, "check": r == 0}
+            job = {"method": method, "workload": workload, "batches": batches, "config": config, "check": r == 0,
+                   "paired": method != "nonprivate" and "nonprivate" in methods}
             results[method].append(_in_fresh_process(job) if isolate else _measure(job))
     rows = _rows(methods, results)
     environment = {
@@ -652,6 +698,16 @@ def _fresh_process_context(workload: Any) -> multiprocessing.context.BaseContext
     return context
 
 
+def _time_ratio(method: str, runs: list[dict[str, Any]], times: list[float], base_time: float | None) -> float | None:
+    """The median of the paired ratios of all runs (``_paired_ratios``), else of the step times."""
+    if method == "nonprivate":
+        return 1.0
+    paired = [x for r in runs for x in (r.get("paired_ratios") or [])]
+    if paired:
+        return statistics.median(paired)
+    return statistics.median(times) / base_time if base_time else None
+
+
 def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> list[Row]:
     base = results.get("nonprivate")
     base_time = statistics.median(r["step_time_s"] for r in base) if base else None
@@ -671,7 +727,7 @@ def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> l
             step_time_min_s=min(t),
             step_time_max_s=max(t),
             peak_memory_mb=mem,
-            time_ratio=statistics.median(t) / base_time if base_time else None,
+            time_ratio=_time_ratio(m, rs, t, base_time),
             memory_ratio=mem / base_mem if base_mem and base_mem > 0 else None,
             note=rs[0]["note"],
         ))

@@ -5,8 +5,6 @@ model is reported, and the benchmark's section replaces itself in the page."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -64,26 +62,3 @@ def test_section_is_replaced_in_place_and_the_rest_of_the_page_kept(tmp_path):
     hf_bench.write_section(page, "hf", "new\n")
     assert page.read_text() == "# built-in\n\ntable\n\n<!-- hf:begin -->\nnew\n<!-- hf:end -->\n"
 
-
-def test_paired_times_are_ratios_within_rounds(monkeypatch):
-    from benchmarks import memory_bench
-
-    def busy(seconds: float) -> None:
-        end = time.process_time() + seconds
-        while time.process_time() < end:
-            pass
-
-    def setup(method, model, criterion, dataset, cfg, sigma, lr):
-        cost = {"nonprivate": 0.004, "dpclip": 0.008}[method]
-
-        def train(batches):
-            for _ in batches:
-                busy(cost)
-                yield
-
-        return train, None, model, ""
-
-    monkeypatch.setattr(compare, "_setup", setup)
-    ratios = memory_bench.paired_times(("llama_lora", 8, 64, 64), ("nonprivate", "dpclip"), rounds=4)
-    assert ratios["nonprivate"] == 1.0
-    assert 1.6 <= ratios["dpclip"] <= 2.5

@@ -8,6 +8,7 @@ import mmap
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -138,3 +139,36 @@ def _frozen():
     model = tiny().model_fn()
     model.requires_grad_(False)
     return model
+
+
+def test_time_ratio_pairs_steps_so_that_the_machine_drift_cancels(monkeypatch):
+    # a machine that gets slower with every step: the non-private run, then the other
+    # method's run, give a ratio far above the true 2; paired steps give about 2
+    taken = []
+
+    def busy(seconds: float) -> None:
+        end = time.process_time() + seconds * (1 + 0.2 * len(taken))
+        taken.append(seconds)
+        while time.process_time() < end:
+            pass
+
+    def setup(method, model, criterion, dataset, cfg, sigma, lr):
+        cost = {"nonprivate": 0.004, "dpclip": 0.008}[method]
+
+        def train(batches):
+            for _ in batches:
+                busy(cost)
+                yield
+
+        return train, lambda: 1.0, model, ""
+
+    monkeypatch.setattr(compare, "_setup", setup)
+    w = tiny()
+    result = compare.run(
+        w.model_fn, w.dataset, w.criterion, logical_batch=16, micro_batch=4, steps=3, warmup=1,
+        noise_multiplier=1.0, max_grad_norm=1.0, methods=["nonprivate", "dpclip"], isolate=False,
+        clock="cpu", reference=None,
+    )
+    dp, base = result.row("dpclip"), result.row("nonprivate")
+    assert dp.step_time_s / base.step_time_s > 2.5  # what separate runs say
+    assert 1.8 <= dp.time_ratio <= 2.3 and base.time_ratio == 1.0
