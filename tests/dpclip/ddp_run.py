@@ -155,6 +155,8 @@ def main() -> int:
             dist.all_reduce = original
         result["all_reduces"], result["reducer_calls"] = len(reduces), len(reducer_calls)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    if case != "fail":  # (there rank 1 has exited)
+        dist.barrier()  # tear gloo down together: a rank that exits while the other works can abort
     dist.destroy_process_group()
     return 0
 
