@@ -2,7 +2,7 @@
 and Opacus ghost clipping + BatchMemoryManager, over the sizes of the memory issue (issue
 15); writes the "Memory" section of docs/comparison.md.
 
-Run: ``make bench-memory`` (about 12 minutes on 2 cores). Each configuration is a
+Run: ``make bench-memory`` (about 17 minutes on 2 cores). Each configuration is a
 workload of this module (``memory_bench:roberta_b16_t64_h64`` …: the Hugging Face
 model of ``benchmarks/hf_workloads.py`` at that sequence length and width, FFN 4×width),
 and each (configuration, method) runs in its own process (``dpclip.compare``). On CPU:
