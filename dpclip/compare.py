@@ -349,9 +349,7 @@ def _measure_quietly(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(cfg["device"])
 
     # Timed run first, so that its memory is measured from a process that has trained nothing.
-    torch.manual_seed(cfg["seed"])
-    model = model_fn().to(device).train()
-    train, epsilon, _, note = _setup(method, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])
+    train, epsilon, _, note = _fresh_setup(method, model_fn, criterion, dataset, cfg)
     times: list[float] = []
     with _PeakMemory(device) as memory:
         clock = time.perf_counter if cfg["clock"] == "wall" else memory.cpu_time
@@ -398,11 +396,7 @@ def _paired_ratios(
     drift (±20% over seconds to minutes was seen on a cloud machine); a ratio of two
     moments this close does not."""
     device = torch.device(cfg["device"])
-    steps = {}
-    for m in ("nonprivate", method):
-        torch.manual_seed(cfg["seed"])
-        model = model_fn().to(device).train()
-        steps[m] = _setup(m, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])[0](batches)
+    steps = {m: _fresh_setup(m, model_fn, criterion, dataset, cfg)[0](batches) for m in ("nonprivate", method)}
 
     def clock() -> float:
         if cfg["clock"] == "cpu":
@@ -421,6 +415,15 @@ def _paired_ratios(
         if i >= cfg["warmup"]:
             ratios.append(taken[method] / taken["nonprivate"])
     return ratios
+
+
+def _fresh_setup(
+    method: str, model_fn: Callable[[], nn.Module], criterion: nn.Module, dataset: Dataset, cfg: dict[str, Any],
+) -> tuple[Callable[[list[list[int]]], Iterator[None]], Callable[[], float], nn.Module, str]:
+    """``_setup`` of ``method`` on a fresh model from the run's seed, at its σ and lr."""
+    torch.manual_seed(cfg["seed"])
+    model = model_fn().to(torch.device(cfg["device"])).train()
+    return _setup(method, model, criterion, dataset, cfg, sigma=cfg["noise_multiplier"], lr=cfg["lr"])
 
 
 def _reference_names(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -698,19 +701,17 @@ def _fresh_process_context(workload: Any) -> multiprocessing.context.BaseContext
     return context
 
 
-def _time_ratio(method: str, runs: list[dict[str, Any]], times: list[float], base_time: float | None) -> float | None:
-    """The median of the paired ratios of all runs (``_paired_ratios``), else of the step times."""
+def _time_ratio(method: str, runs: list[dict[str, Any]]) -> float | None:
+    """The median of the paired ratios of all runs (``_paired_ratios``); None without
+    ``nonprivate`` among the methods (nothing was paired)."""
     if method == "nonprivate":
         return 1.0
-    paired = [x for r in runs for x in (r.get("paired_ratios") or [])]
-    if paired:
-        return statistics.median(paired)
-    return statistics.median(times) / base_time if base_time else None
+    paired = [x for r in runs for x in (r["paired_ratios"] or [])]
+    return statistics.median(paired) if paired else None
 
 
 def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> list[Row]:
     base = results.get("nonprivate")
-    base_time = statistics.median(r["step_time_s"] for r in base) if base else None
     base_mem = statistics.median(r["peak_memory_mb"] for r in base) if base else None
     rows = []
     for m in methods:
@@ -727,7 +728,7 @@ def _rows(methods: Sequence[str], results: dict[str, list[dict[str, Any]]]) -> l
             step_time_min_s=min(t),
             step_time_max_s=max(t),
             peak_memory_mb=mem,
-            time_ratio=_time_ratio(m, rs, t, base_time),
+            time_ratio=_time_ratio(m, rs),
             memory_ratio=mem / base_mem if base_mem and base_mem > 0 else None,
             note=rs[0]["note"],
         ))
