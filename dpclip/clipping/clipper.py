@@ -13,11 +13,14 @@ from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
-    KEEPS, EarlyNorms, SavedActivations, auto_mode, check_memory, kept_bytes, recomputable,
-    rows_overlap,
+    KEEPS, EarlyNorms, GhostPart, SavedActivations, auto_mode, check_memory, kept_bytes,
+    recomputable, rows_overlap,
 )
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
-from dpclip.clipping.norms import accumulator, add_weighted, clip_factors, norm_dtype, rounding_eps, row_sq_norms
+from dpclip.clipping.norms import (
+    GHOST_ROUNDING_TOLERANCE, accumulator, add_weighted, clip_factors, gram_unit, norm_dtype,
+    rounding_eps, row_sq_norms,
+)
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
@@ -259,6 +262,7 @@ class PerSampleClipper:
                 parameter clipping does not cover (see message); nothing returned, and
                 the recorded calls are kept when the refusal comes before they are used.
         """
+        gram_unit.cache_clear()  # (it reads the matmul precision, which the user may change)
         # autocast left on around backward() would run the norms and sums in half precision
         with torch.autocast(loss_per_sample.device.type, enabled=False):
             return self._clipped_sum(loss_per_sample, out)
@@ -310,7 +314,9 @@ class PerSampleClipper:
             # parameter): the norms and the clipped sum both come from these
             graph_grads: dict[nn.Parameter, torch.Tensor] = {}
             done: set[LayerCall] = set()
-            parts = self._layer_sq_norms(layer_calls, meter, graph_grads, done) + early.parts
+            ghost: list[GhostPart] = []
+            parts = self._layer_sq_norms(layer_calls, meter, graph_grads, done, ghost) + early.parts
+            ghost += early.ghost
             layer_calls = [c for c in layer_calls if c not in done]
             for call in graph_calls:
                 if meter is not None:
@@ -319,8 +325,9 @@ class PerSampleClipper:
                     grads = graph_per_sample([call])
                 parts += [row_sq_norms(g) for g in grads.values()]
                 graph_grads.update(grads)
-            norms = _total(parts, batch, norm_dtype(loss_per_sample.dtype), loss_per_sample.device).sqrt()
-            bad = int((~torch.isfinite(norms)).sum())
+            sq = _total(parts, batch, norm_dtype(loss_per_sample.dtype), loss_per_sample.device)
+            sq, bad = _exact_where_rounded(sq, parts, ghost)
+            norms = sq.sqrt()
         if bad:
             raise NonFiniteNormError(
                 f"{bad} of {batch} per-sample gradient norms are NaN or infinite; this micro-batch "
@@ -452,6 +459,14 @@ class PerSampleClipper:
             )):
                 if g is not None:
                     early.take(c, g)
+        wrong = early.wrong_batch + [
+            c for c in layer_calls if c.backprop.dim() == 0 or c.by_example(c.backprop).shape[0] != batch
+        ]
+        if wrong:  # the first in the forward's order
+            order = {c: i for i, c in enumerate(calls)}
+            first = min(wrong, key=lambda c: order.get(c, len(order)))
+            self._batch_error(first.module, first.shape, batch)
+        # (after the batch check: a loss per token would fail here with a bare reshape error)
         at = iter(grads[len(flat): len(flat) + len(met)])
         for call in broadcast:
             name = self._owner_name.get(call.targets["weight"][0], "?")
@@ -468,13 +483,6 @@ class PerSampleClipper:
                 "model made private"
             )
         check_graph_units(used_graph, layer_calls + taken)
-        wrong = early.wrong_batch + [
-            c for c in layer_calls if c.backprop.dim() == 0 or c.by_example(c.backprop).shape[0] != batch
-        ]
-        if wrong:  # the first in the forward's order
-            order = {c: i for i, c in enumerate(calls)}
-            first = min(wrong, key=lambda c: order.get(c, len(order)))
-            self._batch_error(first.module, first.shape, batch)
         for call in used_graph:
             for t, b in zip(call.outputs, call.backprops):
                 if b is not None and (t.dim() == 0 or t.shape[0] != batch):
@@ -522,12 +530,13 @@ class PerSampleClipper:
         meter: CostMeter | None,
         grouped: dict[nn.Parameter, torch.Tensor],
         done: set[LayerCall],
+        ghost: list[GhostPart],
     ) -> list[torch.Tensor]:
         """‖g_i‖² contributions, [B] each: a call's own where no other call uses its
         parameters, else one per group of calls whose parameters overlap (each call's work
         timed by ``meter`` when it measures). A group's per-example gradients, summed over
         its calls, go into ``grouped`` ({param: [B, *shape]}), and its calls into ``done``:
-        its clipped sum is taken from those sums."""
+        its clipped sum is taken from those sums. Ghost norms also go into ``ghost``."""
         uses: dict[nn.Parameter, list[tuple[LayerCall, slice | None]]] = {}
         shared = False
         for call in calls:
@@ -538,7 +547,7 @@ class PerSampleClipper:
         if not shared:  # the usual case: no grouping to do
             out: list[torch.Tensor] = []
             for call in calls:
-                _own_sq_norms(call, meter, out)
+                _own_sq_norms(call, meter, out, ghost)
             return out
         group = {call: call for call in calls}
 
@@ -558,7 +567,7 @@ class PerSampleClipper:
         out = []
         for members in groups.values():
             if len(members) == 1:
-                _own_sq_norms(members[0], meter, out)
+                _own_sq_norms(members[0], meter, out, ghost)
                 continue
             summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
@@ -799,20 +808,64 @@ def _floating(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-def _own_sq_norms(call: LayerCall, meter: CostMeter | None, out: list[torch.Tensor]) -> None:
-    """Append the call's ‖∇ ℓ_i‖² ([B] each: its ghost norm, or one per target from its
-    per-sample gradients, which stay on the call for the clipped sum while its
-    activations are released)."""
-    ghost = call.uses_ghost()
+def _own_sq_norms(
+    call: LayerCall, meter: CostMeter | None, out: list[torch.Tensor], ghost: list[GhostPart]
+) -> None:
+    """Append the call's ‖∇ ℓ_i‖² ([B] each: its ghost norm, also to ``ghost``, or one per
+    target from its per-sample gradients, which stay on the call for the clipped sum
+    while its activations are released)."""
+    uses_ghost = call.uses_ghost()
     if meter is not None:
-        meter.note_keeps(call, KEEPS[ghost])
-    with timed(meter, call, "ghost" if ghost else "per-sample"):
-        if ghost:
-            out.append(call.rule.ghost_sq_norms(call))
+        meter.note_keeps(call, KEEPS[uses_ghost])
+    with timed(meter, call, "ghost" if uses_ghost else "per-sample"):
+        if uses_ghost:
+            norm = call.rule.ghost_sq_norms(call)
+            out.append(norm.sq)
+            if norm.scale is not None:
+                ghost.append(GhostPart(norm, call))
             return
         call.per_sample = call.rule.per_sample_grads(call)
         out.extend(row_sq_norms(g) for g in call.per_sample.values())
     call.release()
+
+
+def _exact_where_rounded(
+    sq: torch.Tensor, parts: list[torch.Tensor], ghost: list[GhostPart]
+) -> tuple[torch.Tensor, int]:
+    """(‖g_i‖², the number of non-finite ones), with a second look at the examples whose
+    ghost norms' rounding bounds add up to more than ``GHOST_ROUNDING_TOLERANCE`` of it.
+
+    A ghost norm sums T² products of inner products; where an example's position
+    contributions cancel (large activations whose terms nearly sum to zero), float32
+    rounding of those products can exceed the norm itself, and an underestimated norm
+    would let c_i·g_i exceed C. Those examples' ghost norms are computed again in
+    float64 from the tensors their calls still hold; a call that released them
+    (``memory="low"``) adds its bound instead, an overestimate: the example is clipped a
+    little harder, never less. One host synchronisation, with the non-finite count."""
+    if not ghost:
+        return sq, int((~torch.isfinite(sq)).sum())
+    scales = [p.norm.scale for p in ghost]
+    if any(s.dtype != sq.dtype for s in scales):
+        scales = [s.to(sq.dtype) for s in scales]
+    units = torch.tensor([p.norm.unit for p in ghost], dtype=sq.dtype).to(sq.device, non_blocking=True)
+    # Σ_l unit_l·scale_l − tolerance·sq in one call, +inf where sq is not finite
+    excess = torch.addmv(sq, torch.stack(scales).t(), units, beta=-GHOST_ROUNDING_TOLERANCE)
+    excess = torch.where(torch.isfinite(sq), excess, math.inf)
+    worst = float(excess.max())
+    if worst == math.inf:  # (or a bound that overflowed: that example gets its second look)
+        bad = int((~torch.isfinite(sq)).sum())
+        if bad:
+            return sq, bad
+    if not worst > 0:
+        return sq, 0
+    rows = (excess > 0).nonzero().squeeze(1)
+    second = {
+        id(p.norm.sq): p.call.rule.ghost_sq_norms(p.call, rows).sq if p.call is not None
+        else p.norm.sq[rows].double() + p.norm.unit * p.norm.scale[rows].double()
+        for p in ghost
+    }
+    again = torch.stack([second.get(id(q), q[rows]).double() for q in parts]).sum(dim=0)
+    return sq.index_copy(0, rows, again.to(sq.dtype)), 0
 
 
 def _total(parts: list[torch.Tensor], batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

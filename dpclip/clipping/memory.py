@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import accumulator, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import GhostNorm, accumulator, norm_dtype, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall
 
 __all__ = [
-    "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "SavedActivations", "auto_mode",
-    "check_memory", "kept_bytes", "recomputable", "rows_overlap",
+    "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations",
+    "auto_mode", "check_memory", "kept_bytes", "recomputable", "rows_overlap",
 ]
 
 #: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
@@ -174,6 +175,15 @@ def recomputable(calls: Sequence[LayerCall]) -> set[LayerCall]:
     return {c for c in calls if c not in kept}
 
 
+class GhostPart(NamedTuple):
+    """A call's ghost norm (its ``sq`` is one of the norms' parts) whose rounding may need
+    a second look, and the call if it still holds its tensors (None once released:
+    ``memory="low"``), to compute it again in float64."""
+
+    norm: GhostNorm
+    call: LayerCall | None
+
+
 class EarlyNorms:
     """Norms taken during the backward pass, by hooks on the recorded calls' outputs, as
     each output gradient arrives; then the call keeps only what its part of S needs.
@@ -182,7 +192,8 @@ class EarlyNorms:
     of S); else a ghost-norm call keeps its input and output gradient, and a call with
     per-example gradients keeps those (recompute: nothing) and releases the rest.
 
-    ``parts``: the calls' [B] contributions to ‖g_i‖²; ``kept``: the calls whose part of
+    ``parts``: the calls' [B] contributions to ‖g_i‖², ``ghost`` those of them that are
+    ghost norms, with their rounding bounds; ``kept``: the calls whose part of
     S comes from what they keep; ``recomputed``: those (of ``recompute``) whose output
     got a gradient; ``wrong_batch``: the calls whose output gradient was not batch-first (the
     clipper raises its error after the pass). With ``audit``, also the audit's sums of
@@ -202,6 +213,7 @@ class EarlyNorms:
     ) -> None:
         self.batch, self.meter, self.recompute = batch, meter, recompute
         self.parts: list[torch.Tensor] = []
+        self.ghost: list[GhostPart] = []
         self.kept: list[LayerCall] = []
         self.recomputed: list[LayerCall] = []
         self.wrong_batch: list[LayerCall] = []
@@ -248,7 +260,10 @@ class EarlyNorms:
         ghost = call.uses_ghost()
         with timed(self.meter, call, "ghost" if ghost else "per-sample"):
             if ghost:
-                self.parts.append(call.rule.ghost_sq_norms(call))
+                norm = call.rule.ghost_sq_norms(call)
+                self.parts.append(norm.sq)
+                if norm.scale is not None:
+                    self.ghost.append(GhostPart(norm, None if recompute else call))
             else:
                 call.per_sample = call.rule.per_sample_grads(call)
                 self.parts.extend(row_sq_norms(g) for g in call.per_sample.values())

@@ -163,4 +163,4 @@ def test_gram_norm_is_the_norm_of_the_per_example_gradient(positions, bias):
     expected = torch.einsum("btp,btd->bpd", g, a).square().sum(dim=(1, 2))
     if bias:
         expected = expected + g.sum(dim=1).square().sum(dim=1)
-    torch.testing.assert_close(gram_sq_norm(a, g, bias=bias), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gram_sq_norm(a, g, bias=bias).sq, expected, rtol=1e-12, atol=0)

@@ -278,11 +278,14 @@ def test_hugging_face_outputs_loss_is_refused_at_step_naming_the_criterion():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_flattened_token_logits_are_refused_naming_the_criterion():
-    model = build("mistral")
-    x, y = make_data("mistral", K * B)
+# GPT-Neo's learned positions are a lookup without the batch (position ids [1, T]): the
+# loss's batch must be checked before that lookup's gradient is split by example
+@pytest.mark.parametrize("name", ["mistral", "gpt_neo"])
+def test_flattened_token_logits_are_refused_naming_the_criterion(name):
+    model = build(name)
+    x, y = make_data(name, K * B)
     engine, model, optimizer, criterion, loader = make_private(
-        model, "mistral", x, y, criterion=nn.CrossEntropyLoss())
+        model, name, x, y, criterion=nn.CrossEntropyLoss())
     xb, yb = next(iter(loader))
     logits = model(xb)
     loss = criterion(logits.view(-1, logits.shape[-1]), yb.view(-1))  # the Hugging Face way

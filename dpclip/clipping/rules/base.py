@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import add_weighted
+from dpclip.clipping.norms import GhostNorm, add_weighted
 
 if TYPE_CHECKING:  # LayerCall's module imports this one at run time
     from dpclip.clipping.recording import LayerCall
@@ -44,8 +44,11 @@ class Rule:
         the backward pass, when there is no output gradient yet."""
         raise NotImplementedError(f"{type(self).__name__} has no ghost norm")
 
-    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
-        """Σ over targets of ‖∇ ℓ_i‖², shape [B], without per-sample gradients."""
+    def ghost_sq_norms(self, call: LayerCall, rows: torch.Tensor | None = None) -> GhostNorm:
+        """Σ over targets of ‖∇ ℓ_i‖², shape [B], without per-sample gradients, with the
+        bound on its rounding (``GhostNorm``). With ``rows`` (example indices), those
+        examples' only, in float64: the clipper's second look at examples whose bound is
+        not small against their norm."""
         raise NotImplementedError(f"{type(self).__name__} has no ghost norm")
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import norm_dtype, row_sq_norms
+from dpclip.clipping.norms import GhostNorm, gram_scale, gram_unit, norm_dtype, row_sq_norms
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 
 if TYPE_CHECKING:
@@ -48,15 +48,21 @@ class BilinearRule(Rule):
         # both pay T·p·d1·d2 once: ghost for the clipped sum, per-sample for the gradients
         return (t * t * (p + d1 + d2) + t * p * d1 * d2, t * p * d1 * d2 + MEMORY_WEIGHT * p * d1 * d2)
 
-    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
-        x1, x2, g = self._rows(call, norm_dtype(call.backprop.dtype))
+    def ghost_sq_norms(self, call: LayerCall, rows: torch.Tensor | None = None) -> GhostNorm:
+        x1, x2, g = self._rows(call, norm_dtype(call.backprop.dtype) if rows is None else torch.float64)
+        if rows is not None:
+            x1, x2, g = x1[rows], x2[rows], g[rows]
         total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+        scale, unit = None, 0.0
         if "weight" in call.targets:
             grams = [torch.bmm(t, t.transpose(1, 2)) for t in (x1, x2, g)]
-            total = total + (grams[0] * grams[1] * grams[2]).sum(dim=(1, 2))
+            product = grams[0].mul_(grams[1]).mul_(grams[2])
+            total = total + product.sum(dim=(1, 2))
+            scale = gram_scale(product)
+            unit = gram_unit(g.dtype, g.device, g.shape[1], x1.shape[2], x2.shape[2], g.shape[2])
         if "bias" in call.targets:
             total = total + row_sq_norms(g.sum(dim=1))
-        return total
+        return GhostNorm(total, scale, unit)
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         x1, x2, g = self._rows(call, norm_dtype(call.backprop.dtype))

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpclip.clipping.norms import gram_sq_norm, norm_dtype, row_sq_norms, scale_rows
+from dpclip.clipping.norms import GhostNorm, gram_sq_norm, norm_dtype, row_sq_norms, scale_rows
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 
 if TYPE_CHECKING:
@@ -78,10 +78,10 @@ def conv_patches(
     return u.flatten(1, n).flatten(2)
 
 
-def grouped_gram_sq_norm(a: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+def grouped_gram_sq_norm(a: torch.Tensor, v: torch.Tensor, groups: int) -> GhostNorm:
     """‖∇W‖² per example of a weight block-diagonal over ``groups`` groups: Σ over groups
     of ``gram_sq_norm`` of the group's columns of a [B, T, G·d] and v [B, T, G·p], shape
-    [B], in ``norm_dtype``."""
+    [B], in ``norm_dtype``, and the bound on its rounding (``gram_sq_norm``'s, summed)."""
     if groups == 1:
         return gram_sq_norm(a, v)
     batch, t = a.shape[0], a.shape[1]
@@ -89,7 +89,9 @@ def grouped_gram_sq_norm(a: torch.Tensor, v: torch.Tensor, groups: int) -> torch
     def by_group(m: torch.Tensor) -> torch.Tensor:  # [B·G, T, columns of a group]
         return m.reshape(batch, t, groups, -1).transpose(1, 2).reshape(batch * groups, t, -1)
 
-    return gram_sq_norm(by_group(a), by_group(v)).view(batch, groups).sum(dim=1)
+    norm = gram_sq_norm(by_group(a), by_group(v))
+    scale = None if norm.scale is None else norm.scale.view(batch, groups).sum(dim=1)
+    return GhostNorm(norm.sq.view(batch, groups).sum(dim=1), scale, norm.unit)
 
 
 def per_sample_conv_weight(
@@ -176,17 +178,20 @@ class ConvRule(Rule):
             groups * (t * d * p + MEMORY_WEIGHT * d * p),
         )
 
-    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
-        g = call.backprop
-        total = torch.zeros(g.shape[0], dtype=norm_dtype(g.dtype), device=g.device)
+    def ghost_sq_norms(self, call: LayerCall, rows: torch.Tensor | None = None) -> GhostNorm:
+        g = call.backprop if rows is None else call.backprop[rows].double()
+        norm = None
         if "weight" in call.targets:
             conv = self._conv(call)
             u, v, padding = self._operands(call)
+            if rows is not None:
+                u, v = u[rows].double(), v[rows].double()
             a = conv_patches(u, conv.kernel_size, conv.stride, padding, conv.dilation, v.shape[2:])
-            total = total + grouped_gram_sq_norm(a, v.flatten(2).transpose(1, 2), conv.groups)
+            norm = grouped_gram_sq_norm(a, v.flatten(2).transpose(1, 2), conv.groups)
         if "bias" in call.targets:
-            total = total + row_sq_norms(g.flatten(2).sum(dim=2, dtype=total.dtype))
-        return total
+            bias = row_sq_norms(g.flatten(2).sum(dim=2, dtype=norm_dtype(g.dtype)))
+            norm = GhostNorm(bias) if norm is None else norm._replace(sq=norm.sq + bias)
+        return norm
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         g = call.backprop

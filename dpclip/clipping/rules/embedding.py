@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import norm_dtype, scale_rows
+from dpclip.clipping.norms import GhostNorm, gram_unit, norm_dtype, scale_rows
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 
 if TYPE_CHECKING:
@@ -46,11 +46,17 @@ class EmbeddingRule(Rule):
         v, d = call.targets["weight"][0].shape
         return (t * t * (d + 1) + t * d, t * d + MEMORY_WEIGHT * v * d)
 
-    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
+    def ghost_sq_norms(self, call: LayerCall, rows: torch.Tensor | None = None) -> GhostNorm:
         ids, g = self._rows(call)
+        if rows is not None:
+            ids, g = ids[rows], g[rows].double()
         g = g.to(norm_dtype(g.dtype))
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
-        return (torch.bmm(g, g.transpose(1, 2)) * same).sum(dim=(1, 2))
+        product = torch.bmm(g, g.transpose(1, 2)).mul_(same)
+        # the rounding scale counts the pairs of equal ids only: Σ_{s,t same} ‖g_s‖‖g_t‖
+        lengths = product.diagonal(dim1=1, dim2=2).sqrt()
+        scale = torch.bmm(same, lengths.unsqueeze(2)).squeeze(2).mul_(lengths).sum(dim=1)
+        return GhostNorm(product.sum(dim=(1, 2)), scale, gram_unit(g.dtype, g.device, g.shape[1], g.shape[2]))
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         ids, g = self._rows(call)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import norm_dtype
+from dpclip.clipping.norms import GhostNorm, norm_dtype
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 
 if TYPE_CHECKING:
@@ -76,7 +76,12 @@ class EmbeddingBagRule(Rule):
         n = call.activations[0].numel() / call.shape[0]  # entries per bag
         return (n * 8 + d, n * d + MEMORY_WEIGHT * v * d)
 
-    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
+    def ghost_sq_norms(self, call: LayerCall, rows: torch.Tensor | None = None) -> GhostNorm:
+        # (no Gram matrix: nothing cancels but the weights of one id, summed once)
+        sq = self._sq_norms(call)
+        return GhostNorm(sq if rows is None else sq[rows].double())
+
+    def _sq_norms(self, call: LayerCall) -> torch.Tensor:
         g = call.backprop.to(norm_dtype(call.backprop.dtype))
         sq = g.square().sum(dim=1)
         rows, bag, w = self._entries(call)

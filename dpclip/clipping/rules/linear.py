@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import gram_sq_norm, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import GhostNorm, gram_sq_norm, norm_dtype, row_sq_norms
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 
 if TYPE_CHECKING:
@@ -34,13 +34,16 @@ class LinearRule(Rule):
         # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
         return (t * t * (d + p) + t * d * p, t * d * p + MEMORY_WEIGHT * d * p)
 
-    def ghost_sq_norms(self, call: LayerCall) -> torch.Tensor:
+    def ghost_sq_norms(self, call: LayerCall, rows: torch.Tensor | None = None) -> GhostNorm:
         a, g = self._rows(call)
         # in norm_dtype throughout: the clipped sum adds these same numbers in it
-        a, g = a.to(norm_dtype(g.dtype)), g.to(norm_dtype(g.dtype))
+        dtype = norm_dtype(g.dtype) if rows is None else torch.float64
+        if rows is not None:
+            a, g = a[rows], g[rows]
+        a, g = a.to(dtype), g.to(dtype)
         if "weight" in call.targets:
             return gram_sq_norm(a, g, bias="bias" in call.targets)
-        return row_sq_norms(g.sum(dim=1))
+        return GhostNorm(row_sq_norms(g.sum(dim=1)))
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
         a, g = self._rows(call)
