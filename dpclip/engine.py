@@ -41,7 +41,7 @@ from dpclip.distributed import (
 )
 from dpclip.loss import DPCriterion
 from dpclip.optimizer import DPOptimizer, LogicalBatchError
-from dpclip.report import PrivacyReport, make_report
+from dpclip.report import FOREIGN_BATCHES, PrivacyReport, make_report
 from dpclip.sampling import (
     FixedSchedule,
     GroupedBatchSampler,
@@ -313,6 +313,9 @@ class PrivacyEngine:
         self._batch_sampler: PoissonMicroBatchSampler | GroupedBatchSampler | None = None
         self._uses: ExampleUses | None = None  # shuffled batches: each example's uses
         self._pending_uses: list[int] = []  # the examples of the step being taken
+        #: applied steps with a micro-batch that the returned data loader did not hand out
+        self.foreign_steps = 0
+        self._pending_foreign = False
 
     @property
     def steps(self) -> int:
@@ -660,6 +663,7 @@ class PrivacyEngine:
         self.optimizer = dp_optimizer
         if uses is not None:
             dp_optimizer.step_callbacks.append(self._count_uses)
+        dp_optimizer.step_callbacks.append(self._count_foreign)
         _CLAIMED.add(module)
         _CLAIMED.add(clipper.module)
         _CLAIMED.add(optimizer)
@@ -675,6 +679,7 @@ class PrivacyEngine:
 
     def _step_event(self, micro_batches: int, examples: list[int] | None) -> Event:
         added = 1
+        self._pending_foreign = examples is None
         if self._uses is not None:
             if examples is None:
                 raise LogicalBatchError(
@@ -685,6 +690,18 @@ class PrivacyEngine:
             added = self._uses.added(examples)
             self._pending_uses = examples
         return self.plan.event(self.noise_multiplier, micro_batches, added)
+
+    def _count_foreign(self) -> None:
+        # after the step is recorded: a refused step is no step
+        if not self._pending_foreign:
+            return
+        self.foreign_steps += 1
+        if self.foreign_steps == 1:
+            warnings.warn(
+                f"{FOREIGN_BATCHES}. The ε of this run understates its privacy loss, and its "
+                "report says so: iterate the data loader make_private returned",
+                stacklevel=4,  # the user's optimizer.step() or loss.backward()
+            )
 
     def _count_uses(self) -> None:
         # after the step is recorded: the uses of a refused step are never counted
@@ -826,6 +843,8 @@ class PrivacyEngine:
             "plan": plan,
             "budget": budget,
             "ledger": self.ledger.state_dict(),
+            # (left out when 0, as states saved before it was counted)
+            **({"foreign_steps": self.foreign_steps} if self.foreign_steps else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -906,6 +925,9 @@ class PrivacyEngine:
                     f"the saved ledger counts {recorded} uses of the most-used example, its "
                     f"example-use state {uses.worst}: the state is not from one run"
                 )
+        foreign = state.get("foreign_steps", 0)
+        if isinstance(foreign, bool) or not isinstance(foreign, int) or not 0 <= foreign <= ledger.steps:
+            raise ValueError(f"Expected the saved foreign_steps to be an int in [0, {ledger.steps}], got {foreign!r}")
         rng = state.get("rng")
         if not isinstance(rng, dict) or set(rng) != {"noise", "sampling"}:
             raise ValueError("the saved state has no generator states ('rng'): it cannot be resumed")
@@ -937,6 +959,7 @@ class PrivacyEngine:
                 generator.set_state(before)
             raise ValueError(f"cannot resume the saved sampling position: {err}") from None
         self.ledger.load_state_dict(state["ledger"])
+        self.foreign_steps = foreign
         if uses is not None:
             self._uses = uses
         self.optimizer.clipper.resume_mode(memory_mode)

@@ -19,7 +19,7 @@ import accounting
 from accounting import Ledger
 from accounting.events import validate_noise_multiplier, validate_sample_rate
 
-__all__ = ["PrivacyReport", "REPORT_SCHEMA", "json_safe", "make_report", "package_versions"]
+__all__ = ["FOREIGN_BATCHES", "PrivacyReport", "REPORT_SCHEMA", "json_safe", "make_report", "package_versions"]
 
 #: Version tag of the JSON layout; a new layout gets a new tag.
 REPORT_SCHEMA = "dpclip.report/1"
@@ -29,6 +29,12 @@ METHODS = ("prv", "pld", "rdp", "gdp")
 NEARLY_EXCEEDED = 0.9
 #: Below this σ accountant numerics are least reliable.
 SMALL_NOISE_MULTIPLIER = 0.5
+#: Steps trained on batches dpclip's loader did not draw (the engine's ``foreign_steps``).
+FOREIGN_BATCHES = (
+    "micro-batches that the data loader make_private returned did not hand out (a loop over "
+    "another loader, or batches made by hand) were trained on, and each such step recorded as "
+    "drawn by that loader's sampling, which did not draw them"
+)
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,12 @@ def make_report(state: dict[str, Any], delta: float, *, checked: bool = True) ->
             f"max_physical_batch_size={micro:g}, so micro-batches are uneven "
             f"(about {math.ceil(logical / micro)} per step)"
         )
+    foreign = state.get("foreign_steps", 0)
+    if foreign:
+        warnings.append(
+            f"{foreign} of {ledger.steps} steps: {FOREIGN_BATCHES}; every ε above assumes that "
+            "sampling, so none is a bound for this run"
+        )
     warnings += failed
     if main_eps is None:
         warnings.append(
@@ -448,6 +460,8 @@ def _validate_state(state: Any) -> None:
     _validate_fields("engine state plan", state["plan"], _PLAN_FIELDS)
     if "processes" in state["plan"]:  # (states of one process may leave it out)
         _REPORT_FIELDS["processes"]("engine state plan processes", state["plan"]["processes"])
+    if "foreign_steps" in state:  # (left out when 0)
+        _int("engine state foreign_steps", state["foreign_steps"], 0)
     if state.get("budget") is not None:
         _validate_fields("engine state budget", state["budget"], _BUDGET_FIELDS)
 

@@ -258,3 +258,70 @@ def test_shuffled_refuses_a_loader_that_samples_with_replacement():
                                    sampler=torch.utils.data.RandomSampler(dataset, replacement=True)),
             noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
         )
+
+
+def _poisson_run(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = make_data("mlp", N, gen, torch.float64)
+    torch.manual_seed(seed)
+    model = MLP().double()
+    own = DataLoader(TensorDataset(x, y), batch_size=6, shuffle=True, generator=gen)
+    engine = dpclip.PrivacyEngine(accountant="prv")
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(), data_loader=own, noise_multiplier=1.0,
+        max_grad_norm=1.0, accumulation_steps=2, sample_generator=torch.Generator().manual_seed(3),
+        noise_generator=torch.Generator().manual_seed(4),
+    )
+    return engine, model, optimizer, criterion, loader, own
+
+
+def _train_steps(model, optimizer, criterion, batches, steps):
+    it = iter(batches)
+    for _ in range(steps):
+        for _ in range(2):
+            xb, yb = next(it)
+            criterion(model(xb), yb).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_steps_on_batches_the_returned_loader_did_not_draw_are_flagged_in_warning_and_report():
+    # a user's loop over their own DataLoader (default poisson_sampling=True): the ledger
+    # records Poisson steps at q that no Poisson sampler drew, so ε would understate the loss
+    engine, model, optimizer, criterion, loader, own = _poisson_run()
+    with pytest.warns(UserWarning, match="did not hand out"):
+        _train_steps(model, optimizer, criterion, own, 2)
+    assert engine.steps == 2 and engine.foreign_steps == 2
+    report = engine.report(delta=1e-5)
+    assert any("2 of 2 steps" in w and "none is a bound for this run" in w for w in report.warnings)
+    state = engine.state_dict()
+    assert state["foreign_steps"] == 2
+    assert any("2 of 2 steps" in w for w in dpclip.report.make_report(state, 1e-5).warnings)
+    # a resumed run keeps the count
+    engine2, *_ = _poisson_run()
+    engine2.load_state_dict(state)
+    assert engine2.foreign_steps == 2
+
+
+def test_steps_on_the_returned_loader_are_not_flagged():
+    engine, model, optimizer, criterion, loader, _ = _poisson_run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_steps(model, optimizer, criterion, loader, 2)
+    assert engine.steps == 2 and engine.foreign_steps == 0
+    assert "foreign_steps" not in engine.state_dict()
+    assert not any("hand out" in w for w in engine.report(delta=1e-5).warnings)
+
+
+def test_a_saved_foreign_step_count_is_checked():
+    engine, model, optimizer, criterion, loader, own = _poisson_run()
+    with pytest.warns(UserWarning, match="did not hand out"):
+        _train_steps(model, optimizer, criterion, own, 1)
+    state = engine.state_dict()
+    for bad in (-1, 2, True, "1"):
+        engine2, *_ = _poisson_run()
+        with pytest.raises(ValueError, match="foreign_steps"):
+            engine2.load_state_dict({**state, "foreign_steps": bad})
+    with pytest.raises(ValueError, match="foreign_steps"):
+        dpclip.report.make_report({**state, "foreign_steps": -1}, 1e-5)
