@@ -472,6 +472,8 @@ class PerSampleClipper:
             name = self._owner_name.get(call.targets["weight"][0], "?")
             resolved = resolve_broadcast(call, [next(at) for _ in call.inputs()], batch, name)
             if resolved is not None:
+                if resolved.by_example(resolved.backprop).shape[0] != batch:
+                    self._batch_error(resolved.module, resolved.shape, batch)
                 layer_calls.append(resolved)
         taken = early.kept + early.recomputed
         if not layer_calls and not used_graph and not taken and not audit:  # (the audit says more)
@@ -833,15 +835,15 @@ def _exact_where_rounded(
     sq: torch.Tensor, parts: list[torch.Tensor], ghost: list[GhostPart]
 ) -> tuple[torch.Tensor, int]:
     """(‖g_i‖², the number of non-finite ones), with a second look at the examples whose
-    ghost norms' rounding bounds add up to more than ``GHOST_ROUNDING_TOLERANCE`` of it.
+    kept ghost norms' rounding bounds add up to more than ``GHOST_ROUNDING_TOLERANCE`` of it.
 
     A ghost norm sums T² products of inner products; where an example's position
     contributions cancel (large activations whose terms nearly sum to zero), float32
     rounding of those products can exceed the norm itself, and an underestimated norm
     would let c_i·g_i exceed C. Those examples' ghost norms are computed again in
-    float64 from the tensors their calls still hold; a call that released them
-    (``memory="low"``) adds its bound instead, an overestimate: the example is clipped a
-    little harder, never less. One host synchronisation, with the non-finite count."""
+    float64 from the tensors their calls still hold (a call that releases them,
+    ``memory="low"``, took its own look: ``exact_where_rounded``). One host
+    synchronisation, with the non-finite count; a second where the look is taken."""
     if not ghost:
         return sq, int((~torch.isfinite(sq)).sum())
     scales = [p.norm.scale for p in ghost]
@@ -859,13 +861,10 @@ def _exact_where_rounded(
     if not worst > 0:
         return sq, 0
     rows = (excess > 0).nonzero().squeeze(1)
-    second = {
-        id(p.norm.sq): p.call.rule.ghost_sq_norms(p.call, rows).sq if p.call is not None
-        else p.norm.sq[rows].double() + p.norm.unit * p.norm.scale[rows].double()
-        for p in ghost
-    }
+    second = {id(p.norm.sq): p.call.rule.ghost_sq_norms(p.call, rows).sq for p in ghost}
     again = torch.stack([second.get(id(q), q[rows]).double() for q in parts]).sum(dim=0)
-    return sq.index_copy(0, rows, again.to(sq.dtype)), 0
+    sq = sq.index_copy(0, rows, again.to(sq.dtype))
+    return sq, int((~torch.isfinite(sq)).sum())
 
 
 def _total(parts: list[torch.Tensor], batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

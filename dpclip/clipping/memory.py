@@ -35,13 +35,13 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import GhostNorm, accumulator, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, accumulator, norm_dtype, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall
 
 __all__ = [
     "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations",
-    "auto_mode", "check_memory", "kept_bytes", "recomputable", "rows_overlap",
+    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "recomputable", "rows_overlap",
 ]
 
 #: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
@@ -176,12 +176,23 @@ def recomputable(calls: Sequence[LayerCall]) -> set[LayerCall]:
 
 
 class GhostPart(NamedTuple):
-    """A call's ghost norm (its ``sq`` is one of the norms' parts) whose rounding may need
-    a second look, and the call if it still holds its tensors (None once released:
-    ``memory="low"``), to compute it again in float64."""
+    """A kept call's ghost norm (its ``sq`` is one of the norms' parts) whose rounding may
+    need a second look, and the call, which holds its tensors to compute it again in float64."""
 
     norm: GhostNorm
-    call: LayerCall | None
+    call: LayerCall
+
+
+def exact_where_rounded(call: LayerCall, norm: GhostNorm) -> torch.Tensor:
+    """``norm.sq``, with the examples whose rounding bound exceeds
+    ``GHOST_ROUNDING_TOLERANCE`` of their value computed again in float64: for a call about
+    to release its tensors (``memory="low"``), which cannot wait for the clipper's look at
+    each example's total (``_exact_where_rounded``). Within the tolerance layer by layer
+    is within it in total. One host synchronisation."""
+    rows = (norm.scale * norm.unit > GHOST_ROUNDING_TOLERANCE * norm.sq).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return norm.sq
+    return norm.sq.index_copy(0, rows, call.rule.ghost_sq_norms(call, rows).sq.to(norm.sq.dtype))
 
 
 class EarlyNorms:
@@ -261,9 +272,13 @@ class EarlyNorms:
         with timed(self.meter, call, "ghost" if ghost else "per-sample"):
             if ghost:
                 norm = call.rule.ghost_sq_norms(call)
-                self.parts.append(norm.sq)
-                if norm.scale is not None:
-                    self.ghost.append(GhostPart(norm, None if recompute else call))
+                if norm.scale is None:
+                    self.parts.append(norm.sq)
+                elif recompute:
+                    self.parts.append(exact_where_rounded(call, norm))
+                else:
+                    self.parts.append(norm.sq)
+                    self.ghost.append(GhostPart(norm, call))
             else:
                 call.per_sample = call.rule.per_sample_grads(call)
                 self.parts.extend(row_sq_norms(g) for g in call.per_sample.values())

@@ -417,3 +417,32 @@ def test_accumulated_update_equals_the_clipped_per_example_update(style):
     rules = {lp.layer: lp.rule for lp in plan.layers}
     assert rules["<root>"] == "broadcast" and rules["prelu"] == "prelu"
     assert rules["bilinear"] == "bilinear" and "broadcast" in rules["attn"]
+
+
+class _PositionsOnly(nn.Module):
+    """The only trainable layer: an embedding on position ids made without the batch and
+    expanded to it (a lookup resolved after the backward)."""
+
+    def __init__(self, t: int = 5, d: int = 8, v: int = 11) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d).requires_grad_(False)
+        self.pos = nn.Embedding(t, d)
+        self.head = nn.Linear(d, v).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
+        return self.head(torch.tanh(self.inp(x) + self.pos(ids)))
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_losses_per_token_are_refused_when_only_a_batchless_lookup_trains(memory):
+    # also after a correct first micro-batch, whose audit would otherwise catch it
+    torch.manual_seed(0)
+    model = _PositionsOnly()
+    x, y = torch.randn(3, 5, 8), torch.randint(0, 11, (3, 5))
+    clipper = PerSampleClipper(model, max_grad_norm=1e-2, clipping="ghost", memory=memory)
+    clipper.clipped_sum(F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(1))
+    logits = model(x)
+    with pytest.raises(RuntimeError, match="returned 15 per-sample losses but the model's forward had a batch of 3"):
+        clipper.clipped_sum(F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), reduction="none"))
+    clipper.remove()
