@@ -403,7 +403,9 @@ class PerSampleClipper:
                 )
         audit = self._audit_due
         layer = [c for c in calls if isinstance(c, LayerCall)]
-        hooked = recomputable(layer)
+        # (a batch-less lookup's parameter counts as used by it too: its share is summed
+        # with the batched calls' per example, after the pass)
+        hooked = recomputable([*layer, *broadcast]) - set(broadcast)
         if self.recorder.saved is not None and self.recorder.saved_counts is not None:
             saved, dtypes = self.recorder.saved_counts
             self.mode = auto_mode(

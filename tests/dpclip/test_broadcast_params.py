@@ -446,3 +446,28 @@ def test_losses_per_token_are_refused_when_only_a_batchless_lookup_trains(memory
     with pytest.raises(RuntimeError, match="returned 15 per-sample losses but the model's forward had a batch of 3"):
         clipper.clipped_sum(F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1), reduction="none"))
     clipper.remove()
+
+
+class _TokensAndPositionsInOneTable(nn.Module):
+    """One embedding looked up by batched token ids and by batch-less position ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.emb(torch.arange(ids.shape[1]).unsqueeze(0))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+@pytest.mark.parametrize("ids", ["random", "positions"])
+def test_a_table_used_by_batched_and_batchless_lookups_is_clipped_as_one(clipping, ids):
+    # the two lookups' per-example gradients add up before the norm: with ids equal to
+    # the positions, normed apart they gave ‖g_i‖/√2, and c_i·g_i of norm √2·C
+    torch.manual_seed(0)
+    model = _TokensAndPositionsInOneTable().double()
+    x = torch.randint(0, 20, (4, 8)) if ids == "random" else torch.arange(8).repeat(4, 1)
+    y = torch.randint(0, 3, (4,))
+    assert_clipped_sum_matches_reference(model, x, y, clipping, rtol=1e-9, atol=1e-12)
