@@ -315,6 +315,7 @@ class Recorder:
         self.saved: SavedActivations | None = None
         self.saved_counts: tuple[int, frozenset[torch.dtype]] | None = None
         self._warned_dropped = False
+        self._warned_empty = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self.independence = ForwardProbe(module, self._rerun, check_independence)
         self._handles = [
@@ -408,6 +409,16 @@ class Recorder:
                 )
         first = next(iter(argument_tensors(args, kwargs)), None)
         self.forward_batch = first.shape[0] if first is not None and first.dim() > 0 else None
+        if self.forward_batch == 0 and not self._warned_empty:
+            self._warned_empty = True  # (said before the forward: many models fail on it)
+            warnings.warn(
+                "the model's forward got an empty micro-batch (Poisson sampling draws them, "
+                "rarely). Models that cannot run on no examples (Hugging Face models, "
+                "nn.MultiheadAttention) raise inside their forward: skip forward and backward "
+                "for it and call optimizer.add_empty_micro_batch() instead (the micro-batch "
+                "still counts in its logical batch)",
+                stacklevel=4,
+            )
         self.independence.before_forward()
         if self.functions is not None:
             self.functions.start(args, kwargs)

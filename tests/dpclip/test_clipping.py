@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -444,3 +446,23 @@ def test_calls_with_other_parameters_are_not_recorded():
     x, _ = make_data("transformer", 3, torch.Generator().manual_seed(0))
     torch.func.functional_call(model, params, (x,)).sum().backward()
     assert clipper.recorder.calls == []
+
+
+def test_an_empty_forward_names_add_empty_micro_batch_before_the_model_fails():
+    # Hugging Face attention splits heads with view(B, T, -1, d), which cannot infer -1
+    # from no examples: the user needs the hint before that error
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, vocab_size=50))
+    clipper = PerSampleClipper(model, 1.0)
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="0 elements"):
+                model(empty)
+    hints = [w for w in seen if "empty micro-batch" in str(w.message)]
+    assert len(hints) == 1  # once per run
+    assert "add_empty_micro_batch()" in str(hints[0].message)
+    clipper.remove()
