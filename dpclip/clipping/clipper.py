@@ -89,6 +89,23 @@ def validate_module(module: nn.Module) -> None:
             )
 
 
+#: Parameters and submodules registered on any module of the process, since the first
+#: clipper was built: a parameter can join a model only by one of the two.
+_registrations = [0]
+
+
+def _count_registrations() -> None:
+    if _registrations[0] > 0:
+        return
+    _registrations[0] = 1
+
+    def count(*_: Any) -> None:
+        _registrations[0] += 1
+
+    nn.modules.module.register_module_parameter_registration_hook(count)
+    nn.modules.module.register_module_module_registration_hook(count)
+
+
 def _compiled(module: nn.Module) -> str | None:
     """How ``module`` itself was compiled with ``torch.compile``, or None."""
     if type(module).__module__ == "torch._dynamo.eval_frame" and hasattr(module, "_orig_mod"):
@@ -166,6 +183,10 @@ class PerSampleClipper:
             p for p in module.parameters() if p.requires_grad
         )
         self._covered = set(self.params)
+        #: the module's parameters clipping does not cover, as of ``_uncovered_at``
+        self._uncovered: list[tuple[str, nn.Parameter]] = []
+        self._uncovered_at = -1
+        _count_registrations()
         self._owner_name = {p: u.name for u in self.units for p in u.params}
         self._audited = False
         #: True while S is being added into an accumulator (still True if that failed)
@@ -231,8 +252,11 @@ class PerSampleClipper:
     def check_coverage(self) -> None:
         """Raise ``RuntimeError`` if a trainable parameter of the module is one clipping
         does not cover (frozen when the clipper was built, or added since)."""
-        for name, p in self.module.named_parameters():
-            if p.requires_grad and p not in self._covered:
+        if self._uncovered_at != _registrations[0]:  # (a walk over every module: not per micro-batch)
+            self._uncovered = [(n, p) for n, p in self.module.named_parameters() if p not in self._covered]
+            self._uncovered_at = _registrations[0]
+        for name, p in self._uncovered:
+            if p.requires_grad:
                 raise RuntimeError(
                     f"parameter {name!r} requires grad but was frozen when the model was made "
                     "private (or added since), so it has no per-example clipping and would get "

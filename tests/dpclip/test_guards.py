@@ -203,6 +203,53 @@ def test_unfreezing_a_parameter_frozen_at_make_private_is_refused():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+class _Growing(nn.Module):
+    """A model whose forward also uses whatever ``extra`` is attached to it later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.body(x)
+        extra = getattr(self, "extra", None)
+        if isinstance(extra, nn.Module):
+            out = out + extra(x)
+        elif extra is not None:
+            out = out * extra
+        return out
+
+
+@pytest.mark.parametrize("how", ["module built before make_private", "new module", "new parameter"])
+def test_a_trainable_parameter_added_after_make_private_is_refused(how):
+    # the coverage check is not a walk over the model per micro-batch, so it must still see
+    # a parameter that joins later, also one built before the clipper was
+    torch.manual_seed(0)
+    prebuilt = nn.Linear(6, 3)
+    model = _Growing()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=2,
+    )
+    batches = iter(loader)
+    xb, yb = next(batches)
+    criterion(model(xb), yb).backward()
+    inner = model._module if hasattr(model, "_module") else model
+    if how == "module built before make_private":
+        inner.extra = prebuilt
+    elif how == "new module":
+        inner.extra = nn.Linear(6, 3)
+    else:
+        inner.extra = nn.Parameter(torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"'extra.*requires grad but was frozen when the model was made private \(or added since\)"):
+        xb, yb = next(batches)
+        criterion(model(xb), yb).backward()
+    assert optimizer.micro_batches_accumulated == 1
+
+
 # --- item 10: gradients from outside dpclip ---------------------------------------------
 
 
