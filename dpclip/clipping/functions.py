@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
-from dpclip.clipping.recording import LayerCall, Unit, argument_tensors
+from dpclip.clipping.recording import LayerCall, Unit, argument_tensors, held
 from dpclip.clipping.rules import Rule, Target
 from dpclip.clipping.rules.broadcast import BROADCAST, per_example_shape
 from dpclip.clipping.rules.elementwise import SCALE, SHIFT
@@ -585,7 +585,7 @@ class FunctionRecorder(TorchFunctionMode):
         result = func(*args)
         # 2-D inputs are [B·T, d], rows example-major (a batch-first tensor flattened):
         # record [B, T, ·] views so that each example's rows are together
-        rows = x.reshape(self.batch, -1, x.shape[-1]).detach()
+        rows = held(x.reshape(self.batch, -1, x.shape[-1]))
         y = result.view(self.batch, -1, result.shape[-1]) if x.dim() == 2 else result
         # the unit of a trainable target: the weight may be frozen (a bias-only fine-tune)
         owner = self._owner[id(next(iter(targets.values()))[0])][1]
@@ -611,7 +611,7 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = func(*args)
-        rule, activations = (SCALE, [x.detach()]) if role == "weight" else (SHIFT, [])
+        rule, activations = (SCALE, [held(x)]) if role == "weight" else (SHIFT, [])
         return self._record_call(rule, param, activations, result, targets, result)
 
     def _norm(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
@@ -638,7 +638,7 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = func(*args, **kwargs)
-        return self._record_call(rule, watched[0], [x.detach()], result, targets, result)
+        return self._record_call(rule, watched[0], [held(x)], result, targets, result)
 
     def _conv(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
         """``F.conv1d/2d/3d(x, w, b, stride, padding, dilation, groups)`` with watched w, b,
@@ -674,7 +674,7 @@ class FunctionRecorder(TorchFunctionMode):
             return None
         result = func(*args, **kwargs)
         rule = functional_conv_rule(weight.shape, stride, padding, dilation, groups)
-        return self._record_call(rule, watched[0], [x.detach()], result, targets, result)
+        return self._record_call(rule, watched[0], [held(x)], result, targets, result)
 
     def _broadcast(self, func, args: tuple, watched: list) -> Any:
         """``x ∘ p`` or ``p ∘ x`` (add, sub, mul, div) with one watched parameter p that
@@ -746,7 +746,7 @@ class FunctionRecorder(TorchFunctionMode):
         if targets is None:
             return None
         result = torch.prelu(x, weight)
-        return self._record_call(PRELU, weight, [x.detach()], result, targets, result)
+        return self._record_call(PRELU, weight, [held(x)], result, targets, result)
 
     def _embedding(self, args: tuple, kwargs: dict, batched: bool, watched: list) -> Any:
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")

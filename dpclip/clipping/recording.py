@@ -37,12 +37,28 @@ __all__ = [
     "Unit",
     "build_units",
     "check_strategies",
+    "held",
     "validate_clipping",
 ]
 
 #: Modules that use their children's parameters without calling the children
 #: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
 OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+def held(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, as a recorded call keeps it until the clipped sum: a copy where it is
+    a view of at most half of its storage (a classification head's input ``h[:, 0]``, one
+    position of the [B, T, d] hidden states), so that keeping it does not keep the whole
+    storage alive after autograd has freed it (B·T·d held across the backward for B·d)."""
+    t = t.detach()
+    try:
+        storage = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # no storage (sparse, subclasses)
+        return t
+    if 2 * t.numel() * t.element_size() <= storage:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def argument_tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -489,7 +505,7 @@ class Recorder:
                 return  # all frozen since make_private
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
                 targets = {r: (p, None) for r, p in trainable}
-                activations = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+                activations = [held(a) if isinstance(a, torch.Tensor) else a for a in args]
                 self.calls.append(
                     LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
                 )
@@ -536,7 +552,7 @@ class Recorder:
                 return
             for x, y, targets, batch in projections:
                 self.calls.append(
-                    LayerCall(LINEAR, module, [x], y, targets, unit.strategy, batch_inner=batch)
+                    LayerCall(LINEAR, module, [held(x)], y, targets, unit.strategy, batch_inner=batch)
                 )
             for expanded, target in biases:
                 self.calls.append(

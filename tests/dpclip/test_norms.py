@@ -77,7 +77,9 @@ def _case(kind: str, gen: torch.Generator) -> tuple[nn.Module, tuple[torch.Tenso
     if kind == "conv":  # kernel 1: the patches are the positions themselves
         return Pool(nn.Conv1d(32, 16, 1), 16), (_alternating(3e3, 32, gen).transpose(1, 2),)
     if kind == "bilinear":
-        x2 = torch.randn(B, 1, 4, generator=gen) + 0.01 * torch.randn(B, T, 4, generator=gen)
+        # (with noise 0.01 the float32 norm was 0.06 % off on one BLAS and over 0.1 % on
+        # another: 0.003 cancels enough for a 1 % error, so the test bites on any)
+        x2 = torch.randn(B, 1, 4, generator=gen) + 0.003 * torch.randn(B, T, 4, generator=gen)
         return Pool(nn.Bilinear(8, 4, 16), 16), (_alternating(3e3, 8, gen), x2)
     # an embedding whose tokens come in pairs read with opposite signs: each token's
     # gradient nearly cancels, against large per-position gradients
