@@ -76,9 +76,11 @@ class DPLoss:
         if self.loss_per_sample.numel() and not self.loss_per_sample.requires_grad:
             raise RuntimeError(
                 "the loss does not require grad: the model's forward (or the criterion) ran "
-                "under torch.no_grad() or torch.inference_mode(), so there is nothing to "
-                "differentiate. Run the training forward and the criterion with gradients "
-                "enabled (keep no_grad for evaluation). Nothing was added"
+                "under torch.no_grad() or torch.inference_mode() (or its layers ran inside "
+                "reentrant gradient checkpointing on inputs that do not require grad), so there "
+                "is nothing to differentiate. Run the training forward and the criterion with "
+                "gradients enabled (keep no_grad for evaluation; checkpoint with "
+                "use_reentrant=False). Nothing was added"
             )
         if self._generation is None or self._generation != self._optimizer.clipper.generation:
             raise RuntimeError(
@@ -225,8 +227,8 @@ class DPCriterion:
     """Calls the user's loss module with ``reduction="none"`` and wraps the result.
 
     Per-sample losses with more than one dimension (e.g. per token) are reduced
-    over the non-batch dimensions with the criterion's own reduction, so the
-    privacy unit is one example (one sequence).
+    over the non-batch dimensions to what the criterion gives for that example
+    alone (``per_example_losses``), so the privacy unit is one example (one sequence).
 
     The first call with at least 2 examples is probed (``dpclip.independence``,
     unless the clipper's ``check_independence`` is off): the criterion runs once
@@ -266,8 +268,9 @@ class DPCriterion:
 def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """ℓ_i for each example, shape [B]: the loss module called with ``reduction="none"``
     (its own restored after), losses with more than one dimension (e.g. per token)
-    reduced over the non-batch dimensions with the module's own reduction, so the
-    privacy unit is one example (one sequence)."""
+    reduced over the non-batch dimensions to the module's loss on that example alone:
+    a sum, or a mean over its positions (over its counted targets for losses over class
+    indices: ``_counted_targets``), so the privacy unit is one example (one sequence)."""
     reduction = criterion.reduction
     criterion.reduction = "none"
     try:
@@ -281,5 +284,34 @@ def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch
         )
     if losses.dim() > 1:
         dims = tuple(range(1, losses.dim()))
-        losses = losses.sum(dim=dims) if reduction == "sum" else losses.mean(dim=dims)
+        if reduction == "sum":
+            return losses.sum(dim=dims)
+        counted = _counted_targets(criterion, losses, args, kwargs)
+        losses = losses.mean(dim=dims) if counted is None else losses.sum(dim=dims) / counted
     return losses
+
+
+def _counted_targets(
+    criterion: nn.Module, losses: torch.Tensor, args: tuple, kwargs: dict
+) -> torch.Tensor | None:
+    """Per example, what the criterion's "mean" divides by when it is called on that
+    example alone, where that is not its number of positions (None): torch's losses over
+    class indices (``nn.CrossEntropyLoss``, ``nn.NLLLoss``, also with ``label_smoothing``)
+    divide by the weight Σ_t w[y_t] of the targets that are not ``ignore_index`` (their
+    count without ``weight``), so a padded sequence's loss is the mean over its own labelled
+    tokens, not over all T. An example with none has loss 0 (torch's own mean is 0/0)."""
+    if not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return None
+    target = kwargs["target"] if "target" in kwargs else args[1] if len(args) > 1 else None
+    if (
+        not isinstance(target, torch.Tensor) or target.is_floating_point()
+        or target.shape != losses.shape
+    ):
+        return None  # class probabilities are averaged over the positions
+    counted = target != criterion.ignore_index
+    if criterion.weight is None:
+        weights = counted.to(losses.dtype)
+    else:
+        weights = criterion.weight.to(losses.dtype)[target.masked_fill(~counted, 0)] * counted
+    total = weights.sum(dim=tuple(range(1, losses.dim())))
+    return torch.where(total > 0, total, torch.ones_like(total))

@@ -24,7 +24,7 @@ from dpclip.clipping.norms import (
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
 
-__all__ = ["COMPILED_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
+__all__ = ["COMPILED_ADVICE", "REENTRANT_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
 
 #: Why a compiled model is refused, and what to do instead.
 COMPILED_ADVICE = (
@@ -32,6 +32,16 @@ COMPILED_ADVICE = (
     "input and output with forward hooks, and a compiled graph hides the gradient at those "
     "outputs (the per-example norms would miss terms). Make the uncompiled model private "
     "(for model = torch.compile(m), pass m, i.e. model._orig_mod) and train it uncompiled"
+)
+
+
+#: Why reentrant gradient checkpointing fails, and what to do instead.
+REENTRANT_ADVICE = (
+    "gradient checkpointing with use_reentrant=True cannot run under dpclip: its backward takes "
+    "the gradients at the layers' outputs with torch.autograd.grad, which reentrant "
+    "checkpointing does not support. Checkpoint with use_reentrant=False (Hugging Face: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+    "False}); torch.utils.checkpoint.checkpoint(..., use_reentrant=False)). Nothing was added"
 )
 
 
@@ -288,8 +298,13 @@ class PerSampleClipper:
         """
         gram_unit.cache_clear()  # (it reads the matmul precision, which the user may change)
         # autocast left on around backward() would run the norms and sums in half precision
-        with torch.autocast(loss_per_sample.device.type, enabled=False):
-            return self._clipped_sum(loss_per_sample, out)
+        with torch.autocast(loss_per_sample.device.type, enabled=False), self.recorder.paused():
+            try:
+                return self._clipped_sum(loss_per_sample, out)
+            except RuntimeError as err:
+                if "use_reentrant" in str(err):
+                    raise RuntimeError(REENTRANT_ADVICE) from err
+                raise
 
     def _clipped_sum(
         self, loss_per_sample: torch.Tensor, out: dict[nn.Parameter, torch.Tensor] | None
@@ -305,6 +320,15 @@ class PerSampleClipper:
                 f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}"
             )
         self.check_coverage()
+        if self.recorder.calls and not self.recorder.root_ran:
+            raise RuntimeError(
+                "the loss comes from a forward of a submodule of the model made private (e.g. "
+                "model.hf(...) or model.encoder(...) called directly), not of the model itself: "
+                "dpclip records what the model's own forward does (lookups such as embeddings "
+                "are recorded only there), so part of the gradient would not be clipped, or be "
+                "lost. Call the model that make_private returned, model(x), and compute the loss "
+                "from its output. Nothing was added"
+            )
         if self._audit_due:  # once: a trainable module outside the model gets no gradient
             foreign = foreign_parameters(loss_per_sample, self._covered)
             if foreign:
@@ -316,12 +340,13 @@ class PerSampleClipper:
                 )
         calls = self.recorder.take()
         batch = loss_per_sample.shape[0]
-        # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit
-        eps = rounding_eps(
-            d for c in calls for d in (
-                [t.dtype for t in c.outputs] if isinstance(c, GraphCall) else [c.dtype]
-            )
-        )
+        # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit:
+        # float32's at least, as a float64 model's layers may compute inside in float32
+        # (Hugging Face's RMSNorms cast to it), which their outputs' dtypes do not show
+        eps = rounding_eps([
+            torch.float32,
+            *(d for c in calls for d in (c.dtypes if isinstance(c, GraphCall) else [c.dtype])),
+        ])
         # the first few micro-batches are measured per layer, for the plan
         meter = self.meter if self.meter.measuring else None
         if meter is not None:
@@ -412,18 +437,15 @@ class PerSampleClipper:
         broadcast = [c for c in calls if isinstance(c, BroadcastCall)]
         calls = [c for c in calls if not isinstance(c, BroadcastCall)]
         for call in calls:
-            # the recorded tensors share version counters with the model's: an in-place
-            # change after the forward would feed stale values to the norms
-            if isinstance(call, LayerCall):
-                changed = call.versions != call.current_versions()
-            else:
-                changed = any(t._version != v for t, v in zip(call.outputs, call.versions))
-            if changed:
+            # a layer's recorded inputs share version counters with the model's tensors: an
+            # in-place change after the forward would feed stale values to the norms (its
+            # output's gradient is taken where it entered the graph: a change there is none)
+            if isinstance(call, LayerCall) and call.versions != call.current_versions():
                 name = self._owner_name.get(next(iter(self._params_of(call))), "?")
                 raise RuntimeError(
-                    f"the input or output of module {name!r} was modified in place after its "
-                    "forward (e.g. by nn.ReLU(inplace=True) or x += layer(x)); use the "
-                    "out-of-place version"
+                    f"the input of module {name!r} was modified in place after its forward "
+                    "(e.g. by nn.ReLU(inplace=True) or x += layer(x) on the tensor it was given); "
+                    "use the out-of-place version"
                 )
         audit = self._audit_due
         layer = [c for c in calls if isinstance(c, LayerCall)]
@@ -442,10 +464,10 @@ class PerSampleClipper:
         # a hooked call's output is captured only where nothing captured is below it (its
         # input needs no gradient: a lookup); the pass reaches the others on the way down
         nodes = {c.edge.node for c in layer}
-        nodes.update(t.grad_fn for c in calls if isinstance(c, GraphCall) for t in c.outputs)
+        nodes.update(e.node for c in calls if isinstance(c, GraphCall) for e in c.edges)
         captured = [c for c in calls if c not in hooked or not _input_needs_grad(c, nodes)]
         graph_calls = [c for c in calls if isinstance(c, GraphCall)]
-        flat = [t for c in captured for t in ([c.edge] if isinstance(c, LayerCall) else c.outputs)]
+        flat = [t for c in captured for t in ([c.edge] if isinstance(c, LayerCall) else c.edges)]
         trainable = [p for p in self.params if p.requires_grad] if audit else []
         met = [t for c in broadcast for t in c.inputs()]
         inputs = flat + met + trainable
@@ -473,7 +495,7 @@ class PerSampleClipper:
                 if call.backprop is not None:
                     layer_calls.append(call)
             else:
-                call.backprops = [next(it) for _ in call.outputs]
+                call.backprops = [next(it) for _ in call.edges]
                 if any(b is not None for b in call.backprops):
                     used_graph.append(call)
         late = [c for c in hooked if c not in captured and not early.took(c)]
@@ -512,9 +534,9 @@ class PerSampleClipper:
             )
         check_graph_units(used_graph, layer_calls + taken)
         for call in used_graph:
-            for t, b in zip(call.outputs, call.backprops):
-                if b is not None and (t.dim() == 0 or t.shape[0] != batch):
-                    self._batch_error(call.unit.module, tuple(t.shape), batch)
+            for shape, b in zip(call.shapes, call.backprops):
+                if b is not None and (not shape or shape[0] != batch):
+                    self._batch_error(call.unit.module, shape, batch)
         full = [(p, g) for p, g in zip(trainable, grads[len(flat) + len(met):]) if g is not None]
         return layer_calls, used_graph, (full if audit else None), early
 
@@ -784,7 +806,7 @@ def _contribution_scales(
     for call in layer_calls:
         _add_call_scales(call, scales)
     for call in graph_calls:
-        used = [(t, b) for t, b in zip(call.outputs, call.backprops) if b is not None]
+        used = [(e, b) for e, b in zip(call.edges, call.backprops) if b is not None]
         grads = torch.autograd.grad(
             [t for t, _ in used], call.params, grad_outputs=[b.abs() for _, b in used],
             retain_graph=True, allow_unused=True,

@@ -21,7 +21,7 @@ def graph_per_sample(calls: list[GraphCall]) -> dict[nn.Parameter, torch.Tensor]
     (a second vector-Jacobian product in half precision would round differently)."""
     out: dict[nn.Parameter, torch.Tensor] = {}
     for call in calls:
-        outs = [t for t, b in zip(call.outputs, call.backprops) if b is not None]
+        outs = [e for e, b in zip(call.edges, call.backprops) if b is not None]
         cots = [_one_hot_cotangent(b) for b in call.backprops if b is not None]
         with warnings.catch_warnings():
             # vmap over some backward kernels (CPU attention) falls back to a loop and says so

@@ -11,9 +11,10 @@ per-sample gradients: ``dpclip.clipping.graph``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -182,15 +183,26 @@ class Unit:
 
 @dataclass(eq=False)
 class GraphCall:
-    """One forward call of a unit without a rule: its outputs, whose recorded graph gives
-    the per-sample gradients."""
+    """One forward call of a unit without a rule: where its outputs' gradients enter the
+    recorded graph, which gives the per-sample gradients.
+
+    As for ``LayerCall``, the outputs themselves are not kept: ``edges`` (the gradient
+    of each output as computed, also if it is changed in place later, as Falcon's
+    ``mlp_output += attention_output`` does), and their ``shapes`` and ``dtypes``."""
 
     unit: Unit
-    outputs: list[torch.Tensor]
-    versions: list[int]
+    outputs: InitVar[list[torch.Tensor]]
     #: the unit's parameters that were trainable at this forward (frozen ones are left out)
     params: tuple[nn.Parameter, ...]
+    edges: list[GradientEdge] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    dtypes: list[torch.dtype] = field(default_factory=list)
     backprops: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self, outputs: list[torch.Tensor]) -> None:
+        self.edges = [get_gradient_edge(t) for t in outputs]
+        self.shapes = [tuple(t.shape) for t in outputs]
+        self.dtypes = [t.dtype for t in outputs]
 
 
 def build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[Unit]:
@@ -323,6 +335,9 @@ class Recorder:
         self.dropped = False
         #: the last forward ran (partly) under torch.compile: its records are incomplete
         self.compiled = False
+        #: a forward of the model itself (not of a submodule alone) recorded since the last
+        #: ``take`` or ``discard``: what its lookups recorded by operation need
+        self.root_ran = False
         #: size of the leading dimension of the last recorded forward's first tensor input
         #: (the micro-batch size B if the input is batch-first); None without one
         self.forward_batch: int | None = None
@@ -373,12 +388,14 @@ class Recorder:
         """Forget the forward calls recorded since the last ``take``."""
         self.calls.clear()
         self.generation += 1
+        self.root_ran = False
 
     def take(self) -> list[LayerCall | GraphCall]:
         """The calls recorded since the last ``take`` or ``discard``, for the backward
         that uses them up; the forward they came from has been trained on."""
         calls, self.calls = self.calls, []
         self.generation += 1
+        self.root_ran = False
         self.independence.trained_on()
         return calls
 
@@ -440,6 +457,7 @@ class Recorder:
             self.functions.start(args, kwargs)
         if self.saved is not None:
             self.saved.start()
+        self.root_ran = True
 
     def _saved_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.saved is not None:
@@ -470,6 +488,17 @@ class Recorder:
         except ExamplesMixedError:
             self.calls.clear()  # a refused forward leaves nothing behind
             raise
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside: the clipper's backward passes, where gradient checkpointing
+        runs parts of the forward again (their records would be left over for the next
+        forward to drop, with a false warning that the model ran twice)."""
+        recording, self.recording = self.recording, False
+        try:
+            yield
+        finally:
+            self.recording = recording
 
     def _rerun(self, args: tuple, kwargs: dict) -> Any:
         self.recording = False
@@ -511,7 +540,7 @@ class Recorder:
                 )
                 return
             params = tuple(p for _, p in trainable)
-            self.calls.append(GraphCall(unit, outputs, [t._version for t in outputs], params))
+            self.calls.append(GraphCall(unit, outputs, params))
 
         return hook
 
@@ -547,8 +576,7 @@ class Recorder:
             if not outputs or not params:
                 return
             if unsupported is not None or not projections:
-                versions = [t._version for t in outputs]
-                self.calls.append(GraphCall(unit, outputs, versions, params))
+                self.calls.append(GraphCall(unit, outputs, params))
                 return
             for x, y, targets, batch in projections:
                 self.calls.append(

@@ -135,3 +135,33 @@ def test_non_finite_gradient_from_an_unrecorded_use_is_refused_not_skipped():
                        "or infinite gradient, although every per-example gradient dpclip "
                        "recorded for it is finite"):
         clipper.clipped_sum(losses)
+
+
+class Float32Norm(nn.Module):
+    """An RMSNorm that computes in float32 whatever the model's dtype, with a weight used
+    as (1 + w) (Gemma's): no rule covers it, so it takes the graph path."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def test_a_float64_model_whose_layers_compute_in_float32_passes():
+    # the check's rounding allowance came from the layers' output dtypes (float64), while
+    # this norm's gradients are computed in float32: the sums of one gradient in two
+    # orders differed by float32 rounding, and a correct float64 Gemma was refused as
+    # using the weight where no record sees it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), Float32Norm(16), nn.Tanh(), nn.Linear(16, 3)).double()
+    nn.init.normal_(model[1].weight)
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    clipper = PerSampleClipper(model, 1e6)
+    clipped = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
+    whole = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), list(model.parameters()))
+    for p, g in zip(model.parameters(), whole):
+        torch.testing.assert_close(clipped[p], g, rtol=1e-5, atol=1e-9)

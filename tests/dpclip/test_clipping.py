@@ -413,6 +413,39 @@ def test_in_place_change_of_a_recorded_input_is_refused():
     _assert_refused(model, torch.randn(3, 4), torch.tensor([0, 1, 0]), "modified in place")
 
 
+class _OwnForwardLinear(nn.Linear):
+    """A Linear subclass with its own forward (Falcon's ``FalconLinear``): no rule of its
+    own, so its calls take the graph path."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_an_output_changed_in_place_after_the_forward_is_clipped_as_computed(memory):
+    # Falcon's decoder adds the attention output into the MLP's output in place
+    # (mlp_output += attention_output), and nn.ReLU(inplace=True) changes a layer's output
+    # too: the gradient of the output as the layer computed it is taken where it entered
+    # the graph, so the change is none of the layer's business (it was refused before)
+    class InPlaceSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _OwnForwardLinear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            h += self.b(x)
+            y = self.b(x)
+            y.relu_()
+            return self.head(h + y)
+
+    torch.manual_seed(0)
+    model = InPlaceSum().double()
+    _assert_matches_reference(model, torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2]), memory=memory)
+
+
 def test_layer_called_once_by_rule_and_once_through_the_graph_is_refused():
     class Mixed(nn.Module):
         def __init__(self) -> None:

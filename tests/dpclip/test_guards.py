@@ -452,3 +452,43 @@ def test_loop_carries_on_after_a_non_finite_micro_batch(style, skip, bad):
     expected = _clipped_update(run.reference_model, after[0], x2, y2, 0.3, 4 * k)
     for name in expected:
         torch.testing.assert_close(after[0][name] - after[1][name], expected[name], atol=1e-9, rtol=0)
+
+
+class _Wrapped(nn.Module):
+    """A wrapper around an inner model (as users wrap Hugging Face models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+
+    def forward(self, ids):
+        return self.inner(ids)
+
+
+@pytest.mark.parametrize("when", ["first micro-batch", "after a step"])
+def test_a_loss_from_a_submodule_called_directly_is_refused(when):
+    # the embedding is recorded by operation, only inside the model's own forward: a loss
+    # from model.inner(x) had no record of it, refused with a message about tied weights on
+    # the first micro-batch and, after that, its gradient silently left out of the update
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 10, (16, 3)), torch.randint(0, 3, (16,))
+    model = _Wrapped()
+    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=1,
+    )
+    batches = iter(loader)
+    if when == "after a step":
+        xb, yb = next(batches)
+        criterion(model(xb), yb).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    inner = model._module.inner if hasattr(model, "_module") else model.inner
+    xb, yb = next(batches)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"submodule of the model made private.*model\(x\)"):
+        criterion(inner(xb), yb).backward()
+    assert optimizer.micro_batches_accumulated == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -96,3 +96,59 @@ def test_forwards_that_record_nothing_keep_the_pending_records():
     expected, _ = reference_update(model, params, x, y, 1.0, 1.0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[p], expected[name], atol=1e-10, rtol=0)
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(6, 6)  # (reentrant checkpointing needs an input that requires grad)
+        self.inner = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, self.pre(x), use_reentrant=self.reentrant)
+
+
+def _checkpointed_run(reentrant: bool):
+    import dpclip
+
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    initial = {k: v.clone() for k, v in model.named_parameters()}
+    private, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=torch.nn.CrossEntropyLoss(), data_loader=torch.utils.data.DataLoader(dataset, batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=0.1, poisson_sampling=False, accumulation_steps=2,
+    )
+    return model, private, optimizer, criterion, loader, initial
+
+
+def test_gradient_checkpointing_trains_as_without_and_warns_of_no_dropped_forward():
+    # non-reentrant checkpointing runs the block's forward again inside dpclip's backward:
+    # those records were left for the next forward to drop, with a warning that the model
+    # ran twice without a backward (the user's loop had not)
+    model, private, optimizer, criterion, loader, initial = _checkpointed_run(reentrant=False)
+    batches = list(loader)[:2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for xb, yb in batches:
+            criterion(private(xb), yb).backward()
+        optimizer.step()
+    assert not [w for w in caught if "dropped" in str(w.message)], [str(w.message) for w in caught]
+    plain = _Checkpointed(reentrant=False).double()
+    plain.forward = lambda x: plain.inner(plain.pre(x))  # (torch.func's reference: no checkpoint)
+    x = torch.cat([xb for xb, _ in batches])
+    y = torch.cat([yb for _, yb in batches])
+    expected, _ = reference_update(plain, initial, x, y, 0.1, 8)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(initial[name] - p.detach(), expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_reentrant_gradient_checkpointing_is_refused_naming_the_fix():
+    _, private, optimizer, criterion, loader, _ = _checkpointed_run(reentrant=True)
+    xb, yb = next(iter(loader))
+    with pytest.raises(RuntimeError, match="use_reentrant=True cannot run under dpclip.*use_reentrant=False"):
+        criterion(private(xb), yb).backward()
+    assert optimizer.micro_batches_accumulated == 0

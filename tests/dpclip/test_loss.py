@@ -1,0 +1,120 @@
+"""Per-example losses (``dpclip.loss``): each example's loss is what the criterion gives
+for that example alone, with the user's reduction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dpclip
+from dpclip.loss import per_example_losses
+
+B, T, V = 6, 7, 5
+
+
+def _labels(gen: torch.Generator, ignore: int = -100) -> torch.Tensor:
+    """[B, T] class indices with padded tails of ``ignore`` (example 0 keeps all T, example
+    1 has a single label)."""
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    lengths = torch.tensor([T, 1, 2, 3, 5, 6])
+    return labels.masked_fill(torch.arange(T) >= lengths[:, None], ignore)
+
+
+CASES = {
+    "ignore_index": lambda: nn.CrossEntropyLoss(),
+    "weight": lambda: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)),
+    "weight, smoothing, ignore 0": lambda: nn.CrossEntropyLoss(
+        weight=torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64), ignore_index=0, label_smoothing=0.1),
+    "nll": lambda: nn.NLLLoss(ignore_index=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_token_loss_is_each_example_alone(case):
+    # torch's "mean" over class indices divides by the (weighted) count of the targets it
+    # does not ignore; averaging each example's T positions instead scaled a padded
+    # sequence's gradient by its share of labelled tokens (6.8e-1 off unclipped, GPT-NeoX)
+    gen = torch.Generator().manual_seed(0)
+    criterion = CASES[case]()
+    logits = torch.randn(B, V, T, generator=gen, dtype=torch.float64)
+    labels = _labels(gen, criterion.ignore_index)
+    inputs = logits.log_softmax(dim=1) if case == "nll" else logits
+    got = per_example_losses(criterion, inputs, labels)
+    alone = torch.stack([criterion(inputs[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    torch.testing.assert_close(got, alone, rtol=1e-12, atol=0)
+    assert criterion.reduction == "mean"
+
+
+def test_segmentation_targets_and_keyword_target():
+    gen = torch.Generator().manual_seed(1)
+    criterion = nn.CrossEntropyLoss(ignore_index=255)
+    logits = torch.randn(B, V, 3, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, 3, 4), generator=gen)
+    labels[:, 0] = 255
+    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    torch.testing.assert_close(per_example_losses(criterion, logits, target=labels), alone, rtol=1e-12, atol=0)
+
+
+def test_other_token_losses_average_the_positions():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(B, V, T, generator=gen, dtype=torch.float64)
+    probabilities = torch.rand(B, V, T, generator=gen, dtype=torch.float64).softmax(dim=1)
+    for criterion, target in ((nn.CrossEntropyLoss(), probabilities), (nn.MSELoss(), probabilities)):
+        alone = torch.stack([criterion(logits[i:i + 1], target[i:i + 1]) for i in range(B)])
+        torch.testing.assert_close(per_example_losses(criterion, logits, target), alone, rtol=1e-12, atol=0)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    labels = _labels(gen)
+    alone = torch.stack([summed(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    torch.testing.assert_close(per_example_losses(summed, logits, labels), alone, rtol=1e-12, atol=0)
+
+
+def test_an_example_with_every_target_ignored_has_loss_zero_not_nan():
+    logits = torch.randn(B, V, T, dtype=torch.float64, requires_grad=True)
+    labels = torch.full((B, T), -100)
+    labels[0, :2] = 1
+    losses = per_example_losses(nn.CrossEntropyLoss(), logits, labels)
+    assert torch.isfinite(losses).all() and (losses[1:] == 0).all() and losses[0] > 0
+    losses.sum().backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[1:] == 0).all()
+
+
+class _TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 8)
+        self.head = nn.Linear(8, V)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids))).transpose(1, 2)  # [B, V, T]
+
+
+def test_a_padded_language_model_step_is_the_mean_of_each_sequences_own_loss_gradient():
+    # end to end, nothing clipped (C large), σ 0: the update is (1/B) Σ_i ∇ℓ_i with ℓ_i the
+    # criterion on sequence i alone, from an unwrapped copy of the model
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    model = _TinyLM().double()
+    reference = _TinyLM().double()
+    reference.load_state_dict(model.state_dict())
+    ids, labels = torch.randint(0, V, (B, T), generator=gen), _labels(gen)
+    dataset = torch.utils.data.TensorDataset(ids, labels)
+    criterion = nn.CrossEntropyLoss()
+    model, optimizer, private, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=criterion,
+        data_loader=torch.utils.data.DataLoader(dataset, batch_size=B), noise_multiplier=0.0,
+        max_grad_norm=1e6, poisson_sampling=False,
+    )
+    (x, y), = list(loader)
+    private(model(x), y).backward()
+    optimizer.step()
+    params = list(reference.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(B):
+        i_ids, i_labels = x[i:i + 1], y[i:i + 1]
+        grads = torch.autograd.grad(criterion(reference(i_ids), i_labels), params)
+        for e, g in zip(expected, grads):
+            e += g / B
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-14)
