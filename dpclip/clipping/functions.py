@@ -27,9 +27,13 @@ model's forward. It records:
 - ``F.layer_norm`` / ``F.group_norm`` with a trainable weight or bias of such a module
   on a batch-first x (a LayerNorm subclass with its own ``forward``, such as ConvNeXt's
   channels-first one): the normalisation rule;
+- ``x @ w.T`` (``w.t()``, ``w.transpose(0, 1)``) with a trainable 2-D w of such a
+  module (Falcon's ``FalconLinear``): the linear rule;
 - a view of such a parameter that only adds or drops dimensions of size 1
-  (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``, ``w.unsqueeze(-1)``) is followed as the
-  parameter itself into the elementwise and broadcast rules;
+  (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``, ``w.unsqueeze(-1)``), and ``1 + w``,
+  ``w + c`` for a number c, ``w.float()``, ``w.to(dtype)`` (Gemma's RMSNorm scales by
+  ``1 + w`` in float32), are followed as the parameter itself into the elementwise and
+  broadcast rules: their gradient is the parameter's, element for element;
 - batch provenance: the tensors derived from the root forward's tensor inputs
   carry the batch; a lookup on ids that do not (position ids ``[1, T]`` from
   ``torch.arange``, T5's ``[T, T]`` relative-position buckets) has no batch
@@ -100,6 +104,10 @@ _BROADCAST_ARITHMETIC = _SCALING | _SHIFTING | frozenset(
         torch.div, torch.Tensor.div, torch.Tensor.__truediv__,
     }
 )
+#: Additions that may add a number to a parameter: (1 + w) is followed as w.
+_ADDING = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__})
+#: Products that may take a parameter's transpose: x @ w.T is a linear layer's forward.
+_MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__})
 #: Functions that join tensors along a dimension: an expanded parameter joined with
 #: batch-first tensors along another dimension than the batch's is aligned with them.
 _JOINING = frozenset({torch.cat, torch.concat, torch.concatenate, torch.stack})
@@ -250,6 +258,18 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any] |
     return bound
 
 
+def _transposes(func: Any, args: tuple) -> bool:
+    """Whether ``func(*args)`` swaps the two dimensions of a 2-D ``args[0]``."""
+    if func in (torch.Tensor.T.__get__, torch.Tensor.mT.__get__):
+        return len(args) == 1
+    if func in (torch.Tensor.t, torch.t):
+        return len(args) == 1
+    if func in (torch.Tensor.transpose, torch.transpose) and len(args) == 3:
+        a, b = args[1], args[2]
+        return isinstance(a, int) and isinstance(b, int) and a % 2 != b % 2
+    return False
+
+
 def _outputs(result: Any) -> list[torch.Tensor]:
     if isinstance(result, torch.Tensor):
         return [result]
@@ -295,8 +315,11 @@ class FunctionRecorder(TorchFunctionMode):
         #: p.expand(B, …) not yet seen aligned with batch-first tensors, and its record
         self._pending: dict[int, tuple[weakref.ref, LayerCall]] = {}
         #: views of a watched parameter that only add or drop dimensions of size 1
-        #: (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``), and the parameter
+        #: (``w[:, None, None]``, ``w.view(1, -1, 1, 1)``), and tensors whose gradient is the
+        #: parameter's element for element (``1 + w``, ``w.float()``): the parameter
         self._views: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
+        #: transposes of a watched 2-D parameter (``w.T``, ``w.t()``), and the parameter
+        self._transposed: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
         self._unrecognised: dict[int, int] = {}
         self._windows: list[tuple[Unit, int, int]] = []
         self._kinds: dict[Any, str] = {}
@@ -333,6 +356,7 @@ class FunctionRecorder(TorchFunctionMode):
         self._batched.clear()
         self._derived.clear()
         self._pending.clear()
+        self._transposed.clear()
         self._windows.clear()
         return covered
 
@@ -391,6 +415,8 @@ class FunctionRecorder(TorchFunctionMode):
             elif key in self._owner and t.requires_grad:
                 watched.append(t)
             elif key in self._views and self._views[key][0]() is t:
+                watched.append(t)
+            elif key in self._transposed and self._transposed[key][0]() is t:
                 watched.append(t)
             elif key in self._pending and self._pending[key][0]() is t:
                 expanded.append(t)
@@ -495,6 +521,16 @@ class FunctionRecorder(TorchFunctionMode):
             return self._embedding(args, kwargs, batched, watched)
         if any(id(self._parameter(w)) not in self._linear_ok for w in watched):
             return None
+        if len(watched) == 1 and not batched and args and not kwargs:
+            aliased = self._alias(func, args, watched[0])
+            if aliased is not None:
+                return aliased
+        if (
+            func in _MATMUL and len(args) == 2 and not kwargs and batched and len(watched) == 1
+            and args[1] is watched[0] and id(args[1]) in self._transposed
+        ):
+            x, transposed = args  # x @ w.T: a linear layer's forward (Falcon's FalconLinear)
+            return self._linear(func, args, x, transposed, None, watched, LINEAR)
         if func in _VIEWING:
             return self._view(func, args, kwargs, watched)
         if any(w is not self._parameter(w) for w in watched) and func not in _BROADCAST_ARITHMETIC:
@@ -548,9 +584,40 @@ class FunctionRecorder(TorchFunctionMode):
         return result
 
     def _parameter(self, t: torch.Tensor) -> torch.Tensor:
-        """The parameter a watched tensor is, or is a view of."""
-        view = self._views.get(id(t))
+        """The parameter a watched tensor is, or is a view (or transpose) of."""
+        view = self._views.get(id(t)) or self._transposed.get(id(t))
         return view[1] if view is not None and view[0]() is t else t
+
+    def _alias(self, func, args: tuple, w: torch.Tensor) -> Any:
+        """``func(*args)`` if it gives a tensor to follow as the watched ``w``'s parameter,
+        else None (not called): ``w + c`` or ``c + w`` for a number c (Gemma's RMSNorm
+        scales by 1 + weight) and ``w.float()`` / ``w.to(dtype)`` (a float64 model's norm
+        computed in float32) have the parameter's gradient element for element, so the
+        elementwise and broadcast rules take them as the parameter; a transpose of a 2-D
+        parameter (``w.T``, ``w.t()``, ``w.transpose(0, 1)``) is followed into ``x @ w.T``
+        only, the linear rule."""
+        if id(w) in self._transposed:
+            return None
+        param = self._parameter(w)
+        if func in _ADDING and len(args) == 2 and (args[0] is w or args[1] is w):
+            other = args[1] if args[0] is w else args[0]
+            if not isinstance(other, (int, float)) or isinstance(other, bool):
+                return None
+        elif func is torch.Tensor.float and len(args) == 1 and args[0] is w:
+            pass
+        elif func is torch.Tensor.to and len(args) == 2 and args[0] is w and isinstance(args[1], torch.dtype):
+            if not args[1].is_floating_point:
+                return None
+        elif w is param and param.dim() == 2 and args[0] is w and _transposes(func, args):
+            result = func(*args)
+            self._transposed[id(result)] = (weakref.ref(result), param)
+            return result
+        else:
+            return None
+        result = func(*args)
+        if result is not w:  # (a cast to the dtype it has is w itself)
+            self._views[id(result)] = (weakref.ref(result), param)
+        return result
 
     def _view(self, func, args: tuple, kwargs: dict, watched: list) -> Any:
         """A view of one watched parameter that only adds or drops dimensions of size 1

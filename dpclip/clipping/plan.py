@@ -324,6 +324,11 @@ def build_plan(units: Sequence[Unit], meter: CostMeter, memory: str = "auto") ->
         else:
             rule, strategy = _static(u)
             share, keeps = None, "-"
+            tied = None if last is None else next(
+                (v for v in units if v is not u and v.name in last.rules and set(u.params) <= set(v.params)), None
+            )
+            if tied is not None:  # (a tied weight's calls are measured under its other owner)
+                rule, strategy = f"with {tied.name!r}", "-"
         layers.append(LayerPlan(u.name or "<root>", type(u.module).__name__, names, rule, strategy, share, keeps))
     if last is None:
         return ClippingPlan(tuple(layers), memory=memory)

@@ -194,3 +194,86 @@ def test_batchless_lookup_that_meets_the_batch_unrecognised_is_refused():
     losses = F.cross_entropy(model(x), y, reduction="none")
     with pytest.raises(RuntimeError, match=r"module 'pos' on ids without a batch dimension"):
         clipper.clipped_sum(losses)
+
+
+class TransposedLinear(nn.Linear):
+    """Falcon's FalconLinear: an nn.Linear subclass whose forward is x @ W.T + b."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class OnePlusWeightNorm(nn.Module):
+    """Gemma's RMSNorm, scaled by (1 + w), computed in float32 with ``float32`` (Gemma's
+    ``x.float() ... (1.0 + self.weight.float())``)."""
+
+    def __init__(self, width: int, float32: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width) * 0.3)
+        self.float32 = float32
+
+    def forward(self, x):
+        h = x.float() if self.float32 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        w = self.weight.float() if self.float32 else self.weight
+        return (h * (1.0 + w)).type_as(x)
+
+
+class TransposedMisuse(nn.Module):
+    """A transposed square weight used elementwise: its gradient is transposed against the
+    parameter's, no rule for it (the graph path)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width) * 0.3)
+
+    def forward(self, x):
+        return (x.unsqueeze(-1) * self.weight.T).sum(-1) + torch.exp(1 + self.weight).sum()
+
+
+class OwnForwards(nn.Module):
+    def __init__(self, norm: type[nn.Module] = OnePlusWeightNorm, transposed: str = "T") -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.proj = TransposedLinear(D, 2 * D)
+        if transposed != "T":
+            self.proj.forward = lambda x: (
+                x @ self.proj.weight.t() if transposed == "t" else x @ self.proj.weight.transpose(-1, 0)
+            ) + self.proj.bias
+        self.norm = norm(2 * D)
+        self.head = nn.Linear(2 * D, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.norm(self.proj(self.tok(ids)))).mean(dim=1))
+
+
+@pytest.mark.parametrize("transposed", ["T", "t", "transpose"])
+@pytest.mark.parametrize("clipping", ["ghost", "per_sample"])
+def test_a_linear_forward_with_the_weight_transposed_and_a_one_plus_weight_norm_take_rules(clipping, transposed):
+    # Falcon's x @ W.T + b and Gemma's x * (1 + w.float()) took the graph path (per-example
+    # gradients by a batched vector-Jacobian product): as W's linear rule and w's
+    # elementwise rule they are exact too
+    model = OwnForwards(transposed=transposed)
+    clipper = _assert_exact(model, batch=4, clipping=clipping)
+    model(_data(4)[0])
+    records = clipper.recorder.calls
+    assert not any(isinstance(c, GraphCall) for c in records)
+    assert {c.module for c in records if isinstance(c, LayerCall)} >= {model.proj, model.norm}
+
+
+def test_a_transposed_weight_used_elementwise_takes_the_graph_path_exactly():
+    model = OwnForwards(norm=TransposedMisuse)
+    clipper = _assert_exact(model, batch=4)
+    model(_data(4)[0])
+    graph = [c.unit.module for c in clipper.recorder.calls if isinstance(c, GraphCall)]
+    assert graph == [model.norm]
+
+
+def test_a_float64_model_with_a_float32_one_plus_weight_norm():
+    torch.manual_seed(0)
+    model = OwnForwards(norm=lambda width: OnePlusWeightNorm(width, float32=True)).double()
+    x, y = _data(4)
+    # its norm computes in float32: exact to float32 rounding
+    clipper = assert_clipped_sum_matches_reference(model, x, y, "auto", rtol=1e-5, atol=1e-7)
+    model(x)
+    assert not any(isinstance(c, GraphCall) for c in clipper.recorder.calls)

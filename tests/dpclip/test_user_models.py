@@ -94,6 +94,9 @@ TEXT = {
                         embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
                         num_feedforward_networks=2, max_position_embeddings=SEQ,
                         classifier_dropout=0.0),
+    # relative position bias: a [T, T] bucket lookup without the batch
+    "mpnet": _text(tf.MPNetForSequenceClassification, tf.MPNetConfig, max_position_embeddings=SEQ + 2,
+                   pad_token_id=PAD),
     "deberta_v2": _text(tf.DebertaV2ForSequenceClassification, tf.DebertaV2Config,
                         max_position_embeddings=SEQ, relative_attention=True, position_buckets=8,
                         max_relative_positions=SEQ, pos_att_type=["p2c", "c2p"],
@@ -110,6 +113,20 @@ CAUSAL = {
     "phi": _causal(tf.PhiForCausalLM, tf.PhiConfig, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, partial_rotary_factor=0.5, resid_pdrop=0.0,
                    embd_pdrop=0.0, attention_dropout=0.0),
+    # rotary on half the head, parallel residual
+    "gpt_neox": _causal(tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, rotary_pct=0.5,
+                        use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0),
+    # ALiBi, head tied to the embedding
+    "bloom": _causal(tf.BloomForCausalLM, tf.BloomConfig, n_layer=2, n_head=4, hidden_dropout=0.0,
+                     attention_dropout=0.0),
+    # FalconLinear (x @ W.T + b) and mlp_output += attention_output in place
+    "falcon": _causal(tf.FalconForCausalLM, tf.FalconConfig, num_hidden_layers=2,
+                      num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                      alibi=False, hidden_dropout=0.0, attention_dropout=0.0),
+    # RMSNorm scaled by (1 + w) in float32, a scaled embedding subclass tied to the head
+    "gemma": _causal(tf.GemmaForCausalLM, tf.GemmaConfig, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, intermediate_size=64, pad_token_id=PAD),
     "opt": _causal(tf.OPTForCausalLM, tf.OPTConfig, num_hidden_layers=2, num_attention_heads=4,
                    ffn_dim=64, word_embed_proj_dim=HIDDEN, dropout=0.0, attention_dropout=0.0,
                    pad_token_id=PAD),
@@ -128,7 +145,10 @@ IMAGE = {
 }
 BUILD = {**TEXT, **CAUSAL, **IMAGE}
 
-WORKING = ["albert", "electra", "xlm_roberta", "mobilebert", "gpt_neo", "mistral", "phi", "convnext"]
+WORKING = [
+    "albert", "electra", "xlm_roberta", "mobilebert", "mpnet", "gpt_neo", "mistral", "phi", "gpt_neox",
+    "bloom", "falcon", "gemma", "convnext",
+]
 #: refused at the first backward(): the module named and why (see the test)
 REFUSED = {
     # relative-position embeddings [1, 2k, H] projected by pos_key_proj, without the batch
