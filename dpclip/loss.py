@@ -296,12 +296,13 @@ def _counted_targets(
 ) -> torch.Tensor | None:
     """Per example, what the criterion's "mean" divides by when it is called on that
     example alone, where that is not its number of positions (None): torch's losses over
-    class indices (``nn.CrossEntropyLoss``, ``nn.NLLLoss``, also with ``label_smoothing``)
+    class indices (``nn.CrossEntropyLoss``, ``nn.NLLLoss`` or a subclass that keeps their
+    ``forward``; also with ``label_smoothing``)
     divide by the weight Σ_t w[y_t] of the targets that are not ``ignore_index`` (their
     count without ``weight``), so a padded sequence's loss is the mean over its own labelled
     tokens, not over all T. An example with none has loss 0 (torch's own mean is 0/0)."""
-    if not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        return None
+    if type(criterion).forward not in (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward):
+        return None  # (a subclass with its own forward may reduce as it likes)
     target = kwargs["target"] if "target" in kwargs else args[1] if len(args) > 1 else None
     if (
         not isinstance(target, torch.Tensor) or target.is_floating_point()

@@ -99,23 +99,6 @@ def validate_module(module: nn.Module) -> None:
             )
 
 
-#: Parameters and submodules registered on any module of the process, since the first
-#: clipper was built: a parameter can join a model only by one of the two.
-_registrations = [0]
-
-
-def _count_registrations() -> None:
-    if _registrations[0] > 0:
-        return
-    _registrations[0] = 1
-
-    def count(*_: Any) -> None:
-        _registrations[0] += 1
-
-    nn.modules.module.register_module_parameter_registration_hook(count)
-    nn.modules.module.register_module_module_registration_hook(count)
-
-
 def _compiled(module: nn.Module) -> str | None:
     """How ``module`` itself was compiled with ``torch.compile``, or None."""
     if type(module).__module__ == "torch._dynamo.eval_frame" and hasattr(module, "_orig_mod"):
@@ -193,10 +176,6 @@ class PerSampleClipper:
             p for p in module.parameters() if p.requires_grad
         )
         self._covered = set(self.params)
-        #: the module's parameters clipping does not cover, as of ``_uncovered_at``
-        self._uncovered: list[tuple[str, nn.Parameter]] = []
-        self._uncovered_at = -1
-        _count_registrations()
         self._owner_name = {p: u.name for u in self.units for p in u.params}
         self._audited = False
         #: True while S is being added into an accumulator (still True if that failed)
@@ -262,11 +241,8 @@ class PerSampleClipper:
     def check_coverage(self) -> None:
         """Raise ``RuntimeError`` if a trainable parameter of the module is one clipping
         does not cover (frozen when the clipper was built, or added since)."""
-        if self._uncovered_at != _registrations[0]:  # (a walk over every module: not per micro-batch)
-            self._uncovered = [(n, p) for n, p in self.module.named_parameters() if p not in self._covered]
-            self._uncovered_at = _registrations[0]
-        for name, p in self._uncovered:
-            if p.requires_grad:
+        for name, p in self.module.named_parameters():
+            if p.requires_grad and p not in self._covered:
                 raise RuntimeError(
                     f"parameter {name!r} requires grad but was frozen when the model was made "
                     "private (or added since), so it has no per-example clipping and would get "
@@ -320,15 +296,20 @@ class PerSampleClipper:
                 f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}"
             )
         self.check_coverage()
-        if self.recorder.calls and not self.recorder.root_ran:
-            raise RuntimeError(
-                "the loss comes from a forward of a submodule of the model made private (e.g. "
-                "model.hf(...) or model.encoder(...) called directly), not of the model itself: "
-                "dpclip records what the model's own forward does (lookups such as embeddings "
-                "are recorded only there), so part of the gradient would not be clipped, or be "
-                "lost. Call the model that make_private returned, model(x), and compute the loss "
-                "from its output. Nothing was added"
-            )
+        if not self.recorder.root_ran and self.recorder.functions is not None:
+            # lookups are recorded only inside the model's own call: one that ran outside it
+            # (a submodule called alone, model.forward(x)) has no record (a linear probe's
+            # head called on features is recorded by its module)
+            lookups = self.recorder.functions.lookup_params()
+            if lookups and foreign_parameters(loss_per_sample, self._covered - lookups):
+                raise RuntimeError(
+                    "the loss comes from a forward that did not go through the model made "
+                    "private as model(x): a submodule called alone (model.hf(...), "
+                    "model.encoder(...)) or model.forward(x). dpclip records lookups such as "
+                    "embeddings only inside the model's own call, so their gradient would be "
+                    "lost. Call the model that make_private returned, model(x), and compute the "
+                    "loss from its output. Nothing was added"
+                )
         if self._audit_due:  # once: a trainable module outside the model gets no gradient
             foreign = foreign_parameters(loss_per_sample, self._covered)
             if foreign:
@@ -340,11 +321,13 @@ class PerSampleClipper:
                 )
         calls = self.recorder.take()
         batch = loss_per_sample.shape[0]
-        # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit:
-        # float32's at least, as a float64 model's layers may compute inside in float32
-        # (Hugging Face's RMSNorms cast to it), which their outputs' dtypes do not show
+        # the rounding of the layers' own arithmetic (bfloat16 under autocast), for the audit;
+        # float32's at least where a call takes the graph path: a float64 model's module may
+        # compute inside in float32 (Hugging Face's RMSNorms cast to it), which its outputs'
+        # dtypes do not show (a rule's call has the dtype it computed in)
+        graph = any(isinstance(c, GraphCall) for c in calls)
         eps = rounding_eps([
-            torch.float32,
+            *([torch.float32] if graph else []),
             *(d for c in calls for d in (c.dtypes if isinstance(c, GraphCall) else [c.dtype])),
         ])
         # the first few micro-batches are measured per layer, for the plan

@@ -360,6 +360,15 @@ class FunctionRecorder(TorchFunctionMode):
         self._windows.clear()
         return covered
 
+    def lookup_params(self) -> set[nn.Parameter]:
+        """The parameters whose uses are recorded only while the mode is on, inside the
+        model's own call: lookup tables' and the model's own (the other units recorded by
+        operation fall back to their module's hook, and the graph path, outside it)."""
+        return {
+            p for p, u in self._owner.values()
+            if u is self.root or isinstance(u.rule, EmbeddingRule)
+        }
+
     def records_calls_of(self, unit: Unit) -> bool:
         """Whether ``unit``'s calls are recorded by operation rather than by its module
         hook: a lookup table, or a module without a rule (covered by its operations, or
@@ -531,6 +540,8 @@ class FunctionRecorder(TorchFunctionMode):
         ):
             x, transposed = args  # x @ w.T: a linear layer's forward (Falcon's FalconLinear)
             return self._linear(func, args, x, transposed, None, watched, LINEAR)
+        if any(id(w) in self._transposed for w in watched):
+            return None  # elsewhere a transpose's gradient is the parameter's transposed
         if func in _VIEWING:
             return self._view(func, args, kwargs, watched)
         if any(w is not self._parameter(w) for w in watched) and func not in _BROADCAST_ARITHMETIC:

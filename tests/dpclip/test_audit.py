@@ -139,29 +139,54 @@ def test_non_finite_gradient_from_an_unrecorded_use_is_refused_not_skipped():
 
 class Float32Norm(nn.Module):
     """An RMSNorm that computes in float32 whatever the model's dtype, with a weight used
-    as (1 + w) (Gemma's): no rule covers it, so it takes the graph path."""
+    as (1 + w) (Gemma's), recorded by operation; with ``graph``, as sqrt(1 + w), which no
+    rule covers (the graph path)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, graph: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(width))
+        self.graph = graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        scale = 1.0 + self.weight.float()
+        return (h * (scale.sqrt() if self.graph else scale)).type_as(x)
 
 
-def test_a_float64_model_whose_layers_compute_in_float32_passes():
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_float64_model_whose_layers_compute_in_float32_passes(graph):
     # the check's rounding allowance came from the layers' output dtypes (float64), while
     # this norm's gradients are computed in float32: the sums of one gradient in two
     # orders differed by float32 rounding, and a correct float64 Gemma was refused as
     # using the weight where no record sees it
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), Float32Norm(16), nn.Tanh(), nn.Linear(16, 3)).double()
-    nn.init.normal_(model[1].weight)
+    model = nn.Sequential(nn.Linear(6, 16), Float32Norm(16, graph), nn.Tanh(), nn.Linear(16, 3)).double()
+    nn.init.uniform_(model[1].weight, 0.0, 1.0)
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
     clipper = PerSampleClipper(model, 1e6)
     clipped = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     whole = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), list(model.parameters()))
     for p, g in zip(model.parameters(), whole):
         torch.testing.assert_close(clipped[p], g, rtol=1e-5, atol=1e-9)
+
+
+def test_a_small_unrecorded_use_in_a_float64_model_without_float32_layers_is_refused():
+    # the float32 rounding allowance is for graph-path modules that may compute inside in
+    # float32; a float64 model of rules keeps float64's, which sees a tied use at 1e-5
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.enc(x))
+            return self.head(h) + 1e-5 * F.linear(h, self.enc.weight)[:, :3]
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(torch.randn(8, 4, dtype=torch.float64)), torch.randint(0, 3, (8,)), reduction="none")
+    with pytest.raises(RuntimeError, match="'enc.weight'.*gets gradient from outside its own module"):
+        clipper.clipped_sum(losses)

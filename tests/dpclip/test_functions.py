@@ -221,14 +221,15 @@ class OnePlusWeightNorm(nn.Module):
 
 class TransposedMisuse(nn.Module):
     """A transposed square weight used elementwise: its gradient is transposed against the
-    parameter's, no rule for it (the graph path)."""
+    parameter's, no rule for it (the graph path; taken as the parameter, it was normed
+    and summed transposed)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(width, width) * 0.3)
 
     def forward(self, x):
-        return (x.unsqueeze(-1) * self.weight.T).sum(-1) + torch.exp(1 + self.weight).sum()
+        return (x.unsqueeze(-1) * self.weight.T).sum(-1) + (x.unsqueeze(-1) * self.weight).sum(-2)
 
 
 class OwnForwards(nn.Module):

@@ -488,7 +488,76 @@ def test_a_loss_from_a_submodule_called_directly_is_refused(when):
     inner = model._module.inner if hasattr(model, "_module") else model.inner
     xb, yb = next(batches)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"submodule of the model made private.*model\(x\)"):
+    with pytest.raises(RuntimeError, match=r"did not go through the model made private as model\(x\)"):
         criterion(inner(xb), yb).backward()
     assert optimizer.micro_batches_accumulated == 0
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_a_layer_inserted_into_a_sequential_after_make_private_is_refused():
+    # nn.Sequential.insert writes the module list directly (no registration hook fires)
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=1,
+    )
+    batches = iter(loader)
+    xb, yb = next(batches)
+    criterion(model(xb), yb).backward()
+    optimizer.step()
+    inner = model._module if hasattr(model, "_module") else model
+    inner.insert(1, copy.deepcopy(inner[0]))
+    xb, yb = next(batches)
+    with pytest.raises(RuntimeError, match=r"'1.weight' requires grad but was frozen"):
+        criterion(model(xb), yb).backward()
+
+
+class _Probe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("how", ["head on no_grad features", "head(backbone(x))", "model.forward(x)"])
+def test_submodules_called_alone_without_lookups_train_exactly(how):
+    # only lookups (embeddings) are recorded inside the model's own call alone: a linear
+    # probe's head on features, or the layers called one by one, record by their modules
+    from tests.dpclip.models import reference_update
+
+    torch.manual_seed(0)
+    model = _Probe().double()
+    if how == "head on no_grad features":
+        model.backbone.requires_grad_(False)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    private, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8),
+        noise_multiplier=0.0, max_grad_norm=0.5, poisson_sampling=False, accumulation_steps=1,
+    )
+    (xb, yb), = list(loader)
+    if how == "head on no_grad features":
+        with torch.no_grad():
+            features = model.backbone(xb)
+        out = model.head(features)
+    elif how == "head(backbone(x))":
+        out = model.head(model.backbone(xb))
+    else:
+        out = model.forward(xb)
+    criterion(out, yb).backward()
+    optimizer.step()
+    expected, _ = reference_update(model, initial, xb, yb, 0.5, 8)  # (frozen ones as they are)
+    for n, p in model.named_parameters():
+        if n in initial:
+            torch.testing.assert_close(initial[n] - p.detach(), expected[n], rtol=1e-10, atol=1e-14)

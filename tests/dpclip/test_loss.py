@@ -118,3 +118,21 @@ def test_a_padded_language_model_step_is_the_mean_of_each_sequences_own_loss_gra
             e += g / B
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-14)
+
+
+class _Focal(nn.CrossEntropyLoss):
+    """A subclass with its own forward, averaging over every position as it likes."""
+
+    def forward(self, logits, labels):
+        losses = F.cross_entropy(logits, labels, reduction="none", ignore_index=self.ignore_index)
+        losses = (1 - torch.exp(-losses)) ** 2 * losses
+        return losses if self.reduction == "none" else losses.mean()
+
+
+def test_a_criterion_subclass_with_its_own_forward_is_averaged_as_it_averages():
+    gen = torch.Generator().manual_seed(4)
+    criterion = _Focal()
+    logits = torch.randn(B, V, T, generator=gen, dtype=torch.float64)
+    labels = _labels(gen)
+    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    torch.testing.assert_close(per_example_losses(criterion, logits, labels), alone, rtol=1e-12, atol=0)
