@@ -108,6 +108,17 @@ _BROADCAST_ARITHMETIC = _SCALING | _SHIFTING | frozenset(
 _ADDING = frozenset({torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__})
 #: Products that may take a parameter's transpose: x @ w.T is a linear layer's forward.
 _MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__})
+#: Functions (by name) whose batched output has its dimensions where their batched input
+#: had them: elementwise maps, and maps of the last dimension (linear layers, norms, softmax).
+_KEEPING = frozenset(
+    {"linear", "matmul", "__matmul__", "tanh", "relu", "gelu", "silu", "sigmoid", "dropout",
+     "softmax", "log_softmax", "layer_norm", "contiguous", "clone", "float", "double", "half",
+     "bfloat16", "neg", "__neg__", "exp", "square", "sqrt", "rsqrt"}
+    | {f"{prefix}{op}{suffix}" for op in ("add", "sub", "mul", "div", "truediv")
+       for prefix, suffix in (("", ""), ("__", "__"), ("__r", "__"))}
+)
+#: Functions that may move a tensor's first dimension elsewhere.
+_MOVING = frozenset({"transpose", "swapaxes", "swapdims", "permute", "t", "movedim", "moveaxis"})
 #: Functions that join tensors along a dimension: an expanded parameter joined with
 #: batch-first tensors along another dimension than the batch's is aligned with them.
 _JOINING = frozenset({torch.cat, torch.concat, torch.concatenate, torch.stack})
@@ -258,6 +269,16 @@ def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any] |
     return bound
 
 
+def _dim_kind(func: Any) -> str:
+    """"keep", "move" or "other": what ``func`` does to where its input's batch is."""
+    name = getattr(func, "__name__", "")
+    if name in _KEEPING or func is F.linear:
+        return "keep"
+    if name in _MOVING or (name == "__get__" and func in (torch.Tensor.T.__get__, torch.Tensor.mT.__get__)):
+        return "move"
+    return "other"
+
+
 def _transposes(func: Any, args: tuple) -> bool:
     """Whether ``func(*args)`` swaps the two dimensions of a 2-D ``args[0]``."""
     if func in (torch.Tensor.T.__get__, torch.Tensor.mT.__get__):
@@ -320,6 +341,12 @@ class FunctionRecorder(TorchFunctionMode):
         self._views: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
         #: transposes of a watched 2-D parameter (``w.T``, ``w.t()``), and the parameter
         self._transposed: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
+        #: batched tensors whose batch dimension is known to be another than the first (a
+        #: transpose to sequence-first, [T, B, ·]), and its index; None: unknown (after an
+        #: operation on such a tensor that is neither ``_KEEPING`` nor ``_MOVING``).
+        #: Untracked: first
+        self._batch_dims: dict[int, tuple[weakref.ref, int | None]] = {}
+        self._dim_kinds: dict[Any, str] = {}
         self._unrecognised: dict[int, int] = {}
         self._windows: list[tuple[Unit, int, int]] = []
         self._kinds: dict[Any, str] = {}
@@ -357,6 +384,7 @@ class FunctionRecorder(TorchFunctionMode):
         self._derived.clear()
         self._pending.clear()
         self._transposed.clear()
+        self._batch_dims.clear()
         self._windows.clear()
         return covered
 
@@ -450,8 +478,13 @@ class FunctionRecorder(TorchFunctionMode):
                 key = id(self._parameter(t))
                 self._unrecognised[key] = self._unrecognised.get(key, 0) + 1
         if batched:
+            dim = self._output_batch_dim(func, args, kwargs, tensors)
             for t in _outputs(result):
                 self._batched[id(t)] = weakref.ref(t)
+                if dim == 0:
+                    self._batch_dims.pop(id(t), None)
+                else:
+                    self._batch_dims[id(t)] = (weakref.ref(t), dim)
             if kind.startswith("inplace") and args and isinstance(args[0], torch.Tensor):
                 self._batched[id(args[0])] = weakref.ref(args[0])
         elif derived:
@@ -460,6 +493,55 @@ class FunctionRecorder(TorchFunctionMode):
                 if t.requires_grad:
                     self._derived[id(t)] = (weakref.ref(t), sources)
         return result
+
+    def batch_dim(self, t: Any) -> int | None:
+        """The dimension of a batched tensor that holds the batch, as far as the operations
+        since the root's inputs tell (0 for a tensor not followed); None: unknown."""
+        entry = self._batch_dims.get(id(t))
+        return 0 if entry is None or entry[0]() is not t else entry[1]
+
+    def moved(self, t: Any) -> bool:
+        """Whether ``t``'s batch is known to be in another dimension than the first: a
+        layer on it would take positions for examples (when T == B every shape check
+        passes)."""
+        return isinstance(t, torch.Tensor) and (self.batch_dim(t) or 0) > 0
+
+    def _output_batch_dim(self, func, args: tuple, kwargs: dict, tensors: list) -> int | None:
+        """Where the batch is in ``func``'s batched output (``batch_dim``): moved by a
+        transpose or permute of a tensor whose batch is first, kept by ``_KEEPING`` on a
+        moved one; any other operation on a moved tensor loses track (None), and on tensors
+        whose batch is first counts as keeping it first."""
+        kind = self._dim_kinds.get(func)
+        if kind is None:
+            kind = self._dim_kinds[func] = _dim_kind(func)
+        if not self._batch_dims and kind != "move":
+            return 0  # (the usual case: one dictionary lookup per operation)
+        dims = {
+            self.batch_dim(t) for t in tensors
+            if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
+        }
+        if len(dims) != 1:
+            return None
+        dim = next(iter(dims))
+        if kind == "keep" or (dim == 0 and kind == "other"):
+            return dim
+        if kind == "other" or dim is None or not args or not isinstance(args[0], torch.Tensor) or kwargs:
+            return None
+        x, name = args[0], getattr(func, "__name__", "")
+        if func == torch.Tensor.T.__get__:
+            return x.dim() - 1 - dim
+        if func == torch.Tensor.mT.__get__:
+            return {x.dim() - 1: x.dim() - 2, x.dim() - 2: x.dim() - 1}.get(dim, dim)
+        if name == "t" and x.dim() == 2:
+            return 1 - dim
+        if name in ("transpose", "swapaxes", "swapdims") and len(args) == 3:
+            a, b = (int(d) % x.dim() for d in args[1:])
+            return b if dim == a else a if dim == b else dim
+        if name == "permute":
+            order = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
+            order = [int(d) % x.dim() for d in order]
+            return order.index(dim) if dim in order else None
+        return None
 
     @staticmethod
     def _kind(func: Any) -> str:
@@ -654,7 +736,7 @@ class FunctionRecorder(TorchFunctionMode):
     def _linear(self, func, args, x, weight, bias, watched, rule) -> Any:
         if (
             not isinstance(x, torch.Tensor) or weight.dim() != 2 or x.dim() < 2
-            or self.batch == 0 or x.shape[0] % self.batch
+            or self.batch == 0 or x.shape[0] % self.batch or self.moved(x)
         ):
             return None
         targets = self._targets({"weight": weight, "bias": bias}, watched)
@@ -680,7 +762,7 @@ class FunctionRecorder(TorchFunctionMode):
             return None
         param, x = (a, b) if a is watched[0] else (b, a)
         if (
-            param is not watched[0] or x is param or self.batch == 0
+            param is not watched[0] or x is param or self.batch == 0 or self.moved(x)
             or x.dim() < 2 or x.dim() <= param.dim() or x.shape[0] != self.batch
             or tuple(x.shape[x.dim() - param.dim():]) != tuple(param.shape)
         ):
@@ -702,7 +784,7 @@ class FunctionRecorder(TorchFunctionMode):
         x = bound.get("input")
         if not isinstance(x, torch.Tensor) or self.batch == 0 or x.dim() < 2 or x.shape[0] != self.batch:
             return None
-        if any(t is x for t in watched):
+        if any(t is x for t in watched) or self.moved(x):
             return None
         eps = float(bound.get("eps", 1e-5))
         if func is F.layer_norm:
@@ -729,7 +811,7 @@ class FunctionRecorder(TorchFunctionMode):
         if (
             not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor)
             or self.batch == 0 or x.dim() != n + 2 or x.shape[0] != self.batch
-            or any(t is x for t in watched)
+            or any(t is x for t in watched) or self.moved(x)
         ):
             return None
 

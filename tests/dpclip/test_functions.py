@@ -278,3 +278,64 @@ def test_a_float64_model_with_a_float32_one_plus_weight_norm():
     clipper = assert_clipped_sum_matches_reference(model, x, y, "auto", rtol=1e-5, atol=1e-7)
     model(x)
     assert not any(isinstance(c, GraphCall) for c in clipper.recorder.calls)
+
+
+class SequenceFirstInside(nn.Module):
+    """A rule-less projection that runs sequence-first inside and returns batch-first:
+    (x.transpose(0, 1) @ W.T).transpose(0, 1), or F.linear on the transposed input."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2 * D, D) * 0.3)
+        self.functional = functional
+
+    def forward(self, x):
+        seq = x.transpose(0, 1)
+        y = F.linear(seq, self.weight) if self.functional else seq @ self.weight.T
+        return y.transpose(0, 1)
+
+
+class SequenceFirstNet(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.inner = inner
+        self.head = nn.Linear(2 * D, CLASSES)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.inner(self.tok(ids))).mean(dim=1))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_linear_operation_on_a_sequence_first_tensor_is_not_taken_for_batch_first(functional):
+    # with T == B every shape check passes: recorded as a linear call, the positions of
+    # the transposed input were taken for the examples (norms 5 % off, clipped
+    # contributions above C); the batch's dimension is followed through the transposes
+    model = SequenceFirstNet(SequenceFirstInside(functional))
+    clipper = _assert_exact(model, batch=T)
+    model(_data(T)[0])
+    assert [c.unit.module for c in clipper.recorder.calls if isinstance(c, GraphCall)] == [model.inner]
+
+
+class SequenceFirstLayers(nn.Module):
+    """A sequence-first model (fairseq style): nn.Linear on [T, B, D]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.proj = nn.Linear(D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, ids):
+        h = self.proj(self.tok(ids).transpose(0, 1))  # [T, B, D]
+        return self.head(torch.tanh(h).mean(dim=0))
+
+
+def test_a_layer_on_a_sequence_first_tensor_is_refused_at_the_forward():
+    torch.manual_seed(0)
+    model = SequenceFirstLayers()
+    clipper = PerSampleClipper(model, 1.0)
+    ids, _ = _data(T)  # T == B: the shape checks cannot tell
+    with pytest.raises(RuntimeError, match=r"module 'proj' \(Linear\) runs on a tensor .* batch is dimension 1"):
+        model(ids)
+    clipper.remove()
