@@ -203,6 +203,18 @@ def test_unfreezing_a_parameter_frozen_at_make_private_is_refused():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+def _made_private(model, x, y, *, batch_size=4, accumulation_steps=1, max_grad_norm=1.0):
+    """make_private on fixed batches (σ 0): (model, optimizer, criterion, iterator of batches)."""
+    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size),
+        noise_multiplier=0.0, max_grad_norm=max_grad_norm, poisson_sampling=False,
+        accumulation_steps=accumulation_steps,
+    )
+    return model, optimizer, criterion, iter(loader)
+
+
 class _Growing(nn.Module):
     """A model whose forward also uses whatever ``extra`` is attached to it later."""
 
@@ -222,19 +234,11 @@ class _Growing(nn.Module):
 
 @pytest.mark.parametrize("how", ["module built before make_private", "new module", "new parameter"])
 def test_a_trainable_parameter_added_after_make_private_is_refused(how):
-    # the coverage check is not a walk over the model per micro-batch, so it must still see
-    # a parameter that joins later, also one built before the clipper was
+    # a parameter that joins after make_private, also in a module built before it
     torch.manual_seed(0)
     prebuilt = nn.Linear(6, 3)
-    model = _Growing()
-    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        criterion=nn.CrossEntropyLoss(),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
-        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=2,
-    )
-    batches = iter(loader)
+    model, optimizer, criterion, batches = _made_private(
+        _Growing(), torch.randn(16, 6), torch.randint(0, 3, (16,)), accumulation_steps=2)
     xb, yb = next(batches)
     criterion(model(xb), yb).backward()
     inner = model._module if hasattr(model, "_module") else model
@@ -471,15 +475,8 @@ def test_a_loss_from_a_submodule_called_directly_is_refused(when):
     # from model.inner(x) had no record of it, refused with a message about tied weights on
     # the first micro-batch and, after that, its gradient silently left out of the update
     torch.manual_seed(0)
-    ids, y = torch.randint(0, 10, (16, 3)), torch.randint(0, 3, (16,))
-    model = _Wrapped()
-    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        criterion=nn.CrossEntropyLoss(),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=4),
-        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=1,
-    )
-    batches = iter(loader)
+    model, optimizer, criterion, batches = _made_private(
+        _Wrapped(), torch.randint(0, 10, (16, 3)), torch.randint(0, 3, (16,)))
     if when == "after a step":
         xb, yb = next(batches)
         criterion(model(xb), yb).backward()
@@ -499,15 +496,8 @@ def test_a_layer_inserted_into_a_sequential_after_make_private_is_refused():
     import copy
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
-    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    model, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        criterion=nn.CrossEntropyLoss(),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
-        noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=1,
-    )
-    batches = iter(loader)
+    model, optimizer, criterion, batches = _made_private(
+        nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(16, 6), torch.randint(0, 3, (16,)))
     xb, yb = next(batches)
     criterion(model(xb), yb).backward()
     optimizer.step()
@@ -540,13 +530,8 @@ def test_submodules_called_alone_without_lookups_train_exactly(how):
         model.backbone.requires_grad_(False)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
-    private, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
-        criterion=nn.CrossEntropyLoss(),
-        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8),
-        noise_multiplier=0.0, max_grad_norm=0.5, poisson_sampling=False, accumulation_steps=1,
-    )
-    (xb, yb), = list(loader)
+    _, optimizer, criterion, batches = _made_private(model, x, y, batch_size=8, max_grad_norm=0.5)
+    xb, yb = next(batches)
     if how == "head on no_grad features":
         with torch.no_grad():
             features = model.backbone(xb)
