@@ -4,6 +4,7 @@ clips and accumulates instead of writing ``param.grad``."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -296,13 +297,15 @@ def _counted_targets(
 ) -> torch.Tensor | None:
     """Per example, what the criterion's "mean" divides by when it is called on that
     example alone, where that is not its number of positions (None): torch's losses over
-    class indices (``nn.CrossEntropyLoss``, ``nn.NLLLoss`` or a subclass that keeps their
-    ``forward``; also with ``label_smoothing``)
+    class indices (``nn.CrossEntropyLoss``, ``nn.NLLLoss``, also with ``label_smoothing``)
     divide by the weight Σ_t w[y_t] of the targets that are not ``ignore_index`` (their
     count without ``weight``), so a padded sequence's loss is the mean over its own labelled
-    tokens, not over all T. An example with none has loss 0 (torch's own mean is 0/0)."""
-    if type(criterion).forward not in (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward):
-        return None  # (a subclass with its own forward may reduce as it likes)
+    tokens, not over all T. An example with none has loss 0 (torch's own mean is 0/0).
+    A subclass with its own ``forward`` (one that transposes the logits, or a focal loss
+    of its own) is called once on one example to tell which of the two it does
+    (``_reduces_by_count``)."""
+    if not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return None
     target = kwargs["target"] if "target" in kwargs else args[1] if len(args) > 1 else None
     if (
         not isinstance(target, torch.Tensor) or target.is_floating_point()
@@ -315,4 +318,38 @@ def _counted_targets(
     else:
         weights = criterion.weight.to(losses.dtype)[target.masked_fill(~counted, 0)] * counted
     total = weights.sum(dim=tuple(range(1, losses.dim())))
+    if type(criterion).forward not in _TORCH_FORWARDS and not _reduces_by_count(criterion, losses, total, args, kwargs):
+        return None
     return torch.where(total > 0, total, torch.ones_like(total))
+
+
+_TORCH_FORWARDS = (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward)
+#: A criterion subclass's way to reduce one example's tokens, once it was told apart.
+_BY_COUNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _reduces_by_count(
+    criterion: nn.Module, losses: torch.Tensor, total: torch.Tensor, args: tuple, kwargs: dict
+) -> bool:
+    """Whether a subclass's "mean" of one example divides by its counted targets (else by
+    its positions): the criterion on the example where the two differ most, alone (once
+    per criterion; until some example tells them apart, either is the same)."""
+    known = _BY_COUNT.get(criterion)
+    if known is not None:
+        return known
+    positions = losses[0].numel()
+    gap = torch.where(total > 0, (total - positions).abs(), torch.zeros_like(total))
+    i = int(gap.argmax())
+    if float(gap[i]) == 0.0:
+        return True
+    batch = losses.shape[0]
+
+    def alone(a: Any) -> Any:
+        return a[i:i + 1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+
+    with torch.no_grad():
+        one = float(criterion(*(alone(a) for a in args), **{k: alone(v) for k, v in kwargs.items()}))
+    row = losses[i].detach().double()
+    by_count = float(row.sum() / total[i])
+    _BY_COUNT[criterion] = abs(one - by_count) <= abs(one - float(row.mean()))
+    return _BY_COUNT[criterion]

@@ -136,3 +136,21 @@ def test_a_criterion_subclass_with_its_own_forward_is_averaged_as_it_averages():
     labels = _labels(gen)
     alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
     torch.testing.assert_close(per_example_losses(criterion, logits, labels), alone, rtol=1e-12, atol=0)
+
+
+class _TokenCrossEntropy(nn.CrossEntropyLoss):
+    """The usual thin subclass: logits [B, T, V] transposed for torch's [B, V, T]."""
+
+    def forward(self, logits, labels):
+        return super().forward(logits.transpose(1, 2), labels)
+
+
+def test_a_thin_subclass_over_padded_labels_is_each_example_alone():
+    # told apart from a subclass that averages over positions by one call on one example
+    gen = torch.Generator().manual_seed(5)
+    criterion = _TokenCrossEntropy()
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64)
+    labels = _labels(gen)
+    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    for _ in range(2):  # (the second from what the first told)
+        torch.testing.assert_close(per_example_losses(criterion, logits, labels), alone, rtol=1e-12, atol=0)
