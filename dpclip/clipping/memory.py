@@ -54,8 +54,9 @@ KEEPS = {True: "input + output gradient", False: "per-example gradients"}
 #: ``auto_mode``'s threshold. Measured (peak torch allocation, the README's memory table):
 #: "low" peaked lower well above it (the built-in transformer with per-example gradients
 #: for every layer, kept/saved 2.4: 1.53x against 2.07x non-private); between 0.7 and 0.8
-#: the two were within 0.04x of each other either way round (DistilBERT 0.78, the built-in
-#: transformer 0.74, ViT 0.74, RoBERTa 0.72), and at 0.88 (Llama and Qwen2 causal LMs,
+#: "fast" peaked within 0.05x of "low", lower for the classifiers (DistilBERT 0.78: 1.08x
+#: against 1.13x, ViT 0.74, RoBERTa 0.72) and higher for the built-in transformer (0.74:
+#: 1.24x against 1.20x), and at 0.88 (Llama and Qwen2 causal LMs,
 #: B 16, T 64: the kept [B, T, vocabulary] output gradient of the LM head arrives first,
 #: while the activations below are freed) all three peaked alike, where "low" took 1.45x
 #: "fast"'s time. "Fast" is the quicker: it keeps its one backward pass up to here.
