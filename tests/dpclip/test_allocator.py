@@ -4,6 +4,7 @@ out or tune malloc their own way."""
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -62,12 +63,14 @@ def _faults(**env: str) -> int:
 
 
 def test_after_make_private_freed_memory_is_reused_without_page_faults():
-    # with glibc's own thresholds each micro-batch faults in fresh pages again (about
-    # 1,200; the opt-out), with them fixed about 1 (a loaded machine adds a few hundred
-    # at most): what the setting saves, and proof that the measure sees it
-    default = _faults(DPCLIP_KEEP_FREED_MEMORY="0")
-    assert default > 500
-    assert _faults() < default / 4
+    # with glibc's own thresholds each micro-batch faults in fresh pages again (230 to
+    # 1,800 a micro-batch over runs on one machine: its dynamic thresholds move with the
+    # history; the opt-out), with them fixed 1 to 65: what the setting saves, and proof
+    # that the measure sees it. Three runs each, medians
+    default = statistics.median(_faults(DPCLIP_KEEP_FREED_MEMORY="0") for _ in range(3))
+    fixed = statistics.median(_faults() for _ in range(3))
+    assert default > 150
+    assert fixed < default / 3, (fixed, default)
 
 
 def test_a_users_own_malloc_tuning_is_left_alone():
