@@ -536,7 +536,12 @@ class PerSampleClipper:
                 "averages each sequence's tokens)"
             )
         rows = shape[0] if shape else 0
-        if rows > batch and rows % batch == 0:
+        if isinstance(module, torch.nn.utils.parametrize.ParametrizationList):
+            why = ("a parametrization (nn.utils.parametrizations.weight_norm, …) computes a "
+                   "weight from parameters, without the batch, and dpclip clips no such "
+                   "computation per example (remove it with nn.utils.parametrize."
+                   "remove_parametrizations before make_private, or freeze the layer)")
+        elif rows > batch and rows % batch == 0:
             why = ("the model folds the batch into another dimension there (a reshape to "
                    "[B·T, H], or windows [B·W, …]), which dpclip does not attribute to examples")
         else:

@@ -111,7 +111,7 @@ _MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 #: Functions (by name) whose batched output has its dimensions where their batched input
 #: had them: elementwise maps, and maps of the last dimension (linear layers, norms, softmax).
 _KEEPING = frozenset(
-    {"linear", "matmul", "__matmul__", "tanh", "relu", "gelu", "silu", "sigmoid", "dropout",
+    {"linear", "matmul", "__matmul__", "embedding", "tanh", "relu", "gelu", "silu", "sigmoid", "dropout",
      "softmax", "log_softmax", "layer_norm", "contiguous", "clone", "float", "double", "half",
      "bfloat16", "neg", "__neg__", "exp", "square", "sqrt", "rsqrt"}
     | {f"{prefix}{op}{suffix}" for op in ("add", "sub", "mul", "div", "truediv")
@@ -924,8 +924,16 @@ class FunctionRecorder(TorchFunctionMode):
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         rule = embedding_rule(padding_idx)
-        result = F.embedding(*args, **kwargs)
         owner = self._owner[id(weight)][1]
+        if batched and self.moved(ids):
+            raise RuntimeError(
+                f"an embedding lookup of module {owner.name!r} runs on ids of shape "
+                f"{tuple(ids.shape)} whose batch is dimension {self.batch_dim(ids)}, not the first "
+                "(the model transposed its batch-first input, e.g. to sequence-first, as XLNet "
+                "does): dpclip takes the first dimension of each layer's input for the examples, "
+                "which would mix up positions and examples. The model is not supported as built"
+            )
+        result = F.embedding(*args, **kwargs)
         if batched:
             self._records.append(LayerCall(rule, owner.module, [ids], result, targets, owner.strategy))
             self._batched[id(result)] = weakref.ref(result)

@@ -499,3 +499,20 @@ def test_an_empty_forward_names_add_empty_micro_batch_before_the_model_fails():
     assert len(hints) == 1  # once per run
     assert "add_empty_micro_batch()" in str(hints[0].message)
     clipper.remove()
+
+
+def test_a_parametrized_weight_is_refused_naming_the_parametrization():
+    # weight_norm computes the weight from two parameters without the batch: the graph
+    # path's output is that weight, whose rows happened to be a multiple of B (Wav2Vec2's
+    # positional convolution), and the message blamed a reshape of the batch
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.utils.parametrizations.weight_norm(nn.Linear(4, 6))
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(x)))
+
+    torch.manual_seed(0)
+    _assert_refused(Normed(), torch.randn(3, 4), torch.tensor([0, 1, 2]), "a parametrization .*remove_parametrizations")
