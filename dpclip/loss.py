@@ -292,6 +292,12 @@ def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch
     return losses
 
 
+#: The forwards of torch's losses over class indices ("mean": over the counted targets).
+_TORCH_FORWARDS = (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward)
+#: A criterion subclass's way to reduce one example's tokens, once it was told apart.
+_BY_COUNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _counted_targets(
     criterion: nn.Module, losses: torch.Tensor, args: tuple, kwargs: dict
 ) -> torch.Tensor | None:
@@ -322,10 +328,6 @@ def _counted_targets(
         return None
     return torch.where(total > 0, total, torch.ones_like(total))
 
-
-_TORCH_FORWARDS = (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward)
-#: A criterion subclass's way to reduce one example's tokens, once it was told apart.
-_BY_COUNT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _reduces_by_count(

@@ -279,16 +279,37 @@ def _dim_kind(func: Any) -> str:
     return "other"
 
 
+def _moved_dim(func: Any, args: tuple, dim: int) -> int | None:
+    """Where dimension ``dim`` of ``args[0]`` is in the result of ``func(*args)``, a
+    ``"move"`` of ``_dim_kind`` (``x.T``, ``x.mT``, ``x.t()``, ``transpose``, ``swapaxes``,
+    ``permute``); None where that is not told."""
+    x, name = args[0], getattr(func, "__name__", "")
+    if func == torch.Tensor.T.__get__:
+        return x.dim() - 1 - dim
+    if func == torch.Tensor.mT.__get__:
+        return {x.dim() - 1: x.dim() - 2, x.dim() - 2: x.dim() - 1}.get(dim, dim)
+    if name == "t" and x.dim() == 2:
+        return 1 - dim
+    if name in ("transpose", "swapaxes", "swapdims") and len(args) == 3:
+        if not all(isinstance(d, int) for d in args[1:]):
+            return None
+        a, b = (d % x.dim() for d in args[1:])
+        return b if dim == a else a if dim == b else dim
+    if name == "permute":
+        order = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
+        order = [int(d) % x.dim() for d in order]
+        return order.index(dim) if dim in order else None
+    return None
+
+
 def _transposes(func: Any, args: tuple) -> bool:
-    """Whether ``func(*args)`` swaps the two dimensions of a 2-D ``args[0]``."""
-    if func in (torch.Tensor.T.__get__, torch.Tensor.mT.__get__):
-        return len(args) == 1
-    if func in (torch.Tensor.t, torch.t):
-        return len(args) == 1
-    if func in (torch.Tensor.transpose, torch.transpose) and len(args) == 3:
-        a, b = args[1], args[2]
-        return isinstance(a, int) and isinstance(b, int) and a % 2 != b % 2
-    return False
+    """Whether ``func(*args)`` swaps the two dimensions of a 2-D ``args[0]`` as ``w.T``,
+    ``w.mT``, ``w.t()`` or ``w.transpose(0, 1)`` do."""
+    name = getattr(func, "__name__", "")
+    return (
+        name in ("__get__", "t", "transpose") and _dim_kind(func) == "move"
+        and args[0].dim() == 2 and len(args) in (1, 3) and _moved_dim(func, args, 0) == 1
+    )
 
 
 def _outputs(result: Any) -> list[torch.Tensor]:
@@ -506,6 +527,21 @@ class FunctionRecorder(TorchFunctionMode):
         passes)."""
         return isinstance(t, torch.Tensor) and (self.batch_dim(t) or 0) > 0
 
+    def refuse_moved(self, t: Any, user: str, what: str = "a tensor") -> None:
+        """Raise ``RuntimeError`` if ``t``'s batch is known to be in another dimension than
+        the first (``moved``): ``user`` ("module 'proj' (Linear)") would take positions for
+        examples."""
+        if not self.moved(t):
+            return
+        raise RuntimeError(
+            f"{user} runs on {what} of shape {tuple(t.shape)} whose batch is dimension "
+            f"{self.batch_dim(t)}, not the first (the model transposed its batch-first input, "
+            "e.g. to sequence-first, as XLNet does): dpclip takes the first dimension of each "
+            "layer's input and output for the examples, which would mix up positions and "
+            "examples. The model is not supported as built: keep tensors batch-first around "
+            "layers with parameters (transpose back before them)"
+        )
+
     def _output_batch_dim(self, func, args: tuple, kwargs: dict, tensors: list) -> int | None:
         """Where the batch is in ``func``'s batched output (``batch_dim``): moved by a
         transpose or permute of a tensor whose batch is first, kept by ``_KEEPING`` on a
@@ -527,21 +563,7 @@ class FunctionRecorder(TorchFunctionMode):
             return dim
         if kind == "other" or dim is None or not args or not isinstance(args[0], torch.Tensor) or kwargs:
             return None
-        x, name = args[0], getattr(func, "__name__", "")
-        if func == torch.Tensor.T.__get__:
-            return x.dim() - 1 - dim
-        if func == torch.Tensor.mT.__get__:
-            return {x.dim() - 1: x.dim() - 2, x.dim() - 2: x.dim() - 1}.get(dim, dim)
-        if name == "t" and x.dim() == 2:
-            return 1 - dim
-        if name in ("transpose", "swapaxes", "swapdims") and len(args) == 3:
-            a, b = (int(d) % x.dim() for d in args[1:])
-            return b if dim == a else a if dim == b else dim
-        if name == "permute":
-            order = args[1] if len(args) == 2 and not isinstance(args[1], int) else args[1:]
-            order = [int(d) % x.dim() for d in order]
-            return order.index(dim) if dim in order else None
-        return None
+        return _moved_dim(func, args, dim)
 
     @staticmethod
     def _kind(func: Any) -> str:
@@ -925,14 +947,8 @@ class FunctionRecorder(TorchFunctionMode):
             padding_idx += weight.shape[0]
         rule = embedding_rule(padding_idx)
         owner = self._owner[id(weight)][1]
-        if batched and self.moved(ids):
-            raise RuntimeError(
-                f"an embedding lookup of module {owner.name!r} runs on ids of shape "
-                f"{tuple(ids.shape)} whose batch is dimension {self.batch_dim(ids)}, not the first "
-                "(the model transposed its batch-first input, e.g. to sequence-first, as XLNet "
-                "does): dpclip takes the first dimension of each layer's input for the examples, "
-                "which would mix up positions and examples. The model is not supported as built"
-            )
+        if batched:
+            self.refuse_moved(ids, f"an embedding lookup of module {owner.name!r}", "ids")
         result = F.embedding(*args, **kwargs)
         if batched:
             self._records.append(LayerCall(rule, owner.module, [ids], result, targets, owner.strategy))

@@ -530,17 +530,8 @@ class Recorder:
             if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
                 return  # nothing to train, or other parameters (torch.func.functional_call)
             if self.functions is not None and self.functions.active:
-                moved = next((t for t in (*args[:1], *outputs) if self.functions.moved(t)), None)
-                if moved is not None:
-                    dim = self.functions.batch_dim(moved)
-                    raise RuntimeError(
-                        f"module {unit.name!r} ({type(module).__name__}) runs on a tensor of shape "
-                        f"{tuple(moved.shape)} whose batch is dimension {dim}, not the first (the "
-                        "model transposed its batch-first input, e.g. to sequence-first): dpclip "
-                        "takes the first dimension of each layer's input and output for the "
-                        "examples, which would mix up positions and examples. Keep tensors "
-                        "batch-first around layers with parameters (transpose back before them)"
-                    )
+                for t in (*args[:1], *outputs):
+                    self.functions.refuse_moved(t, f"module {unit.name!r} ({type(module).__name__})")
             trainable = [(r, p) for r, p in zip(unit.roles, unit.params) if p.requires_grad]
             if not trainable:
                 return  # all frozen since make_private

@@ -22,6 +22,11 @@ def _labels(gen: torch.Generator, ignore: int = -100) -> torch.Tensor:
     return labels.masked_fill(torch.arange(T) >= lengths[:, None], ignore)
 
 
+def _alone(criterion: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B]: the criterion, with its own reduction, on each example alone: the reference."""
+    return torch.stack([criterion(inputs[i:i + 1], targets[i:i + 1]) for i in range(B)])
+
+
 CASES = {
     "ignore_index": lambda: nn.CrossEntropyLoss(),
     "weight": lambda: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)),
@@ -42,7 +47,7 @@ def test_a_token_loss_is_each_example_alone(case):
     labels = _labels(gen, criterion.ignore_index)
     inputs = logits.log_softmax(dim=1) if case == "nll" else logits
     got = per_example_losses(criterion, inputs, labels)
-    alone = torch.stack([criterion(inputs[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    alone = _alone(criterion, inputs, labels)
     torch.testing.assert_close(got, alone, rtol=1e-12, atol=0)
     assert criterion.reduction == "mean"
 
@@ -53,7 +58,7 @@ def test_segmentation_targets_and_keyword_target():
     logits = torch.randn(B, V, 3, 4, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, V, (B, 3, 4), generator=gen)
     labels[:, 0] = 255
-    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    alone = _alone(criterion, logits, labels)
     torch.testing.assert_close(per_example_losses(criterion, logits, target=labels), alone, rtol=1e-12, atol=0)
 
 
@@ -62,11 +67,11 @@ def test_other_token_losses_average_the_positions():
     logits = torch.randn(B, V, T, generator=gen, dtype=torch.float64)
     probabilities = torch.rand(B, V, T, generator=gen, dtype=torch.float64).softmax(dim=1)
     for criterion, target in ((nn.CrossEntropyLoss(), probabilities), (nn.MSELoss(), probabilities)):
-        alone = torch.stack([criterion(logits[i:i + 1], target[i:i + 1]) for i in range(B)])
+        alone = _alone(criterion, logits, target)
         torch.testing.assert_close(per_example_losses(criterion, logits, target), alone, rtol=1e-12, atol=0)
     summed = nn.CrossEntropyLoss(reduction="sum")
     labels = _labels(gen)
-    alone = torch.stack([summed(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    alone = _alone(summed, logits, labels)
     torch.testing.assert_close(per_example_losses(summed, logits, labels), alone, rtol=1e-12, atol=0)
 
 
@@ -129,15 +134,6 @@ class _Focal(nn.CrossEntropyLoss):
         return losses if self.reduction == "none" else losses.mean()
 
 
-def test_a_criterion_subclass_with_its_own_forward_is_averaged_as_it_averages():
-    gen = torch.Generator().manual_seed(4)
-    criterion = _Focal()
-    logits = torch.randn(B, V, T, generator=gen, dtype=torch.float64)
-    labels = _labels(gen)
-    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
-    torch.testing.assert_close(per_example_losses(criterion, logits, labels), alone, rtol=1e-12, atol=0)
-
-
 class _TokenCrossEntropy(nn.CrossEntropyLoss):
     """The usual thin subclass: logits [B, T, V] transposed for torch's [B, V, T]."""
 
@@ -145,12 +141,14 @@ class _TokenCrossEntropy(nn.CrossEntropyLoss):
         return super().forward(logits.transpose(1, 2), labels)
 
 
-def test_a_thin_subclass_over_padded_labels_is_each_example_alone():
-    # told apart from a subclass that averages over positions by one call on one example
-    gen = torch.Generator().manual_seed(5)
-    criterion = _TokenCrossEntropy()
-    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64)
+@pytest.mark.parametrize("subclass, shape, seed", [(_Focal, (B, V, T), 4), (_TokenCrossEntropy, (B, T, V), 5)])
+def test_a_criterion_subclass_with_its_own_forward_is_each_example_alone(subclass, shape, seed):
+    # a focal loss of one's own averages over positions, the usual thin subclass (logits
+    # transposed for torch) over the labelled tokens: told apart by one call on one example
+    gen = torch.Generator().manual_seed(seed)
+    criterion = subclass()
+    logits = torch.randn(*shape, generator=gen, dtype=torch.float64)
     labels = _labels(gen)
-    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(B)])
+    alone = _alone(criterion, logits, labels)
     for _ in range(2):  # (the second from what the first told)
         torch.testing.assert_close(per_example_losses(criterion, logits, labels), alone, rtol=1e-12, atol=0)
