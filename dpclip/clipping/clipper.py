@@ -23,6 +23,7 @@ from dpclip.clipping.norms import (
 )
 from dpclip.clipping.plan import ClippingPlan, CostMeter, build_plan, timed, warn_slow_layers
 from dpclip.clipping.recording import GraphCall, LayerCall, Recorder, build_units, check_strategies
+from dpclip.clipping.shared import shared_weight_ghost
 
 __all__ = ["COMPILED_ADVICE", "REENTRANT_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
 
@@ -607,6 +608,17 @@ class PerSampleClipper:
             if len(members) == 1:
                 _own_sq_norms(members[0], meter, out, ghost)
                 continue
+            tied = shared_weight_ghost(members)
+            if tied is not None:  # one Gram product over all their positions
+                if meter is not None:
+                    for call in members:
+                        meter.note_keeps(call, KEEPS[True])
+                with timed(meter, members[0], "ghost"):
+                    norm = tied.ghost_sq_norms()
+                out.append(norm.sq)
+                if norm.scale is not None:
+                    ghost.append(GhostPart(norm, tied))
+                continue  # each call adds its own part of the clipped sum
             summed: dict[nn.Parameter, torch.Tensor] = {}
             for call in members:
                 with timed(meter, call, "per-sample"):  # summed over the group: never ghost
