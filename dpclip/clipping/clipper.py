@@ -676,7 +676,7 @@ class PerSampleClipper:
         layer_calls: list[LayerCall],
         graph_grads: dict[nn.Parameter, torch.Tensor],
         ones: torch.Tensor,
-        scales: dict[nn.Parameter, tuple[torch.Tensor, float]],
+        scales: Scales,
         eps: float,
         own: dict[nn.Parameter, torch.Tensor] | None = None,
     ) -> None:
@@ -734,20 +734,20 @@ class PerSampleClipper:
     ) -> None:
         """The audit of one parameter (named ``name``): its whole gradient ``f`` against
         the sum ``o`` of its recorded per-example gradients (None: none recorded), within
-        the rounding that ``scale_unit`` (its A and eps, ``_contribution_scales``) and
+        the rounding that ``scale_unit`` (its ‖A‖ and eps, ``_contribution_scales``) and
         ``eps`` bound."""
         dtype = norm_dtype(f.dtype)
         seen = o is not None
         f = f.to(dtype)
         o = o.to(dtype) if o is not None else torch.zeros_like(f)
-        scale, unit = scale_unit if scale_unit is not None else (torch.zeros_like(f), 0.0)
-        scale = scale.to(dtype)
+        scale, unit = (float(scale_unit[0]), scale_unit[1]) if scale_unit is not None else (0.0, 0.0)
         unit = max(unit, torch.finfo(f.dtype).eps, eps)
         owner = self._owner_name.get(p, "an unhooked module")
         bad = ~(torch.isfinite(f) & torch.isfinite(o))
         if bad.any():
-            # finite contributions overflow a sum only past the dtype's largest number
-            if (bad & (scale < torch.finfo(f.dtype).max)).any():
+            # finite contributions overflow a sum only past the dtype's largest number (the
+            # norm of their absolute sums bounds each element's)
+            if scale < torch.finfo(f.dtype).max:
                 raise RuntimeError(
                     f"parameter {name!r} (of module {owner!r}) has a NaN or infinite "
                     "gradient, although every per-example gradient dpclip recorded for it "
@@ -758,13 +758,13 @@ class PerSampleClipper:
                     "attribute (head.weight = emb.weight) instead. Nothing was accumulated"
                 )
             keep = ~bad  # an overflow of the parameter's dtype: those elements say nothing
-            f, o, scale = f[keep], o[keep], scale[keep]
+            f, o = f[keep], o[keep]
         # √eps covers the worst case up to n = 1/√eps contributions per element (~2900 in
         # float32) and the typical case up to n = 1/eps
         # plus what underflow can lose: a float16 backward flushes values below its
         # smallest normal number (6e-5), whatever their relative size
         diff = float((o - f).norm())
-        tol = math.sqrt(unit) * float(scale.norm()) + _smallest_normal(unit) * math.sqrt(f.numel())
+        tol = math.sqrt(unit) * scale + _smallest_normal(unit) * math.sqrt(f.numel())
         if diff > tol:
             self._refuse_unrecorded(name, owner, diff, tol, seen)
 
@@ -820,19 +820,23 @@ def _smallest_normal(eps: float) -> float:
     return 0.0
 
 
-def _contribution_scales(
-    layer_calls: list[LayerCall], graph_calls: list[GraphCall]
-) -> dict[nn.Parameter, tuple[torch.Tensor, float]]:
-    """{param: (A, eps)} for the audit: A, element by element, the sum of the absolute
+#: {param: (‖A‖, eps)}: the audit's rounding scale of each parameter's gradient sum, as the
+#: sum of the norms of its parts (an upper bound on the norm of A, the parts being
+#: non-negative), so that no parameter-sized A is held across the first micro-batch
+Scales = dict[nn.Parameter, tuple[torch.Tensor, float]]
+
+
+def _contribution_scales(layer_calls: list[LayerCall], graph_calls: list[GraphCall]) -> Scales:
+    """{param: (‖A‖, eps)} for the audit: A, element by element, the sum of the absolute
     contributions (per example and position) to the parameter's gradient, the scale of
-    the rounding of their sum; eps, the rounding unit of the least precise tensor they
-    were computed from.
+    the rounding of their sum (kept as the sum of its parts' norms, ``Scales``); eps, the
+    rounding unit of the least precise tensor they were computed from.
 
     A rule call gives A itself (``Rule.abs_sum``); for a graph call, the vector-Jacobian
     product of |output gradient| gives it for parameters that enter linearly (a bias, a
     broadcast parameter). The audit adds Σ_i |g_i| where per-example gradients are
     materialised, which bounds |gradient| for any rule."""
-    scales: dict[nn.Parameter, tuple[torch.Tensor, float]] = {}
+    scales: Scales = {}
     for call in layer_calls:
         _add_call_scales(call, scales)
     for call in graph_calls:
@@ -844,44 +848,37 @@ def _contribution_scales(
         unit = max(torch.finfo(b.dtype).eps for _, b in used)
         for p, g in zip(call.params, grads):
             if g is not None:
-                _scale_target(scales, p, None, unit).add_(g.abs())
+                _add_scale(scales, p, g.abs(), unit)
     return scales
 
 
-def _add_call_scales(call: LayerCall, scales: dict[nn.Parameter, tuple[torch.Tensor, float]]) -> None:
+def _add_call_scales(call: LayerCall, scales: Scales) -> None:
     """Add a rule call's A (``Rule.abs_sum``, and Σ_i |g_i| of per-example gradients it
     holds) into ``scales``."""
     tensors = [call.backprop, *(a for a in call.activations if _floating(a))]
     unit = max(torch.finfo(t.dtype).eps for t in tensors)
-    call.rule.abs_sum(call, {r: _scale_target(scales, p, rows, unit) for r, (p, rows) in call.targets.items()})
+    parts = {
+        r: torch.zeros_like(p if rows is None else p[rows], dtype=norm_dtype(p.dtype))
+        for r, (p, rows) in call.targets.items()
+    }
+    call.rule.abs_sum(call, parts)
+    for role, a in parts.items():
+        _add_scale(scales, call.targets[role][0], a, unit)
     for role, g in (call.per_sample or {}).items():
         _add_abs_sum(scales, *call.targets[role], g)
 
 
-def _scale_target(
-    scales: dict[nn.Parameter, tuple[torch.Tensor, float]], p: nn.Parameter, rows: slice | None, unit: float
-) -> torch.Tensor:
-    """p's A in ``scales`` (zeros at first; rows ``rows``), its eps raised to ``unit``."""
-    a, eps = scales.get(p, (None, 0.0))
-    if a is None:
-        a = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
-    scales[p] = (a, max(eps, unit))
-    return a if rows is None else a[rows]
+def _add_scale(scales: Scales, p: nn.Parameter, part: torch.Tensor, unit: float) -> None:
+    """Add ‖part‖ (non-negative elements of p's A) to p's scale, its eps raised to ``unit``."""
+    total, eps = scales.get(p, (None, 0.0))
+    norm = torch.linalg.vector_norm(part, dtype=norm_dtype(part.dtype))
+    scales[p] = (norm if total is None else total + norm, max(eps, unit))
 
 
-def _add_abs_sum(
-    scales: dict[nn.Parameter, tuple[torch.Tensor, float]],
-    p: nn.Parameter,
-    rows: slice | None,
-    per_sample: torch.Tensor,
-) -> None:
-    """Add Σ_i |per_sample_i| (into rows ``rows`` of p) to p's scale, in ``norm_dtype``."""
+def _add_abs_sum(scales: Scales, p: nn.Parameter, rows: slice | None, per_sample: torch.Tensor) -> None:
+    """Add ‖Σ_i |per_sample_i|‖ (of rows ``rows`` of p) to p's scale, in ``norm_dtype``."""
     total = per_sample.abs().sum(dim=0, dtype=norm_dtype(per_sample.dtype))
-    scale, eps = scales.get(p, (None, torch.finfo(per_sample.dtype).eps))
-    if scale is None:
-        scale = torch.zeros_like(p, dtype=norm_dtype(p.dtype))
-    scale[rows if rows is not None else ...] += total
-    scales[p] = (scale, eps)
+    _add_scale(scales, p, total, scales[p][1] if p in scales else torch.finfo(per_sample.dtype).eps)
 
 
 def _floating(t: object) -> bool:
