@@ -19,9 +19,10 @@ Layer calls are Linear, convolutions (1-, 2- and 3-d, every padding, groups,
 transposed), embedding lookups, linear operations with a trainable weight
 inside modules without a rule, the layers Opacus has per-sample rules for
 (LayerNorm, GroupNorm, …) and the projections inside
-``nn.MultiheadAttention`` (``dpclip.clipping.attention``). A parameter used by
-several calls (a layer run twice, tied weights) gets its per-sample gradients
-summed before the norm. Any other module that owns parameters gets exact
+``nn.MultiheadAttention`` (``dpclip.clipping.attention``). A weight used by
+several calls (a layer run twice, tied embeddings) gets one ghost norm over all
+their positions (``dpclip.clipping.shared``), or where that would hold more, its
+per-sample gradients summed before the norm. Any other module that owns parameters gets exact
 per-sample gradients by a batched vector-Jacobian product through its own
 recorded graph (so dropout masks and keyword inputs are those of the real
 forward), and its part of S from those same per-sample gradients.

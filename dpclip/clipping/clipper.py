@@ -138,8 +138,10 @@ class PerSampleClipper:
             T²(d+p) ≤ 64·p·d), "ghost", "per_sample"; or a
             mapping from module names (as in ``named_modules``) to those, "auto"
             for the modules it leaves out. The result is the same up to rounding.
-            A parameter used by several calls (a layer run twice, tied weights)
-            always gets per-sample gradients, summed before the norm.
+            A weight used by several calls (a layer run twice, tied embeddings) gets
+            one ghost norm over all their positions (``dpclip.clipping.shared``) where
+            that holds less than its per-sample gradients; else those, summed over the
+            calls before the norm.
         check_independence: probe the first forward with at least 2 examples for
             examples that depend on each other (``dpclip.independence``: one extra
             forward under ``torch.no_grad()``, once); mixing raises

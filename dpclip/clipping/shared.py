@@ -47,22 +47,36 @@ class SharedWeightGhost:
         if rows is not None:
             parts = [(u[rows], v[rows], bias) for u, v, bias in parts]
         dtype = torch.float64 if rows is not None else norm_dtype(parts[0][1].dtype)
-        parts = [(u if not u.is_floating_point() else u.to(dtype), v.to(dtype), bias) for u, v, bias in parts]
-        v = torch.cat([p[1] for p in parts], dim=1)
+        # the positions of linear calls first, then the lookups': any one order serves both
+        # Gram matrices, and this one makes each kind's products one call over all its calls
+        # (a DPLSTM's cell runs once per time step: hundreds of calls)
+        parts = sorted(parts, key=lambda part: not part[0].is_floating_point())
+        dense = [u.to(dtype) for u, _, _ in parts if u.is_floating_point()]
+        ids = [u for u, _, _ in parts if not u.is_floating_point()]
+        v = torch.cat([v.to(dtype) for _, v, _ in parts], dim=1)
         product = torch.bmm(v, v.transpose(1, 2))
-        sizes = [p[1].shape[1] for p in parts]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        for (_, _, bias_c), s, n in zip(parts, starts, sizes):
-            for (_, _, bias_d), s2, n2 in zip(parts, starts, sizes):
-                if bias_c is not None and bias_c is bias_d:  # (v, 1)·(v', 1): the bias's share
-                    product[:, s:s + n, s2:s2 + n2] += 1
-        product.mul_(torch.cat([
-            torch.cat([_u_block(uc, ud, dtype) for ud, _, _ in parts], dim=2) for uc, _, _ in parts
-        ], dim=1))
-        widths = [v.shape[2] + any(p[2] is not None for p in parts)]
-        dense = [u for u, _, _ in parts if u.is_floating_point()]
-        if dense:
-            widths.append(dense[0].shape[2])
+        biases = [bias for _, _, bias in parts]
+        if any(b is not None for b in biases):  # (v, 1)·(v', 1) where the two share a bias
+            index = {id(b): i for i, b in enumerate(biases) if b is not None}
+            label = torch.cat([
+                torch.full((v.shape[1],), -1 if b is None else index[id(b)], device=product.device)
+                for (_, v, _), b in zip(parts, biases)
+            ])
+            product += ((label.unsqueeze(1) == label.unsqueeze(0)) & (label >= 0).unsqueeze(1)).to(dtype)
+        n = sum(u.shape[1] for u in dense)
+        ud = torch.cat(dense, dim=1) if dense else None
+        ui = torch.cat(ids, dim=1) if ids else None
+        if ud is not None:
+            product[:, :n, :n].mul_(torch.bmm(ud, ud.transpose(1, 2)))
+        if ui is not None:
+            product[:, n:, n:].mul_((ui.unsqueeze(2) == ui.unsqueeze(1)).to(dtype))
+        if ud is not None and ui is not None:  # a one-hot row's product with u_s: u_s at the id
+            across = ud.gather(2, ui.unsqueeze(1).expand(-1, n, -1))
+            product[:, :n, n:].mul_(across)
+            product[:, n:, :n].mul_(across.transpose(1, 2))
+        widths = [v.shape[2] + any(b is not None for b in biases)]
+        if ud is not None:
+            widths.append(ud.shape[2])
         unit = gram_unit(dtype, v.device, v.shape[1], *widths)
         return GhostNorm(product.sum(dim=(1, 2)), gram_scale(product), unit)
 
@@ -71,8 +85,8 @@ def shared_weight_ghost(calls: Sequence[LayerCall]) -> SharedWeightGhost | None:
     """The group's ghost norm where every call is a plain linear layer or a dense lookup
     on the same whole weight (besides, a linear call's bias, shared or not), none is set
     to per-sample gradients, and the Gram matrix over all positions is at most as large
-    as the two [rows, d] per-example gradients the summed path holds; else None (the
-    group's per-example gradients are summed)."""
+    as a [rows, d] per-example gradient; else None (the group's per-example gradients are
+    summed)."""
     weight = None
     positions = 0
     for call in calls:
@@ -88,13 +102,22 @@ def shared_weight_ghost(calls: Sequence[LayerCall]) -> SharedWeightGhost | None:
         if weight is not None and p is not weight:
             return None
         weight = p
-        positions += call.backprop.reshape(call.backprop.shape[0], -1, call.backprop.shape[-1]).shape[1]
+        positions += _positions(call)
     if weight is None or weight.dim() != 2:
         return None
     forced = any(c.strategy == "ghost" for c in calls)
-    if not forced and positions * positions > 2 * weight.numel():
+    # it holds about two [B, N, N] (the Gram product, one block of it), the summed path two
+    # [B, rows, d] (the sum, one call's per-example gradients)
+    if not forced and positions * positions > weight.numel():
         return None
     return SharedWeightGhost(calls)
+
+
+def _positions(call: LayerCall) -> int:
+    """The positions per example of the call: its rows of u and v."""
+    if isinstance(call.rule, EmbeddingRule):
+        return call.activations[0].numel() // call.backprop.shape[0]
+    return call.by_example(call.backprop).shape[1]
 
 
 def _factors(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, nn.Parameter | None]:
@@ -105,15 +128,3 @@ def _factors(call: LayerCall) -> tuple[torch.Tensor, torch.Tensor, nn.Parameter 
     a, g = call.rule._rows(call)
     bias = call.targets.get("bias")
     return g, a, None if bias is None else bias[0]
-
-
-def _u_block(uc: torch.Tensor, ud: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, Tc, Td]: u_t·u_s for t of one call and s of the other; a one-hot row's product
-    with u_s is u_s's entry at the id, with another one-hot row 1 where the ids agree."""
-    if not uc.is_floating_point() and not ud.is_floating_point():
-        return (uc.unsqueeze(2) == ud.unsqueeze(1)).to(dtype)
-    if not uc.is_floating_point():
-        return _u_block(ud, uc, dtype).transpose(1, 2)
-    if not ud.is_floating_point():
-        return uc.gather(2, ud.unsqueeze(1).expand(-1, uc.shape[1], -1))
-    return torch.bmm(uc, ud.transpose(1, 2))

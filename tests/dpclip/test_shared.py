@@ -118,3 +118,31 @@ def test_gpt2_tied_embedding_trains_exactly_without_per_example_vocabulary_matri
     assert spied  # wte and lm_head: one group, by its Gram product
     for p, n in names.items():
         torch.testing.assert_close(before[n] - p.detach(), expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+class AttentionTwice(nn.Module):
+    """One nn.MultiheadAttention run twice: inside it the projections' rows are stored
+    position-major ([T, B, 3E] and [T·B, E]), not example by example."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.att(x, x, x, need_weights=False)[0]
+        h = self.att(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("seq, gram", [(2, True), (16, False)])
+def test_positions_are_counted_per_example_in_position_major_layouts(seq, gram, spied):
+    # counted from the stored rows, an attention call seemed to have B positions (its
+    # in-projection, [T, B, 3E]) or 1 (its out-projection, [T·B, E]): a Gram matrix over
+    # 2 x 16 positions was taken for an 8 x 8 weight, 16x the per-example gradient it replaces
+    torch.manual_seed(0)
+    model = AttentionTwice().double()
+    x = torch.randn(4, seq, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    assert_clipped_sum_matches_reference(model, x, y, "auto", rtol=1e-10, atol=1e-12)
+    assert bool(spied) == gram
