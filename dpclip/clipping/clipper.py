@@ -735,24 +735,26 @@ class PerSampleClipper:
 
     def _check_recorded(
         self, p: nn.Parameter, name: str, f: torch.Tensor, o: torch.Tensor | None,
-        scale_unit: tuple[torch.Tensor, float] | None, eps: float,
+        scale_unit: tuple[torch.Tensor, torch.Tensor, float] | None, eps: float,
     ) -> None:
         """The audit of one parameter (named ``name``): its whole gradient ``f`` against
         the sum ``o`` of its recorded per-example gradients (None: none recorded), within
-        the rounding that ``scale_unit`` (its ‖A‖ and eps, ``_contribution_scales``) and
+        the rounding that ``scale_unit`` (``Scales``' entry, ``_contribution_scales``) and
         ``eps`` bound."""
+        largest = torch.finfo(f.dtype).max  # (of the gradient's own dtype: float16's is 65504)
         dtype = norm_dtype(f.dtype)
         seen = o is not None
         f = f.to(dtype)
         o = o.to(dtype) if o is not None else torch.zeros_like(f)
-        scale, unit = (float(scale_unit[0]), scale_unit[1]) if scale_unit is not None else (0.0, 0.0)
+        scale, top, unit = 0.0, 0.0, 0.0
+        if scale_unit is not None:
+            scale, top, unit = math.sqrt(float(scale_unit[0])), float(scale_unit[1]), scale_unit[2]
         unit = max(unit, torch.finfo(f.dtype).eps, eps)
         owner = self._owner_name.get(p, "an unhooked module")
         bad = ~(torch.isfinite(f) & torch.isfinite(o))
         if bad.any():
-            # finite contributions overflow a sum only past the dtype's largest number (the
-            # norm of their absolute sums bounds each element's)
-            if scale < torch.finfo(f.dtype).max:
+            # finite contributions overflow a sum only past the dtype's largest number
+            if top < largest:
                 raise RuntimeError(
                     f"parameter {name!r} (of module {owner!r}) has a NaN or infinite "
                     "gradient, although every per-example gradient dpclip recorded for it "
@@ -836,17 +838,19 @@ def _smallest_normal(eps: float) -> float:
     return 0.0
 
 
-#: {param: (‖A‖, eps)}: the audit's rounding scale of each parameter's gradient sum, as the
-#: sum of the norms of its parts (an upper bound on the norm of A, the parts being
-#: non-negative), so that no parameter-sized A is held across the first micro-batch
-Scales = dict[nn.Parameter, tuple[torch.Tensor, float]]
+#: {param: (Σ_k ‖a_k‖², Σ_k max a_k, eps)}: the audit's rounding scale of each parameter's
+#: gradient sum A = Σ_k a_k (non-negative parts: one per call, per-example gradients, graph
+#: call), kept as two numbers, so that no parameter-sized A is held across the first
+#: micro-batch. √(Σ‖a_k‖²) ≤ ‖A‖ (the parts' inner products are non-negative): the check's
+#: tolerance is never looser than one from A itself; Σ max a_k bounds every element of A.
+Scales = dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def _contribution_scales(layer_calls: list[LayerCall], graph_calls: list[GraphCall]) -> Scales:
-    """{param: (‖A‖, eps)} for the audit: A, element by element, the sum of the absolute
+    """``Scales`` for the audit: A, element by element, the sum of the absolute
     contributions (per example and position) to the parameter's gradient, the scale of
-    the rounding of their sum (kept as the sum of its parts' norms, ``Scales``); eps, the
-    rounding unit of the least precise tensor they were computed from.
+    the rounding of their sum (kept as two numbers); eps, the rounding unit of the least
+    precise tensor they were computed from.
 
     A rule call gives A itself (``Rule.abs_sum``); for a graph call, the vector-Jacobian
     product of |output gradient| gives it for parameters that enter linearly (a bias, a
@@ -885,16 +889,20 @@ def _add_call_scales(call: LayerCall, scales: Scales) -> None:
 
 
 def _add_scale(scales: Scales, p: nn.Parameter, part: torch.Tensor, unit: float) -> None:
-    """Add ‖part‖ (non-negative elements of p's A) to p's scale, its eps raised to ``unit``."""
-    total, eps = scales.get(p, (None, 0.0))
-    norm = torch.linalg.vector_norm(part, dtype=norm_dtype(part.dtype))
-    scales[p] = (norm if total is None else total + norm, max(eps, unit))
+    """Add a part of p's A (non-negative elements) to p's scale, its eps raised to ``unit``
+    (in float64: a float32 norm overflows long before any element does)."""
+    sq = torch.linalg.vector_norm(part, dtype=torch.float64).square()
+    top = part.max().double() if part.numel() else sq
+    if p in scales:
+        total, bound, eps = scales[p]
+        sq, top, unit = total + sq, bound + top, max(eps, unit)
+    scales[p] = (sq, top, unit)
 
 
 def _add_abs_sum(scales: Scales, p: nn.Parameter, rows: slice | None, per_sample: torch.Tensor) -> None:
     """Add ‖Σ_i |per_sample_i|‖ (of rows ``rows`` of p) to p's scale, in ``norm_dtype``."""
     total = per_sample.abs().sum(dim=0, dtype=norm_dtype(per_sample.dtype))
-    _add_scale(scales, p, total, scales[p][1] if p in scales else torch.finfo(per_sample.dtype).eps)
+    _add_scale(scales, p, total, scales[p][2] if p in scales else torch.finfo(per_sample.dtype).eps)
 
 
 def _floating(t: object) -> bool:

@@ -230,7 +230,7 @@ class EarlyNorms:
         self.recomputed: list[LayerCall] = []
         self.wrong_batch: list[LayerCall] = []
         self.own: dict[nn.Parameter, torch.Tensor] | None = {} if audit else None
-        self.scales: dict[nn.Parameter, tuple[torch.Tensor, float]] = {}
+        self.scales: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._audit = audit
         self._scales_of = scales_of
         self._taken: set[LayerCall] = set()

@@ -190,3 +190,61 @@ def test_a_small_unrecorded_use_in_a_float64_model_without_float32_layers_is_ref
     losses = F.cross_entropy(model(torch.randn(8, 4, dtype=torch.float64)), torch.randint(0, 3, (8,)), reduction="none")
     with pytest.raises(RuntimeError, match="'enc.weight'.*gets gradient from outside its own module"):
         clipper.clipped_sum(losses)
+
+
+class BlockwiseCalls(nn.Module):
+    """One Linear run 16 times, each time on its own block of input columns (a lookup per
+    field, an input split in parts), plus a small use of its weight that no record sees."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 3, bias=False)
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for j in range(16):
+            mask = torch.zeros(64, dtype=x.dtype)
+            mask[4 * j:4 * j + 4] = 1
+            out = out + self.lin(x * mask)
+        return out + self.alpha * F.linear(x, self.lin.weight)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.003])
+def test_rounding_scale_of_many_parts_is_not_their_norms_sum(alpha):
+    # The check's rounding scale is kept as numbers, not a parameter-sized tensor: the sum
+    # of its parts' norms would allow up to √(number of parts) more, and accepted this
+    # unrecorded use (difference 0.055, tolerance 0.075); √(sum of their squared norms)
+    # never exceeds the norm of their sum (tolerance 0.021)
+    torch.manual_seed(0)
+    model = BlockwiseCalls(alpha)
+    x, y = torch.randn(8, 64), torch.randint(0, 3, (8,))
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    if alpha == 0.0:
+        clipper.clipped_sum(losses)
+    else:
+        with pytest.raises(RuntimeError, match="'lin.weight'.*gets gradient from outside its own module"):
+            clipper.clipped_sum(losses)
+
+
+def test_an_infinite_gradient_from_an_unrecorded_use_is_refused_beside_large_finite_parts():
+    # contributions of ±5e18 cancel in each example (every recorded per-example gradient is
+    # 0); the unrecorded use makes the whole gradient infinite. The sum of the parts' norms
+    # overflowed float32 (8e19 squared), which forgave every non-finite element
+    class Cancelling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2, bias=False)
+
+        def forward(self, x, xs):
+            out = self.fc(x)
+            h = F.linear(xs, self.fc.weight)  # adds 0, with an infinite gradient
+            return (out[:, 0] - out[:, 1]).sum(1) + torch.sqrt(h - h.detach()).sum(1)
+
+    torch.manual_seed(0)
+    model = Cancelling()
+    clipper = PerSampleClipper(model, 1.0)
+    losses = model(torch.full((4, 2, 2), 5e18), torch.rand(4, 2) + 0.5)
+    with pytest.raises(RuntimeError, match="'fc.weight'.*has a NaN or infinite gradient"):
+        clipper.clipped_sum(losses)

@@ -424,3 +424,46 @@ def test_low_mode_second_backward_adds_each_gradient_as_it_arrives():
     # before, 0.14 and 0.14 now
     non_private, low = peak(None), peak("low")
     assert low <= non_private + 0.25 * params, (low - non_private) / params
+
+
+def test_an_error_in_the_second_backward_loses_the_logical_batch_loudly(monkeypatch):
+    # "low" adds each gradient into the accumulator during its second backward: an error
+    # there (out of memory) leaves part of the micro-batch added, so its logical batch must
+    # not be applied; the hooks that add them are gone either way
+    from dpclip.clipping import clipper as clipper_module
+
+    added = []
+    original = clipper_module._adder
+
+    def failing(out, p):
+        hook = original(out, p)
+
+        def maybe(g):
+            added.append(p)
+            if len(added) == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return hook(g)
+
+        return maybe
+
+    monkeypatch.setattr(clipper_module, "_adder", failing)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    engine = dpclip.PrivacyEngine()
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(data, batch_size=8), noise_multiplier=1.0, max_grad_norm=1.0,
+        max_physical_batch_size=4, poisson_sampling=False, memory="low",
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    (x, y), *rest = list(loader)
+    with pytest.raises(RuntimeError, match="simulated"):
+        criterion(model(x), y).backward()
+    assert all(not p._backward_hooks for p in model.parameters())
+    for x, y in rest:
+        criterion(model(x), y).backward()
+    with pytest.raises(dpclip.LogicalBatchError, match="was not applied"):
+        optimizer.step()
+    assert engine.steps == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
