@@ -27,6 +27,13 @@ from dpclip.clipping.shared import shared_weight_ghost
 
 __all__ = ["COMPILED_ADVICE", "REENTRANT_ADVICE", "NonFiniteNormError", "PerSampleClipper", "validate_module"]
 
+#: Uses of a parameter outside its module that the audit finds (F.linear and x @ W.T on a
+#: module's weight are recorded where lookups are: Hugging Face models).
+_UNRECORDED = (
+    "e.g. the weight in torch.einsum, transformed before use as in emb.weight * 0.5, or "
+    "passed to F.linear outside its module in a model without embedding lookups"
+)
+
 #: Why a compiled model is refused, and what to do instead.
 COMPILED_ADVICE = (
     "torch.compile is not supported with per-example clipping: dpclip records each layer's "
@@ -248,8 +255,9 @@ class PerSampleClipper:
             if p.requires_grad and p not in self._covered:
                 raise RuntimeError(
                     f"parameter {name!r} requires grad but was frozen when the model was made "
-                    "private (or added since), so it has no per-example clipping and would get "
-                    "no private gradient: freeze it again (requires_grad_(False)), or make a new "
+                    "private (or added or replaced since: a weight untied by assigning a new "
+                    "nn.Parameter, say), so it has no per-example clipping and would get no "
+                    "private gradient: freeze it again (requires_grad_(False)), or make a new "
                     "model private with it trainable from the start"
                 )
 
@@ -759,10 +767,10 @@ class PerSampleClipper:
                     f"parameter {name!r} (of module {owner!r}) has a NaN or infinite "
                     "gradient, although every per-example gradient dpclip recorded for it "
                     f"is finite and their sum cannot overflow {f.dtype}: the non-finite part "
-                    "comes from a use of the parameter outside its own module's forward "
-                    "(e.g. a tied weight passed to F.linear(h, self.emb.weight)), which "
-                    "dpclip cannot clip per example: tie weights by sharing the module "
-                    "attribute (head.weight = emb.weight) instead. Nothing was accumulated"
+                    f"comes from a use of the parameter that dpclip does not record ({_UNRECORDED}), "
+                    "which it cannot clip per example: use the module itself, or tie weights "
+                    "by sharing the module attribute (head.weight = emb.weight). Nothing was "
+                    "accumulated"
                 )
             keep = ~bad  # an overflow of the parameter's dtype: those elements say nothing
             f, o = f[keep], o[keep]
@@ -784,8 +792,8 @@ class PerSampleClipper:
                 "over several forwards of the model (e.g. siamese pairs) cannot be clipped per "
                 "example this way: compute it in one forward of a module that takes all its "
                 "inputs (forward(x1, x2)), and evaluate under torch.no_grad(). (Or the "
-                "parameter is used outside its own module, e.g. a tied weight passed to "
-                "F.linear: tie it by sharing the module attribute.) Nothing was accumulated"
+                f"parameter has a use dpclip does not record, {_UNRECORDED}: tie it by sharing "
+                "the module attribute.) Nothing was accumulated"
             )
         recorded = (
             "its gradient differs from the sum of the per-example gradients dpclip recorded "
@@ -794,10 +802,9 @@ class PerSampleClipper:
         )
         raise RuntimeError(
             f"parameter {name!r} (of module {owner!r}) gets gradient from outside its own "
-            f"module's forward: {recorded}. It is used where dpclip's hooks do not see it, e.g. "
-            "a tied weight passed to F.linear(h, self.emb.weight), so its per-example norm "
-            "would be too small: tie weights by sharing the module attribute "
-            "(head.weight = emb.weight) instead. Nothing was accumulated"
+            f"module's forward: {recorded}. It has a use dpclip does not record ({_UNRECORDED}), "
+            "so its per-example norm would be too small: use the module itself, or tie weights "
+            "by sharing the module attribute (head.weight = emb.weight). Nothing was accumulated"
         )
 
 

@@ -248,7 +248,7 @@ def test_a_trainable_parameter_added_after_make_private_is_refused(how):
         inner.extra = nn.Linear(6, 3)
     else:
         inner.extra = nn.Parameter(torch.ones(3))
-    with pytest.raises(RuntimeError, match=r"'extra.*requires grad but was frozen when the model was made private \(or added since\)"):
+    with pytest.raises(RuntimeError, match=r"'extra.*requires grad but was frozen when the model was made private \(or added or replaced since"):
         xb, yb = next(batches)
         criterion(model(xb), yb).backward()
     assert optimizer.micro_batches_accumulated == 1
