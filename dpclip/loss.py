@@ -329,7 +329,6 @@ def _counted_targets(
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
-
 def _reduces_by_count(
     criterion: nn.Module, losses: torch.Tensor, total: torch.Tensor, args: tuple, kwargs: dict
 ) -> bool:

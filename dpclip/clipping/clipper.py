@@ -672,9 +672,8 @@ class PerSampleClipper:
         layer's part timed by ``meter`` when it measures."""
 
         for call in layer_calls:
-            views = {role: accumulator(out, p, rows) for role, (p, rows) in call.targets.items()}
             with timed(meter, call):
-                call.rule.clipped_sum(call, factors, views)
+                call.add_clipped(factors, out)
             if not retain_graph:  # the last use: free as we go (the audit sums twice)
                 call.release()
                 call.per_sample = None
@@ -711,11 +710,8 @@ class PerSampleClipper:
         (``memory="low"``), added to.
         """
         own = own or {}
-        for call in layer_calls:  # the per-example level: holds for rules that are not bilinear
-            for role, g in (call.per_sample or {}).items():
-                _add_abs_sum(scales, *call.targets[role], g)
         for p, g in graph_grads.items():
-            _add_abs_sum(scales, p, None, g)
+            _add_abs_sum(scales, p, g)
         # parameter by parameter, as soon as its last call is summed, dropping its whole
         # gradient, sum and scale: all parameters' at once held up to 3x the model's size
         # more than any later micro-batch (1.3x non-private's peak on GPU for RoBERTa-base)
@@ -727,8 +723,9 @@ class PerSampleClipper:
             for p, _ in call.targets.values():
                 calls_left[p] = calls_left.get(p, 0) + 1
         for call in layer_calls:
-            views = {role: accumulator(own, p, rows) for role, (p, rows) in call.targets.items()}
-            call.rule.clipped_sum(call, ones, views)
+            for role, g in (call.per_sample or {}).items():  # the per-example level: holds
+                _add_abs_sum(scales, call.targets[role][0], g)  # for rules that are not bilinear
+            call.add_clipped(ones, own)
             for p, _ in call.targets.values():
                 calls_left[p] -= 1
                 if calls_left[p] == 0 and p not in graph_grads and p in whole:
@@ -892,7 +889,7 @@ def _add_call_scales(call: LayerCall, scales: Scales) -> None:
     for role, a in parts.items():
         _add_scale(scales, call.targets[role][0], a, unit)
     for role, g in (call.per_sample or {}).items():
-        _add_abs_sum(scales, *call.targets[role], g)
+        _add_abs_sum(scales, call.targets[role][0], g)
 
 
 def _add_scale(scales: Scales, p: nn.Parameter, part: torch.Tensor, unit: float) -> None:
@@ -906,8 +903,8 @@ def _add_scale(scales: Scales, p: nn.Parameter, part: torch.Tensor, unit: float)
     scales[p] = (sq, top, unit)
 
 
-def _add_abs_sum(scales: Scales, p: nn.Parameter, rows: slice | None, per_sample: torch.Tensor) -> None:
-    """Add ‖Σ_i |per_sample_i|‖ (of rows ``rows`` of p) to p's scale, in ``norm_dtype``."""
+def _add_abs_sum(scales: Scales, p: nn.Parameter, per_sample: torch.Tensor) -> None:
+    """Add Σ_i |per_sample_i| (p's, or a block of its rows) as a part of p's scale."""
     total = per_sample.abs().sum(dim=0, dtype=norm_dtype(per_sample.dtype))
     _add_scale(scales, p, total, scales[p][2] if p in scales else torch.finfo(per_sample.dtype).eps)
 

@@ -364,8 +364,8 @@ class FunctionRecorder(TorchFunctionMode):
         self._transposed: dict[int, tuple[weakref.ref, nn.Parameter]] = {}
         #: batched tensors whose batch dimension is known to be another than the first (a
         #: transpose to sequence-first, [T, B, ·]), and its index; None: unknown (after an
-        #: operation on such a tensor that is neither ``_KEEPING`` nor ``_MOVING``).
-        #: Untracked: first
+        #: operation on such a tensor that is neither ``_KEEPING`` nor ``_MOVING``); a
+        #: batched tensor not in it has its batch first
         self._batch_dims: dict[int, tuple[weakref.ref, int | None]] = {}
         self._dim_kinds: dict[Any, str] = {}
         self._unrecognised: dict[int, int] = {}

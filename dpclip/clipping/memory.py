@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, accumulator, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, norm_dtype, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall
 
@@ -299,4 +299,4 @@ class EarlyNorms:
 
     def _own_sums(self, call: LayerCall) -> None:
         ones = call.backprop.new_ones(self.batch, dtype=norm_dtype(call.backprop.dtype))
-        call.rule.clipped_sum(call, ones, {r: accumulator(self.own, p, rows) for r, (p, rows) in call.targets.items()})
+        call.add_clipped(ones, self.own)

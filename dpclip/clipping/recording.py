@@ -23,6 +23,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
+from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
 from dpclip.clipping.rules.broadcast import BROADCAST
 from dpclip.independence import ExamplesMixedError, ForwardProbe
@@ -141,6 +142,11 @@ class LayerCall:
         if self.batch_inner is None:
             return t.reshape(t.shape[0], -1, f).sum(dim=1)
         return t.reshape(-1, self.batch_inner, f).sum(dim=0)
+
+    def add_clipped(self, factors: torch.Tensor, out: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Add the call's Σ_i c_i g_i into ``out`` ({param: accumulator}, missing ones
+        created by ``accumulator``)."""
+        self.rule.clipped_sum(self, factors, {r: accumulator(out, p, rows) for r, (p, rows) in self.targets.items()})
 
     def release(self) -> None:
         """Drop the activations and output gradient (their memory) once the call no longer
