@@ -168,4 +168,10 @@ def _allreduce_future(bucket):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    # gloo's threads could still abort the process in the interpreter's teardown, after the
+    # results were written ("terminate called without an active exception", exit -6; seen
+    # in 3 of 7 full test runs on a loaded 2-core machine): leave without that teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
