@@ -347,7 +347,7 @@ class PerSampleClipper:
             meter.begin(loss_per_sample.device)
         # labelled ranges: what benchmarks/phase_profile.py reports per phase (free when not profiling)
         with record_function("dpclip.backward"), timed(meter, None):
-            layer_calls, graph_calls, full, early = self._backward(loss_per_sample, calls, batch, meter)
+            layer_calls, graph_calls, full, early = self._backward(loss_per_sample, calls, batch, meter, eps)
         # the audit's rounding scale needs the calls' tensors, which the norms may release
         scales = None if full is None else _contribution_scales(layer_calls, graph_calls)
         if scales is not None:
@@ -379,7 +379,7 @@ class PerSampleClipper:
                 "optimizer.step() as usual"
             )
         if full is not None:
-            self._audit(full, layer_calls + early.kept, graph_grads, norms.new_ones(batch), scales, eps, early.own)
+            self._audit(full, layer_calls, graph_grads, norms.new_ones(batch), scales, eps, early.own)
         self.last_norms = norms.detach()
         factors = clip_factors(norms, self.max_grad_norm).detach()
         result = {} if out is None else out
@@ -417,7 +417,7 @@ class PerSampleClipper:
 
     def _backward(
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int,
-        meter: CostMeter | None,
+        meter: CostMeter | None, eps: float,
     ) -> tuple[
         list[LayerCall], list[GraphCall], list[tuple[nn.Parameter, torch.Tensor]] | None, EarlyNorms
     ]:
@@ -469,6 +469,10 @@ class PerSampleClipper:
         met = [t for c in broadcast for t in c.inputs()]
         inputs = flat + met + trainable
         watched = [h for c in broadcast for h in c.watch(batch)]
+        checked: set[nn.Parameter] = set()
+        if audit:
+            others = [*(c for c in calls if c not in hooked), *broadcast]
+            watched += self._check_as_given(hooked, others, early, eps, checked)
         try:  # the graph path and a second backward take a second pass through the graph
             grads = torch.autograd.grad(
                 loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or recompute),
@@ -534,8 +538,52 @@ class PerSampleClipper:
             for shape, b in zip(call.shapes, call.backprops):
                 if b is not None and (not shape or shape[0] != batch):
                     self._batch_error(call.unit.module, shape, batch)
-        full = [(p, g) for p, g in zip(trainable, grads[len(flat) + len(met):]) if g is not None]
+        full = [
+            (p, g) for p, g in zip(trainable, grads[len(flat) + len(met):]) if g is not None and p not in checked
+        ]
         return layer_calls, used_graph, (full if audit else None), early
+
+    def _check_as_given(
+        self, hooked: set[LayerCall], others: list[LayerCall | GraphCall | BroadcastCall],
+        early: EarlyNorms, eps: float, checked: set[nn.Parameter],
+    ) -> list[Any]:
+        """The audit's check of each parameter used only by calls whose norms the pass
+        takes (``hooked``), by a hook on it, as the pass gives its whole gradient: by then
+        each of its calls that got a gradient added its sum to ``early.own`` (a call's node
+        runs before the nodes below it). Checked parameters go into ``checked``, and autograd
+        is handed a zero without storage: returned together at the end of the pass, every
+        parameter's whole gradient was held at once (the model's size more than non-private
+        on the first micro-batch). A parameter with a call not taken cleanly (its output
+        got no gradient, or one not batch-first, which the clipper refuses after the pass) is
+        left to the check after the pass. Returns the hooks' handles."""
+        shared = {
+            p for c in others
+            for p in (c.params if isinstance(c, GraphCall) else [p for p, _ in c.targets.values()])
+        }
+        calls_of: dict[nn.Parameter, list[LayerCall]] = {}
+        for call in hooked:
+            for p, _ in call.targets.values():
+                calls_of.setdefault(p, []).append(call)
+        names: dict[nn.Parameter, str] = {}
+
+        def hook_for(p: nn.Parameter, calls: list[LayerCall]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def hook(g: torch.Tensor) -> torch.Tensor:
+                if p in checked or not all(early.took(c) and c not in early.wrong_batch for c in calls):
+                    return g
+                if not names:
+                    names.update((q, n) for n, q in self.module.named_parameters())
+                self._check_recorded(
+                    p, names.get(p, "?"), g, early.own.pop(p, None), early.scales.pop(p, None), eps
+                )
+                checked.add(p)
+                return g.new_zeros(()).expand(g.shape)
+
+            return hook
+
+        return [
+            p.register_hook(hook_for(p, calls))
+            for p, calls in calls_of.items() if p.requires_grad and p not in shared
+        ]
 
     def _batch_error(self, module: nn.Module, shape: tuple[int, ...], batch: int) -> None:
         name = next((u.name for u in self.units if u.module is module), type(module).__name__)
@@ -706,8 +754,8 @@ class PerSampleClipper:
         and passes; a use no record sees is a whole missing contribution, and does not.
         ``eps``: the relative rounding of the layers' arithmetic (bfloat16's under
         autocast, where a float32 parameter's whole gradient comes from a bfloat16 backward).
-        ``own``: the sums (factors 1) of calls whose tensors are already released
-        (``memory="low"``), added to.
+        ``own``: the sums (factors 1) of the calls whose norms the pass took (``EarlyNorms``),
+        added to; their parameters that the pass already checked are not in ``full``.
         """
         own = own or {}
         for p, g in graph_grads.items():

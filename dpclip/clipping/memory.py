@@ -209,9 +209,10 @@ class EarlyNorms:
     S comes from what they keep; ``recomputed``: those (of ``recompute``) whose output
     got a gradient; ``wrong_batch``: the calls whose output gradient was not batch-first (the
     clipper raises its error after the pass). With ``audit``, also the audit's sums of
-    contributions (``own``, factors 1, for recomputed calls: the kept ones still have
-    theirs) and of their absolute values (``scales``; ``scales_of`` adds a call's, with its
-    per-example gradients' where it holds them).
+    contributions (``own``, factors 1) and of their absolute values (``scales``;
+    ``scales_of`` adds a call's, with its per-example gradients' where it holds them),
+    taken while the call's tensors are at hand: the clipper checks a parameter against its
+    whole gradient as soon as the pass gives it (``PerSampleClipper._backward``).
     """
 
     def __init__(
@@ -267,8 +268,6 @@ class EarlyNorms:
             call.release()
             return
         recompute = call in self.recompute
-        if self._audit and not recompute:  # (the audit adds its per-example gradients' part)
-            self._scales_of(call, self.scales)
         ghost = call.uses_ghost()
         with timed(self.meter, call, "ghost" if ghost else "per-sample"):
             if ghost:
@@ -285,15 +284,15 @@ class EarlyNorms:
                 self.parts.extend(row_sq_norms(g) for g in call.per_sample.values())
         if self.meter is not None:
             self.meter.note_keeps(call, "nothing" if recompute else KEEPS[ghost])
+        if self._audit:  # (with its per-example gradients' part, where it has them)
+            self._scales_of(call, self.scales)
+            self._own_sums(call)
         if not recompute:
             self.kept.append(call)
             if not ghost:
                 call.release()
             return
         self.recomputed.append(call)
-        if self._audit:
-            self._scales_of(call, self.scales)
-            self._own_sums(call)
         call.release()
         call.per_sample = None
 
