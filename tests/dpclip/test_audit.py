@@ -43,13 +43,20 @@ def _zero_gradient_model(dtype: torch.dtype) -> ShiftedKeys:
     return model
 
 
+@pytest.fixture(params=["fast", "low"])
+def memory(request: pytest.FixtureRequest) -> str:
+    """Both memory modes: a parameter whose every call takes its norm in the pass is
+    checked as the pass gives its whole gradient (in "low" its calls keep nothing)."""
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_parameter_whose_true_gradient_is_zero_passes(dtype):
+def test_parameter_whose_true_gradient_is_zero_passes(dtype, memory):
     model = _zero_gradient_model(dtype)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 64, 5, generator=gen, dtype=dtype)
     y = torch.randint(0, 3, (16,), generator=gen)
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     losses = F.cross_entropy(model(x), y, reduction="none")
     full = torch.autograd.grad(losses.sum(), model.key.bias, retain_graph=True)[0]
     assert 0 < float(full.abs().max()) < 1e-4 * float(losses.detach().abs().max())  # rounding only
@@ -75,12 +82,12 @@ class SmallUnrecordedUse(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_small_unrecorded_use_next_to_a_large_gradient_is_refused(dtype):
+def test_small_unrecorded_use_next_to_a_large_gradient_is_refused(dtype, memory):
     torch.manual_seed(0)
     model = SmallUnrecordedUse().to(dtype)
     tokens = torch.randint(0, 12, (8, 5))
     x = torch.randn(8, 4, dtype=dtype) * 1e9  # ‖∇ big.weight‖ ~ 1e9
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     losses = F.cross_entropy(model(tokens, x), torch.randint(0, 3, (8,)), reduction="none")
     with pytest.raises(RuntimeError) as refused:
         clipper.clipped_sum(losses)
@@ -102,9 +109,9 @@ class ForeignOnly(nn.Module):
         return self.b(x) + F.linear(x, self.a.weight)
 
 
-def test_parameter_of_a_module_never_called_says_nothing_was_recorded():
+def test_parameter_of_a_module_never_called_says_nothing_was_recorded(memory):
     model = ForeignOnly().double()
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     losses = F.cross_entropy(model(torch.randn(4, 3, dtype=torch.float64)),
                              torch.tensor([0, 1, 0, 1]), reduction="none")
     with pytest.raises(RuntimeError, match=r"parameter 'a.weight' \(of module 'a'\) gets "
@@ -126,9 +133,9 @@ class InfiniteUnrecordedUse(nn.Module):
         return self.fc(x) + torch.sqrt(h - h.detach())
 
 
-def test_non_finite_gradient_from_an_unrecorded_use_is_refused_not_skipped():
+def test_non_finite_gradient_from_an_unrecorded_use_is_refused_not_skipped(memory):
     model = InfiniteUnrecordedUse().double()
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     x = torch.rand(4, 3, dtype=torch.float64) + 0.5
     losses = F.cross_entropy(model(x), torch.tensor([0, 1, 0, 1]), reduction="none")
     with pytest.raises(RuntimeError, match=r"parameter 'fc.weight' \(of module 'fc'\) has a NaN "
@@ -155,7 +162,7 @@ class Float32Norm(nn.Module):
 
 
 @pytest.mark.parametrize("graph", [False, True])
-def test_a_float64_model_whose_layers_compute_in_float32_passes(graph):
+def test_a_float64_model_whose_layers_compute_in_float32_passes(graph, memory):
     # the check's rounding allowance came from the layers' output dtypes (float64), while
     # this norm's gradients are computed in float32: the sums of one gradient in two
     # orders differed by float32 rounding, and a correct float64 Gemma was refused as
@@ -164,14 +171,14 @@ def test_a_float64_model_whose_layers_compute_in_float32_passes(graph):
     model = nn.Sequential(nn.Linear(6, 16), Float32Norm(16, graph), nn.Tanh(), nn.Linear(16, 3)).double()
     nn.init.uniform_(model[1].weight, 0.0, 1.0)
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
-    clipper = PerSampleClipper(model, 1e6)
+    clipper = PerSampleClipper(model, 1e6, memory=memory)
     clipped = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     whole = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), list(model.parameters()))
     for p, g in zip(model.parameters(), whole):
         torch.testing.assert_close(clipped[p], g, rtol=1e-5, atol=1e-9)
 
 
-def test_a_small_unrecorded_use_in_a_float64_model_without_float32_layers_is_refused():
+def test_a_small_unrecorded_use_in_a_float64_model_without_float32_layers_is_refused(memory):
     # the float32 rounding allowance is for graph-path modules that may compute inside in
     # float32; a float64 model of rules keeps float64's, which sees a tied use at 1e-5
     class Tied(nn.Module):
@@ -186,7 +193,7 @@ def test_a_small_unrecorded_use_in_a_float64_model_without_float32_layers_is_ref
 
     torch.manual_seed(0)
     model = Tied().double()
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     losses = F.cross_entropy(model(torch.randn(8, 4, dtype=torch.float64)), torch.randint(0, 3, (8,)), reduction="none")
     with pytest.raises(RuntimeError, match="'enc.weight'.*gets gradient from outside its own module"):
         clipper.clipped_sum(losses)
@@ -211,7 +218,7 @@ class BlockwiseCalls(nn.Module):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.003])
-def test_rounding_scale_of_many_parts_is_not_their_norms_sum(alpha):
+def test_rounding_scale_of_many_parts_is_not_their_norms_sum(alpha, memory):
     # The check's rounding scale is kept as numbers, not a parameter-sized tensor: the sum
     # of its parts' norms would allow up to √(number of parts) more, and accepted this
     # unrecorded use (difference 0.055, tolerance 0.075); √(sum of their squared norms)
@@ -219,7 +226,7 @@ def test_rounding_scale_of_many_parts_is_not_their_norms_sum(alpha):
     torch.manual_seed(0)
     model = BlockwiseCalls(alpha)
     x, y = torch.randn(8, 64), torch.randint(0, 3, (8,))
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     losses = F.cross_entropy(model(x), y, reduction="none")
     if alpha == 0.0:
         clipper.clipped_sum(losses)
@@ -228,7 +235,7 @@ def test_rounding_scale_of_many_parts_is_not_their_norms_sum(alpha):
             clipper.clipped_sum(losses)
 
 
-def test_an_infinite_gradient_from_an_unrecorded_use_is_refused_beside_large_finite_parts():
+def test_an_infinite_gradient_from_an_unrecorded_use_is_refused_beside_large_finite_parts(memory):
     # contributions of ±5e18 cancel in each example (every recorded per-example gradient is
     # 0); the unrecorded use makes the whole gradient infinite. The sum of the parts' norms
     # overflowed float32 (8e19 squared), which forgave every non-finite element
@@ -244,7 +251,19 @@ def test_an_infinite_gradient_from_an_unrecorded_use_is_refused_beside_large_fin
 
     torch.manual_seed(0)
     model = Cancelling()
-    clipper = PerSampleClipper(model, 1.0)
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
     losses = model(torch.full((4, 2, 2), 5e18), torch.rand(4, 2) + 0.5)
     with pytest.raises(RuntimeError, match="'fc.weight'.*has a NaN or infinite gradient"):
         clipper.clipped_sum(losses)
+
+
+def test_a_loss_per_token_gets_the_batch_error_not_the_audits(memory):
+    # the check as the pass gives each whole gradient must leave a call whose output
+    # gradient is not batch-first to the clipper's error after the pass (which names the
+    # fix), not refuse its parameter as used where no record sees it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
+    x, y = torch.randn(4, 7, 6), torch.randint(0, 3, (4 * 7,))
+    with pytest.raises(RuntimeError, match="returned 28 per-sample losses but the model's forward had a batch of 4"):
+        clipper.clipped_sum(F.cross_entropy(model(x).reshape(-1, 3), y, reduction="none"))
