@@ -4,6 +4,7 @@ micro-batch from one backward pass over what the forward recorded."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
-    KEEPS, EarlyNorms, GhostPart, SavedActivations, auto_mode, check_memory, kept_bytes,
+    KEEPS, EarlyNorms, GhostPart, SavedActivations, auto_mode, check_memory, kept_bytes, one_precision,
     recomputable, rows_overlap,
 )
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
@@ -198,7 +199,7 @@ class PerSampleClipper:
         self.recorder = Recorder(
             module, self.units, self.check_independence, functions if functions.needed else None
         )
-        if memory == "auto":
+        if memory in ("auto", "low"):  # ("low": to warn where it rounds more than "fast")
             self.recorder.saved = SavedActivations(self.params)
         #: what the first micro-batches took per layer, for ``plan()``
         self.meter = CostMeter(self._owner_name)
@@ -451,10 +452,11 @@ class PerSampleClipper:
         hooked = recomputable([*layer, *broadcast]) - set(broadcast)
         if self.recorder.saved is not None and self.recorder.saved_counts is not None:
             saved, dtypes = self.recorder.saved_counts
-            self.mode = auto_mode(
-                sum(kept_bytes(c, batch) for c in hooked), saved,
-                {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)},
-            )
+            dtypes = {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)}
+            if self.memory == "auto":
+                self.mode = auto_mode(sum(kept_bytes(c, batch) for c in hooked), saved, dtypes)
+            elif not one_precision(dtypes):
+                _warn_low_precisions(dtypes)
             self.recorder.saved = None
         recompute = hooked if self.mode == "low" else set()
         early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
@@ -851,6 +853,20 @@ class PerSampleClipper:
             "so its per-example norm would be too small: use the module itself, or tie weights "
             "by sharing the module attribute (head.weight = emb.weight). Nothing was accumulated"
         )
+
+
+def _warn_low_precisions(dtypes: set[torch.dtype]) -> None:
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    least = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+    warnings.warn(
+        f'memory="low" on a model that computes in more than one precision ({names}: half '
+        "precision, autocast, or a layer that casts inside, as Hugging Face's RMSNorms cast "
+        'to float32): "low" takes the clipped sum from a backward of Σ_i c_i·ℓ_i, which '
+        "rounds each example's clipped gradient in the least precise of them, so its norm can "
+        f"exceed max_grad_norm by about {least:.0e} relative. memory=\"fast\" (or \"auto\", "
+        "which takes it here) scales each example's gradient by c_i in float32 or better",
+        stacklevel=5,
+    )
 
 
 def _adder(out: dict[nn.Parameter, torch.Tensor], p: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:

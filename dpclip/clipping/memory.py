@@ -41,7 +41,8 @@ from dpclip.clipping.recording import LayerCall
 
 __all__ = [
     "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations",
-    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "recomputable", "rows_overlap",
+    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable",
+    "rows_overlap",
 ]
 
 #: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
@@ -73,8 +74,13 @@ def auto_mode(kept: int, saved: int, dtypes: set[torch.dtype]) -> str:
     float64 model that computes its RMSNorm in float32): "fast" scales each example's
     gradient by its factor in the layers' precision, "low" would scale its loss and
     backpropagate through the lower one."""
-    one_precision = len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
-    return "low" if one_precision and kept > AUTO_LOW_ABOVE * saved else "fast"
+    return "low" if one_precision(dtypes) and kept > AUTO_LOW_ABOVE * saved else "fast"
+
+
+def one_precision(dtypes: set[torch.dtype]) -> bool:
+    """Whether ``dtypes`` are one float32 or float64 dtype: where "low"'s second backward,
+    of Σ_i c_i ℓ_i, rounds each example's clipped gradient as "fast" does."""
+    return len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
 
 
 def kept_bytes(call: LayerCall, batch: int) -> int:

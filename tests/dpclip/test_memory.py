@@ -8,6 +8,8 @@ the code under test holds, not of what the process's allocator keeps mapped.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -470,3 +472,38 @@ def test_an_error_in_the_second_backward_loses_the_logical_batch_loudly(monkeypa
         optimizer.step()
     assert engine.steps == 0
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+class _CastsInside(nn.Module):
+    """A layer computed in float32 whatever the model's dtype (as Hugging Face's RMSNorms)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).float().tanh().to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype, memory, warns",
+    [(torch.float64, "low", True), (torch.float64, "fast", False), (torch.float64, "auto", False),
+     (torch.float32, "low", False)],
+)
+def test_low_asked_for_on_a_model_computing_in_two_precisions_warns_once(dtype, memory, warns):
+    # "low" backpropagates Σ c_i ℓ_i, rounding each example's clipped gradient in the
+    # float32 layer (1e-8 off in a float64 model); "auto" takes "fast" there, and says
+    # nothing; asked for, "low" said nothing either
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), _CastsInside(), nn.Linear(6, 3)).to(dtype)
+    clipper = dpclip.PerSampleClipper(model, 1.0, memory=memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            x, y = torch.randn(4, 6, dtype=dtype), torch.randint(0, 3, (4,))
+            clipper.clipped_sum(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    said = [w for w in caught if "more than one precision" in str(w.message)]
+    assert len(said) == (1 if warns else 0), [str(w.message) for w in caught]
+    if warns:
+        assert "float32, float64" in str(said[0].message) and 'memory=\\"fast\\"' not in str(said[0].message)
+        assert 'memory="fast"' in str(said[0].message)
