@@ -560,12 +560,16 @@ class Recorder:
             current = {id(p) for p in module.parameters()}
             if any(id(p) not in current for p in unit.params):
                 return  # run with other parameters (torch.func.functional_call): not training
-            if self.recording and torch.is_grad_enabled() and module not in self._attention:
-                if self._traced():
-                    return
-                recorder.reset()
-                self._attention[module] = recorder
-                recorder.__enter__()
+            if not torch.is_grad_enabled() or module in self._attention:
+                return
+            if torch.compiler.is_compiling():
+                self.compiled = self.compiled or self.recording  # (``_traced``)
+                return
+            # also where nothing is recorded (paused): gradient checkpointing runs the forward
+            # again in dpclip's backward, and torch refuses a run whose operations differ
+            recorder.reset()
+            self._attention[module] = recorder
+            recorder.__enter__()
 
         return hook
 
@@ -578,6 +582,8 @@ class Recorder:
             # taken out of the recorder: it must not keep the projections' outputs alive
             projections, biases, unsupported = recorder.projections, recorder.biases, recorder.unsupported
             recorder.reset()
+            if not self.recording:
+                return
             outputs = [
                 t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad
             ]

@@ -152,3 +152,52 @@ def test_reentrant_gradient_checkpointing_is_refused_naming_the_fix():
     with pytest.raises(RuntimeError, match="use_reentrant=True cannot run under dpclip.*use_reentrant=False"):
         criterion(private(xb), yb).backward()
     assert optimizer.micro_batches_accumulated == 0
+
+
+class _CheckpointedEncoder(torch.nn.Module):
+    """nn.TransformerEncoderLayer (its nn.MultiheadAttention) under non-reentrant
+    checkpointing, as a user builds a memory-saving transformer from torch's layers, on
+    an input that requires grad (an embedding's, here a linear layer's)."""
+
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(8, 8)
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.layer, h, use_reentrant=False)
+        else:
+            h = self.layer(h)
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_checkpointed_multihead_attention_trains_as_without(memory):
+    # dpclip sees nn.MultiheadAttention's projections by running torch's attention function
+    # with a recording linear; the forward that checkpointing runs again inside dpclip's
+    # backward took torch's own path, whose saved tensors differ, and torch refused it
+    # (CheckpointError: "Recomputed values ... have different metadata")
+    import dpclip
+
+    torch.manual_seed(0)
+    model = _CheckpointedEncoder().double()
+    x, y = torch.randn(8, 5, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    initial = {k: v.clone() for k, v in model.named_parameters()}
+    private, optimizer, criterion, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        criterion=torch.nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=2.7, poisson_sampling=False, accumulation_steps=2, memory=memory,
+    )
+    for xb, yb in loader:
+        criterion(private(xb), yb).backward()
+    optimizer.step()
+    plain = _CheckpointedEncoder(checkpointed=False).double()
+    expected, norms = reference_update(plain, initial, x, y, 2.7, 8)
+    assert (norms > 2.7).any() and (norms < 2.7).any()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(initial[name] - p.detach(), expected[name], rtol=1e-10, atol=1e-14)
