@@ -201,3 +201,56 @@ def test_checkpointed_multihead_attention_trains_as_without(memory):
     assert (norms > 2.7).any() and (norms < 2.7).any()
     for name, p in model.named_parameters():
         torch.testing.assert_close(initial[name] - p.detach(), expected[name], rtol=1e-10, atol=1e-14)
+
+
+class _CheckpointedReuse(torch.nn.Module):
+    """Linear layers inside checkpointed regions as the re-run must match them: one block
+    run in two regions (its weights shared, ALBERT-like), a layer run twice in one
+    region, and a layer on the region's input (a leaf that needs no gradient)."""
+
+    def __init__(self, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(6, 6)
+        self.block = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6))
+        self.twice = torch.nn.Linear(6, 6)
+        self.first = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+        self.checkpointed = checkpointed
+
+    def _region(self, fn, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if self.checkpointed else fn(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._region(lambda v: torch.tanh(self.first(v)), x) + self.pre(x)
+        h = self._region(self.block, h)
+        h = self._region(self.block, 2 * h)
+        h = self._region(lambda v: self.twice(torch.tanh(self.twice(v))), h)
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("memory", ["fast", "low", "auto"])
+def test_checkpointed_regions_give_each_call_its_own_input(memory):
+    # a linear call inside a checkpointed region takes its input from the region's re-run
+    # in the backward, matched by region and module in call order: a block run in two
+    # regions is re-run in the opposite order, a layer run twice in one region twice
+    import dpclip
+
+    torch.manual_seed(0)
+    model = _CheckpointedReuse().double()
+    x, y = torch.randn(8, 5, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    initial = {k: v.clone() for k, v in model.named_parameters()}
+    plain = _CheckpointedReuse(checkpointed=False).double()
+    _, norms = reference_update(plain, initial, x, y, 1.0, 1.0)
+    C = float(norms.median())
+    expected, _ = reference_update(plain, initial, x, y, C, 8)
+    private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=torch.nn.CrossEntropyLoss(),
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4),
+        noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False, accumulation_steps=2, memory=memory,
+    )
+    for xb, yb in loader:
+        crit(private(xb), yb).backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(initial[name] - p.detach(), expected[name], rtol=1e-10, atol=1e-14)
+
