@@ -4,6 +4,8 @@ micro-batch from one backward pass over what the forward recorded."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -200,8 +202,13 @@ class PerSampleClipper:
         self.recorder = Recorder(
             module, self.units, self.check_independence, functions if functions.needed else None
         )
-        if memory in ("auto", "low"):  # ("low": to warn where it rounds more than "fast")
+        if memory == "auto":
             self.recorder.saved = SavedActivations(self.params)
+        # (until the first backward: "auto" chooses, "low" warns where it rounds more than
+        # "fast"; "low" counts no saved activations: its hooks would be in the user's way,
+        # as in a forward that calls torch.func.grad)
+        self.recorder.watch_checkpointing = memory in ("auto", "low")
+        self._low_checked = memory != "low"
         #: what the first micro-batches took per layer, for ``plan()``
         self.meter = CostMeter(self._owner_name)
 
@@ -455,12 +462,21 @@ class PerSampleClipper:
         hooked = recomputable([*layer, *broadcast]) - set(broadcast)
         if self.recorder.saved is not None and self.recorder.saved_counts is not None:
             saved, dtypes = self.recorder.saved_counts
-            dtypes = {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)}
-            if self.memory == "auto":
-                self.mode = auto_mode(sum(kept_bytes(c, batch) for c in hooked), saved, dtypes)
-            elif not one_precision(dtypes):
-                _warn_low_precisions(dtypes)
+            self.mode = auto_mode(
+                sum(kept_bytes(c, batch) for c in hooked), saved,
+                {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)}, self.recorder.checkpointed,
+            )
             self.recorder.saved = None
+            self.recorder.watch_checkpointing = False
+        if not self._low_checked:
+            # (what the layers and the loss show: a layer that casts inside is not seen)
+            dtypes = {loss_per_sample.dtype, *(c.dtype for c in layer)}
+            if not one_precision(dtypes):
+                _warn_low_precisions(dtypes)
+            elif self.recorder.checkpointed and dtypes == {torch.float64}:
+                _warn_low_precisions(dtypes, hidden=True)
+            self._low_checked = True
+            self.recorder.watch_checkpointing = False
         recompute = hooked if self.mode == "low" else set()
         early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
         # a hooked call's output is captured only where nothing captured is below it (its
@@ -871,18 +887,34 @@ class PerSampleClipper:
         )
 
 
-def _warn_low_precisions(dtypes: set[torch.dtype]) -> None:
+def _warn_low_precisions(dtypes: set[torch.dtype], hidden: bool = False) -> None:
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     least = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
-    warnings.warn(
-        f'memory="low" on a model that computes in more than one precision ({names}: half '
-        "precision, autocast, or a layer that casts inside, as Hugging Face's RMSNorms cast "
-        'to float32): "low" takes the clipped sum from a backward of Σ_i c_i·ℓ_i, which '
-        "rounds each example's clipped gradient in the least precise of them, so its norm can "
-        f"exceed max_grad_norm by about {least:.0e} relative. memory=\"fast\" (or \"auto\", "
-        "which takes it here) scales each example's gradient by c_i in float32 or better",
-        stacklevel=5,
+    what = (
+        "a float64 model that runs gradient checkpointing, inside which dpclip cannot see "
+        "in what precision its layers compute (Hugging Face's RMSNorms cast to float32)"
+        if hidden else
+        f"a model that computes in {names}, not in one float32 or float64 precision (half "
+        "precision or autocast)"
     )
+    warnings.warn(
+        f'memory="low" on {what}: "low" takes the clipped sum from a backward of Σ_i c_i·ℓ_i, '
+        "which rounds each example's clipped gradient in the least precise of them, so its "
+        f"norm can exceed max_grad_norm by about {'1e-07' if hidden else f'{least:.0e}'} "
+        'relative. memory="fast" (or "auto", which takes it here) scales each example\'s '
+        "gradient by c_i in float32 or better",
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from its caller, of the first frame outside dpclip
+    and torch: the user's line (``loss.backward()``, or the clipper called directly)."""
+    inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _adder(out: dict[nn.Parameter, torch.Tensor], p: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -65,7 +65,7 @@ KEEPS = {True: "input + output gradient", False: "per-example gradients"}
 AUTO_LOW_ABOVE = 1.0
 
 
-def auto_mode(kept: int, saved: int, dtypes: set[torch.dtype]) -> str:
+def auto_mode(kept: int, saved: int, dtypes: set[torch.dtype], checkpointed: bool = False) -> str:
     """The mode ``memory="auto"`` runs: "low" if "fast" would keep more than
     ``AUTO_LOW_ABOVE`` times the bytes of the activations autograd saved (at the peak of
     "fast" the kept gradients of the layers above sit beside the activations not yet
@@ -74,7 +74,11 @@ def auto_mode(kept: int, saved: int, dtypes: set[torch.dtype]) -> str:
     activations') are not one float32 or float64 dtype (half precision, autocast, a
     float64 model that computes its RMSNorm in float32): "fast" scales each example's
     gradient by its factor in the layers' precision, "low" would scale its loss and
-    backpropagate through the lower one."""
+    backpropagate through the lower one. And "fast" where the forward ran gradient
+    checkpointing (``checkpointed``): what autograd saves inside a checkpointed region
+    is not counted, so neither its bytes nor its dtypes are known."""
+    if checkpointed:
+        return "fast"
     return "low" if one_precision(dtypes) and kept > AUTO_LOW_ABOVE * saved else "fast"
 
 
@@ -94,6 +98,19 @@ def kept_bytes(call: LayerCall, batch: int) -> int:
     for p, block in call.targets.values():
         rows += p.numel() if block is None else (block.stop - block.start) * p[0].numel()
     return batch * rows * size
+
+
+def _unpack_checked(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """A saved tensor back, refused as torch refuses one changed in place since it was saved."""
+    t, version = packed
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+            f"expected version {version} instead (an in-place operation such as "
+            "nn.Dropout(inplace=True) or x.mul_() on a tensor the backward needs)"
+        )
+    return t
 
 
 class SavedActivations:
@@ -125,9 +142,11 @@ class SavedActivations:
                 storages[storage.data_ptr()] = storage.nbytes()
                 if t.is_floating_point():
                     dtypes.add(t.dtype)
-            return t.detach()  # (the tensor itself would make a saved output a cycle)
+            # (the tensor itself would make a saved output a cycle; a detached view shares
+            # its version counter, which torch no longer checks for a hooked saved tensor)
+            return t.detach(), t._version
 
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack_checked)
         try:
             hooks.__enter__()
         except RuntimeError:  # hooks disabled here (disable_saved_tensors_hooks): no count

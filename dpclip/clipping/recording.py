@@ -358,6 +358,9 @@ class Recorder:
         #: (bytes, floating-point dtypes: ``SavedActivations.stop``)
         self.saved: SavedActivations | None = None
         self.saved_counts: tuple[int, frozenset[torch.dtype]] | None = None
+        #: set: ``checkpointed`` says whether a call was recorded in a checkpointed region
+        self.watch_checkpointing = False
+        self.checkpointed = False
         self._warned_dropped = False
         self._warned_empty = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
@@ -542,6 +545,8 @@ class Recorder:
                 return  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled() or self._traced():
                 return
+            if self.watch_checkpointing and not self.checkpointed:
+                self.checkpointed = checkpoint_region() is not None
             if isinstance(output, torch.Tensor):  # (the usual case, without flattening)
                 outputs = [output] if output.requires_grad else []
             else:
