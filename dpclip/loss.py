@@ -313,11 +313,14 @@ def _counted_targets(
     if not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
         return None
     target = kwargs["target"] if "target" in kwargs else args[1] if len(args) > 1 else None
-    if (
-        not isinstance(target, torch.Tensor) or target.is_floating_point()
-        or target.shape != losses.shape
-    ):
+    if not isinstance(target, torch.Tensor) or target.is_floating_point():
         return None  # class probabilities are averaged over the positions
+    if target.shape != losses.shape:
+        # a subclass that reshapes inside (a causal LM's shift: logits[:, :-1] against
+        # labels[:, 1:]): which targets it counts is not known from the outside
+        if criterion.weight is None and not bool((target == criterion.ignore_index).any()):
+            return None  # every position counts
+        return _divisors_alone(criterion, losses, args, kwargs)
     counted = target != criterion.ignore_index
     if criterion.weight is None:
         weights = counted.to(losses.dtype)
@@ -327,6 +330,26 @@ def _counted_targets(
     if type(criterion).forward not in _TORCH_FORWARDS and not _reduces_by_count(criterion, losses, total, args, kwargs):
         return None
     return torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _divisors_alone(criterion: nn.Module, losses: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Per example, what the criterion's "mean" divides its losses by when it is called on
+    that example alone: the sum of its per-position losses over that mean (a count of
+    targets, rounded, without class weights); 1 for an example with no loss (none counted)."""
+    batch = losses.shape[0]
+    sums = losses.detach().double().sum(dim=tuple(range(1, losses.dim())))
+    divisors = torch.ones(batch, dtype=torch.float64)  # (on the host: filled from floats)
+    with torch.no_grad():
+        for i in range(batch):
+            def alone(a: Any) -> Any:
+                return a[i:i + 1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+
+            one = float(criterion(*(alone(a) for a in args), **{k: alone(v) for k, v in kwargs.items()}))
+            if float(sums[i]) != 0.0 and math.isfinite(one) and one != 0.0:
+                divisors[i] = float(sums[i]) / one
+    if criterion.weight is None:
+        divisors = divisors.round()
+    return divisors.to(device=losses.device, dtype=losses.dtype)
 
 
 def _reduces_by_count(

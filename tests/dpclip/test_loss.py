@@ -152,3 +152,31 @@ def test_a_criterion_subclass_with_its_own_forward_is_each_example_alone(subclas
     alone = _alone(criterion, logits, labels)
     for _ in range(2):  # (the second from what the first told)
         torch.testing.assert_close(per_example_losses(criterion, logits, labels), alone, rtol=1e-12, atol=0)
+
+
+class _ShiftedCrossEntropy(nn.CrossEntropyLoss):
+    """A causal LM's loss that shifts inside: position t predicts label t + 1, so its
+    per-position losses ([B, T - 1]) no longer line up with the labels ([B, T])."""
+
+    def forward(self, logits, labels):
+        return super().forward(logits[:, :-1].transpose(1, 2), labels[:, 1:])
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)])
+def test_a_criterion_that_shifts_inside_is_each_example_alone(weight):
+    # the labelled tokens could not be counted from the outside, and a padded sequence's
+    # loss was averaged over all T - 1 positions: example 0 of a tiny model 2/5 of its
+    # own loss, the update 0.44 off, silently
+    gen = torch.Generator().manual_seed(6)
+    criterion = _ShiftedCrossEntropy(weight=weight)
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = _labels(gen)
+    # (example 1 keeps no label after the shift: loss 0, where torch's own mean is 0/0)
+    expected = _alone(criterion, logits, labels).nan_to_num(0.0)
+    got = per_example_losses(criterion, logits, labels)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    assert got.requires_grad
+    full = torch.randint(0, V, (B, T), generator=gen)  # no padding: every position counts
+    torch.testing.assert_close(
+        per_example_losses(criterion, logits, full), _alone(criterion, logits, full), rtol=1e-12, atol=0
+    )
