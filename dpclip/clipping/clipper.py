@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
 
-from dpclip.clipping.checkpointing import Recomputed
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
     KEEPS, EarlyNorms, GhostPart, SavedActivations, auto_mode, check_memory, kept_bytes, one_precision,
@@ -301,8 +300,6 @@ class PerSampleClipper:
                 if "use_reentrant" in str(err):
                     raise RuntimeError(REENTRANT_ADVICE) from err
                 raise
-            finally:
-                self.recorder.on_input = None
 
     def _clipped_sum(
         self, loss_per_sample: torch.Tensor, out: dict[nn.Parameter, torch.Tensor] | None
@@ -494,7 +491,6 @@ class PerSampleClipper:
         if audit:
             others = [*(c for c in calls if c not in hooked), *broadcast]
             watched += self._check_as_given(hooked, others, early, eps, checked)
-        self.recorder.on_input = early.give_input  # (``clipped_sum`` unsets it)
         try:  # the graph path and a second backward take a second pass through the graph
             grads = torch.autograd.grad(
                 loss_per_sample.sum(), inputs, retain_graph=bool(graph_calls or recompute),
@@ -530,15 +526,6 @@ class PerSampleClipper:
             )):
                 if g is not None:
                     early.take(c, g)
-        missing = [*early.waiting, *(c for c in layer_calls if any(isinstance(a, Recomputed) for a in c.activations))]
-        if missing:
-            name = self._owner_name.get(next(iter(self._params_of(missing[0]))), "?")
-            raise RuntimeError(
-                f"module {name!r} ran inside torch.utils.checkpoint, whose re-run in the backward "
-                "should give dpclip the layer's input, but the backward did not run that part of "
-                "the forward again (a region whose output gradient the backward does not need "
-                "below it). Run that module outside the checkpointed region. Nothing was added"
-            )
         wrong = early.wrong_batch + [
             c for c in layer_calls if c.backprop.dim() == 0 or c.by_example(c.backprop).shape[0] != batch
         ]
@@ -599,10 +586,7 @@ class PerSampleClipper:
 
         def hook_for(p: nn.Parameter, calls: list[LayerCall]) -> Callable[[torch.Tensor], torch.Tensor]:
             def hook(g: torch.Tensor) -> torch.Tensor:
-                taken = all(
-                    early.took(c) and c not in early.wrong_batch and c not in early.waiting for c in calls
-                )
-                if p in checked or not taken:
+                if p in checked or not all(early.took(c) and c not in early.wrong_batch for c in calls):
                     return g
                 if not names:
                     names.update((q, n) for n, q in self.module.named_parameters())

@@ -35,7 +35,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.checkpointing import Recomputed
 from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, norm_dtype, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall
@@ -256,8 +255,6 @@ class EarlyNorms:
         self.kept: list[LayerCall] = []
         self.recomputed: list[LayerCall] = []
         self.wrong_batch: list[LayerCall] = []
-        #: calls whose output gradient came before their input (``give_input``)
-        self.waiting: set[LayerCall] = set()
         self.own: dict[nn.Parameter, torch.Tensor] | None = {} if audit else None
         self.scales: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._audit = audit
@@ -295,18 +292,6 @@ class EarlyNorms:
             self.wrong_batch.append(call)
             call.release()
             return
-        if any(isinstance(a, Recomputed) for a in call.activations):
-            self.waiting.add(call)  # its input comes with a checkpointed region's re-run
-            return
-        self._norms(call)
-
-    def give_input(self, call: LayerCall) -> None:
-        """A waiting call's input came (``dpclip.clipping.checkpointing``): its norms now."""
-        if call in self.waiting:
-            self.waiting.discard(call)
-            self._norms(call)
-
-    def _norms(self, call: LayerCall) -> None:
         recompute = call in self.recompute
         ghost = call.uses_ghost()
         with timed(self.meter, call, "ghost" if ghost else "per-sample"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,11 +23,10 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
-from dpclip.clipping.checkpointing import Recomputed, checkpoint_region, rerun_region
+from dpclip.clipping.checkpointing import checkpoint_region
 from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
 from dpclip.clipping.rules.broadcast import BROADCAST
-from dpclip.clipping.rules.norm import NORM
 from dpclip.independence import ExamplesMixedError, ForwardProbe
 
 if TYPE_CHECKING:
@@ -45,10 +43,6 @@ __all__ = [
     "held",
     "validate_clipping",
 ]
-
-#: Rules whose calls in a checkpointed region take their input from the region's re-run
-#: (``dpclip.clipping.checkpointing``): they read it only once their output gradient came.
-_RERUN_INPUT = (LINEAR, NORM)
 
 #: Modules that use their children's parameters without calling the children
 #: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
@@ -364,11 +358,6 @@ class Recorder:
         self._warned_dropped = False
         self._warned_empty = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
-        #: linear calls recorded in a checkpointed region, by (region, module), in call
-        #: order: their input comes with the region's re-run in the backward
-        self._awaiting: dict[tuple[Any, nn.Module], deque[LayerCall]] = {}
-        #: called with such a call once its input came (set by the clipper's backward)
-        self.on_input: Callable[[LayerCall], None] | None = None
         self.independence = ForwardProbe(module, self._rerun, check_independence)
         self._handles = [
             module.register_forward_pre_hook(self._root_enter, with_kwargs=True),
@@ -394,8 +383,6 @@ class Recorder:
                     u.module.register_forward_hook(self._attention_exit(u), always_call=True)
                 )
             else:
-                if u.rule in _RERUN_INPUT:
-                    self._handles.append(u.module.register_forward_pre_hook(self._rerun_input(u)))
                 self._handles.append(
                     u.module.register_forward_hook(self._call_hook(u), with_kwargs=True)
                 )
@@ -406,12 +393,10 @@ class Recorder:
             h.remove()
         self._handles = []
         self.calls.clear()
-        self._awaiting.clear()
 
     def discard(self) -> None:
         """Forget the forward calls recorded since the last ``take``."""
         self.calls.clear()
-        self._awaiting.clear()
         self.generation += 1
         self.root_ran = False
 
@@ -449,7 +434,6 @@ class Recorder:
         if not self._recording_now() or self._traced():
             return
         self.compiled = False
-        self._awaiting.clear()  # (what the last backward's re-runs did not give: it refused)
         if self.calls:
             # no backward used the last forward (an evaluation with gradients on): keep one
             # forward's records, not all; if a loss does use it, the next backward's audit
@@ -565,52 +549,13 @@ class Recorder:
                 return  # all frozen since make_private
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
                 targets = {r: (p, None) for r, p in trainable}
-                region = self._region(unit, args)
-                if region is not None:  # given by the region's re-run (``checkpointing``)
-                    activations = [Recomputed(args[0].shape, args[0].dtype)]
-                else:
-                    activations = [held(a) if isinstance(a, torch.Tensor) else a for a in args]
-                call = LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
-                self.calls.append(call)
-                if region is not None:
-                    self._awaiting.setdefault((region, module), deque()).append(call)
+                activations = [held(a) if isinstance(a, torch.Tensor) else a for a in args]
+                self.calls.append(
+                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
+                )
                 return
             params = tuple(p for _, p in trainable)
             self.calls.append(GraphCall(unit, outputs, params))
-
-        return hook
-
-    @staticmethod
-    def _region(unit: Unit, args: tuple) -> Any | None:
-        """The checkpointed region a linear call runs in, if its input is computed inside
-        the model (a call on an input that needs no gradient, or a leaf, is captured after
-        the pass, which may not run the region again)."""
-        if unit.rule not in _RERUN_INPUT or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            return None
-        if args[0].grad_fn is None:
-            return None
-        return checkpoint_region()
-
-    def _rerun_input(self, unit: Unit) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            if self.recording or not self._awaiting or not torch.is_grad_enabled():
-                return
-            queue = self._awaiting.get((rerun_region(), module))
-            if not queue:
-                return
-            call = queue.popleft()
-            expected, got = call.activations[0], args[0] if args else None
-            if not isinstance(got, torch.Tensor) or (got.shape, got.dtype) != tuple(expected):
-                raise RuntimeError(
-                    f"gradient checkpointing ran the forward of module {unit.name!r} again with an "
-                    f"input of shape {getattr(got, 'shape', None)} where its recorded call had "
-                    f"{tuple(expected.shape)} ({expected.dtype}): the re-run does not repeat the "
-                    "forward, and dpclip cannot tell which call it is. Nothing was added"
-                )
-            with torch._C.DisableTorchFunction():
-                call.activations = [held(got)]
-            if self.on_input is not None:
-                self.on_input(call)
 
         return hook
 

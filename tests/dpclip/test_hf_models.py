@@ -125,8 +125,8 @@ def test_update_equals_one_example_at_a_time_reference(name, style):
 @pytest.mark.parametrize("memory", ["fast", "low"])
 @pytest.mark.parametrize("name", ["bert", "gpt2", "t5", "vit", "llama", "llama_lora"])
 def test_gradient_checkpointing_update_equals_the_reference(name, memory):
-    # under checkpointing a linear layer's input comes with the region's re-run in the
-    # backward, not kept from the forward (dpclip.clipping.checkpointing)
+    # the forward that checkpointing runs again inside dpclip's backward records nothing,
+    # and gives the same tensors autograd saved
     relative, *_ = _compare_with_reference(name, 2, memory=memory, checkpointing=True)
     # (T5's and Llama's RMSNorm compute in float32: "low" backpropagates c_i·ℓ_i through it)
     assert relative < (1e-7 if memory == "low" and name in ("t5", "llama", "llama_lora") else 1e-9)

@@ -204,9 +204,9 @@ def test_checkpointed_multihead_attention_trains_as_without(memory):
 
 
 class _CheckpointedReuse(torch.nn.Module):
-    """Linear layers inside checkpointed regions as the re-run must match them: one block
-    run in two regions (its weights shared, ALBERT-like), a layer run twice in one
-    region, and a layer on the region's input (a leaf that needs no gradient)."""
+    """Linear layers inside checkpointed regions: one block run in two regions (its
+    weights shared, ALBERT-like), a layer run twice in one region, and a layer on the
+    region's input (a leaf that needs no gradient)."""
 
     def __init__(self, checkpointed: bool = True) -> None:
         super().__init__()
@@ -230,9 +230,8 @@ class _CheckpointedReuse(torch.nn.Module):
 
 @pytest.mark.parametrize("memory", ["fast", "low", "auto"])
 def test_checkpointed_regions_give_each_call_its_own_input(memory):
-    # a linear call inside a checkpointed region takes its input from the region's re-run
-    # in the backward, matched by region and module in call order: a block run in two
-    # regions is re-run in the opposite order, a layer run twice in one region twice
+    # the backward re-runs the regions in the opposite order, and a layer run twice in a
+    # region twice: each call's norm and share of the sum must stay its own
     import dpclip
 
     torch.manual_seed(0)

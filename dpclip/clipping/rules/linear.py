@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.checkpointing import Recomputed
 from dpclip.clipping.norms import GhostNorm, gram_sq_norm, norm_dtype, row_sq_norms
 from dpclip.clipping.rules.base import MEMORY_WEIGHT, Rule, register
 
@@ -30,12 +28,8 @@ class LinearRule(Rule):
         return True
 
     def costs(self, call: LayerCall) -> tuple[float, float]:
-        x = call.activations[0]
-        if isinstance(x, Recomputed):  # (the input a checkpointed region's re-run will give)
-            t, d = math.prod(x.shape[1:-1]), x.shape[-1]
-        else:
-            a = call.by_example(x)
-            t, d = a.shape[1], a.shape[2]
+        a = call.by_example(call.activations[0])
+        t, d = a.shape[1], a.shape[2]
         p = call.shape[-1]
         # both pay T·d·p once: ghost for the clipped sum, per-sample for the gradients
         return (t * t * (d + p) + t * d * p, t * d * p + MEMORY_WEIGHT * d * p)
