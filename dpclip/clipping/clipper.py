@@ -227,6 +227,7 @@ class PerSampleClipper:
         if self.memory == "auto" and mode is not None:
             self.mode = mode
             self.recorder.saved = None
+            self.recorder.watch_checkpointing = False
 
     def plan(self) -> ClippingPlan:
         """Per layer: the rule and strategy its per-example gradients take and, once a
