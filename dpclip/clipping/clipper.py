@@ -74,7 +74,8 @@ def validate_module(module: nn.Module) -> None:
     Refused: a model or submodule compiled with ``torch.compile`` (``COMPILED_ADVICE``),
     batch normalisation (mixes samples, so one example's gradient
     depends on the others), recurrent ``nn.RNNBase`` layers (hidden states are
-    batch-second), and attention or transformer layers with ``batch_first=False``.
+    batch-second), attention or transformer layers with ``batch_first=False``, and
+    trainable ``nn.Embedding`` lookups with ``sparse=True`` (``nn.EmbeddingBag``: its rule).
     """
     for name, sub in module.named_modules():
         how = _compiled(sub)
@@ -94,6 +95,12 @@ def validate_module(module: nn.Module) -> None:
         if isinstance(sub, nn.RNNBase):
             raise ValueError(
                 f"{where} is not supported: use opacus.layers.DPLSTM / DPGRU / DPRNN instead"
+            )
+        if isinstance(sub, nn.Embedding) and sub.sparse and sub.weight.requires_grad:
+            raise ValueError(
+                f"{where} has sparse=True: its private gradient is dense (the noise is added to "
+                "every row of its weight), and dpclip's per-example norms take dense gradients; "
+                "build it with sparse=False"
             )
         if getattr(sub, "batch_first", True) is False and isinstance(
             sub,

@@ -265,6 +265,8 @@ def _fresh():
         (dict(module=nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4))), "GroupNorm"),
         (dict(module=nn.MultiheadAttention(4, 2)), "batch_first=False"),
         (dict(module=nn.LSTM(4, 4, batch_first=True)), "DPLSTM"),
+        # (it crashed in the first backward with a SparseCPU error from the norm)
+        (dict(module=nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))), "sparse=True"),
         (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)), "not a parameter of module"),
         (dict(clipping="fastest"), "clipping"),
         (dict(clipping={"no.such.layer": "ghost"}), "no.such.layer"),
