@@ -332,6 +332,17 @@ def _counted_targets(
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
+def _loss_alone(criterion: nn.Module, args: tuple, kwargs: dict, i: int, batch: int) -> float:
+    """The criterion, with its own reduction, on example ``i`` alone (the arguments'
+    rows i of those with ``batch`` rows), without gradient."""
+
+    def alone(a: Any) -> Any:
+        return a[i:i + 1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+
+    with torch.no_grad():
+        return float(criterion(*(alone(a) for a in args), **{k: alone(v) for k, v in kwargs.items()}))
+
+
 def _divisors_alone(criterion: nn.Module, losses: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """Per example, what the criterion's "mean" divides its losses by when it is called on
     that example alone: the sum of its per-position losses over that mean (a count of
@@ -339,14 +350,10 @@ def _divisors_alone(criterion: nn.Module, losses: torch.Tensor, args: tuple, kwa
     batch = losses.shape[0]
     sums = losses.detach().double().sum(dim=tuple(range(1, losses.dim())))
     divisors = torch.ones(batch, dtype=torch.float64)  # (on the host: filled from floats)
-    with torch.no_grad():
-        for i in range(batch):
-            def alone(a: Any) -> Any:
-                return a[i:i + 1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
-
-            one = float(criterion(*(alone(a) for a in args), **{k: alone(v) for k, v in kwargs.items()}))
-            if float(sums[i]) != 0.0 and math.isfinite(one) and one != 0.0:
-                divisors[i] = float(sums[i]) / one
+    for i in range(batch):
+        one = _loss_alone(criterion, args, kwargs, i, batch)
+        if float(sums[i]) != 0.0 and math.isfinite(one) and one != 0.0:
+            divisors[i] = float(sums[i]) / one
     if criterion.weight is None:
         divisors = divisors.round()
     return divisors.to(device=losses.device, dtype=losses.dtype)
@@ -366,13 +373,7 @@ def _reduces_by_count(
     i = int(gap.argmax())
     if float(gap[i]) == 0.0:
         return True
-    batch = losses.shape[0]
-
-    def alone(a: Any) -> Any:
-        return a[i:i + 1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
-
-    with torch.no_grad():
-        one = float(criterion(*(alone(a) for a in args), **{k: alone(v) for k, v in kwargs.items()}))
+    one = _loss_alone(criterion, args, kwargs, i, losses.shape[0])
     row = losses[i].detach().double()
     by_count = float(row.sum() / total[i])
     _BY_COUNT[criterion] = abs(one - by_count) <= abs(one - float(row.mean()))

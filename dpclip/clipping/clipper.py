@@ -16,8 +16,8 @@ from torch.autograd.profiler import record_function
 
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
-    KEEPS, EarlyNorms, GhostPart, SavedActivations, auto_mode, check_memory, kept_bytes, one_precision,
-    recomputable, rows_overlap,
+    KEEPS, EarlyNorms, GhostPart, SavedActivations, Scales, auto_mode, check_memory, kept_bytes,
+    one_precision, recomputable, rows_overlap,
 )
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import (
@@ -214,7 +214,6 @@ class PerSampleClipper:
         # "fast"; "low" counts no saved activations: its hooks would be in the user's way,
         # as in a forward that calls torch.func.grad)
         self.recorder.watch_checkpointing = memory in ("auto", "low")
-        self._low_checked = memory != "low"
         #: what the first micro-batches took per layer, for ``plan()``
         self.meter = CostMeter(self._owner_name)
 
@@ -473,14 +472,13 @@ class PerSampleClipper:
             )
             self.recorder.saved = None
             self.recorder.watch_checkpointing = False
-        if not self._low_checked:
+        if self.memory == "low" and self.recorder.watch_checkpointing:  # (its first backward)
             # (what the layers and the loss show: a layer that casts inside is not seen)
             dtypes = {loss_per_sample.dtype, *(c.dtype for c in layer)}
             if not one_precision(dtypes):
                 _warn_low_precisions(dtypes)
             elif self.recorder.checkpointed and dtypes == {torch.float64}:
                 _warn_low_precisions(dtypes, hidden=True)
-            self._low_checked = True
             self.recorder.watch_checkpointing = False
         recompute = hooked if self.mode == "low" else set()
         early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
@@ -582,27 +580,24 @@ class PerSampleClipper:
         on the first micro-batch). A parameter with a call not taken cleanly (its output
         got no gradient, or one not batch-first, which the clipper refuses after the pass) is
         left to the check after the pass. Returns the hooks' handles."""
-        shared = {
-            p for c in others
-            for p in (c.params if isinstance(c, GraphCall) else [p for p, _ in c.targets.values()])
-        }
+        shared = {p for c in others for p in self._params_of(c)}
         calls_of: dict[nn.Parameter, list[LayerCall]] = {}
         for call in hooked:
             for p, _ in call.targets.values():
                 calls_of.setdefault(p, []).append(call)
-        names: dict[nn.Parameter, str] = {}
+        names: dict[nn.Parameter, str] = {}  # (once a check runs)
 
         def hook_for(p: nn.Parameter, calls: list[LayerCall]) -> Callable[[torch.Tensor], torch.Tensor]:
             def hook(g: torch.Tensor) -> torch.Tensor:
                 if p in checked or not all(early.took(c) and c not in early.wrong_batch for c in calls):
                     return g
                 if not names:
-                    names.update((q, n) for n, q in self.module.named_parameters())
+                    names.update(self._parameter_names())
                 self._check_recorded(
                     p, names.get(p, "?"), g, early.own.pop(p, None), early.scales.pop(p, None), eps
                 )
                 checked.add(p)
-                return g.new_zeros(()).expand(g.shape)
+                return _no_storage(g)
 
             return hook
 
@@ -610,6 +605,9 @@ class PerSampleClipper:
             p.register_hook(hook_for(p, calls))
             for p, calls in calls_of.items() if p.requires_grad and p not in shared
         ]
+
+    def _parameter_names(self) -> dict[nn.Parameter, str]:
+        return {p: n for n, p in self.module.named_parameters()}
 
     def _batch_error(self, module: nn.Module, shape: tuple[int, ...], batch: int) -> None:
         name = next((u.name for u in self.units if u.module is module), type(module).__name__)
@@ -645,10 +643,10 @@ class PerSampleClipper:
         )
 
     @staticmethod
-    def _params_of(call: LayerCall | GraphCall) -> list[nn.Parameter]:
-        if isinstance(call, LayerCall):
-            return [p for p, _ in call.targets.values()]
-        return list(call.params)
+    def _params_of(call: LayerCall | GraphCall | BroadcastCall) -> list[nn.Parameter]:
+        if isinstance(call, GraphCall):
+            return list(call.params)
+        return [p for p, _ in call.targets.values()]
 
     @staticmethod
     def _layer_sq_norms(
@@ -789,7 +787,7 @@ class PerSampleClipper:
         # parameter by parameter, as soon as its last call is summed, dropping its whole
         # gradient, sum and scale: all parameters' at once held up to 3x the model's size
         # more than any later micro-batch (1.3x non-private's peak on GPU for RoBERTa-base)
-        names = {p: n for n, p in self.module.named_parameters()}
+        names = self._parameter_names()
         whole = dict(full)
         full.clear()
         calls_left: dict[nn.Parameter, int] = {}
@@ -915,9 +913,15 @@ def _adder(out: dict[nn.Parameter, torch.Tensor], p: nn.Parameter) -> Callable[[
 
     def hook(g: torch.Tensor) -> torch.Tensor:
         accumulator(out, p).add_(g)
-        return g.new_zeros(()).expand(g.shape)
+        return _no_storage(g)
 
     return hook
+
+
+def _no_storage(g: torch.Tensor) -> torch.Tensor:
+    """A zero of ``g``'s shape without memory: what a gradient hook hands autograd back
+    for a gradient it took."""
+    return g.new_zeros(()).expand(g.shape)
 
 
 def _input_needs_grad(call: LayerCall | GraphCall, recorded: set[Any]) -> bool:
@@ -944,14 +948,6 @@ def _smallest_normal(eps: float) -> float:
         if torch.finfo(dtype).eps == eps:
             return torch.finfo(dtype).tiny
     return 0.0
-
-
-#: {param: (Σ_k ‖a_k‖², Σ_k max a_k, eps)}: the audit's rounding scale of each parameter's
-#: gradient sum A = Σ_k a_k (non-negative parts: one per call, per-example gradients, graph
-#: call), kept as two numbers, so that no parameter-sized A is held across the first
-#: micro-batch. √(Σ‖a_k‖²) ≤ ‖A‖ (the parts' inner products are non-negative): the check's
-#: tolerance is never looser than one from A itself; Σ max a_k bounds every element of A.
-Scales = dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def _contribution_scales(layer_calls: list[LayerCall], graph_calls: list[GraphCall]) -> Scales:

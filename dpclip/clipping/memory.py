@@ -40,7 +40,7 @@ from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall
 
 __all__ = [
-    "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations",
+    "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations", "Scales",
     "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable",
     "rows_overlap",
 ]
@@ -97,6 +97,14 @@ def kept_bytes(call: LayerCall, batch: int) -> int:
     for p, block in call.targets.values():
         rows += p.numel() if block is None else (block.stop - block.start) * p[0].numel()
     return batch * rows * size
+
+
+#: {param: (Σ_k ‖a_k‖², Σ_k max a_k, eps)}: the audit's rounding scale of each parameter's
+#: gradient sum A = Σ_k a_k (non-negative parts: one per call, per-example gradients, graph
+#: call), kept as two numbers, so that no parameter-sized A is held across the first
+#: micro-batch. √(Σ‖a_k‖²) ≤ ‖A‖ (the parts' inner products are non-negative): the check's
+#: tolerance is never looser than one from A itself; Σ max a_k bounds every element of A.
+Scales = dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def _unpack_checked(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
@@ -247,7 +255,7 @@ class EarlyNorms:
         batch: int,
         meter: CostMeter | None,
         audit: bool,
-        scales_of: Callable[[LayerCall, dict], None],
+        scales_of: Callable[[LayerCall, Scales], None],
     ) -> None:
         self.batch, self.meter, self.recompute = batch, meter, recompute
         self.parts: list[torch.Tensor] = []
@@ -256,7 +264,7 @@ class EarlyNorms:
         self.recomputed: list[LayerCall] = []
         self.wrong_batch: list[LayerCall] = []
         self.own: dict[nn.Parameter, torch.Tensor] | None = {} if audit else None
-        self.scales: dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.scales: Scales = {}
         self._audit = audit
         self._scales_of = scales_of
         self._taken: set[LayerCall] = set()
