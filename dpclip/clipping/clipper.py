@@ -185,9 +185,6 @@ class PerSampleClipper:
         check_memory(memory)
         #: "fast", "low" or "auto" (``dpclip.clipping.memory``)
         self.memory = memory
-        #: the mode micro-batches run, "fast" or "low" ("auto": ``auto_mode``, chosen on the
-        #: first micro-batch before its backward pass)
-        self.mode = "fast" if memory == "auto" else memory
         self.module = module
         self.max_grad_norm = float(max_grad_norm)
         self.units = build_units(module, clipping)
@@ -208,6 +205,7 @@ class PerSampleClipper:
         self.recorder = Recorder(
             module, self.units, self.check_independence, functions if functions.needed else None
         )
+        self.mode = "fast" if memory == "auto" else memory
         if memory == "auto":
             self.recorder.saved = SavedActivations(self.params)
         # (until the first backward: "auto" chooses, "low" warns where it rounds more than
@@ -220,6 +218,17 @@ class PerSampleClipper:
     def remove(self) -> None:
         """Detach the hooks; the module is as it was before."""
         self.recorder.remove()
+
+    @property
+    def mode(self) -> str:
+        """The mode micro-batches run, "fast" or "low" ("auto": ``auto_mode``, chosen on
+        the first micro-batch before its backward pass)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = mode
+        self.recorder.low = mode == "low"  # (what a checkpointed region's calls keep)
 
     @property
     def chosen_mode(self) -> str | None:
@@ -539,6 +548,17 @@ class PerSampleClipper:
             order = {c: i for i, c in enumerate(calls)}
             first = min(wrong, key=lambda c: order.get(c, len(order)))
             self._batch_error(first.module, first.shape, batch)
+        without = early.without_input + [c for c in layer_calls if c.awaits_input]
+        if without:
+            name = self._owner_name.get(next(iter(self._params_of(without[0]))), "?")
+            raise RuntimeError(
+                f"module {name!r} ran inside torch.utils.checkpoint: dpclip takes its input "
+                "from the checkpointed region's run in the backward, when the backward reaches "
+                "the module's output, but its output's gradient came by another way (the output "
+                "as a forward hook registered before make_private saw it, not as the module "
+                "returned it). Use the module's returned output, or run the module outside the "
+                "checkpointed region. Nothing was added"
+            )
         # (after the batch check: a loss per token would fail here with a bare reshape error)
         at = iter(grads[len(flat): len(flat) + len(met)])
         for call in broadcast:
@@ -589,7 +609,8 @@ class PerSampleClipper:
 
         def hook_for(p: nn.Parameter, calls: list[LayerCall]) -> Callable[[torch.Tensor], torch.Tensor]:
             def hook(g: torch.Tensor) -> torch.Tensor:
-                if p in checked or not all(early.took(c) and c not in early.wrong_batch for c in calls):
+                taken = (early.took(c) and c not in early.wrong_batch and c not in early.without_input for c in calls)
+                if p in checked or not all(taken):
                     return g
                 if not names:
                     names.update(self._parameter_names())

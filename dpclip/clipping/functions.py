@@ -515,6 +515,17 @@ class FunctionRecorder(TorchFunctionMode):
                     self._derived[id(t)] = (weakref.ref(t), sources)
         return result
 
+    def alias(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        """Follow ``new`` as ``old``: a hook returned it for a module's output, outside the
+        mode (``dpclip.clipping.checkpointing.InputFromRerun``)."""
+        for table in (self._batched, self._batch_dims, self._derived):
+            entry = table.get(id(old))
+            if entry is None:
+                continue
+            ref = entry if isinstance(entry, weakref.ref) else entry[0]
+            if ref() is old:
+                table[id(new)] = weakref.ref(new) if isinstance(entry, weakref.ref) else (weakref.ref(new), entry[1])
+
     def batch_dim(self, t: Any) -> int | None:
         """The dimension of a batched tensor that holds the batch, as far as the operations
         since the root's inputs tell (0 for a tensor not followed); None: unknown."""

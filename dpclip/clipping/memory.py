@@ -240,8 +240,9 @@ class EarlyNorms:
     ``parts``: the calls' [B] contributions to ‖g_i‖², ``ghost`` those of them that are
     ghost norms, with their rounding bounds; ``kept``: the calls whose part of
     S comes from what they keep; ``recomputed``: those (of ``recompute``) whose output
-    got a gradient; ``wrong_batch``: the calls whose output gradient was not batch-first (the
-    clipper raises its error after the pass). With ``audit``, also the audit's sums of
+    got a gradient; ``wrong_batch``: the calls whose output gradient was not batch-first,
+    ``without_input`` those whose output gradient came before the input a checkpointed
+    region's re-run gives (the clipper raises its errors after the pass). With ``audit``, also the audit's sums of
     contributions (``own``, factors 1) and of their absolute values (``scales``;
     ``scales_of`` adds a call's, with its per-example gradients' where it holds them),
     taken while the call's tensors are at hand: the clipper checks a parameter against its
@@ -263,6 +264,7 @@ class EarlyNorms:
         self.kept: list[LayerCall] = []
         self.recomputed: list[LayerCall] = []
         self.wrong_batch: list[LayerCall] = []
+        self.without_input: list[LayerCall] = []
         self.own: dict[nn.Parameter, torch.Tensor] | None = {} if audit else None
         self.scales: Scales = {}
         self._audit = audit
@@ -298,6 +300,10 @@ class EarlyNorms:
         call.backprop = grad
         if grad.dim() == 0 or call.by_example(grad).shape[0] != self.batch:
             self.wrong_batch.append(call)
+            call.release()
+            return
+        if call.awaits_input:  # (the clipper refuses it after the pass)
+            self.without_input.append(call)
             call.release()
             return
         recompute = call in self.recompute

@@ -23,10 +23,11 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
-from dpclip.clipping.checkpointing import checkpoint_region
+from dpclip.clipping.checkpointing import InputFromRerun, checkpoint_region, in_checkpointing, rerun_keeps_rng
 from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
 from dpclip.clipping.rules.broadcast import BROADCAST
+from dpclip.clipping.rules.norm import NORM
 from dpclip.independence import ExamplesMixedError, ForwardProbe
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ __all__ = [
     "held",
     "validate_clipping",
 ]
+
+#: Rules whose calls inside a checkpointed region take their input from the region's
+#: re-run in the backward (``dpclip.clipping.checkpointing``), not kept from the forward.
+_RERUN_INPUT = (LINEAR, NORM)
 
 #: Modules that use their children's parameters without calling the children
 #: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
@@ -98,6 +103,10 @@ class LayerCall:
     should hold it): ``edge``, where its gradient enters the graph (the gradient of the
     output as computed, also if it is changed in place later), and its ``shape`` and
     ``dtype``.
+
+    ``awaits_input``: the input comes with a checkpointed region's re-run in the backward
+    (``take_input``), before the output's gradient; until then ``activations`` holds a
+    tensor without data (device "meta") of its shape and dtype, for the costs.
     """
 
     rule: Rule
@@ -114,6 +123,7 @@ class LayerCall:
     edge: GradientEdge | None = field(default=None, repr=False)
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
+    awaits_input: bool = False
 
     def __post_init__(self) -> None:
         if self.output is not None:
@@ -148,6 +158,12 @@ class LayerCall:
         """Add the call's Σ_i c_i g_i into ``out`` ({param: accumulator}, missing ones
         created by ``accumulator``)."""
         self.rule.clipped_sum(self, factors, {r: accumulator(out, p, rows) for r, (p, rows) in self.targets.items()})
+
+    def take_input(self, x: torch.Tensor) -> None:
+        """The input a checkpointed region's re-run gave (``awaits_input``)."""
+        if self.awaits_input:
+            self.activations = [held(x)]
+            self.awaits_input = False
 
     def release(self) -> None:
         """Drop the activations and output gradient (their memory) once the call no longer
@@ -285,6 +301,18 @@ def _owned_below(sub: nn.Module, p: nn.Parameter) -> bool:
     )
 
 
+def _input_from_rerun(unit: Unit, args: tuple, kwargs: dict, output: Any) -> bool:
+    """Whether the call's input goes to autograd on ``InputFromRerun``: a linear or
+    normalisation layer on one tensor, whose output requires grad, inside a checkpointed
+    region's forward or its re-run. It depends on nothing the backward changes: torch
+    matches the re-run's saved tensors to the forward's by their order."""
+    if unit.rule not in _RERUN_INPUT or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return False
+    if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        return False
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and in_checkpointing()
+
+
 class FunctionRecorderLike(Protocol):
     """What the recorder asks of the recording by operation (``dpclip.clipping.functions``)."""
 
@@ -297,6 +325,7 @@ class FunctionRecorderLike(Protocol):
     def take(self) -> list[Any]: ...
     def open(self, unit: Unit) -> None: ...
     def close(self, unit: Unit) -> bool: ...
+    def alias(self, new: torch.Tensor, old: torch.Tensor) -> None: ...
 
 
 def _is_descendant(sub: nn.Module, ancestor: nn.Module) -> bool:
@@ -355,6 +384,8 @@ class Recorder:
         #: set: ``checkpointed`` says whether a call was recorded in a checkpointed region
         self.watch_checkpointing = False
         self.checkpointed = False
+        #: the clipper runs memory="low" (``_input_later``)
+        self.low = False
         self._warned_dropped = False
         self._warned_empty = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
@@ -518,17 +549,26 @@ class Recorder:
             self.recording = True
 
     def _call_hook(self, unit: Unit) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             # the hook's own reads (t.requires_grad, t.detach(), ...) are not the model's: out
             # of the function recorder's mode, where each would cost a trip through Python
             with torch._C.DisableTorchFunction():
-                record(module, args, kwargs, output)
+                rerun = _input_from_rerun(unit, args, kwargs, output)
+                call = record(module, args, kwargs, output, rerun)
+                if not rerun:
+                    return None
+                # (recorded or not, in the forward and in the re-run alike)
+                slot = call if call is not None and call.awaits_input else None
+                result = InputFromRerun.apply(output, args[0].detach(), slot)
+                if self.functions is not None and self.functions.active:
+                    self.functions.alias(result, output)
+                return result
 
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any, rerun: bool) -> LayerCall | None:
             if self.functions is not None and self.functions.close(unit):
-                return  # its parameters took part only in operations recorded as such
+                return None  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled() or self._traced():
-                return
+                return None
             if self.watch_checkpointing and not self.checkpointed:
                 self.checkpointed = checkpoint_region() is not None
             if isinstance(output, torch.Tensor):  # (the usual case, without flattening)
@@ -540,24 +580,37 @@ class Recorder:
                 ]
             current = module._parameters
             if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
-                return  # nothing to train, or other parameters (torch.func.functional_call)
+                return None  # nothing to train, or other parameters (torch.func.functional_call)
             if self.functions is not None and self.functions.active:
                 for t in (*args[:1], *outputs):
                     self.functions.refuse_moved(t, f"module {unit.name!r} ({type(module).__name__})")
             trainable = [(r, p) for r, p in zip(unit.roles, unit.params) if p.requires_grad]
             if not trainable:
-                return  # all frozen since make_private
+                return None  # all frozen since make_private
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
                 targets = {r: (p, None) for r, p in trainable}
-                activations = [held(a) if isinstance(a, torch.Tensor) else a for a in args]
-                self.calls.append(
-                    LayerCall(unit.rule, module, activations, outputs[0], targets, unit.strategy)
+                later = rerun and self._input_later()
+                if later:  # (``InputFromRerun``: the re-run gives it)
+                    activations = [torch.empty_like(args[0], device="meta")]
+                else:
+                    activations = [held(a) if isinstance(a, torch.Tensor) else a for a in args]
+                call = LayerCall(
+                    unit.rule, module, activations, outputs[0], targets, unit.strategy, awaits_input=later
                 )
-                return
+                self.calls.append(call)
+                return call
             params = tuple(p for _, p in trainable)
             self.calls.append(GraphCall(unit, outputs, params))
+            return None
 
         return hook
+
+    def _input_later(self) -> bool:
+        """Whether a call in the running checkpointed region takes its input from the
+        region's re-run. Not under "low" where the re-run may draw other random numbers
+        (``preserve_rng_state=False``): it runs again for the second backward, and the
+        norms, from the first re-run's dropout masks, would not be those of the sum."""
+        return not self.low or rerun_keeps_rng(checkpoint_region())
 
     def _attention_enter(self, unit: Unit) -> Callable[..., None]:
         recorder = AttentionRecorder(unit.params)

@@ -18,7 +18,7 @@ from dpclip.clipping.rules.base import Rule, register
 if TYPE_CHECKING:
     from dpclip.clipping.recording import LayerCall
 
-__all__ = ["NormRule", "functional_norm_rule"]
+__all__ = ["NORM", "NormRule", "functional_norm_rule"]
 
 
 class NormRule(Rule):
@@ -106,6 +106,7 @@ def functional_norm_rule(normalized_shape: tuple[int, ...] | None, groups: int, 
     return _FUNCTIONAL[key]
 
 
-_NORM = NormRule()
-register(nn.LayerNorm, _NORM)
-register(nn.GroupNorm, _NORM)
+#: The rule of ``nn.LayerNorm`` and ``nn.GroupNorm``.
+NORM = NormRule()
+register(nn.LayerNorm, NORM)
+register(nn.GroupNorm, NORM)

@@ -1,0 +1,192 @@
+"""Non-reentrant gradient checkpointing (dpclip.clipping.checkpointing): a linear or
+normalisation layer recorded inside a checkpointed region keeps no input from the
+forward; autograd takes it from the region's re-run in the backward. What users do
+around such layers must still give the exact update (against torch.func's per-example
+gradients without checkpointing), or fail loudly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpclip
+from tests.dpclip.models import reference_update
+
+
+def _double_input(module: nn.Module, args: tuple) -> tuple:
+    return (2.0 * args[0],)
+
+
+class _Regions(nn.Module):
+    """Layers in checkpointed regions, as users write them (``variant``):
+
+    - "plain": layer norm and linear layers in a block per region;
+    - "pre_hook": a forward pre-hook that changes a layer's input (added after make_private);
+    - "in_place": a layer's output changed in place after the layer (x[:, 0] *= 2; x += 1);
+    - "cell_loop": one linear cell run at each position, on the region's raw input first
+      (an input without grad_fn) and then on its own outputs;
+    - "head_slice": a layer on one position of the region's hidden states (a view).
+    """
+
+    def __init__(self, variant: str, checkpointed: bool = True) -> None:
+        super().__init__()
+        self.variant, self.checkpointed = variant, checkpointed
+        self.inp = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 6)
+        self.cell = nn.Linear(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def _region(self, fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False) if self.checkpointed else fn(*args)
+
+    def _block(self, v: torch.Tensor) -> torch.Tensor:
+        h = self.a(self.norm(v))
+        if self.variant == "in_place":
+            h[:, 0] *= 2.0
+            h += 1.0
+        return v + self.b(torch.tanh(h))
+
+    def _cells(self, x: torch.Tensor) -> torch.Tensor:
+        state = torch.zeros_like(x[:, 0])
+        out = []
+        for t in range(x.shape[1]):
+            state = torch.tanh(self.cell(torch.cat([x[:, t], state], dim=-1)))
+            out.append(state)
+        return torch.stack(out, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant == "cell_loop":
+            h = self._region(self._cells, x)
+        else:
+            h = self.inp(x)
+        h = self._region(self._block, h)
+        h = self._region(self._block, h)
+        if self.variant == "head_slice":
+            return self._region(lambda v: self.head(torch.tanh(self.b(self.a(v)[:, 0]))), h)
+        return self.head(h.mean(dim=1))
+
+
+def _train_one_step(model, x, y, C, memory, batch=4):
+    private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch), noise_multiplier=0.0,
+        max_grad_norm=C, poisson_sampling=False, accumulation_steps=x.shape[0] // batch, memory=memory,
+    )
+    if model.variant == "pre_hook":
+        model.a.register_forward_pre_hook(_double_input)
+    for xb, yb in loader:
+        crit(private(xb), yb).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("memory", ["fast", "low", "auto"])
+@pytest.mark.parametrize("variant", ["plain", "pre_hook", "in_place", "cell_loop", "head_slice"])
+def test_layers_in_checkpointed_regions_give_the_exact_update(variant, memory):
+    torch.manual_seed(0)
+    model = _Regions(variant).double()
+    x, y = torch.randn(8, 5, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
+    plain = _Regions(variant, checkpointed=False).double()
+    if variant == "pre_hook":
+        plain.a.register_forward_pre_hook(_double_input)
+    _, norms = reference_update(plain, initial, x, y, 1.0, 1.0)
+    C = float(norms.median())  # about half the examples clipped
+    expected, _ = reference_update(plain, initial, x, y, C, 8)
+    _train_one_step(model, x, y, C, memory)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(initial[name] - p.detach(), expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_recorded_calls_in_a_region_keep_no_input_until_the_rerun():
+    # what the memory comes from: the calls inside the regions hold no data after the
+    # forward (the first layer, outside any region, keeps its input as before)
+    torch.manual_seed(0)
+    model = _Regions("plain")
+    clipper = dpclip.PerSampleClipper(model, 1.0, memory="fast")
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))
+    loss = nn.functional.cross_entropy(model(x), y, reduction="none")
+    calls = {c.module: c for c in clipper.recorder.calls}  # (the last call of each module)
+    assert not calls[model.inp].awaits_input and not calls[model.inp].activations[0].is_meta
+    assert calls[model.a].awaits_input and calls[model.a].activations[0].is_meta
+    assert calls[model.norm].awaits_input and calls[model.b].awaits_input
+    clipper.clipped_sum(loss)
+
+
+class _Dropout(nn.Module):
+    def __init__(self, preserve_rng_state: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 64), nn.Linear(64, 16), nn.Linear(16, 3)
+        self.drop = nn.Dropout(0.5)
+        self.preserve = preserve_rng_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = checkpoint(
+            lambda v: self.b(self.drop(torch.tanh(self.a(v)))), x,
+            use_reentrant=False, preserve_rng_state=self.preserve,
+        )
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+@pytest.mark.parametrize("preserve", [True, False])
+def test_a_rerun_that_draws_other_dropout_masks_never_exceeds_the_bound_silently(memory, preserve):
+    # preserve_rng_state=False: the re-run draws other dropout masks than the forward.
+    # "low" runs the region again for its second backward: norms from one re-run and the
+    # sum from another would exceed the bound (1.14x C); it keeps those inputs from the
+    # forward, and the first micro-batch's check refuses the mismatch. One example per
+    # step, noise 0, lr 1: each update is c_1 g_1, of norm at most C.
+    torch.manual_seed(0)
+    model = _Dropout(preserve).double()
+    x, y = torch.randn(12, 4, 16, dtype=torch.float64), torch.randint(0, 3, (12,))
+    C = 0.05
+    private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=1), noise_multiplier=0.0,
+        max_grad_norm=C, poisson_sampling=False, accumulation_steps=1, memory=memory,
+    )
+    clipped = 0
+    for xb, yb in loader:
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            crit(private(xb), yb).backward()
+        except RuntimeError as err:  # (only where the re-run differs, under "low")
+            assert memory == "low" and not preserve, err
+            assert "gradient from outside its own module's forward" in str(err)
+            return
+        optimizer.step()
+        optimizer.zero_grad()
+        norm = float(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, model.parameters())).sqrt())
+        assert norm <= C * (1 + 1e-9), norm / C
+        clipped += norm > C * (1 - 1e-9)
+    assert clipped > 0
+
+
+def test_an_output_whose_gradient_bypasses_the_module_is_refused_naming_it():
+    # a forward hook registered before make_private hands the loss the layer's output as
+    # the module computed it; what the module returned is not used: the region's re-run
+    # never gives dpclip the input, and it must say so, not clip without it
+    torch.manual_seed(0)
+    model = _Regions("plain")
+    seen: list[torch.Tensor] = []
+    model.b.register_forward_hook(lambda m, a, out: seen.append(out))
+
+    class Stashed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.clear()
+            checkpoint(model._block, model.inp(x), use_reentrant=False)
+            return model.head(seen[0].mean(dim=1))
+
+    clipper = dpclip.PerSampleClipper(Stashed(), 1.0, memory="fast")
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))
+    loss = nn.functional.cross_entropy(clipper.module(x), y, reduction="none")
+    with pytest.raises(RuntimeError, match="'inner.b' ran inside torch.utils.checkpoint"):
+        clipper.clipped_sum(loss)
