@@ -27,13 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from dpclip.clipping.checkpointing import InputFromRerun, InputSlot, in_checkpointing
 from dpclip.clipping.rules.base import Target
 
 __all__ = ["AttentionRecorder", "ExpandedBias", "Projection"]
 
-#: (input, output, {"weight": target, "bias": target}, batch size) of one projection;
-#: rows of input and output are ordered (position, example)
-Projection = tuple[torch.Tensor, torch.Tensor, dict[str, Target], int]
+#: (input, output, {"weight": target, "bias": target}, batch size, where the input comes
+#: from a checkpointed region's re-run or None) of one projection; rows of input and output
+#: are ordered (position, example)
+Projection = tuple[torch.Tensor, torch.Tensor, dict[str, Target], int, InputSlot | None]
 #: (the view of bias_k or bias_v expanded over the batch, [B, 1, E], and its target)
 ExpandedBias = tuple[torch.Tensor, Target]
 
@@ -125,9 +127,15 @@ class AttentionRecorder(TorchFunctionMode):
             target = self._target(t)
             if target is not None:
                 targets[role] = target
+        slot = None
+        out = y
+        if y.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and in_checkpointing():
+            # (in the forward and in the re-run alike, recorded or not: ``InputFromRerun``)
+            slot = InputSlot()
+            out = InputFromRerun.apply(y, x.detach(), slot)
         if targets and y.requires_grad:
-            self.projections.append((x.detach(), y, targets, self._batch))
-        return y
+            self.projections.append((x.detach(), y, targets, self._batch, slot))
+        return out
 
     def _target(self, t: torch.Tensor | None) -> Target | None:
         if t is None:

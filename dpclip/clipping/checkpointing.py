@@ -26,11 +26,14 @@ forward, as without checkpointing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
-__all__ = ["InputFromRerun", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng"]
+__all__ = [
+    "InputFromRerun", "InputSlot", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng", "selective",
+]
 
 _FORWARD_HOOK = "_checkpoint_hook."
 _RERUN_HOOK = "_recomputation_hook."
@@ -57,6 +60,14 @@ def rerun_keeps_rng(region: Any) -> bool:
     return _cell(getattr(region, "recompute_fn", None), "preserve_rng_state") is True
 
 
+def selective(region: Any) -> bool:
+    """Whether the region's re-run runs under a context of its own (selective activation
+    checkpointing's ``context_fn``, which allows one backward through the region): True
+    also where it cannot be told."""
+    context = _cell(getattr(region, "recompute_fn", None), "recompute_context")
+    return not isinstance(context, contextlib.nullcontext)
+
+
 class InputFromRerun(torch.autograd.Function):
     """``out`` (its data, not a copy and not a view: the model may change it in place),
     with ``x`` saved for its backward: inside a checkpointed region torch's hooks keep
@@ -77,6 +88,20 @@ class InputFromRerun(torch.autograd.Function):
             (x,) = ctx.saved_tensors
             slot.take_input(x)
         return grad, None, None
+
+
+class InputSlot:
+    """Where ``InputFromRerun`` hands an input when the call is recorded after the
+    identity ran (a projection inside ``nn.MultiheadAttention``): the call, once set."""
+
+    __slots__ = ("call",)
+
+    def __init__(self) -> None:
+        self.call: Any | None = None
+
+    def take_input(self, x: torch.Tensor) -> None:
+        if self.call is not None:
+            self.call.take_input(x)
 
 
 def _top_pack_hook() -> Any | None:

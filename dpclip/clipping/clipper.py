@@ -228,7 +228,9 @@ class PerSampleClipper:
     @mode.setter
     def mode(self, mode: str) -> None:
         self._mode = mode
-        self.recorder.low = mode == "low"  # (what a checkpointed region's calls keep)
+        # (what a checkpointed region's calls keep: "auto" takes "fast" where "low" could
+        # not take their inputs from the re-run)
+        self.recorder.low = mode == "low"
 
     @property
     def chosen_mode(self) -> str | None:
@@ -408,11 +410,16 @@ class PerSampleClipper:
         factors = clip_factors(norms, self.max_grad_norm).detach()
         result = {} if out is None else out
         self.writing = True  # an error from here on leaves ``out`` partly added to
+        with record_function("dpclip.clipped_sum"):
+            self._sum(layer_calls + early.kept, graph_grads, factors, False, result, meter)
+        # before the second backward, which runs checkpointed regions again beside them:
+        # the kept calls' tensors, the per-example gradients, and the gradients at the places
+        # where batch-less lookups met the batch (T5's relative bias: [B, H, T, T] a layer)
+        graph_grads.clear()
+        del layer_calls
         if early.recomputed:
             with record_function("dpclip.second_backward"), timed(meter, None):
                 self._second_backward(loss_per_sample, factors, early.recomputed, result)
-        with record_function("dpclip.clipped_sum"):
-            self._sum(layer_calls + early.kept, graph_grads, factors, False, result, meter)
         self.writing = False
         if meter is not None:
             meter.finish(batch)
@@ -475,11 +482,12 @@ class PerSampleClipper:
         hooked = recomputable([*layer, *broadcast]) - set(broadcast)
         if self.recorder.saved is not None and self.recorder.saved_counts is not None:
             saved, dtypes = self.recorder.saved_counts
+            self.recorder.saved = None
             self.mode = auto_mode(
                 sum(kept_bytes(c, batch) for c in hooked), saved,
-                {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)}, self.recorder.checkpointed,
+                {*dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)},
+                self.recorder.checkpointed, not self.recorder.rerun_once and _met_bytes(broadcast, batch) <= saved,
             )
-            self.recorder.saved = None
             self.recorder.watch_checkpointing = False
         if self.memory == "low" and self.recorder.watch_checkpointing:  # (its first backward)
             # (what the layers and the loss show: a layer that casts inside is not seen)
@@ -926,6 +934,15 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _met_bytes(broadcast: list[BroadcastCall], batch: int) -> int:
+    """The bytes of the gradients where batch-less lookups met the batch, which the
+    backward gives at its end (T5's relative attention bias: [B, heads, T, T] a layer)."""
+    return sum(
+        (1 if m.aligned else batch) * math.prod(m.shape) * torch.empty((), dtype=c.dtype).element_size()
+        for c in broadcast for m in c.meetings
+    )
 
 
 def _adder(out: dict[nn.Parameter, torch.Tensor], p: nn.Parameter) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -23,7 +23,9 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
-from dpclip.clipping.checkpointing import InputFromRerun, checkpoint_region, in_checkpointing, rerun_keeps_rng
+from dpclip.clipping.checkpointing import (
+    InputFromRerun, checkpoint_region, in_checkpointing, rerun_keeps_rng, selective,
+)
 from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
 from dpclip.clipping.rules.broadcast import BROADCAST
@@ -381,10 +383,13 @@ class Recorder:
         #: (bytes, floating-point dtypes: ``SavedActivations.stop``)
         self.saved: SavedActivations | None = None
         self.saved_counts: tuple[int, frozenset[torch.dtype]] | None = None
-        #: set: ``checkpointed`` says whether a call was recorded in a checkpointed region
+        #: set: ``checkpointed`` says whether a call was recorded in a checkpointed region,
+        #: ``rerun_once`` whether such a region should run again for one backward only (it
+        #: runs under selective checkpointing, or draws other random numbers)
         self.watch_checkpointing = False
         self.checkpointed = False
-        #: the clipper runs memory="low" (``_input_later``)
+        self.rerun_once = False
+        #: the clipper runs "low" (set or chosen): ``_input_later``
         self.low = False
         self._warned_dropped = False
         self._warned_empty = False
@@ -569,8 +574,11 @@ class Recorder:
                 return None  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled() or self._traced():
                 return None
-            if self.watch_checkpointing and not self.checkpointed:
-                self.checkpointed = checkpoint_region() is not None
+            if self.watch_checkpointing:
+                region = checkpoint_region()
+                if region is not None:
+                    self.checkpointed = True
+                    self.rerun_once = self.rerun_once or selective(region) or not rerun_keeps_rng(region)
             if isinstance(output, torch.Tensor):  # (the usual case, without flattening)
                 outputs = [output] if output.requires_grad else []
             else:
@@ -607,9 +615,10 @@ class Recorder:
 
     def _input_later(self) -> bool:
         """Whether a call in the running checkpointed region takes its input from the
-        region's re-run. Not under "low" where the re-run may draw other random numbers
-        (``preserve_rng_state=False``): it runs again for the second backward, and the
-        norms, from the first re-run's dropout masks, would not be those of the sum."""
+        region's re-run. Under "low" only if the re-run draws the forward's random numbers
+        again: its second backward runs the region once more, and with other dropout masks
+        (``preserve_rng_state=False``) the norms, from the first re-run, would not be those
+        of the sum. ("auto" before it chose: it takes "fast" where a region does not.)"""
         return not self.low or rerun_keeps_rng(checkpoint_region())
 
     def _attention_enter(self, unit: Unit) -> Callable[..., None]:
@@ -652,10 +661,15 @@ class Recorder:
             if unsupported is not None or not projections:
                 self.calls.append(GraphCall(unit, outputs, params))
                 return
-            for x, y, targets, batch in projections:
-                self.calls.append(
-                    LayerCall(LINEAR, module, [held(x)], y, targets, unit.strategy, batch_inner=batch)
+            for x, y, targets, batch, slot in projections:
+                later = slot is not None and self._input_later()
+                call = LayerCall(
+                    LINEAR, module, [torch.empty_like(x, device="meta") if later else held(x)], y, targets,
+                    unit.strategy, batch_inner=batch, awaits_input=later,
                 )
+                self.calls.append(call)
+                if later:
+                    slot.call = call
             for expanded, target in biases:
                 self.calls.append(
                     LayerCall(BROADCAST, module, [], expanded, {"parameter": target}, unit.strategy)
