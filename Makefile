@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-profile bench-ddp bench-audit
+.PHONY: demo test install clean bench-accounting bench-compare bench-hf bench-memory bench-checkpointing bench-profile bench-ddp bench-audit
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-hf: $(STAMP)
 # Opacus ghost+BMM over sequence lengths and widths; the "Memory" section of docs/comparison.md.
 bench-memory: $(STAMP)
 	$(BIN)/python -m benchmarks.memory_bench
+
+bench-checkpointing: $(STAMP)
+	$(BIN)/python -m benchmarks.checkpointing_bench
 
 # Several processes (issue 16): 1 vs 2 gloo processes, time per logical step and the
 # all-reduce's share; the "Measured" section of docs/distributed.md (about 2 minutes).

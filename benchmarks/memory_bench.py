@@ -57,7 +57,7 @@ _TINY = {name: getattr(hf_workloads, name) for name in ("VOCAB", "LAYERS", "HEAD
 _BASE = {"VOCAB": 50265, "LAYERS": 12, "HEADS": 12}  # RoBERTa-base's
 
 
-def _sized(name: str, seq: int, hidden: int, n: int = 512, seed: int = 0) -> Workload:
+def sized(name: str, seq: int, hidden: int, n: int = 512, seed: int = 0) -> Workload:
     if name == "transformer":  # the built-in one is 64 tokens, width 128
         return transformer(n, seed)
     for key, value in (_BASE if name == "roberta_base" else _TINY).items():
@@ -73,7 +73,7 @@ def config_name(name: str, b: int, t: int, h: int) -> str:
 
 
 for _name, _b, _t, _h in CONFIGS + CUDA_CONFIGS:  # the workload factories ``dpclip.compare`` loads by name
-    globals()[config_name(_name, _b, _t, _h)] = partial(_sized, _name, _t, _h)
+    globals()[config_name(_name, _b, _t, _h)] = partial(sized, _name, _t, _h)
 
 
 def measure(config: tuple[str, int, int, int], device: str, repeats: int) -> tuple[compare.ComparisonResult, str | None]:

@@ -62,3 +62,15 @@ def test_section_is_replaced_in_place_and_the_rest_of_the_page_kept(tmp_path):
     hf_bench.write_section(page, "hf", "new\n")
     assert page.read_text() == "# built-in\n\ntable\n\n<!-- hf:begin -->\nnew\n<!-- hf:end -->\n"
 
+
+
+def test_checkpointing_benchmark_measures_checkpointed_models():
+    from benchmarks import checkpointing_bench
+
+    peaks = checkpointing_bench.measure(("transformer", 8, 64, 128))
+    assert set(peaks) == {"non-private", "non-private, no checkpointing", "fast", "low", "auto"}
+    # the regions are there: checkpointing saves memory without dpclip
+    assert peaks["non-private, no checkpointing"][0] > 1.2 * peaks["non-private"][0]
+    assert peaks["auto"][1] in ("auto: fast", "auto: low")
+    body = checkpointing_bench.section({("transformer", 8, 64, 128): peaks}, 0.1)
+    assert "| transformer (8 / 64 / 128) |" in body
