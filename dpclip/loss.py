@@ -84,6 +84,13 @@ class DPLoss:
                 "use_reentrant=False). Nothing was added"
             )
         if self._generation is None or self._generation != self._optimizer.clipper.generation:
+            if self._optimizer.clipper.recorder.dropped:
+                raise RuntimeError(
+                    "this loss's forward pass is no longer recorded: another forward of the model "
+                    "with gradients enabled started before this backward() (an evaluation without "
+                    "torch.no_grad()), and dpclip keeps one forward's records. Evaluate under "
+                    "torch.no_grad(), or after backward(). Nothing was added"
+                )
             raise RuntimeError(
                 "this loss's forward pass was already used by a backward() (of this loss, or "
                 "of another loss computed from the same forward): dpclip takes one backward() "

@@ -62,8 +62,8 @@ def rerun_keeps_rng(region: Any) -> bool:
 
 def selective(region: Any) -> bool:
     """Whether the region's re-run runs under a context of its own (selective activation
-    checkpointing's ``context_fn``, which allows one backward through the region): True
-    also where it cannot be told."""
+    checkpointing's ``context_fn``, ``debug=True``'s), which allows one backward through
+    the region: True also where it cannot be told."""
     context = _cell(getattr(region, "recompute_fn", None), "recompute_context")
     return not isinstance(context, contextlib.nullcontext)
 
@@ -71,22 +71,23 @@ def selective(region: Any) -> bool:
 class InputFromRerun(torch.autograd.Function):
     """``out`` (its data, not a copy and not a view: the model may change it in place),
     with ``x`` saved for its backward: inside a checkpointed region torch's hooks keep
-    nothing of ``x``, and the backward gets it from the region's re-run. The backward
-    hands it to ``slot.take_input`` (once; ``slot`` None: nobody waits for it) and passes
-    the gradient on unchanged."""
+    nothing of ``x``, and the backward gets it from the region's re-run. Each backward
+    through it hands it to ``slot.take_input`` with ``x``'s version counter at the forward
+    (torch checks no version of a re-computed tensor: a change in place after the layer
+    in the region would go unseen); ``slot`` None: nobody waits for it. The gradient
+    passes unchanged."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, slot: Any) -> torch.Tensor:
         ctx.save_for_backward(x)
-        ctx.slot = slot
+        ctx.slot, ctx.version = slot, x._version
         return out.detach()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        slot, ctx.slot = ctx.slot, None  # (a second backward through a kept graph: given)
-        if slot is not None:
+        if ctx.slot is not None:
             (x,) = ctx.saved_tensors
-            slot.take_input(x)
+            ctx.slot.take_input(x, ctx.version)
         return grad, None, None
 
 
@@ -99,9 +100,9 @@ class InputSlot:
     def __init__(self) -> None:
         self.call: Any | None = None
 
-    def take_input(self, x: torch.Tensor) -> None:
+    def take_input(self, x: torch.Tensor, version: int) -> None:
         if self.call is not None:
-            self.call.take_input(x)
+            self.call.take_input(x, version)
 
 
 def _top_pack_hook() -> Any | None:

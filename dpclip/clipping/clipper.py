@@ -17,7 +17,7 @@ from torch.autograd.profiler import record_function
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
     KEEPS, EarlyNorms, GhostPart, SavedActivations, Scales, auto_mode, check_memory, kept_bytes,
-    one_precision, recomputable, rows_overlap,
+    one_precision, recomputable, rerun_excess, rows_overlap,
 )
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import (
@@ -345,7 +345,8 @@ class PerSampleClipper:
                     "model.encoder(...)) or model.forward(x). dpclip records lookups such as "
                     "embeddings only inside the model's own call, so their gradient would be "
                     "lost. Call the model that make_private returned, model(x), and compute the "
-                    "loss from its output. Nothing was added"
+                    "loss from its output (in a LightningModule: define forward and call self(x) "
+                    "in training_step). Nothing was added"
                 )
         if self._audit_due:  # once: a trainable module outside the model gets no gradient
             foreign = foreign_parameters(loss_per_sample, self._covered)
@@ -427,24 +428,57 @@ class PerSampleClipper:
                 warn_slow_layers(self.plan())
         return result
 
-    @staticmethod
     def _second_backward(
-        loss_per_sample: torch.Tensor, factors: torch.Tensor, calls: list[LayerCall],
+        self, loss_per_sample: torch.Tensor, factors: torch.Tensor, calls: list[LayerCall],
         out: dict[nn.Parameter, torch.Tensor],
     ) -> None:
         """Add Σ_i c_i ∇ ℓ_i for the parameters of the recomputed calls into ``out``: the
         gradient of Σ_i c_i ℓ_i, by a second backward through the graph the first one
         kept. Each parameter's is added by a hook as the pass reaches it, and autograd is
         handed back a zero without storage: returned together at the end of the pass, they
-        held the recomputed layers' gradients once more (0.7x RoBERTa-base's parameters)."""
+        held the recomputed layers' gradients once more (0.7x RoBERTa-base's parameters).
+        A hook on each call's output measures whether this pass sees what the norms saw
+        (``rerun_excess``): gradient checkpointing runs its regions again for it."""
         params = list(dict.fromkeys(p for c in calls for p, _ in c.targets.values()))
         weighted = (loss_per_sample.to(factors.dtype) * factors).sum()
         handles = [p.register_hook(_adder(out, p)) for p in params]
+        excess: list[tuple[LayerCall, torch.Tensor]] = []
+
+        def check(call: LayerCall) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
+            def hook(grads: tuple[torch.Tensor | None, ...]) -> None:
+                if grads[call.edge.output_nr] is not None:
+                    excess.append((call, rerun_excess(call, grads[call.edge.output_nr], factors)))
+
+            return hook
+
+        handles += [c.edge.node.register_prehook(check(c)) for c in calls if c.samples]
         try:
             torch.autograd.grad(weighted, params, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
+            for c in calls:
+                c.samples = c.rerun = None
+        over = torch.stack([e for _, e in excess]) > 0 if excess else None
+        if over is not None and bool(over.any()):  # (one host synchronisation)
+            row, column = (int(i) for i in over.nonzero()[0])
+            name = self._owner_name.get(next(iter(self._params_of(excess[row][0]))), "?")
+            raise RuntimeError(
+                f'memory="low" took the clipped sum from a second backward pass that saw another '
+                f"{('output gradient', 'input')[column]} of module {name!r} than the first pass "
+                "took the norms from: a checkpointed region ran differently the second time "
+                "(random numbers not drawn again: preserve_rng_state=False, also on an enclosing "
+                "region, dropout from a torch.Generator of your own, ...), so the clipping bound "
+                'would not hold. Use memory="fast" (one backward pass). This logical batch is lost'
+            )
+
+    def _changed_in_place(self, call: LayerCall) -> None:
+        name = self._owner_name.get(next(iter(self._params_of(call))), "?")
+        raise RuntimeError(
+            f"the input of module {name!r} was modified in place after its forward "
+            "(e.g. by nn.ReLU(inplace=True) or x += layer(x) on the tensor it was given); "
+            "use the out-of-place version"
+        )
 
     def _backward(
         self, loss_per_sample: torch.Tensor, calls: list[LayerCall | GraphCall], batch: int,
@@ -469,12 +503,7 @@ class PerSampleClipper:
             # in-place change after the forward would feed stale values to the norms (its
             # output's gradient is taken where it entered the graph: a change there is none)
             if isinstance(call, LayerCall) and call.versions != call.current_versions():
-                name = self._owner_name.get(next(iter(self._params_of(call))), "?")
-                raise RuntimeError(
-                    f"the input of module {name!r} was modified in place after its forward "
-                    "(e.g. by nn.ReLU(inplace=True) or x += layer(x) on the tensor it was given); "
-                    "use the out-of-place version"
-                )
+                self._changed_in_place(call)
         audit = self._audit_due
         layer = [c for c in calls if isinstance(c, LayerCall)]
         # (a batch-less lookup's parameter counts as used by it too: its share is summed
@@ -490,6 +519,14 @@ class PerSampleClipper:
             )
             self.recorder.watch_checkpointing = False
         if self.memory == "low" and self.recorder.watch_checkpointing:  # (its first backward)
+            if self.recorder.single_use:
+                raise RuntimeError(
+                    'memory="low" takes the clipped sum from a second backward pass, which runs '
+                    "the checkpointed regions again, and a region here allows one backward only "
+                    "(torch.utils.checkpoint with a context_fn: selective activation "
+                    "checkpointing, or debug=True). Use memory=\"fast\" or \"auto\" (one backward "
+                    "pass). Nothing was added"
+                )
             # (what the layers and the loss show: a layer that casts inside is not seen)
             dtypes = {loss_per_sample.dtype, *(c.dtype for c in layer)}
             if not one_precision(dtypes):
@@ -556,6 +593,9 @@ class PerSampleClipper:
             order = {c: i for i, c in enumerate(calls)}
             first = min(wrong, key=lambda c: order.get(c, len(order)))
             self._batch_error(first.module, first.shape, batch)
+        changed = [c for c in layer if c.changed]
+        if changed:
+            self._changed_in_place(changed[0])
         without = early.without_input + [c for c in layer_calls if c.awaits_input]
         if without:
             name = self._owner_name.get(next(iter(self._params_of(without[0]))), "?")
@@ -563,8 +603,9 @@ class PerSampleClipper:
                 f"module {name!r} ran inside torch.utils.checkpoint: dpclip takes its input "
                 "from the checkpointed region's run in the backward, when the backward reaches "
                 "the module's output, but its output's gradient came by another way (the output "
-                "as a forward hook registered before make_private saw it, not as the module "
-                "returned it). Use the module's returned output, or run the module outside the "
+                "as a forward hook that ran before dpclip's saw it, e.g. one registered before "
+                "make_private or with prepend=True, not as the module returned it). Use the "
+                "module's returned output, or run the module outside the "
                 "checkpointed region. Nothing was added"
             )
         # (after the batch check: a loss per token would fail here with a bare reshape error)
@@ -617,7 +658,10 @@ class PerSampleClipper:
 
         def hook_for(p: nn.Parameter, calls: list[LayerCall]) -> Callable[[torch.Tensor], torch.Tensor]:
             def hook(g: torch.Tensor) -> torch.Tensor:
-                taken = (early.took(c) and c not in early.wrong_batch and c not in early.without_input for c in calls)
+                taken = (
+                    early.took(c) and not c.changed and c not in early.wrong_batch and c not in early.without_input
+                    for c in calls
+                )
                 if p in checked or not all(taken):
                     return g
                 if not names:
@@ -898,11 +942,16 @@ class PerSampleClipper:
             f"for it by {diff:.3g} in norm, more than rounding explains ({tol:.3g})"
             if seen else "no forward of its module recorded any gradient for it"
         )
+        rerun = (
+            " Or, under gradient checkpointing, a checkpointed region gave other values when "
+            "the backward ran it again than its forward did (dropout with "
+            "preserve_rng_state=False: keep torch's default, True)." if self.recorder.checkpointed else ""
+        )
         raise RuntimeError(
             f"parameter {name!r} (of module {owner!r}) gets gradient from outside its own "
             f"module's forward: {recorded}. It has a use dpclip does not record ({_UNRECORDED}), "
             "so its per-example norm would be too small: use the module itself, or tie weights "
-            "by sharing the module attribute (head.weight = emb.weight). Nothing was accumulated"
+            f"by sharing the module attribute (head.weight = emb.weight).{rerun} Nothing was accumulated"
         )
 
 

@@ -37,11 +37,11 @@ import torch.nn as nn
 
 from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, norm_dtype, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
-from dpclip.clipping.recording import LayerCall
+from dpclip.clipping.recording import LayerCall, sample_rows
 
 __all__ = [
     "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations", "Scales",
-    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable",
+    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable", "rerun_excess",
     "rows_overlap",
 ]
 
@@ -91,6 +91,35 @@ def auto_mode(
     if checkpointed and (not rerun_twice or dtypes != {torch.float32}):
         return "fast"
     return "low" if one_precision(dtypes) and kept > AUTO_LOW_ABOVE * saved else "fast"
+
+
+def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """How far the call's tensors in ``memory="low"``'s second backward pass are from those
+    its norms came from, over the tolerance: [output gradient, input], positive where they
+    differ. Its output gradient in the second pass (``grad``, of Σ_i c_i ℓ_i) against c_i
+    times the first's, and an input a checkpointed region's re-run gave against the first
+    re-run's, sampled (``LayerCall.samples``). A region that draws other random numbers
+    when it runs again (``preserve_rng_state=False`` on an enclosing region, dropout from a
+    generator of the user's) would give norms of one run and the clipped sum of another.
+    Tolerance: 1e-3 relative, or 16 roundings of the dtype (nondeterministic kernels). A
+    tensor: the caller looks at all calls' at once (one host synchronisation)."""
+    x_first, g_first = call.samples
+    tol = max(1e-3, 16 * torch.finfo(grad.dtype).eps)
+    expected = g_first * factors.to(g_first.device, torch.float64).view(-1, 1)
+    excess = [_worst(sample_rows(call, grad), expected, tol)]
+    if x_first is not None and call.rerun is not None:
+        excess.append(_worst(call.rerun, x_first, tol))
+    else:
+        excess.append(torch.full_like(excess[0], -1.0))
+    return torch.stack(excess)
+
+
+def _worst(got: torch.Tensor, expected: torch.Tensor, tol: float) -> torch.Tensor:
+    """max over examples (rows) of ‖got_i − expected_i‖ − tol·(‖expected_i‖ + 10⁻³ of the
+    largest row's): a row next to nothing (an example without gradient there) is held to
+    its neighbours' scale, not to its own rounding."""
+    sizes = expected.norm(dim=1)
+    return ((got - expected).norm(dim=1) - tol * (sizes + 1e-3 * sizes.max())).max()
 
 
 def one_precision(dtypes: set[torch.dtype]) -> bool:
@@ -347,6 +376,8 @@ class EarlyNorms:
                 call.release()
             return
         self.recomputed.append(call)
+        # (the second backward must see what these norms saw: ``rerun_excess``)
+        call.samples = (sample_rows(call, call.activations[0]) if call.given else None, sample_rows(call, grad))
         call.release()
         call.per_sample = None
 

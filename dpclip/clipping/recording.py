@@ -44,6 +44,7 @@ __all__ = [
     "build_units",
     "check_strategies",
     "held",
+    "sample_rows",
     "validate_clipping",
 ]
 
@@ -69,6 +70,14 @@ def held(t: torch.Tensor) -> torch.Tensor:
     if 2 * t.numel() * t.element_size() <= storage:
         return t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+def sample_rows(call: LayerCall, t: torch.Tensor) -> torch.Tensor:
+    """A few entries of each example's rows of ``t`` (an input or output gradient of the
+    call), [B, ≤ 64], in float64: enough to tell two runs of a region apart."""
+    rows = call.by_example(t.detach())
+    step_t, step_f = max(1, rows.shape[1] // 4), max(1, rows.shape[2] // 16)
+    return rows[:, ::step_t, ::step_f].reshape(rows.shape[0], -1).to(torch.float64)
 
 
 def argument_tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -109,6 +118,10 @@ class LayerCall:
     ``awaits_input``: the input comes with a checkpointed region's re-run in the backward
     (``take_input``), before the output's gradient; until then ``activations`` holds a
     tensor without data (device "meta") of its shape and dtype, for the costs.
+    ``given``: it came so; ``changed``: it had been changed in place after the layer.
+    ``samples``: under ``memory="low"``, a few entries per example of the input and the
+    output gradient the norms came from, and ``rerun``, those of the input a second run of
+    the region gave (``dpclip.clipping.memory.rerun_excess``).
     """
 
     rule: Rule
@@ -126,6 +139,10 @@ class LayerCall:
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
     awaits_input: bool = False
+    given: bool = False
+    changed: bool = False
+    samples: tuple[torch.Tensor | None, torch.Tensor] | None = field(default=None, repr=False)
+    rerun: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.output is not None:
@@ -161,11 +178,16 @@ class LayerCall:
         created by ``accumulator``)."""
         self.rule.clipped_sum(self, factors, {r: accumulator(out, p, rows) for r, (p, rows) in self.targets.items()})
 
-    def take_input(self, x: torch.Tensor) -> None:
-        """The input a checkpointed region's re-run gave (``awaits_input``)."""
+    def take_input(self, x: torch.Tensor, version: int) -> None:
+        """The input a checkpointed region's re-run gave (``awaits_input``), ``version``
+        its version counter at the forward; a later run's, sampled where the norms' input
+        was (``samples``)."""
         if self.awaits_input:
             self.activations = [held(x)]
-            self.awaits_input = False
+            self.awaits_input, self.given = False, True
+            self.changed = x._version != version
+        elif self.samples is not None:
+            self.rerun = sample_rows(self, x)
 
     def release(self) -> None:
         """Drop the activations and output gradient (their memory) once the call no longer
@@ -383,12 +405,15 @@ class Recorder:
         #: (bytes, floating-point dtypes: ``SavedActivations.stop``)
         self.saved: SavedActivations | None = None
         self.saved_counts: tuple[int, frozenset[torch.dtype]] | None = None
-        #: set: ``checkpointed`` says whether a call was recorded in a checkpointed region,
-        #: ``rerun_once`` whether such a region should run again for one backward only (it
-        #: runs under selective checkpointing, or draws other random numbers)
+        #: ``checkpointed``: a call was recorded in a checkpointed region (always seen for
+        #: linear and normalisation layers, for every call while ``watch_checkpointing``);
+        #: ``rerun_once``: such a region should run again for one backward only: it draws
+        #: other random numbers, or (``single_use``) it runs under a context that allows one
+        #: backward (selective checkpointing's, debug=True's); both while watching
         self.watch_checkpointing = False
         self.checkpointed = False
         self.rerun_once = False
+        self.single_use = False
         #: the clipper runs "low" (set or chosen): ``_input_later``
         self.low = False
         self._warned_dropped = False
@@ -562,6 +587,7 @@ class Recorder:
                 call = record(module, args, kwargs, output, rerun)
                 if not rerun:
                     return None
+                self.checkpointed = self.checkpointed or call is not None
                 # (recorded or not, in the forward and in the re-run alike)
                 slot = call if call is not None and call.awaits_input else None
                 result = InputFromRerun.apply(output, args[0].detach(), slot)
@@ -578,7 +604,8 @@ class Recorder:
                 region = checkpoint_region()
                 if region is not None:
                     self.checkpointed = True
-                    self.rerun_once = self.rerun_once or selective(region) or not rerun_keeps_rng(region)
+                    self.single_use = self.single_use or selective(region)
+                    self.rerun_once = self.rerun_once or self.single_use or not rerun_keeps_rng(region)
             if isinstance(output, torch.Tensor):  # (the usual case, without flattening)
                 outputs = [output] if output.requires_grad else []
             else:

@@ -78,6 +78,19 @@ def test_loss_over_two_forwards_is_refused_not_under_clipped():
         torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
 
 
+def test_an_evaluation_between_a_forward_and_its_backward_is_named():
+    # a forward with gradients on (an evaluation without torch.no_grad()) between the
+    # training forward and its backward drops the training forward's records: the refusal
+    # said the forward "was already used by a backward()", which none was (new-user trial)
+    run = make_run("mlp", batch_size=4, accumulation_steps=1)
+    loss = run.criterion(run.model(run.x[:4]), run.y[:4])
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        run.model(run.x[4:8])
+    with pytest.raises(RuntimeError, match="another forward of the model with gradients enabled started"):
+        loss.backward()
+    assert run.optimizer.micro_batches_accumulated == 0
+
+
 def test_forwards_that_record_nothing_keep_the_pending_records():
     # A forward under torch.no_grad() or with other parameters (torch.func) between a
     # training forward and its backward is not a new training forward: nothing is dropped.
