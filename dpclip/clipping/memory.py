@@ -105,10 +105,10 @@ def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor) -> 
     tensor: the caller looks at all calls' at once (one host synchronisation)."""
     x_first, g_first = call.samples
     tol = max(1e-3, 16 * torch.finfo(grad.dtype).eps)
-    expected = g_first * factors.to(g_first.device, torch.float64).view(-1, 1)
-    excess = [_worst(sample_rows(call, grad), expected, tol)]
+    expected = g_first.double() * factors.to(g_first.device, torch.float64).view(-1, 1)
+    excess = [_worst(sample_rows(call, grad).double(), expected, tol)]
     if x_first is not None and call.rerun is not None:
-        excess.append(_worst(call.rerun, x_first, tol))
+        excess.append(_worst(call.rerun.double(), x_first.double(), tol))
     else:
         excess.append(torch.full_like(excess[0], -1.0))
     return torch.stack(excess)
