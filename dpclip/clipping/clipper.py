@@ -17,7 +17,7 @@ from torch.autograd.profiler import record_function
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
     KEEPS, EarlyNorms, GhostPart, SavedActivations, Scales, auto_mode, check_memory, kept_bytes,
-    one_precision, recomputable, rerun_excess, rows_overlap,
+    one_precision, recomputable, rerun_excess, rerun_tolerance, rows_overlap,
 )
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import (
@@ -443,11 +443,12 @@ class PerSampleClipper:
         weighted = (loss_per_sample.to(factors.dtype) * factors).sum()
         handles = [p.register_hook(_adder(out, p)) for p in params]
         excess: list[tuple[LayerCall, torch.Tensor]] = []
+        tol = rerun_tolerance({loss_per_sample.dtype, *(c.dtype for c in calls)})
 
         def check(call: LayerCall) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
             def hook(grads: tuple[torch.Tensor | None, ...]) -> None:
                 if grads[call.edge.output_nr] is not None:
-                    excess.append((call, rerun_excess(call, grads[call.edge.output_nr], factors)))
+                    excess.append((call, rerun_excess(call, grads[call.edge.output_nr], factors, tol)))
 
             return hook
 
@@ -536,6 +537,7 @@ class PerSampleClipper:
             self.recorder.watch_checkpointing = False
         recompute = hooked if self.mode == "low" else set()
         early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
+        early.rerun_samples = self.recorder.checkpointed
         # a hooked call's output is captured only where nothing captured is below it (its
         # input needs no gradient: a lookup); the pass reaches the others on the way down
         nodes = {c.edge.node for c in layer}

@@ -198,14 +198,29 @@ class BroadcastCall:
                 g = grads[m.pb.output_nr]
                 if g is None:
                     return
-                (t,) = torch.autograd.grad(
-                    [m.p], [self.edge], grad_outputs=[m.cotangents(g, batch)], retain_graph=True,
-                    is_grads_batched=True,
-                )
+                t = _batched_vjp(m.p, self.edge, m.cotangents(g, batch))
                 self.through = t if self.through is None else self.through + t
 
             handles.append(m.pb.node.register_prehook(hook))
         return handles
+
+
+def _batched_vjp(output: GradientEdge, edge: GradientEdge, cotangents: torch.Tensor) -> torch.Tensor:
+    """The vector-Jacobian products of ``output`` at ``edge`` for each of ``cotangents``
+    ([B, ...]), stacked: one vmapped pass, or one pass each where that pass runs a
+    checkpointed region again with random operations (dropout), which vmap refuses
+    (T5 with its default dropout under gradient checkpointing)."""
+    try:
+        (t,) = torch.autograd.grad(
+            [output], [edge], grad_outputs=[cotangents], retain_graph=True, is_grads_batched=True,
+        )
+        return t
+    except RuntimeError as err:
+        if "random operations inside of vmap" not in str(err):
+            raise
+    return torch.stack([
+        torch.autograd.grad([output], [edge], grad_outputs=[c], retain_graph=True)[0] for c in cotangents
+    ])
 
 
 def resolve_broadcast(

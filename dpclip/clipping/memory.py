@@ -41,7 +41,7 @@ from dpclip.clipping.recording import LayerCall, sample_rows
 
 __all__ = [
     "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations", "Scales",
-    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable", "rerun_excess",
+    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable", "rerun_excess", "rerun_tolerance",
     "rows_overlap",
 ]
 
@@ -93,7 +93,7 @@ def auto_mode(
     return "low" if one_precision(dtypes) and kept > AUTO_LOW_ABOVE * saved else "fast"
 
 
-def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor, tol: float) -> torch.Tensor:
     """How far the call's tensors in ``memory="low"``'s second backward pass are from those
     its norms came from, over the tolerance: [output gradient, input], positive where they
     differ. Its output gradient in the second pass (``grad``, of Σ_i c_i ℓ_i) against c_i
@@ -101,10 +101,9 @@ def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor) -> 
     re-run's, sampled (``LayerCall.samples``). A region that draws other random numbers
     when it runs again (``preserve_rng_state=False`` on an enclosing region, dropout from a
     generator of the user's) would give norms of one run and the clipped sum of another.
-    Tolerance: 1e-3 relative, or 16 roundings of the dtype (nondeterministic kernels). A
-    tensor: the caller looks at all calls' at once (one host synchronisation)."""
+    ``tol``: relative (``rerun_tolerance``). A tensor: the caller looks at all calls' at
+    once (one host synchronisation)."""
     x_first, g_first = call.samples
-    tol = max(1e-3, 16 * torch.finfo(grad.dtype).eps)
     expected = g_first.double() * factors.to(g_first.device, torch.float64).view(-1, 1)
     excess = [_worst(sample_rows(call, grad).double(), expected, tol)]
     if x_first is not None and call.rerun is not None:
@@ -112,6 +111,13 @@ def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor) -> 
     else:
         excess.append(torch.full_like(excess[0], -1.0))
     return torch.stack(excess)
+
+
+def rerun_tolerance(dtypes: set[torch.dtype]) -> float:
+    """``rerun_excess``'s tolerance: 1e-3, or 16 roundings of the least precise of the
+    layers' and the loss's dtypes (under bfloat16 autocast a float32 layer norm's gradient
+    comes through bfloat16 matmuls, which round c_i·g to about 4e-3)."""
+    return max(1e-3, 16 * max(torch.finfo(d).eps for d in dtypes if d.is_floating_point))
 
 
 def _worst(got: torch.Tensor, expected: torch.Tensor, tol: float) -> torch.Tensor:
@@ -313,6 +319,8 @@ class EarlyNorms:
         self.scales: Scales = {}
         self._audit = audit
         self._scales_of = scales_of
+        #: the forward ran checkpointed regions, which the second backward runs again
+        self.rerun_samples = False
         self._taken: set[LayerCall] = set()
         # a hook on the node the output's gradient enters: it fires when the node runs
         # (a node the pass does not run is one whose gradient the clipper captures)
@@ -376,8 +384,8 @@ class EarlyNorms:
                 call.release()
             return
         self.recomputed.append(call)
-        # (the second backward must see what these norms saw: ``rerun_excess``)
-        call.samples = (sample_rows(call, call.activations[0]) if call.given else None, sample_rows(call, grad))
+        if self.rerun_samples:  # (the second backward must see what these norms saw: ``rerun_excess``)
+            call.samples = (sample_rows(call, call.activations[0]) if call.rerun_input else None, sample_rows(call, grad))
         call.release()
         call.per_sample = None
 

@@ -120,10 +120,13 @@ class LayerCall:
     ``awaits_input``: the input comes with a checkpointed region's re-run in the backward
     (``take_input``), before the output's gradient; until then ``activations`` holds a
     tensor without data (device "meta") of its shape and dtype, for the costs.
-    ``given``: it came so; ``changed``: it had been changed in place after the layer.
-    ``samples``: under ``memory="low"``, a few entries per example of the input and the
-    output gradient the norms came from, and ``rerun``, those of the input a second run of
-    the region gave (``dpclip.clipping.memory.rerun_excess``).
+    ``changed``: it had been changed in place after the layer.
+    ``rerun_input``: each run of the call's checkpointed region hands its input to
+    ``take_input`` (given or not).
+    ``samples``: under ``memory="low"`` with checkpointing, a few entries per example of
+    the input (``rerun_input``) and the output gradient the norms came from, and
+    ``rerun``, those of the input a second run of the region gave
+    (``dpclip.clipping.memory.rerun_excess``).
     """
 
     rule: Rule
@@ -141,7 +144,7 @@ class LayerCall:
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
     awaits_input: bool = False
-    given: bool = False
+    rerun_input: bool = False
     changed: bool = False
     samples: tuple[torch.Tensor | None, torch.Tensor] | None = field(default=None, repr=False)
     rerun: torch.Tensor | None = field(default=None, repr=False)
@@ -182,11 +185,11 @@ class LayerCall:
 
     def take_input(self, x: torch.Tensor, version: int) -> None:
         """The input a checkpointed region's re-run gave (``awaits_input``), ``version``
-        its version counter at the forward; a later run's, sampled where the norms' input
-        was (``samples``)."""
+        its version counter at the forward; a later run's (the second backward of "low"),
+        sampled where the norms' input was (``samples``)."""
         if self.awaits_input:
             self.activations = [held(x)]
-            self.awaits_input, self.given = False, True
+            self.awaits_input = False
             self.changed = x._version != version
         elif self.samples is not None:
             self.rerun = sample_rows(self, x)
@@ -328,11 +331,13 @@ def _owned_below(sub: nn.Module, p: nn.Parameter) -> bool:
 
 
 def _input_from_rerun(unit: Unit, args: tuple, kwargs: dict, output: Any) -> bool:
-    """Whether the call's input goes to autograd on ``InputFromRerun``: a linear or
-    normalisation layer on one tensor, whose output requires grad, inside a checkpointed
-    region's forward or its re-run. It depends on nothing the backward changes: torch
-    matches the re-run's saved tensors to the forward's by their order."""
-    if unit.rule not in _RERUN_INPUT or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+    """Whether the call's input goes to autograd on ``InputFromRerun``: a layer with a rule
+    on one tensor, whose output requires grad, inside a checkpointed region's forward or its
+    re-run (linear and normalisation layers take it from there, ``_RERUN_INPUT``; the
+    others keep it from the forward, and "low" compares it with each re-run's). It depends
+    on nothing the backward changes: torch matches the re-run's saved tensors to the
+    forward's by their order."""
+    if unit.rule is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return False
     if not isinstance(output, torch.Tensor) or not output.requires_grad:
         return False
@@ -591,7 +596,7 @@ class Recorder:
                     return None
                 self.checkpointed = self.checkpointed or call is not None
                 # (recorded or not, in the forward and in the re-run alike)
-                slot = call if call is not None and call.awaits_input else None
+                slot = call if call is not None and call.rerun_input else None
                 result = InputFromRerun.apply(output, args[0].detach(), slot)
                 if self.functions is not None and self.functions.active:
                     self.functions.alias(result, output)
@@ -626,13 +631,14 @@ class Recorder:
                 return None  # all frozen since make_private
             if unit.rule is not None and len(outputs) == 1 and args and not kwargs:
                 targets = {r: (p, None) for r, p in trainable}
-                later = rerun and self._input_later()
+                later = rerun and unit.rule in _RERUN_INPUT and self._input_later()
                 if later:  # (``InputFromRerun``: the re-run gives it)
                     activations = [torch.empty_like(args[0], device="meta")]
                 else:
                     activations = [held(a) if isinstance(a, torch.Tensor) else a for a in args]
                 call = LayerCall(
-                    unit.rule, module, activations, outputs[0], targets, unit.strategy, awaits_input=later
+                    unit.rule, module, activations, outputs[0], targets, unit.strategy,
+                    awaits_input=later, rerun_input=rerun,
                 )
                 self.calls.append(call)
                 return call
@@ -694,10 +700,10 @@ class Recorder:
                 later = slot is not None and self._input_later()
                 call = LayerCall(
                     LINEAR, module, [torch.empty_like(x, device="meta") if later else held(x)], y, targets,
-                    unit.strategy, batch_inner=batch, awaits_input=later,
+                    unit.strategy, batch_inner=batch, awaits_input=later, rerun_input=slot is not None,
                 )
                 self.calls.append(call)
-                if later:
+                if slot is not None:
                     slot.call = call
             for expanded, target in biases:
                 self.calls.append(

@@ -316,14 +316,18 @@ def test_an_input_changed_in_place_after_its_layer_in_a_region_is_refused(varian
 class _UnreplayedNoise(nn.Module):
     """Noise a checkpointed region's second run in the backward draws anew: dropout from a
     generator of the user's before a layer ("input") or after the last one ("gradient":
-    only the output gradient differs), or torch's dropout in an outer region with
-    preserve_rng_state=False around an inner one ("nested")."""
+    only the output gradient differs), torch's dropout in an outer region with
+    preserve_rng_state=False around an inner one ("nested"), or noise added to a
+    convolution's input (kept from the forward: only the re-run's input differs, "conv"),
+    from the second micro-batch on (``noisy``: past the first micro-batch's check)."""
 
     def __init__(self, variant: str) -> None:
         super().__init__()
         self.variant = variant
         self.a, self.b, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+        self.conv = nn.Conv1d(16, 16, 1)
         self.generator = torch.Generator().manual_seed(1)
+        self.noisy = variant != "conv"
 
     def _noise(self, h: torch.Tensor) -> torch.Tensor:
         return h * (torch.rand(h.shape, generator=self.generator, dtype=h.dtype) > 0.5) * 2
@@ -333,6 +337,10 @@ class _UnreplayedNoise(nn.Module):
             inner = lambda v: self.b(torch.tanh(self.a(v)))  # noqa: E731
             outer = lambda v: checkpoint(inner, nn.functional.dropout(v, 0.5), use_reentrant=False)  # noqa: E731
             h = checkpoint(outer, x, use_reentrant=False, preserve_rng_state=False)
+        elif self.variant == "conv":
+            noisy = lambda v: v + self.noisy * torch.randn(v.shape, generator=self.generator, dtype=v.dtype)  # noqa: E731
+            h = checkpoint(lambda v: self.conv(noisy(v).transpose(1, 2)).transpose(1, 2), x, use_reentrant=False)
+            h = self.b(torch.tanh(self.a(h)))
         elif self.variant == "input":
             h = checkpoint(lambda v: self.b(self._noise(torch.tanh(self.a(v)))), x, use_reentrant=False)
         else:
@@ -341,7 +349,7 @@ class _UnreplayedNoise(nn.Module):
 
 
 @pytest.mark.parametrize("memory", ["fast", "low"])
-@pytest.mark.parametrize("variant", ["input", "gradient", "nested"])
+@pytest.mark.parametrize("variant", ["input", "gradient", "nested", "conv"])
 def test_low_refuses_a_second_run_of_a_region_that_differs_fast_keeps_the_bound(variant, memory):
     # "low" takes the norms from its first backward and the clipped sum from a second,
     # which runs the regions again: norms of one run and the sum of another exceeded the
@@ -371,6 +379,7 @@ def test_low_refuses_a_second_run_of_a_region_that_differs_fast_keeps_the_bound(
         optimizer.zero_grad()
         norm = float(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, model.parameters())).sqrt())
         assert norm <= C * (1 + 1e-9), norm / C
+        model.noisy = True
     assert memory == "fast", "low trained on regions that ran differently"
 
 
@@ -386,3 +395,69 @@ def test_low_under_selective_checkpointing_is_refused_naming_the_fix():
     loss = nn.functional.cross_entropy(model(x), y, reduction="none")
     with pytest.raises(RuntimeError, match='allows one backward only.*Use memory="fast" or "auto"'):
         clipper.clipped_sum(loss)
+
+
+def test_low_under_bfloat16_autocast_in_regions_is_not_refused_for_rounding():
+    # the second pass's check compared a float32 layer norm's output gradient, which comes
+    # through bfloat16 matmuls under autocast, at float32's tolerance: every clipped step
+    # was refused (review); its tolerance follows the least precise layer
+    from dpclip.workloads import transformer
+
+    work = transformer(n=16)
+    model = _transformer("plain")
+    x, y = work.dataset[:16]
+    private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=work.criterion,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=1e-3, poisson_sampling=False, accumulation_steps=2, memory="low",
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    for step, (xb, yb) in enumerate(loader):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = crit(private(xb), yb)
+        loss.backward()
+        if step % 2 == 1:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_t5_with_dropout_under_checkpointing_trains_as_without(memory):
+    # T5's relative attention bias is looked up without the batch; each example's share
+    # of its gradient is carried back from where it meets the batch by a vmapped
+    # vector-Jacobian product, which under checkpointing runs the first layer's region
+    # again: with T5's default dropout vmap refused ("random operations inside of vmap")
+    # in every mode. Each example's product now runs on its own there. The re-run draws
+    # the forward's masks, so the update equals the one without checkpointing.
+    from tests.dpclip.hf_models import CASES
+
+    case = CASES["t5"]
+
+    def update(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = case.build(8).double()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.1
+        if checkpointing:
+            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        inputs, labels = case.batch(8, 8, torch.Generator().manual_seed(0))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=case.criterion(),
+            data_loader=DataLoader(TensorDataset(*inputs, labels), batch_size=4), noise_multiplier=0.0,
+            max_grad_norm=0.5, poisson_sampling=False, accumulation_steps=2, memory=memory,
+        )
+        torch.manual_seed(1)
+        for *xb, yb in loader:
+            crit(private(*xb), yb).backward()
+        optimizer.step()
+        return {n: before[n] - p.detach() for n, p in model.named_parameters()}
+
+    plain, checkpointed = update(False), update(True)
+    assert any(float(v.abs().max()) > 0 for v in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-9, atol=1e-13)
