@@ -413,7 +413,7 @@ class Recorder:
         self.saved: SavedActivations | None = None
         self.saved_counts: tuple[int, frozenset[torch.dtype]] | None = None
         #: ``checkpointed``: a call was recorded in a checkpointed region (always seen for
-        #: linear and normalisation layers, for every call while ``watch_checkpointing``);
+        #: layers with a rule, for every call while ``watch_checkpointing``);
         #: ``rerun_once``: such a region should run again for one backward only: it draws
         #: other random numbers, or (``single_use``) it runs under a context that allows one
         #: backward (selective checkpointing's, debug=True's); both while watching
