@@ -17,7 +17,7 @@ from torch.autograd.profiler import record_function
 from dpclip.clipping.functions import BroadcastCall, FunctionRecorder, resolve_broadcast
 from dpclip.clipping.memory import (
     KEEPS, EarlyNorms, GhostPart, SavedActivations, Scales, auto_mode, check_memory, kept_bytes,
-    one_precision, recomputable, rerun_excess, rerun_tolerance, rows_overlap,
+    one_precision, recomputable, rerun_differences, rerun_mismatch, rows_overlap,
 )
 from dpclip.clipping.graph import check_graph_units, foreign_parameters, graph_per_sample
 from dpclip.clipping.norms import (
@@ -438,17 +438,16 @@ class PerSampleClipper:
         handed back a zero without storage: returned together at the end of the pass, they
         held the recomputed layers' gradients once more (0.7x RoBERTa-base's parameters).
         A hook on each call's output measures whether this pass sees what the norms saw
-        (``rerun_excess``): gradient checkpointing runs its regions again for it."""
+        (``rerun_differences``): gradient checkpointing runs its regions again for it."""
         params = list(dict.fromkeys(p for c in calls for p, _ in c.targets.values()))
         weighted = (loss_per_sample.to(factors.dtype) * factors).sum()
         handles = [p.register_hook(_adder(out, p)) for p in params]
-        excess: list[tuple[LayerCall, torch.Tensor]] = []
-        tol = rerun_tolerance({loss_per_sample.dtype, *(c.dtype for c in calls)})
+        seen: list[tuple[LayerCall, torch.Tensor]] = []
 
         def check(call: LayerCall) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
             def hook(grads: tuple[torch.Tensor | None, ...]) -> None:
                 if grads[call.edge.output_nr] is not None:
-                    excess.append((call, rerun_excess(call, grads[call.edge.output_nr], factors, tol)))
+                    seen.append((call, rerun_differences(call, grads[call.edge.output_nr], factors)))
 
             return hook
 
@@ -460,10 +459,11 @@ class PerSampleClipper:
                 h.remove()
             for c in calls:
                 c.samples = c.rerun = None
-        over = torch.stack([e for _, e in excess]) > 0 if excess else None
+        dtypes = {loss_per_sample.dtype, *(c.dtype for c in calls)}
+        over = rerun_mismatch(torch.stack([d for _, d in seen]), dtypes) if seen else None
         if over is not None and bool(over.any()):  # (one host synchronisation)
             row, column = (int(i) for i in over.nonzero()[0])
-            name = self._owner_name.get(next(iter(self._params_of(excess[row][0]))), "?")
+            name = self._owner_name.get(next(iter(self._params_of(seen[row][0]))), "?")
             raise RuntimeError(
                 f'memory="low" took the clipped sum from a second backward pass that saw another '
                 f"{('output gradient', 'input')[column]} of module {name!r} than the first pass "

@@ -41,7 +41,7 @@ from dpclip.clipping.recording import LayerCall, sample_rows
 
 __all__ = [
     "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations", "Scales",
-    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable", "rerun_excess", "rerun_tolerance",
+    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable", "rerun_differences", "rerun_mismatch",
     "rows_overlap",
 ]
 
@@ -93,39 +93,38 @@ def auto_mode(
     return "low" if one_precision(dtypes) and kept > AUTO_LOW_ABOVE * saved else "fast"
 
 
-def rerun_excess(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor, tol: float) -> torch.Tensor:
+def rerun_differences(call: LayerCall, grad: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """How far the call's tensors in ``memory="low"``'s second backward pass are from those
-    its norms came from, over the tolerance: [output gradient, input], positive where they
-    differ. Its output gradient in the second pass (``grad``, of Σ_i c_i ℓ_i) against c_i
-    times the first's, and an input a checkpointed region's re-run gave against the first
-    re-run's, sampled (``LayerCall.samples``). A region that draws other random numbers
-    when it runs again (``preserve_rng_state=False`` on an enclosing region, dropout from a
-    generator of the user's) would give norms of one run and the clipped sum of another.
-    ``tol``: relative (``rerun_tolerance``). A tensor: the caller looks at all calls' at
-    once (one host synchronisation)."""
+    its norms came from, per example: [2 (difference, size), 2 (output gradient, input), B]
+    (an input not compared: zeros). Its output gradient in the second pass (``grad``, of
+    Σ_i c_i ℓ_i) against c_i times the first's, and an input a checkpointed region's re-run
+    gave against the one the norms used, sampled (``LayerCall.samples``). A region that
+    draws other random numbers when it runs again (``preserve_rng_state=False`` on an
+    enclosing region, dropout from a generator of the user's) would give norms of one run
+    and the clipped sum of another (``rerun_mismatch``)."""
     x_first, g_first = call.samples
     expected = g_first.double() * factors.to(g_first.device, torch.float64).view(-1, 1)
-    excess = [_worst(sample_rows(call, grad).double(), expected, tol)]
+    diff, size = [(sample_rows(call, grad).double() - expected).norm(dim=1)], [expected.norm(dim=1)]
     if x_first is not None and call.rerun is not None:
-        excess.append(_worst(call.rerun.double(), x_first.double(), tol))
+        diff.append((call.rerun.double() - x_first.double()).norm(dim=1))
+        size.append(x_first.double().norm(dim=1))
     else:
-        excess.append(torch.full_like(excess[0], -1.0))
-    return torch.stack(excess)
+        diff.append(torch.zeros_like(diff[0]))
+        size.append(torch.zeros_like(size[0]))
+    return torch.stack([torch.stack(diff), torch.stack(size)])
 
 
-def rerun_tolerance(dtypes: set[torch.dtype]) -> float:
-    """``rerun_excess``'s tolerance: 1e-3, or 16 roundings of the least precise of the
-    layers' and the loss's dtypes (under bfloat16 autocast a float32 layer norm's gradient
-    comes through bfloat16 matmuls, which round c_i·g to about 4e-3)."""
-    return max(1e-3, 16 * max(torch.finfo(d).eps for d in dtypes if d.is_floating_point))
-
-
-def _worst(got: torch.Tensor, expected: torch.Tensor, tol: float) -> torch.Tensor:
-    """max over examples (rows) of ‖got_i − expected_i‖ − tol·(‖expected_i‖ + 10⁻³ of the
-    largest row's): a row next to nothing (an example without gradient there) is held to
-    its neighbours' scale, not to its own rounding."""
-    sizes = expected.norm(dim=1)
-    return ((got - expected).norm(dim=1) - tol * (sizes + 1e-3 * sizes.max())).max()
+def rerun_mismatch(differences: torch.Tensor, dtypes: set[torch.dtype]) -> torch.Tensor:
+    """Which calls' (rows) output gradient or input (columns) differ between the two
+    passes, from ``rerun_differences`` stacked ([calls, 2, 2, B]): by more than ``tol``
+    of the example's size there, plus 10⁻³ of its largest over the calls (a gradient that
+    is rounding alone, where the loss does not depend on a layer, is held to the others'
+    scale). ``tol``: 1e-3, or 16 roundings of the least precise of the layers' and the
+    loss's ``dtypes`` (under bfloat16 autocast a float32 layer norm's gradient comes
+    through bfloat16 matmuls, which round c_i·g to about 4e-3)."""
+    tol = max(1e-3, 16 * max(torch.finfo(d).eps for d in dtypes if d.is_floating_point))
+    diff, size = differences[:, 0], differences[:, 1]
+    return (diff > tol * (size + 1e-3 * size.amax(dim=0, keepdim=True))).any(dim=2)
 
 
 def one_precision(dtypes: set[torch.dtype]) -> bool:
@@ -384,7 +383,7 @@ class EarlyNorms:
                 call.release()
             return
         self.recomputed.append(call)
-        if self.rerun_samples:  # (the second backward must see what these norms saw: ``rerun_excess``)
+        if self.rerun_samples:  # (the second backward must see what these norms saw: ``rerun_differences``)
             call.samples = (sample_rows(call, call.activations[0]) if call.rerun_input else None, sample_rows(call, grad))
         call.release()
         call.per_sample = None

@@ -126,7 +126,7 @@ class LayerCall:
     ``samples``: under ``memory="low"`` with checkpointing, a few entries per example of
     the input (``rerun_input``) and the output gradient the norms came from, and
     ``rerun``, those of the input a second run of the region gave
-    (``dpclip.clipping.memory.rerun_excess``).
+    (``dpclip.clipping.memory.rerun_differences``).
     """
 
     rule: Rule
