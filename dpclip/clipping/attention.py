@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dpclip.clipping.checkpointing import InputFromRerun, InputSlot, in_checkpointing
+from dpclip.clipping.checkpointing import InputFromRerun, InputSlot, takes_rerun_input
 from dpclip.clipping.rules.base import Target
 
 __all__ = ["AttentionRecorder", "ExpandedBias", "Projection"]
@@ -129,7 +129,7 @@ class AttentionRecorder(TorchFunctionMode):
                 targets[role] = target
         slot = None
         out = y
-        if y.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() and in_checkpointing():
+        if takes_rerun_input(y):
             # (in the forward and in the re-run alike, recorded or not: ``InputFromRerun``)
             slot = InputSlot()
             out = InputFromRerun.apply(y, x.detach(), slot)

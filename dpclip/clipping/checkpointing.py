@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "InputFromRerun", "InputSlot", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng", "selective",
+    "takes_rerun_input",
 ]
 
 _FORWARD_HOOK = "_checkpoint_hook."
@@ -52,6 +53,17 @@ def in_checkpointing() -> bool:
     """Whether a checkpointed region's forward, or its re-run in the backward, is running."""
     pack = _top_pack_hook()
     return pack is not None and getattr(pack, "__qualname__", "").startswith((_FORWARD_HOOK, _RERUN_HOOK))
+
+
+def takes_rerun_input(output: torch.Tensor) -> bool:
+    """Whether a layer call with this output goes through ``InputFromRerun``: the output
+    requires grad, inside a checkpointed region's forward or its re-run (not while
+    torch.compile traces). It depends on nothing the backward changes: torch matches the
+    re-run's saved tensors to the forward's by their order."""
+    return (
+        output.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        and in_checkpointing()
+    )
 
 
 def rerun_keeps_rng(region: Any) -> bool:

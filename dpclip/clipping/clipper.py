@@ -463,7 +463,7 @@ class PerSampleClipper:
         over = rerun_mismatch(torch.stack([d for _, d in seen]), dtypes) if seen else None
         if over is not None and bool(over.any()):  # (one host synchronisation)
             row, column = (int(i) for i in over.nonzero()[0])
-            name = self._owner_name.get(next(iter(self._params_of(seen[row][0]))), "?")
+            name = self._call_name(seen[row][0])
             raise RuntimeError(
                 f'memory="low" took the clipped sum from a second backward pass that saw another '
                 f"{('output gradient', 'input')[column]} of module {name!r} than the first pass "
@@ -473,10 +473,13 @@ class PerSampleClipper:
                 'would not hold. Use memory="fast" (one backward pass). This logical batch is lost'
             )
 
+    def _call_name(self, call: LayerCall | GraphCall | BroadcastCall) -> str:
+        """The name of the module that owns the call's (first) parameter."""
+        return self._owner_name.get(next(iter(self._params_of(call))), "?")
+
     def _changed_in_place(self, call: LayerCall) -> None:
-        name = self._owner_name.get(next(iter(self._params_of(call))), "?")
         raise RuntimeError(
-            f"the input of module {name!r} was modified in place after its forward "
+            f"the input of module {self._call_name(call)!r} was modified in place after its forward "
             "(e.g. by nn.ReLU(inplace=True) or x += layer(x) on the tensor it was given); "
             "use the out-of-place version"
         )
@@ -536,8 +539,7 @@ class PerSampleClipper:
                 _warn_low_precisions(dtypes, hidden=True)
             self.recorder.watch_checkpointing = False
         recompute = hooked if self.mode == "low" else set()
-        early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales)
-        early.rerun_samples = self.recorder.checkpointed
+        early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales, self.recorder.checkpointed)
         # a hooked call's output is captured only where nothing captured is below it (its
         # input needs no gradient: a lookup); the pass reaches the others on the way down
         nodes = {c.edge.node for c in layer}
@@ -600,9 +602,8 @@ class PerSampleClipper:
             self._changed_in_place(changed[0])
         without = early.without_input + [c for c in layer_calls if c.awaits_input]
         if without:
-            name = self._owner_name.get(next(iter(self._params_of(without[0]))), "?")
             raise RuntimeError(
-                f"module {name!r} ran inside torch.utils.checkpoint: dpclip takes its input "
+                f"module {self._call_name(without[0])!r} ran inside torch.utils.checkpoint: dpclip takes its input "
                 "from the checkpointed region's run in the backward, when the backward reaches "
                 "the module's output, but its output's gradient came by another way (the output "
                 "as a forward hook that ran before dpclip's saw it, e.g. one registered before "
@@ -991,7 +992,7 @@ def _met_bytes(broadcast: list[BroadcastCall], batch: int) -> int:
     """The bytes of the gradients where batch-less lookups met the batch, which the
     backward gives at its end (T5's relative attention bias: [B, heads, T, T] a layer)."""
     return sum(
-        (1 if m.aligned else batch) * math.prod(m.shape) * torch.empty((), dtype=c.dtype).element_size()
+        (1 if m.aligned else batch) * math.prod(m.shape) * c.dtype.itemsize
         for c in broadcast for m in c.meetings
     )
 

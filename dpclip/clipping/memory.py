@@ -41,8 +41,8 @@ from dpclip.clipping.recording import LayerCall, sample_rows
 
 __all__ = [
     "AUTO_LOW_ABOVE", "KEEPS", "MEMORY_MODES", "EarlyNorms", "GhostPart", "SavedActivations", "Scales",
-    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable", "rerun_differences", "rerun_mismatch",
-    "rows_overlap",
+    "auto_mode", "check_memory", "exact_where_rounded", "kept_bytes", "one_precision", "recomputable",
+    "rerun_differences", "rerun_mismatch", "rows_overlap",
 ]
 
 #: "auto", "fast" (keep output gradients: one backward), "low" (recompute: two).
@@ -138,7 +138,7 @@ def kept_bytes(call: LayerCall, batch: int) -> int:
     output gradient (a ghost norm) or its ``batch`` per-example gradients; a ghost norm
     also the input a checkpointed region's re-run gives it (``LayerCall.awaits_input``),
     which autograd would have freed (outside a region autograd keeps the input itself)."""
-    size = torch.empty((), dtype=call.dtype).element_size()
+    size = call.dtype.itemsize
     if call.uses_ghost():
         given = call.activations[0].numel() * call.activations[0].element_size() if call.awaits_input else 0
         return given + math.prod(call.shape) * size
@@ -291,8 +291,9 @@ class EarlyNorms:
     S comes from what they keep; ``recomputed``: those (of ``recompute``) whose output
     got a gradient; ``wrong_batch``: the calls whose output gradient was not batch-first,
     ``without_input`` those whose output gradient came before the input a checkpointed
-    region's re-run gives (the clipper raises its errors after the pass). With ``audit``, also the audit's sums of
-    contributions (``own``, factors 1) and of their absolute values (``scales``;
+    region's re-run gives (the clipper raises its errors after the pass). With ``audit``,
+    also the audit's sums of contributions (``own``, factors 1) and of their absolute
+    values (``scales``;
     ``scales_of`` adds a call's, with its per-example gradients' where it holds them),
     taken while the call's tensors are at hand: the clipper checks a parameter against its
     whole gradient as soon as the pass gives it (``PerSampleClipper._backward``).
@@ -306,6 +307,7 @@ class EarlyNorms:
         meter: CostMeter | None,
         audit: bool,
         scales_of: Callable[[LayerCall, Scales], None],
+        rerun_samples: bool = False,
     ) -> None:
         self.batch, self.meter, self.recompute = batch, meter, recompute
         self.parts: list[torch.Tensor] = []
@@ -318,8 +320,9 @@ class EarlyNorms:
         self.scales: Scales = {}
         self._audit = audit
         self._scales_of = scales_of
-        #: the forward ran checkpointed regions, which the second backward runs again
-        self.rerun_samples = False
+        #: the forward ran checkpointed regions, which the second backward runs again:
+        #: recomputed calls keep ``samples`` of what their norms saw
+        self.rerun_samples = rerun_samples
         self._taken: set[LayerCall] = set()
         # a hook on the node the output's gradient enters: it fires when the node runs
         # (a node the pass does not run is one whose gradient the clipper captures)

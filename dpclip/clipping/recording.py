@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
 from dpclip.clipping.checkpointing import (
-    InputFromRerun, checkpoint_region, in_checkpointing, rerun_keeps_rng, selective,
+    InputFromRerun, checkpoint_region, rerun_keeps_rng, selective, takes_rerun_input,
 )
 from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
@@ -334,14 +334,10 @@ def _input_from_rerun(unit: Unit, args: tuple, kwargs: dict, output: Any) -> boo
     """Whether the call's input goes to autograd on ``InputFromRerun``: a layer with a rule
     on one tensor, whose output requires grad, inside a checkpointed region's forward or its
     re-run (linear and normalisation layers take it from there, ``_RERUN_INPUT``; the
-    others keep it from the forward, and "low" compares it with each re-run's). It depends
-    on nothing the backward changes: torch matches the re-run's saved tensors to the
-    forward's by their order."""
+    others keep it from the forward, and "low" compares it with each re-run's)."""
     if unit.rule is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return False
-    if not isinstance(output, torch.Tensor) or not output.requires_grad:
-        return False
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and in_checkpointing()
+    return isinstance(output, torch.Tensor) and takes_rerun_input(output)
 
 
 class FunctionRecorderLike(Protocol):
