@@ -17,6 +17,10 @@ saves, and the backward runs the region again to give it back. Two consequences:
   when the backward reaches the output, before the output's gradient arrives.
   Torch matches what it re-computes to what it saved, so the identity runs on every call
   that qualifies, in the forward and in the re-run alike, recorded or not.
+- A module without a rule whose parameter only scales (Llama's and T5's RMSNorm
+  ``w * n``, recorded by operation: the function recorder is not active in the re-run)
+  gets the identity on its output with the module's input, and the scaled operand n is
+  computed from that input in the backward (``scaled_operand``).
 
 The region is told by the top saved-tensor pack hook, checkpoint's own (the forward's
 holds the region's frame; the re-run's is another): torch.utils.checkpoint's internals.
@@ -32,8 +36,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "InputFromRerun", "InputSlot", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng", "selective",
-    "takes_rerun_input",
+    "InputFromRerun", "InputSlot", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng", "scaled_operand",
+    "selective", "takes_rerun_input",
 ]
 
 _FORWARD_HOOK = "_checkpoint_hook."
@@ -133,3 +137,22 @@ def _cell(fn: Any, name: str) -> Any | None:
         return closure[code.co_freevars.index(name)].cell_contents
     except ValueError:  # (an empty cell)
         return None
+
+
+def scaled_operand(module: torch.nn.Module, role: str, x: torch.Tensor) -> torch.Tensor:
+    """The operand n that ``module``'s parameter ``role`` scales in a forward on ``x`` whose
+    output is that product, ``w ⊙ n`` (also ``(1 + w) ⊙ n``, or with ``w`` cast): the
+    output's derivative along w in the direction of ones, which is n exactly (a product
+    with ones), in the output's dtype. The module's own forward runs, without its hooks."""
+    w = module._parameters[role]
+
+    def forward(weight: torch.Tensor) -> torch.Tensor:
+        module._parameters[role] = weight
+        try:
+            return type(module).forward(module, x)
+        finally:
+            module._parameters[role] = w
+
+    with torch.no_grad():
+        _, n = torch.func.jvp(forward, (w.detach(),), (torch.ones_like(w),))
+    return n

@@ -327,6 +327,16 @@ def _transposes(func: Any, args: tuple) -> bool:
     )
 
 
+#: Names of the torch functions that draw random numbers (dropout and the samplers).
+_RANDOM = frozenset({
+    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "alpha_dropout_",
+    "feature_alpha_dropout", "feature_alpha_dropout_", "feature_dropout", "feature_dropout_",
+    "bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
+    "randperm", "normal", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
+    "log_normal_", "poisson", "multinomial", "gumbel_softmax", "rrelu", "rrelu_",
+})
+
+
 def _outputs(result: Any) -> list[torch.Tensor]:
     if isinstance(result, torch.Tensor):
         return [result]
@@ -367,6 +377,9 @@ class FunctionRecorder(TorchFunctionMode):
         self.active = False
         self.batch = 0
         self._records: list[LayerCall | BroadcastCall] = []
+        #: what the last call of ``close`` that returned True found recorded for its unit,
+        #: if no random operation ran in it (its forward is a function of its input)
+        self.closed: list[LayerCall | BroadcastCall] = []
         self._batched: dict[int, weakref.ref] = {}
         self._derived: dict[int, tuple[weakref.ref, tuple[BroadcastCall, ...]]] = {}
         #: p.expand(B, …) not yet seen aligned with batch-first tensors, and its record
@@ -384,7 +397,12 @@ class FunctionRecorder(TorchFunctionMode):
         self._batch_dims: dict[int, tuple[weakref.ref, int | None]] = {}
         self._dim_kinds: dict[Any, str] = {}
         self._unrecognised: dict[int, int] = {}
-        self._windows: list[tuple[Unit, int, int]] = []
+        #: (unit, its first record, its parameters' unrecognised uses, random operations
+        #: so far) of each module call running
+        self._windows: list[tuple[Unit, int, int, int]] = []
+        #: random operations (``_RANDOM``) the mode has seen
+        self._random = 0
+        self._random_kinds: dict[Any, bool] = {}
         self._kinds: dict[Any, str] = {}
 
     @property
@@ -404,7 +422,7 @@ class FunctionRecorder(TorchFunctionMode):
             self._batched[id(t)] = weakref.ref(t)
         self.active = True
         if self.root is not None:
-            self._windows.append((self.root, len(self._records), self._uses(self.root)))
+            self._windows.append((self.root, len(self._records), self._uses(self.root), self._random))
         self.__enter__()
 
     def stop(self) -> bool:
@@ -446,20 +464,22 @@ class FunctionRecorder(TorchFunctionMode):
     def open(self, unit: Unit) -> None:
         """A forward call of ``unit`` (no rule of its own) starts."""
         if self.active:
-            self._windows.append((unit, len(self._records), self._uses(unit)))
+            self._windows.append((unit, len(self._records), self._uses(unit), self._random))
 
     def close(self, unit: Unit) -> bool:
         """The forward call of ``unit`` ends: True if what was recorded by operation
         covers every use of its parameters in it; otherwise its records from this
         call are dropped (it takes the graph path)."""
+        self.closed = []
         if not self.active or not self._windows or self._windows[-1][0] is not unit:
             return False
-        _, start, uses = self._windows.pop()
+        _, start, uses, random = self._windows.pop()
         mine = {id(p) for p in unit.params}
         window = self._records[start:]
         ours = [r for r in window if any(id(p) in mine for p, _ in r.targets.values())]
         pending = [c for _, c in self._pending.values()]
         if ours and self._uses(unit) == uses and not any(r is c for r in ours for c in pending):
+            self.closed = ours if self._random == random else []
             return True
         self._records[start:] = [r for r in window if all(r is not o for o in ours)]
         return False
@@ -504,6 +524,10 @@ class FunctionRecorder(TorchFunctionMode):
         kind = self._kinds.get(func)
         if kind is None:
             kind = self._kinds[func] = self._kind(func)
+        random = self._random_kinds.get(func)
+        if random is None:
+            random = self._random_kinds[func] = getattr(func, "__name__", "") in _RANDOM
+        self._random += random
         if batched and derived and kind in ("broadcast", "inplace-broadcast"):
             args, kwargs = self._meet(args, kwargs, derived, inplace=kind == "inplace-broadcast")
             derived = []

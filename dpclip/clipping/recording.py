@@ -12,6 +12,7 @@ per-sample gradients: ``dpclip.clipping.graph``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field
@@ -24,11 +25,13 @@ from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
 from dpclip.clipping.checkpointing import (
-    InputFromRerun, checkpoint_region, rerun_keeps_rng, selective, takes_rerun_input,
+    InputFromRerun, checkpoint_region, rerun_keeps_rng, scaled_operand, selective, takes_rerun_input,
 )
 from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
 from dpclip.clipping.rules.broadcast import BROADCAST
+from dpclip.clipping.rules.elementwise import SCALE
+from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR
 from dpclip.clipping.rules.norm import NORM
 from dpclip.independence import ExamplesMixedError, ForwardProbe
 
@@ -50,7 +53,7 @@ __all__ = [
 
 #: Rules whose calls inside a checkpointed region take their input from the region's
 #: re-run in the backward (``dpclip.clipping.checkpointing``), not kept from the forward.
-_RERUN_INPUT = (LINEAR, NORM)
+_RERUN_INPUT = (LINEAR, INPUT_MAJOR_LINEAR, NORM)
 
 #: Modules that use their children's parameters without calling the children
 #: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): one unit for the subtree.
@@ -146,6 +149,8 @@ class LayerCall:
     awaits_input: bool = False
     rerun_input: bool = False
     changed: bool = False
+    #: what the rule takes from the input a re-run gives (None: the input itself)
+    from_input: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     samples: tuple[torch.Tensor | None, torch.Tensor] | None = field(default=None, repr=False)
     rerun: torch.Tensor | None = field(default=None, repr=False)
 
@@ -184,14 +189,20 @@ class LayerCall:
         self.rule.clipped_sum(self, factors, {r: accumulator(out, p, rows) for r, (p, rows) in self.targets.items()})
 
     def take_input(self, x: torch.Tensor, version: int) -> None:
-        """The input a checkpointed region's re-run gave (``awaits_input``), ``version``
-        its version counter at the forward; a later run's (the second backward of "low"),
-        sampled where the norms' input was (``samples``)."""
+        """The input a checkpointed region's re-run gave (``awaits_input``; made what the
+        rule takes by ``from_input``), ``version`` its version counter at the forward; a
+        later run's (the second backward of "low"), sampled where the norms' input was
+        (``samples``)."""
+        if not self.awaits_input and self.samples is None:
+            return
+        changed = x._version != version
+        if self.from_input is not None:
+            x = self.from_input(x.detach())
         if self.awaits_input:
             self.activations = [held(x)]
             self.awaits_input = False
-            self.changed = x._version != version
-        elif self.samples is not None:
+            self.changed = changed
+        else:
             self.rerun = sample_rows(self, x)
 
     def release(self) -> None:
@@ -231,6 +242,10 @@ class Unit:
     attention: bool = False
     shared: bool = False  # some parameter is also owned by another module (tied weights)
     roles: tuple[str, ...] = ()  # the params' names in module._parameters (not attention)
+    #: recorded by operation, its parameter only scaling what the module returns (RMSNorm's
+    #: ``w * n``): in a checkpointed region n comes from the module's input in the re-run
+    #: (``_scale_from_rerun``); None until a forward tells
+    rerun_scale: bool | None = None
 
 
 @dataclass(eq=False)
@@ -588,6 +603,8 @@ class Recorder:
             with torch._C.DisableTorchFunction():
                 rerun = _input_from_rerun(unit, args, kwargs, output)
                 call = record(module, args, kwargs, output, rerun)
+                if unit.rule is None and self.functions is not None:
+                    rerun, call = self._scale_from_rerun(unit, args, kwargs, output)
                 if not rerun:
                     return None
                 self.checkpointed = self.checkpointed or call is not None
@@ -603,12 +620,7 @@ class Recorder:
                 return None  # its parameters took part only in operations recorded as such
             if not self.recording or not torch.is_grad_enabled() or self._traced():
                 return None
-            if self.watch_checkpointing:
-                region = checkpoint_region()
-                if region is not None:
-                    self.checkpointed = True
-                    self.single_use = self.single_use or selective(region)
-                    self.rerun_once = self.rerun_once or self.single_use or not rerun_keeps_rng(region)
+            self._watch_region()
             if isinstance(output, torch.Tensor):  # (the usual case, without flattening)
                 outputs = [output] if output.requires_grad else []
             else:
@@ -643,6 +655,52 @@ class Recorder:
             return None
 
         return hook
+
+    def _watch_region(self) -> None:
+        """Note what "low" needs to know of the checkpointed region a recorded call runs in."""
+        if self.watch_checkpointing:
+            region = checkpoint_region()
+            if region is not None:
+                self.checkpointed = True
+                self.single_use = self.single_use or selective(region)
+                self.rerun_once = self.rerun_once or self.single_use or not rerun_keeps_rng(region)
+
+    def _scale_from_rerun(self, unit: Unit, args: tuple, kwargs: dict, output: Any) -> tuple[bool, LayerCall | None]:
+        """For a unit recorded by operation: whether its call goes through ``InputFromRerun``
+        with the module's input (in the forward and in the re-run alike, as
+        ``unit.rerun_scale`` says), and the call that takes it. A unit whose one recorded
+        use is a scale whose product the module returns (RMSNorm's ``w * n``) is told on
+        its first recorded call; its call then keeps no n from the forward (under "low",
+        where the re-run replays the forward's random numbers), and computes it from the
+        input the re-run gives (``checkpointing.scaled_operand``)."""
+        closed, self.functions.closed = self.functions.closed, []
+        if (
+            unit.rerun_scale is False or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor)
+            or not isinstance(output, torch.Tensor) or not takes_rerun_input(output)
+        ):
+            return False, None
+        call = closed[0] if len(closed) == 1 and isinstance(closed[0], LayerCall) else None
+        edge = get_gradient_edge(output)
+        if call is not None and (
+            call.rule is not SCALE or not self.recording
+            or call.edge.node is not edge.node or call.edge.output_nr != edge.output_nr
+        ):
+            call = None
+        if unit.rerun_scale is None:
+            if call is None:
+                return False, None  # (not told yet: the re-run cannot tell, and runs after)
+            unit.rerun_scale = True
+        if call is None:
+            return True, None
+        self._watch_region()
+        (role,) = (r for r, p in zip(unit.roles, unit.params) if p is call.targets["weight"][0])
+        call.from_input = functools.partial(scaled_operand, unit.module, role)
+        call.rerun_input = True
+        if self._input_later():
+            call.activations = [torch.empty_like(call.activations[0], device="meta")]
+            call.versions = call.current_versions()
+            call.awaits_input = True
+        return True, call
 
     def _input_later(self) -> bool:
         """Whether a call in the running checkpointed region takes its input from the

@@ -86,8 +86,8 @@ class LinearRule(Rule):
 
 
 class InputMajorLinearRule(LinearRule):
-    """``y = a W + b`` with W stored [in, out]: ``torch.addmm(b, a, W)`` and ``a @ W``
-    (Hugging Face's ``Conv1D`` in GPT-2), recorded from the operation by
+    """``y = a W + b`` with W stored [in, out]: Hugging Face's ``Conv1D`` (GPT-2), and
+    ``torch.addmm(b, a, W)`` and ``a @ W`` recorded from the operation by
     ``dpclip.clipping.functions``. The same norms as ``LinearRule``; W's gradient is
     the transpose."""
 
@@ -123,3 +123,22 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 
 register(_is_plain_linear, LINEAR)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` itself (GPT-2, GPT, ...), whose forward is
+    ``addmm(b, x.view(-1, nx), W).view(..., nf)`` with W [nx, nf]: a module hook records it
+    as a layer, which under gradient checkpointing takes its input from the region's re-run
+    (recorded by its operation, it kept the input from the forward). A subclass, or one
+    whose forward was replaced, is recorded by its operations."""
+    cls = type(module)
+    if cls.__name__ != "Conv1D" or cls.__module__ != "transformers.pytorch_utils" or "forward" in vars(module):
+        return False
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    return (
+        set(module._parameters) == {"weight", "bias"} and weight is not None and weight.dim() == 2
+        and bias is not None and bias.shape == weight.shape[1:]
+    )
+
+
+register(_is_hf_conv1d, INPUT_MAJOR_LINEAR)
