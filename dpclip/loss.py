@@ -252,7 +252,8 @@ class DPCriterion:
 
     def __call__(self, *args: Any, **kwargs: Any) -> DPLoss:
         random_state = RandomState.capture() if self._probe_pending else None
-        losses = self._per_example(args, kwargs)
+        with self.optimizer.clipper.counting_loss():
+            losses = self._per_example(args, kwargs)
         if random_state is not None:
             try:
                 outcome = check_independent(

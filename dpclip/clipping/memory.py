@@ -68,7 +68,8 @@ def auto_mode(
     kept: int, saved: int, dtypes: set[torch.dtype], checkpointed: bool = False, rerun_twice: bool = True,
 ) -> str:
     """The mode ``memory="auto"`` runs: "low" if "fast" would keep more than
-    ``AUTO_LOW_ABOVE`` times the bytes of the activations autograd saved (at the peak of
+    ``AUTO_LOW_ABOVE`` times the bytes of the activations autograd saved, in the forward
+    and in the loss (``PerSampleClipper.counting_loss``; at the peak of
     "fast" the kept gradients of the layers above sit beside the activations not yet
     freed below; "low" keeps the graph and nothing else), else "fast" (one backward
     pass). Also "fast" where ``dtypes`` (the layers', the loss's and the saved
