@@ -20,7 +20,9 @@ saves, and the backward runs the region again to give it back. Two consequences:
 - A module without a rule whose parameter only scales (Llama's and T5's RMSNorm
   ``w * n``, recorded by operation: the function recorder is not active in the re-run)
   gets the identity on its output with the module's input, and the scaled operand n is
-  computed from that input in the backward (``scaled_operand``).
+  computed from that input in the backward (``scaled_operand``), where that gives the
+  forward's n (``dpclip.clipping.recording.Recorder``: tried on the module's first call,
+  and compared on a sample of each call's n).
 
 The region is told by the top saved-tensor pack hook, checkpoint's own (the forward's
 holds the region's frame; the re-run's is another): torch.utils.checkpoint's internals.
@@ -36,8 +38,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "InputFromRerun", "InputSlot", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng", "scaled_operand",
-    "selective", "takes_rerun_input",
+    "InputFromRerun", "InputSlot", "autocast_state", "checkpoint_region", "in_checkpointing", "rerun_keeps_rng",
+    "scaled_operand", "selective", "takes_rerun_input",
 ]
 
 _FORWARD_HOOK = "_checkpoint_hook."
@@ -139,11 +141,19 @@ def _cell(fn: Any, name: str) -> Any | None:
         return None
 
 
-def scaled_operand(module: torch.nn.Module, role: str, x: torch.Tensor) -> torch.Tensor:
+def autocast_state(device_type: str) -> tuple[str, torch.dtype, bool]:
+    """(device type, dtype, enabled) of autocast now, for ``scaled_operand`` in the backward."""
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+
+def scaled_operand(
+    module: torch.nn.Module, role: str, x: torch.Tensor, autocast: tuple[str, torch.dtype, bool] | None = None,
+) -> torch.Tensor:
     """The operand n that ``module``'s parameter ``role`` scales in a forward on ``x`` whose
     output is that product, ``w ⊙ n`` (also ``(1 + w) ⊙ n``, or with ``w`` cast): the
     output's derivative along w in the direction of ones, which is n exactly (a product
-    with ones), in the output's dtype. The module's own forward runs, without its hooks."""
+    with ones), in the output's dtype. The module's own forward runs, without its hooks,
+    under ``autocast`` (``autocast_state`` of the forward; None: as it is now)."""
     w = module._parameters[role]
 
     def forward(weight: torch.Tensor) -> torch.Tensor:
@@ -153,6 +163,9 @@ def scaled_operand(module: torch.nn.Module, role: str, x: torch.Tensor) -> torch
         finally:
             module._parameters[role] = w
 
-    with torch.no_grad():
+    cast = contextlib.nullcontext() if autocast is None else torch.autocast(
+        autocast[0], dtype=autocast[1], enabled=autocast[2]
+    )
+    with torch.no_grad(), cast:
         _, n = torch.func.jvp(forward, (w.detach(),), (torch.ones_like(w),))
     return n

@@ -497,6 +497,31 @@ class PerSampleClipper:
         """The name of the module that owns the call's (first) parameter."""
         return self._owner_name.get(next(iter(self._params_of(call))), "?")
 
+    def _check_operands(self, calls: list[LayerCall], loss_dtype: torch.dtype) -> None:
+        """Raise ``RuntimeError`` if what a call recorded by operation computed again from
+        the input a checkpointed region's re-run gave (``LayerCall.from_input``: an RMSNorm's
+        n) is not what its forward took (one host synchronisation); its module keeps n from
+        the forward from then on."""
+        if not calls:
+            return
+        gaps = torch.stack([c.operand_gap.unsqueeze(1) for c in calls])
+        over = rerun_mismatch(gaps, {loss_dtype, *(c.dtype for c in calls)}).any(dim=1).tolist()
+        if not any(over):
+            return
+        call = calls[over.index(True)]
+        for unit in self.units:
+            if unit.module is call.module:
+                unit.rerun_scale = False
+        raise RuntimeError(
+            f"module {self._call_name(call)!r} ran inside torch.utils.checkpoint, and dpclip "
+            "computed the operand its weight scales again from the module's input in the "
+            "backward, to keep nothing of it from the forward; that gave other values than the "
+            "forward's (its forward reads state that changed since, draws random numbers from "
+            "a generator of its own, or the region ran differently when the backward ran it "
+            "again). The module keeps the operand from the forward from now on. Nothing was "
+            "added: count this micro-batch with optimizer.add_empty_micro_batch() and go on"
+        )
+
     def _changed_in_place(self, call: LayerCall) -> None:
         raise RuntimeError(
             f"the input of module {self._call_name(call)!r} was modified in place after its forward "
@@ -621,6 +646,7 @@ class PerSampleClipper:
         changed = [c for c in layer if c.changed]
         if changed:
             self._changed_in_place(changed[0])
+        self._check_operands([c for c in layer if c.operand_gap is not None], loss_per_sample.dtype)
         without = early.without_input + [c for c in layer_calls if c.awaits_input]
         if without:
             raise RuntimeError(

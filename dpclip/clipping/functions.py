@@ -327,13 +327,17 @@ def _transposes(func: Any, args: tuple) -> bool:
     )
 
 
-#: Names of the torch functions that draw random numbers (dropout and the samplers).
+#: Names of the torch functions that draw random numbers, or may (attention with its
+#: dropout: the arguments are not looked at): dropout, the samplers, randomised layers.
 _RANDOM = frozenset({
     "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "alpha_dropout_",
     "feature_alpha_dropout", "feature_alpha_dropout_", "feature_dropout", "feature_dropout_",
+    "native_dropout", "scaled_dot_product_attention", "multi_head_attention_forward",
     "bernoulli", "bernoulli_", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
     "randperm", "normal", "normal_", "uniform_", "random_", "exponential_", "geometric_", "cauchy_",
-    "log_normal_", "poisson", "multinomial", "gumbel_softmax", "rrelu", "rrelu_",
+    "log_normal_", "poisson", "multinomial", "gumbel_softmax", "rrelu", "rrelu_", "rrelu_with_noise",
+    "fractional_max_pool2d", "fractional_max_pool3d", "fractional_max_pool2d_with_indices",
+    "fractional_max_pool3d_with_indices",
 })
 
 

@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_flatten
 
 from dpclip.clipping.attention import AttentionRecorder
 from dpclip.clipping.checkpointing import (
-    InputFromRerun, checkpoint_region, rerun_keeps_rng, scaled_operand, selective, takes_rerun_input,
+    InputFromRerun, autocast_state, checkpoint_region, rerun_keeps_rng, scaled_operand, selective,
+    takes_rerun_input,
 )
 from dpclip.clipping.norms import accumulator
 from dpclip.clipping.rules import LINEAR, STRATEGIES, Rule, Target, rule_for
@@ -149,8 +150,12 @@ class LayerCall:
     awaits_input: bool = False
     rerun_input: bool = False
     changed: bool = False
-    #: what the rule takes from the input a re-run gives (None: the input itself)
+    #: what the rule takes from the input a re-run gives (None: the input itself); with it,
+    #: ``forward_sample``, a sample of what it took in the forward, and ``operand_gap``, how
+    #: far what ``from_input`` gave in the backward is from it ([difference, size] per example)
     from_input: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    forward_sample: torch.Tensor | None = field(default=None, repr=False)
+    operand_gap: torch.Tensor | None = field(default=None, repr=False)
     samples: tuple[torch.Tensor | None, torch.Tensor] | None = field(default=None, repr=False)
     rerun: torch.Tensor | None = field(default=None, repr=False)
 
@@ -202,6 +207,10 @@ class LayerCall:
             self.activations = [held(x)]
             self.awaits_input = False
             self.changed = changed
+            if self.forward_sample is not None:
+                first, again = self.forward_sample.double(), sample_rows(self, x).double()
+                self.operand_gap = torch.stack([(again - first).norm(dim=1), first.norm(dim=1)])
+                self.forward_sample = None
         else:
             self.rerun = sample_rows(self, x)
 
@@ -353,6 +362,16 @@ def _input_from_rerun(unit: Unit, args: tuple, kwargs: dict, output: Any) -> boo
     if unit.rule is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return False
     return isinstance(output, torch.Tensor) and takes_rerun_input(output)
+
+
+def _same_operand(operand: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: torch.Tensor) -> bool:
+    """Whether ``operand(x)`` gives ``n`` bit for bit (a module whose forward it cannot run
+    again, e.g. an ``autograd.Function`` without forward-mode derivatives, gives False)."""
+    try:
+        again = operand(x.detach())
+    except Exception:  # noqa: BLE001 - any failure: n is kept from the forward, as before
+        return False
+    return again.shape == n.shape and torch.equal(again, n.to(again.dtype))
 
 
 class FunctionRecorderLike(Protocol):
@@ -668,11 +687,14 @@ class Recorder:
     def _scale_from_rerun(self, unit: Unit, args: tuple, kwargs: dict, output: Any) -> tuple[bool, LayerCall | None]:
         """For a unit recorded by operation: whether its call goes through ``InputFromRerun``
         with the module's input (in the forward and in the re-run alike, as
-        ``unit.rerun_scale`` says), and the call that takes it. A unit whose one recorded
-        use is a scale whose product the module returns (RMSNorm's ``w * n``) is told on
-        its first recorded call; its call then keeps no n from the forward (under "low",
-        where the re-run replays the forward's random numbers), and computes it from the
-        input the re-run gives (``checkpointing.scaled_operand``)."""
+        ``unit.rerun_scale`` says), and the call that takes it. A module without
+        submodules whose one recorded use is a scale whose product it returns (RMSNorm's
+        ``w * n``), and whose forward draws no random numbers, is told on its first
+        recorded call: if n computed again from its input (``checkpointing.scaled_operand``)
+        is the forward's, bit for bit. Its calls in a region that replays the forward's
+        random numbers then keep no n from the forward, and compute it from the input the
+        re-run gives; a sample of the forward's n is kept to compare (the clipper refuses a
+        difference: state the module's forward reads changed since, say)."""
         closed, self.functions.closed = self.functions.closed, []
         if (
             unit.rerun_scale is False or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor)
@@ -682,24 +704,28 @@ class Recorder:
         call = closed[0] if len(closed) == 1 and isinstance(closed[0], LayerCall) else None
         edge = get_gradient_edge(output)
         if call is not None and (
-            call.rule is not SCALE or not self.recording
+            call.rule is not SCALE or not self.recording or next(unit.module.children(), None) is not None
             or call.edge.node is not edge.node or call.edge.output_nr != edge.output_nr
         ):
             call = None
+        operand = None
+        if call is not None:
+            (role,) = (r for r, p in zip(unit.roles, unit.params) if p is call.targets["weight"][0])
+            operand = functools.partial(scaled_operand, unit.module, role, autocast=autocast_state(args[0].device.type))
         if unit.rerun_scale is None:
             if call is None:
                 return False, None  # (not told yet: the re-run cannot tell, and runs after)
-            unit.rerun_scale = True
-        if call is None:
-            return True, None
+            unit.rerun_scale = _same_operand(operand, args[0], call.activations[0])
+            if not unit.rerun_scale:
+                return False, None
+        if call is None or not rerun_keeps_rng(checkpoint_region()):
+            return True, None  # (n kept from the forward)
         self._watch_region()
-        (role,) = (r for r, p in zip(unit.roles, unit.params) if p is call.targets["weight"][0])
-        call.from_input = functools.partial(scaled_operand, unit.module, role)
-        call.rerun_input = True
-        if self._input_later():
-            call.activations = [torch.empty_like(call.activations[0], device="meta")]
-            call.versions = call.current_versions()
-            call.awaits_input = True
+        call.from_input, call.rerun_input = operand, True
+        call.forward_sample = sample_rows(call, call.activations[0])
+        call.activations = [torch.empty_like(call.activations[0], device="meta")]
+        call.versions = call.current_versions()
+        call.awaits_input = True
         return True, call
 
     def _input_later(self) -> bool:

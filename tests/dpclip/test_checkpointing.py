@@ -570,6 +570,19 @@ def test_layers_recorded_by_operation_in_regions_take_their_input_from_the_rerun
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-9, atol=1e-13)
 
 
+class _Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
 class _ScaleNorm(nn.Module):
     """An RMS normalisation with a scale, no rule of its own (recorded by operation), as
     users write it (``variant``):
@@ -577,7 +590,14 @@ class _ScaleNorm(nn.Module):
     - "llama": returns ``w * n`` (Llama's, Mistral's);
     - "gemma": returns ``n * (1 + w)``, w cast first (Gemma's, which casts to float32);
     - "cloned": returns ``(w * n).clone()``: not the product itself;
-    - "dropout": returns ``w * dropout(n)``: its forward draws random numbers.
+    - "dropout": returns ``w * dropout(n)``: its forward draws random numbers;
+    - "attention": returns ``w * attention(n, n, n)`` with its dropout on from the second
+      step (``dropout_p``, which the function recorder does not read);
+    - "function": n from an ``autograd.Function`` without forward-mode derivatives (a
+      hand-written fused kernel);
+    - "matmul": returns ``w * (n @ M)``, which bfloat16 autocast computes in bfloat16;
+    - "state": its forward reads ``self.temperature``, which its caller sets before each
+      call (in the region, so that torch's re-run of the region is exact).
     """
 
     def __init__(self, variant: str, size: int) -> None:
@@ -585,8 +605,19 @@ class _ScaleNorm(nn.Module):
         self.variant = variant
         self.weight = nn.Parameter(torch.ones(size) + 0.1 * torch.randn(size))
 
+        self.temperature, self.attention_dropout = 1.0, 0.0
+        self.register_buffer("mix", torch.randn(size, size) / size**0.5)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.variant == "attention":
+            return self.weight * nn.functional.scaled_dot_product_attention(n, n, n, dropout_p=self.attention_dropout)
+        if self.variant == "function":
+            return self.weight * _Tanh.apply(n)
+        if self.variant == "matmul":
+            return self.weight * (n @ self.mix.to(n.dtype))
+        if self.variant == "state":
+            return self.weight * (self.temperature * n)
         if self.variant == "gemma":
             return n * (1.0 + self.weight.to(torch.float64))
         if self.variant == "cloned":
@@ -608,7 +639,10 @@ class _ScaleNormRegions(nn.Module):
 
     def _block(self, h: torch.Tensor) -> torch.Tensor:
         h = h + torch.tanh(self.fc(self.norm(h)))
-        return self.twice(torch.tanh(self.twice(h)))
+        self.twice.temperature = 1.0
+        h = torch.tanh(self.twice(h))
+        self.twice.temperature = 3.0
+        return self.twice(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
@@ -617,25 +651,36 @@ class _ScaleNormRegions(nn.Module):
         return self.head(self.out(h).mean(dim=1))
 
 
-def _scale_norm_step(variant: str, checkpointed: bool, memory: str, x, y, C: float):
+def _scale_norm_step(variant: str, checkpointed: bool, memory: str, x, y, C: float, steps: int = 1,
+                     dtype: torch.dtype = torch.float64, autocast: bool = False):
+    """(model, parameters before, the last step's update, (module, awaits its input) of the
+    last forward's scale calls); attention dropout on from the second step."""
     torch.manual_seed(0)
-    model = _ScaleNormRegions(variant, checkpointed).double()
+    model = _ScaleNormRegions(variant, checkpointed).to(dtype)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     clipper_calls = []
     private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(),
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=0.0,
+        data_loader=DataLoader(TensorDataset(x.to(dtype), y), batch_size=4), noise_multiplier=0.0,
         max_grad_norm=C, poisson_sampling=False, accumulation_steps=x.shape[0] // 4, memory=memory,
     )
     torch.manual_seed(1)
-    for xb, yb in loader:
-        loss = crit(private(xb), yb)
-        clipper_calls = [
-            (c.module, c.awaits_input) for c in optimizer.clipper.recorder.calls if isinstance(c.module, _ScaleNorm)
-        ]
-        loss.backward()
-    optimizer.step()
-    return model, before, {k: before[k] - p.detach() for k, p in model.named_parameters()}, clipper_calls
+    for step in range(steps):
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+        for m in model.modules():
+            if isinstance(m, _ScaleNorm):
+                m.attention_dropout = 0.3 if step > 0 else 0.0
+        for xb, yb in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = crit(private(xb), yb)
+            clipper_calls = [
+                (c.module, c.awaits_input) for c in optimizer.clipper.recorder.calls
+                if isinstance(c.module, _ScaleNorm)
+            ]
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, before, {k: start[k] - p.detach() for k, p in model.named_parameters()}, clipper_calls
 
 
 @pytest.mark.parametrize("memory", ["fast", "low", "auto"])
@@ -671,3 +716,79 @@ def test_a_scale_whose_module_draws_random_numbers_keeps_its_operand(memory):
     assert any(float(v.abs().max()) > 0 for v in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+@pytest.mark.parametrize("variant", ["attention", "function"])
+def test_a_scale_whose_operand_cannot_be_computed_again_keeps_it(variant, memory):
+    # attention, whose dropout (on from the second step: the first micro-batch's audit
+    # would not see it) the function recorder cannot see: computed again in the backward,
+    # n had other masks, ||update - exact||/||exact|| 0.1 in the second step. An
+    # autograd.Function without forward-mode derivatives: computing n again failed, in
+    # every mode. Both keep n from the forward; the update is the one without checkpointing
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _, _, plain, _ = _scale_norm_step(variant, False, memory, x, y, 0.05, steps=2)
+    _, _, checkpointed, calls = _scale_norm_step(variant, True, memory, x, y, 0.05, steps=2)
+    assert len(calls) == 7 and not any(a for _, a in calls)
+    assert any(float(v.abs().max()) > 0 for v in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_a_scale_computed_again_under_the_forwards_autocast(memory):
+    # n @ M under bfloat16 autocast: computed again in the backward, where autocast is off,
+    # it came out in float32 ("mat1 and mat2 must have the same dtype" where M was not
+    # cast). It runs under the forward's autocast state, and the update is the one without
+    # checkpointing
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    run = lambda checkpointed: _scale_norm_step(  # noqa: E731
+        "matmul", checkpointed, memory, x, y, 0.05, dtype=torch.float32, autocast=True
+    )
+    _, _, plain, _ = run(False)
+    _, _, checkpointed, calls = run(True)
+    assert [a for _, a in calls] == [True] * 6 + [False]
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0)
+
+
+def test_a_scale_whose_forward_reads_state_that_changed_is_refused_then_kept():
+    # the region sets the module's temperature before each of its two calls: torch's re-run
+    # of the region is exact, but n computed again after it saw the last temperature for
+    # both calls (the update was 0.26 off, refused by the first micro-batch's audit, silent
+    # after it). It is refused, naming the module; the module then keeps n from the forward
+    torch.manual_seed(0)
+    model = _ScaleNormRegions("state").double()
+    x, y = torch.randn(8, 5, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=2,
+    )
+    (x1, y1), (x2, y2) = loader
+    with pytest.raises(RuntimeError, match="module 'twice' ran inside torch.utils.checkpoint.*other values"):
+        crit(private(x1), y1).backward()
+    optimizer.add_empty_micro_batch()
+    loss = crit(private(x2), y2)
+    assert not any(c.awaits_input for c in optimizer.clipper.recorder.calls if c.module is model.twice)
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.hf
+def test_only_hugging_face_conv1d_as_written_gets_the_module_rule(monkeypatch):
+    # a Conv1D whose forward was replaced (on the instance or the class) computes something
+    # else: its operations are recorded, as before the module rule
+    from transformers.pytorch_utils import Conv1D
+
+    from dpclip.clipping.rules import rule_for
+    from dpclip.clipping.rules.linear import INPUT_MAJOR_LINEAR
+
+    assert rule_for(Conv1D(6, 4)) is INPUT_MAJOR_LINEAR
+    patched = Conv1D(6, 4)
+    patched.forward = lambda x: x @ patched.weight
+    assert rule_for(patched) is None
+    monkeypatch.setattr(Conv1D, "forward", lambda self, x: 2 * (x @ self.weight + self.bias))
+    assert rule_for(Conv1D(6, 4)) is None

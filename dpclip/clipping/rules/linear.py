@@ -132,8 +132,12 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     (recorded by its operation, it kept the input from the forward). A subclass, or one
     whose forward was replaced, is recorded by its operations."""
     cls = type(module)
-    if cls.__name__ != "Conv1D" or cls.__module__ != "transformers.pytorch_utils" or "forward" in vars(module):
-        return False
+    forward = getattr(cls, "forward", None)
+    if (
+        cls.__name__ != "Conv1D" or cls.__module__ != "transformers.pytorch_utils" or "forward" in vars(module)
+        or getattr(forward, "__module__", None) != cls.__module__ or getattr(forward, "__qualname__", None) != "Conv1D.forward"
+    ):
+        return False  # (also a forward replaced on the class)
     weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
     return (
         set(module._parameters) == {"weight", "bias"} and weight is not None and weight.dim() == 2
