@@ -86,6 +86,20 @@ def sample_rows(call: LayerCall, t: torch.Tensor) -> torch.Tensor:
     return sample.to(torch.promote_types(sample.dtype, torch.float32), copy=True)
 
 
+def operand_checksum(call: LayerCall, n: torch.Tensor) -> torch.Tensor:
+    """[2, B]: Σ_t Σ_f q_t r_f n_itf per example (every entry of the call's rows, weighted by
+    fixed numbers in [0.5, 2.5], in float64), and a tolerance: a rounding of n's dtype per
+    entry, summed in quadrature. Two tensors whose checksums differ by more differ by more
+    than rounding."""
+    rows = call.by_example(n.detach()).double()
+    t = torch.arange(rows.shape[1], device=rows.device, dtype=torch.float64)
+    f = torch.arange(rows.shape[2], device=rows.device, dtype=torch.float64)
+    q, r = 1.5 + torch.sin(0.7548776662 * t + 0.5), 1.5 + torch.sin(2.3999632297 * f)
+    weighted = rows * q.view(1, -1, 1) * r.view(1, 1, -1)
+    scale = weighted.square().sum(dim=(1, 2)).sqrt()
+    return torch.stack([weighted.sum(dim=(1, 2)), torch.finfo(n.dtype).eps * scale])
+
+
 def argument_tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors of a forward's arguments, also inside (nested) lists, tuples and
     mappings: ``model(batch)`` with a dict of input_ids and attention_mask (a Hugging
@@ -151,10 +165,11 @@ class LayerCall:
     rerun_input: bool = False
     changed: bool = False
     #: what the rule takes from the input a re-run gives (None: the input itself); with it,
-    #: ``forward_sample``, a sample of what it took in the forward, and ``operand_gap``, how
-    #: far what ``from_input`` gave in the backward is from it ([difference, size] per example)
+    #: ``forward_checksum``, ``operand_checksum`` of what it took in the forward, and
+    #: ``operand_gap``, how far what ``from_input`` gave in the backward is from it
+    #: ([difference, tolerance] per example)
     from_input: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
-    forward_sample: torch.Tensor | None = field(default=None, repr=False)
+    forward_checksum: torch.Tensor | None = field(default=None, repr=False)
     operand_gap: torch.Tensor | None = field(default=None, repr=False)
     samples: tuple[torch.Tensor | None, torch.Tensor] | None = field(default=None, repr=False)
     rerun: torch.Tensor | None = field(default=None, repr=False)
@@ -207,10 +222,10 @@ class LayerCall:
             self.activations = [held(x)]
             self.awaits_input = False
             self.changed = changed
-            if self.forward_sample is not None:
-                first, again = self.forward_sample.double(), sample_rows(self, x).double()
-                self.operand_gap = torch.stack([(again - first).norm(dim=1), first.norm(dim=1)])
-                self.forward_sample = None
+            if self.forward_checksum is not None:
+                first, again = self.forward_checksum, operand_checksum(self, x)
+                self.operand_gap = torch.stack([(again[0] - first[0]).abs(), first[1]])
+                self.forward_checksum = None
         else:
             self.rerun = sample_rows(self, x)
 
@@ -364,6 +379,33 @@ def _input_from_rerun(unit: Unit, args: tuple, kwargs: dict, output: Any) -> boo
     return isinstance(output, torch.Tensor) and takes_rerun_input(output)
 
 
+class _Hook:
+    """One of the recorder's module hooks. ``torch.save(model)`` pickles a module with its
+    hooks: this one pickles as ``_Inert``, so that a saved private model loads as the
+    plain module it is (parameters, buffers, the user's own hooks), without the recorder
+    and its state."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return _Inert, ()
+
+
+class _Inert:
+    """A hook that does nothing: dpclip's, in a model loaded from ``torch.save``."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def _same_operand(operand: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: torch.Tensor) -> bool:
     """Whether ``operand(x)`` gives ``n`` bit for bit (a module whose forward it cannot run
     again, e.g. an ``autograd.Function`` without forward-mode derivatives, gives False)."""
@@ -458,31 +500,31 @@ class Recorder:
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self.independence = ForwardProbe(module, self._rerun, check_independence)
         self._handles = [
-            module.register_forward_pre_hook(self._root_enter, with_kwargs=True),
+            module.register_forward_pre_hook(_Hook(self._root_enter), with_kwargs=True),
             # first among the root's forward hooks, and also when the forward raises: the
             # probe's re-run and everything after the forward run without the mode
-            module.register_forward_hook(self._functions_exit, always_call=True),
-            module.register_forward_hook(self._saved_exit, always_call=True),
-            module.register_forward_hook(self._root_exit, with_kwargs=True),
+            module.register_forward_hook(_Hook(self._functions_exit), always_call=True),
+            module.register_forward_hook(_Hook(self._saved_exit), always_call=True),
+            module.register_forward_hook(_Hook(self._root_exit), with_kwargs=True),
         ]
         for u in units:
             if functions is not None and functions.records_calls_of(u):
                 # covered by its operations, or the graph path (the model's own unit: its
                 # window is the recording's, closed by ``_functions_exit``)
                 if u.rule is None and u.module is not module:
-                    self._handles.append(u.module.register_forward_pre_hook(self._open(u)))
+                    self._handles.append(u.module.register_forward_pre_hook(_Hook(self._open(u))))
                     self._handles.append(
-                        u.module.register_forward_hook(self._call_hook(u), with_kwargs=True)
+                        u.module.register_forward_hook(_Hook(self._call_hook(u)), with_kwargs=True)
                     )
                 continue  # a lookup table: its lookups are recorded as operations
             if u.attention:
-                self._handles.append(u.module.register_forward_pre_hook(self._attention_enter(u)))
+                self._handles.append(u.module.register_forward_pre_hook(_Hook(self._attention_enter(u))))
                 self._handles.append(
-                    u.module.register_forward_hook(self._attention_exit(u), always_call=True)
+                    u.module.register_forward_hook(_Hook(self._attention_exit(u)), always_call=True)
                 )
             else:
                 self._handles.append(
-                    u.module.register_forward_hook(self._call_hook(u), with_kwargs=True)
+                    u.module.register_forward_hook(_Hook(self._call_hook(u)), with_kwargs=True)
                 )
 
     def remove(self) -> None:
@@ -693,8 +735,9 @@ class Recorder:
         recorded call: if n computed again from its input (``checkpointing.scaled_operand``)
         is the forward's, bit for bit. Its calls in a region that replays the forward's
         random numbers then keep no n from the forward, and compute it from the input the
-        re-run gives; a sample of the forward's n is kept to compare (the clipper refuses a
-        difference: state the module's forward reads changed since, say)."""
+        re-run gives; a checksum of the forward's n is kept to compare (``operand_checksum``:
+        the clipper refuses a difference beyond rounding, state the module's forward reads
+        changed since, say)."""
         closed, self.functions.closed = self.functions.closed, []
         if (
             unit.rerun_scale is False or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor)
@@ -722,7 +765,7 @@ class Recorder:
             return True, None  # (n kept from the forward)
         self._watch_region()
         call.from_input, call.rerun_input = operand, True
-        call.forward_sample = sample_rows(call, call.activations[0])
+        call.forward_checksum = operand_checksum(call, call.activations[0])
         call.activations = [torch.empty_like(call.activations[0], device="meta")]
         call.versions = call.current_versions()
         call.awaits_input = True

@@ -501,3 +501,59 @@ def test_a_ddp_with_a_static_graph_is_refused_before_anything_changes(tmp_path):
         assert all(not m._forward_hooks for m in kwargs["module"].modules())
     finally:
         dist.destroy_process_group()
+
+
+def _save_and_load(model: nn.Module) -> nn.Module:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("case", ["transformer", "gpt2"])
+def test_a_private_model_saves_whole_and_loads_as_the_plain_module(case):
+    # torch.save(model) pickles a module with its hooks: dpclip's were closures ("Can't
+    # pickle local object 'Recorder._call_hook.<locals>.hook'"), where Opacus's
+    # GradSampleModule saves. They pickle as hooks that do nothing: the loaded model
+    # computes what the trained one does, trains as a plain module, and can be made
+    # private again
+    torch.manual_seed(0)
+    if case == "gpt2":
+        pytest.importorskip("transformers")
+        from tests.dpclip.hf_models import CASES
+
+        hf = CASES["gpt2"]
+        model, criterion = hf.build(8), hf.criterion()
+        inputs, y = hf.batch(16, 8, torch.Generator().manual_seed(0))
+    else:
+        model, criterion = TinyTransformer(), nn.CrossEntropyLoss()
+        inputs, y = (torch.randint(1, 20, (16, 6)),), torch.randint(0, 3, (16,))
+
+    def private(m):
+        return dpclip.PrivacyEngine().make_private(
+            module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), criterion=criterion,
+            data_loader=DataLoader(TensorDataset(*inputs, y), batch_size=4), noise_multiplier=1.0,
+            max_grad_norm=1.0, accumulation_steps=2,
+        )
+
+    trained, optimizer, crit, loader = private(model)
+    for *xb, yb in loader:
+        crit(trained(*xb), yb).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    loaded = _save_and_load(trained)
+    trained.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), trained(*inputs), rtol=0, atol=0)
+    loaded.train()
+    criterion(loaded(*inputs), y).backward()  # a plain module: its own gradient, in .grad
+    assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
+    loaded.zero_grad()
+    again, optimizer, crit, loader = private(loaded)
+    before = [p.detach().clone() for p in again.parameters()]
+    for *xb, yb in loader:
+        crit(again(*xb), yb).backward()
+        optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, again.parameters()))
