@@ -88,16 +88,16 @@ def sample_rows(call: LayerCall, t: torch.Tensor) -> torch.Tensor:
 
 def operand_checksum(call: LayerCall, n: torch.Tensor) -> torch.Tensor:
     """[2, B]: Σ_t Σ_f q_t r_f n_itf per example (every entry of the call's rows, weighted by
-    fixed numbers in [0.5, 2.5], in float64), and a tolerance: a rounding of n's dtype per
-    entry, summed in quadrature. Two tensors whose checksums differ by more differ by more
-    than rounding."""
+    fixed numbers in [0.5, 2.5], in float64), and the weighted entries' norm: times a
+    rounding, a tolerance (one rounding per entry, summed in quadrature). Two tensors whose
+    checksums differ by more differ by more than rounding."""
     rows = call.by_example(n.detach()).double()
     t = torch.arange(rows.shape[1], device=rows.device, dtype=torch.float64)
     f = torch.arange(rows.shape[2], device=rows.device, dtype=torch.float64)
     q, r = 1.5 + torch.sin(0.7548776662 * t + 0.5), 1.5 + torch.sin(2.3999632297 * f)
     weighted = rows * q.view(1, -1, 1) * r.view(1, 1, -1)
     scale = weighted.square().sum(dim=(1, 2)).sqrt()
-    return torch.stack([weighted.sum(dim=(1, 2)), torch.finfo(n.dtype).eps * scale])
+    return torch.stack([weighted.sum(dim=(1, 2)), scale])
 
 
 def argument_tensors(args: Iterable[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -167,7 +167,7 @@ class LayerCall:
     #: what the rule takes from the input a re-run gives (None: the input itself); with it,
     #: ``forward_checksum``, ``operand_checksum`` of what it took in the forward, and
     #: ``operand_gap``, how far what ``from_input`` gave in the backward is from it
-    #: ([difference, tolerance] per example)
+    #: ([difference, size] per example)
     from_input: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     forward_checksum: torch.Tensor | None = field(default=None, repr=False)
     operand_gap: torch.Tensor | None = field(default=None, repr=False)
@@ -406,6 +406,18 @@ class _Inert:
         return None
 
 
+def _remove_inert(module: nn.Module) -> None:
+    """Take out of the module's tree the hooks a model loaded from ``torch.save`` kept of an
+    earlier ``make_private`` (``_Inert``), so that they do not pile up."""
+    for m in module.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, _Inert)]:
+                del hooks[key]
+                for flags in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs,
+                              m._forward_hooks_always_called):
+                    flags.pop(key, None)
+
+
 def _same_operand(operand: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: torch.Tensor) -> bool:
     """Whether ``operand(x)`` gives ``n`` bit for bit (a module whose forward it cannot run
     again, e.g. an ``autograd.Function`` without forward-mode derivatives, gives False)."""
@@ -499,6 +511,7 @@ class Recorder:
         self._warned_empty = False
         self._attention: dict[nn.Module, AttentionRecorder] = {}
         self.independence = ForwardProbe(module, self._rerun, check_independence)
+        _remove_inert(module)
         self._handles = [
             module.register_forward_pre_hook(_Hook(self._root_enter), with_kwargs=True),
             # first among the root's forward hooks, and also when the forward raises: the

@@ -800,3 +800,75 @@ def test_only_hugging_face_conv1d_as_written_gets_the_module_rule(monkeypatch):
     assert rule_for(patched) is None
     monkeypatch.setattr(Conv1D, "forward", lambda self, x: 2 * (x @ self.weight + self.bias))
     assert rule_for(Conv1D(6, 4)) is None
+
+
+class _TwoStateNorms(nn.Module):
+    """Two regions, each with its own ``_ScaleNorm("state")`` called twice at temperatures
+    1 and 3 (set in the region); with ``rounds_again``, under bfloat16 autocast, a linear's
+    bfloat16 output added to the float32 stream before a plain RMSNorm, rounded once more in
+    the region's re-run (as a nondeterministic kernel may round differently)."""
+
+    def __init__(self, rounds_again: bool = False) -> None:
+        super().__init__()
+        self.rounds_again = rounds_again
+        self.inp, self.fc, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        variant = "llama" if rounds_again else "state"
+        self.norms = nn.ModuleList(_ScaleNorm(variant, 16) for _ in range(2))
+
+    def _block(self, h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        from dpclip.clipping.checkpointing import checkpoint_region, in_checkpointing
+
+        u = self.fc(h)
+        if self.rounds_again and in_checkpointing() and checkpoint_region() is None:  # (the re-run)
+            u = (u * 3) / 3
+        h = h + u
+        norm.temperature = 1.0
+        h = h + torch.tanh(norm(h))
+        norm.temperature = 3.0
+        return torch.tanh(norm(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for norm in self.norms:
+            h = checkpoint(self._block, h, norm, use_reentrant=False)
+        return self.head(h.mean(dim=1))
+
+
+def _two_state_norms(rounds_again: bool, memory: str = "fast"):
+    torch.manual_seed(0)
+    model = _TwoStateNorms(rounds_again)
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    private, optimizer, crit, loader = dpclip.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=1.0, poisson_sampling=False, accumulation_steps=2, memory=memory,
+    )
+    return model, private, optimizer, crit, loader
+
+
+def test_every_module_whose_operand_differs_is_refused_at_once():
+    # one refusal for all the modules whose n computed again differed (it took one lost
+    # micro-batch per layer); then all keep n, and the next micro-batch trains
+    model, private, optimizer, crit, loader = _two_state_norms(False)
+    (x1, y1), (x2, y2) = loader
+    with pytest.raises(RuntimeError, match="module 'norms.0' .*It and 1 other modules keep"):
+        crit(private(x1), y1).backward()
+    optimizer.add_empty_micro_batch()
+    crit(private(x2), y2).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_a_rerun_that_rounds_differently_under_autocast_is_not_refused(memory):
+    # under bfloat16 autocast the float32 stream before an RMSNorm adds a bfloat16 output:
+    # a re-run that rounds it once more changed n by about 10^4 roundings of float32, and
+    # was refused at every step (the tolerance followed n's dtype, not the layers')
+    model, private, optimizer, crit, loader = _two_state_norms(True, memory)
+    for _ in range(2):
+        for xb, yb in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = crit(private(xb), yb)
+            assert [c.awaits_input for c in optimizer.clipper.recorder.calls if isinstance(c.module, _ScaleNorm)] == [True] * 4
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

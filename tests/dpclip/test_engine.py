@@ -552,6 +552,9 @@ def test_a_private_model_saves_whole_and_loads_as_the_plain_module(case):
     assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
     loaded.zero_grad()
     again, optimizer, crit, loader = private(loaded)
+    inert = [h for m in again.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+             if type(h).__name__ == "_Inert"]
+    assert not inert  # (the loaded model's no-op hooks do not pile up)
     before = [p.detach().clone() for p in again.parameters()]
     for *xb, yb in loader:
         crit(again(*xb), yb).backward()
