@@ -22,7 +22,7 @@ saves, and the backward runs the region again to give it back. Two consequences:
   gets the identity on its output with the module's input, and the scaled operand n is
   computed from that input in the backward (``scaled_operand``), where that gives the
   forward's n (``dpclip.clipping.recording.Recorder``: tried on the module's first call,
-  and compared on a sample of each call's n).
+  and compared by a checksum of each call's n).
 
 The region is told by the top saved-tensor pack hook, checkpoint's own (the forward's
 holds the region's frame; the re-run's is another): torch.utils.checkpoint's internals.
