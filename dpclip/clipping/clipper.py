@@ -508,7 +508,7 @@ class PerSampleClipper:
         calls keep n from the forward from then on."""
         if not calls:
             return
-        eps = 2 * max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+        eps = 2 * rounding_eps(dtypes)
         gaps = torch.stack([c.operand_gap for c in calls])
         over = (gaps[:, 0] > eps * gaps[:, 1]).any(dim=1).tolist()
         if not any(over):
@@ -562,6 +562,8 @@ class PerSampleClipper:
                 self._changed_in_place(call)
         audit = self._audit_due
         layer = [c for c in calls if isinstance(c, LayerCall)]
+        # (what the layers and the loss show: a layer that casts inside is not seen)
+        shown = {loss_per_sample.dtype, *(c.dtype for c in layer)}
         # (a batch-less lookup's parameter counts as used by it too: its share is summed
         # with the batched calls' per example, after the pass)
         hooked = recomputable([*layer, *broadcast]) - set(broadcast)
@@ -571,7 +573,7 @@ class PerSampleClipper:
             self.recorder.saved = None
             self.mode = auto_mode(
                 sum(kept_bytes(c, batch) for c in hooked), saved + loss_saved,
-                {*dtypes, *loss_dtypes, loss_per_sample.dtype, *(c.dtype for c in layer)},
+                {*dtypes, *loss_dtypes, *shown},
                 self.recorder.checkpointed, not self.recorder.rerun_once and _met_bytes(broadcast, batch) <= saved,
             )
             self.recorder.watch_checkpointing = False
@@ -584,12 +586,10 @@ class PerSampleClipper:
                     "checkpointing, or debug=True). Use memory=\"fast\" or \"auto\" (one backward "
                     "pass). Nothing was added"
                 )
-            # (what the layers and the loss show: a layer that casts inside is not seen)
-            dtypes = {loss_per_sample.dtype, *(c.dtype for c in layer)}
-            if not one_precision(dtypes):
-                _warn_low_precisions(dtypes)
-            elif self.recorder.checkpointed and dtypes == {torch.float64}:
-                _warn_low_precisions(dtypes, hidden=True)
+            if not one_precision(shown):
+                _warn_low_precisions(shown)
+            elif self.recorder.checkpointed and shown == {torch.float64}:
+                _warn_low_precisions(shown, hidden=True)
             self.recorder.watch_checkpointing = False
         recompute = hooked if self.mode == "low" else set()
         early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales, self.recorder.checkpointed)
@@ -653,9 +653,7 @@ class PerSampleClipper:
         changed = [c for c in layer if c.changed]
         if changed:
             self._changed_in_place(changed[0])
-        self._check_operands(
-            [c for c in layer if c.operand_gap is not None], {loss_per_sample.dtype, *(c.dtype for c in layer)}
-        )
+        self._check_operands([c for c in layer if c.operand_gap is not None], shown)
         without = early.without_input + [c for c in layer_calls if c.awaits_input]
         if without:
             raise RuntimeError(
@@ -1016,7 +1014,7 @@ class PerSampleClipper:
 
 def _warn_low_precisions(dtypes: set[torch.dtype], hidden: bool = False) -> None:
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-    least = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+    least = rounding_eps(dtypes)
     what = (
         "a float64 model that runs gradient checkpointing, inside which dpclip cannot see "
         "in what precision its layers compute (Hugging Face's RMSNorms cast to float32)"

@@ -406,8 +406,8 @@ class FunctionRecorder(TorchFunctionMode):
         self._windows: list[tuple[Unit, int, int, int]] = []
         #: random operations (``_RANDOM``) the mode has seen
         self._random = 0
-        self._random_kinds: dict[Any, bool] = {}
-        self._kinds: dict[Any, str] = {}
+        #: each torch function's ``_kind`` and whether it is random (``_RANDOM``)
+        self._kinds: dict[Any, tuple[str, bool]] = {}
 
     @property
     def needed(self) -> bool:
@@ -525,13 +525,11 @@ class FunctionRecorder(TorchFunctionMode):
                 return recorded
         else:
             watched = []
-        kind = self._kinds.get(func)
-        if kind is None:
-            kind = self._kinds[func] = self._kind(func)
-        random = self._random_kinds.get(func)
-        if random is None:
-            random = self._random_kinds[func] = getattr(func, "__name__", "") in _RANDOM
-        self._random += random
+        kinds = self._kinds.get(func)
+        if kinds is None:
+            kinds = self._kinds[func] = (self._kind(func), getattr(func, "__name__", "") in _RANDOM)
+        kind = kinds[0]
+        self._random += kinds[1]
         if batched and derived and kind in ("broadcast", "inplace-broadcast"):
             args, kwargs = self._meet(args, kwargs, derived, inplace=kind == "inplace-broadcast")
             derived = []
@@ -662,7 +660,7 @@ class FunctionRecorder(TorchFunctionMode):
             t for t in argument_tensors(args, kwargs)
             if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
         ]
-        kind = self._kinds.get(func) or self._kind(func)
+        kind = self._kinds[func][0] if func in self._kinds else self._kind(func)
         for t in expanded:
             _, call = self._pending.pop(id(t))
             aligned = batched and all(o.dim() == t.dim() for o in others)

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, norm_dtype, row_sq_norms
+from dpclip.clipping.norms import GHOST_ROUNDING_TOLERANCE, GhostNorm, norm_dtype, rounding_eps, row_sq_norms
 from dpclip.clipping.plan import CostMeter, timed
 from dpclip.clipping.recording import LayerCall, sample_rows
 
@@ -123,7 +123,7 @@ def rerun_mismatch(differences: torch.Tensor, dtypes: set[torch.dtype]) -> torch
     scale). ``tol``: 1e-3, or 16 roundings of the least precise of the layers' and the
     loss's ``dtypes`` (under bfloat16 autocast a float32 layer norm's gradient comes
     through bfloat16 matmuls, which round c_i·g to about 4e-3)."""
-    tol = max(1e-3, 16 * max(torch.finfo(d).eps for d in dtypes if d.is_floating_point))
+    tol = max(1e-3, 16 * rounding_eps(dtypes))
     diff, size = differences[:, 0], differences[:, 1]
     return (diff > tol * (size + 1e-3 * size.amax(dim=0, keepdim=True))).any(dim=2)
 

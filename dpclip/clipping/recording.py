@@ -682,7 +682,7 @@ class Recorder:
             with torch._C.DisableTorchFunction():
                 rerun = _input_from_rerun(unit, args, kwargs, output)
                 call = record(module, args, kwargs, output, rerun)
-                if unit.rule is None and self.functions is not None:
+                if unit.rule is None and self.functions is not None:  # (rerun False above)
                     rerun, call = self._scale_from_rerun(unit, args, kwargs, output)
                 if not rerun:
                     return None
@@ -764,22 +764,19 @@ class Recorder:
             return False, None
         call = closed[0] if len(closed) == 1 and isinstance(closed[0], LayerCall) else None
         edge = get_gradient_edge(output)
-        if call is not None and (
+        if call is None or (
             call.rule is not SCALE or not self.recording or next(unit.module.children(), None) is not None
             or call.edge.node is not edge.node or call.edge.output_nr != edge.output_nr
         ):
-            call = None
-        operand = None
-        if call is not None:
-            (role,) = (r for r, p in zip(unit.roles, unit.params) if p is call.targets["weight"][0])
-            operand = functools.partial(scaled_operand, unit.module, role, autocast=autocast_state(args[0].device.type))
+            # (None: not told yet, and the re-run, which runs after the forward, cannot tell)
+            return bool(unit.rerun_scale), None
+        (role,) = (r for r, p in zip(unit.roles, unit.params) if p is call.targets["weight"][0])
+        operand = functools.partial(scaled_operand, unit.module, role, autocast=autocast_state(args[0].device.type))
         if unit.rerun_scale is None:
-            if call is None:
-                return False, None  # (not told yet: the re-run cannot tell, and runs after)
             unit.rerun_scale = _same_operand(operand, args[0], call.activations[0])
             if not unit.rerun_scale:
                 return False, None
-        if call is None or not rerun_keeps_rng(checkpoint_region()):
+        if not rerun_keeps_rng(checkpoint_region()):
             return True, None  # (n kept from the forward)
         self._watch_region()
         call.from_input, call.rerun_input = operand, True
