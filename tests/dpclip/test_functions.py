@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dpclip import PerSampleClipper
 from dpclip.clipping.recording import GraphCall, LayerCall
 from tests.dpclip.helpers import assert_clipped_sum_matches_reference
+from tests.dpclip.models import reference_update
 
 VOCAB, T, D, CLASSES = 11, 5, 6, 3
 
@@ -363,3 +364,138 @@ def test_a_lookup_on_sequence_first_ids_is_refused_at_the_forward():
     with pytest.raises(RuntimeError, match=r"lookup of module 'tok' runs on ids of shape .* batch is dimension 1"):
         model(ids)
     clipper.remove()
+
+
+class LookupsFirst(nn.Module):
+    """BERT's embeddings (tokens, positions [1, T] from torch.arange, token types from a
+    [1, T] buffer expanded over the batch), then layers that use no lookup; with
+    ``late``, a last lookup at the end (a forward that goes otherwise than the first ones).
+    ``bare``: the position lookup by ``F.embedding`` on the table's weight, not its module."""
+
+    def __init__(self, bare: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.pos = nn.Embedding(T, D)
+        self.types = nn.Embedding(2, D)
+        self.register_buffer("type_ids", torch.zeros(1, T, dtype=torch.long))
+        self.norm = nn.LayerNorm(D)
+        self.layers = nn.ModuleList(nn.Linear(D, D) for _ in range(8))
+        self.head = nn.Linear(D, CLASSES)
+        self.bare, self.late = bare, False
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        pos = F.embedding(positions, self.pos.weight) if self.bare else self.pos(positions)
+        h = self.tok(ids) + pos + self.types(self.type_ids.expand(ids.shape[0], -1))
+        h = self.norm(h)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        if self.late:
+            h = h + self.types(self.type_ids[:, : h.shape[1]])
+        return self.head(h.mean(dim=1))
+
+
+def _mode_calls(clipper: PerSampleClipper, model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(how many torch functions the function recorder's mode saw, the output) of one forward."""
+    functions = clipper.recorder.functions
+    seen = [0]
+    original = type(functions).__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen[0] += 1
+        return original(self, func, types, args, kwargs)
+
+    type(functions).__torch_function__ = counting
+    try:
+        out = model(x)
+    finally:
+        type(functions).__torch_function__ = original
+    return seen[0], out
+
+
+def _exact_step(clipper: PerSampleClipper, model: nn.Module, seed: int, batch: int = 4) -> int:
+    """One micro-batch: dpclip's clipped sum equals torch.func's (C = the median norm);
+    how many torch functions the mode saw in its forward."""
+    x, y = _data(batch, seed)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    _, norms = reference_update(model, params, x, y, 1.0, 1.0)
+    clipper.max_grad_norm = float(norms.median())
+    expected, _ = reference_update(model, params, x, y, clipper.max_grad_norm, 1.0)
+    seen, out = _mode_calls(clipper, model, x)
+    got = clipper.clipped_sum(F.cross_entropy(out, y, reduction="none"))
+    names = {p: n for n, p in model.named_parameters()}
+    got = {names[p]: g for p, g in got.items()}
+    assert set(got) == set(expected)
+    for n, e in expected.items():
+        torch.testing.assert_close(got[n], e, rtol=1e-9, atol=1e-12, msg=n)
+    return seen
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+@pytest.mark.parametrize("model", [LookupsFirst, PositionEmbedding, RelativeBias, Conv1DNet, TiedScaledEncoderDecoder])
+def test_later_forwards_leave_the_mode_where_the_first_two_recorded_their_last_and_stay_exact(model, memory):
+    # BERT-like models record all they record by operation in their embeddings: from the
+    # third forward on, the operations after that run without the mode
+    torch.manual_seed(0)
+    model = model().double()
+    clipper = PerSampleClipper(model, 1.0, memory=memory)
+    seen = [_exact_step(clipper, model, seed) for seed in range(5)]
+    # (the first forward also counts what autograd saves, for memory="auto")
+    if isinstance(model, LookupsFirst):
+        assert max(seen[2:]) < seen[1] / 2, seen
+    else:
+        assert max(seen[2:]) <= seen[1], seen
+
+
+def test_a_lookup_later_than_in_the_first_forwards_is_refused_then_followed():
+    torch.manual_seed(0)
+    model = LookupsFirst().double()
+    clipper = PerSampleClipper(model, 1.0)
+    for seed in range(3):
+        _exact_step(clipper, model, seed)
+    model.late = True  # the types table again, after the layers: the mode was left before
+    x, y = _data(4, 3)
+    out = model(x)
+    with pytest.raises(RuntimeError, match=r"lookup module 'types' later than .* run its forward and backward again"):
+        clipper.clipped_sum(F.cross_entropy(out, y, reduction="none"))
+    assert not clipper.recorder.calls  # nothing left over: the same micro-batch runs again
+    seen = [_exact_step(clipper, model, seed) for seed in (3, 4, 5)]  # followed to the end
+    assert len(set(seen)) == 1, seen
+
+
+def test_a_lookup_outside_its_modules_call_keeps_the_mode_to_the_forwards_end():
+    # F.embedding on the table's weight: no module hook would see it once the mode is left
+    torch.manual_seed(0)
+    model = LookupsFirst(bare=True).double()
+    clipper = PerSampleClipper(model, 1.0)
+    seen = [_exact_step(clipper, model, seed) for seed in range(4)]
+    assert len(set(seen[1:])) == 1, seen
+
+
+def test_a_forward_that_differs_before_the_exit_point_is_followed_to_its_end():
+    torch.manual_seed(0)
+    model = LookupsFirst().double()
+    clipper = PerSampleClipper(model, 1.0)
+    first = [_exact_step(clipper, model, seed) for seed in range(3)]
+    assert first[2] < first[1] / 2, first
+    original = model.forward
+
+    def extra(ids):  # one more lookup, before the point where the first two recorded their last
+        unused = model.tok(ids[:, :1])
+        return original(ids) + 0 * unused.sum(dim=(1, 2)).unsqueeze(1)
+
+    model.forward = extra
+    seen = _exact_step(clipper, model, 3)
+    assert seen > first[1], (first, seen)
+
+
+def test_the_exit_point_is_learned_from_forwards_that_complete():
+    torch.manual_seed(0)
+    model = LookupsFirst().double()
+    clipper = PerSampleClipper(model, 1.0)
+    model.norm.register_forward_pre_hook(lambda *_: 1 / 0)  # the first forward raises in it
+    with pytest.raises(ZeroDivisionError):
+        model(_data(4)[0])
+    model.norm._forward_pre_hooks.clear()
+    seen = [_exact_step(clipper, model, seed) for seed in range(4)]
+    assert seen[2] < seen[1] / 2 and seen[3] == seen[2], seen
