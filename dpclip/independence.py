@@ -18,17 +18,25 @@ example 0 is changed: row 0 of every input tensor whose leading dimension is the
 batch is replaced by another example's row (so token ids, masks and lengths stay
 valid values), with the random state of the real run (the same dropout masks),
 under ``torch.no_grad()``; then examples 1..B-1 of every batch-first
-floating-point output must be unchanged up to rounding (``moved_examples``).
+floating-point output must be unchanged up to rounding (``moved_examples``). Where
+the inputs have floating-point tensors with B leading rows, it runs once more with
+their row 0 made twice the row that holds their largest magnitude: a batch maximum
+(``x / x.abs().max()``) that another example holds does not move when row 0 is merely
+replaced. (A run of this second probe that raises is skipped: a model may refuse
+inputs out of their usual range.)
 
-Cost: one extra forward of one micro-batch under ``torch.no_grad()``, once per
-run (on the first micro-batch of at least 2 examples), and one extra call of the
-criterion. Where the re-run differs from the real forward it is checked against a
-re-run of the unchanged inputs (eval-mode fast paths differ from the recorded
-forward), and a refusal is confirmed by changing example 0 of the first input
-tensor alone (another tensor with B leading rows, such as a [T, T] mask when
-T == B, need not belong to the examples): a refused micro-batch costs up to three
-extra forwards. A model that mixes examples only through inputs after its first
-tensor argument is therefore not refused.
+Cost: two extra forwards of one micro-batch under ``torch.no_grad()`` (one for
+models whose inputs are token ids), once per run (on the first micro-batch of at
+least 2 examples), and two extra calls of the criterion. Where the re-run differs
+from the real forward it is checked against a re-run of the unchanged inputs
+(eval-mode fast paths differ from the recorded forward), and a model's refusal is
+confirmed by changing example 0 of the first input tensor alone (another tensor with
+B leading rows, such as a [T, T] mask when T == B, need not belong to the examples):
+a refused micro-batch costs up to three extra forwards more. A model that mixes
+examples only through inputs after its first tensor argument is therefore not
+refused. A criterion's arguments with B leading rows are all the examples' (its
+predictions and targets): a loss that mixes examples through the targets alone (a
+target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is refused.
 """
 
 from __future__ import annotations
@@ -113,7 +121,7 @@ class _Changed:
     args: tuple
     kwargs: dict
     names: tuple[str, ...]
-    donor: int
+    donor: int | None  #: the example whose rows example 0 got (None: made extreme)
 
 
 def _input_name(path: KeyPath) -> str:
@@ -132,17 +140,24 @@ def leading_batch(args: tuple, kwargs: dict) -> int | None:
 
 
 def _change_example_zero(
-    args: tuple, kwargs: dict, batch: int, first_only: bool
+    args: tuple, kwargs: dict, batch: int, first_only: bool, extreme: bool = False
 ) -> _Changed | None:
     """A copy of the inputs with example 0 replaced by the first example that differs from
     it in the changed tensors (every tensor with ``batch`` leading rows, or the first);
-    None when none differs."""
+    None when none differs. ``extreme``: the floating-point tensors' row 0 becomes twice
+    the row holding the tensor's largest magnitude instead, so that example 0 holds the
+    batch's extremes (a batch maximum that another example holds does not move when row 0
+    is merely replaced); None without such a tensor."""
     leaves, spec = tree_flatten_with_path((args, kwargs))
     rows = [
         i for i, (_, t) in enumerate(leaves)
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
     ]
     rows = rows[:1] if first_only else rows
+    if extreme:
+        rows = [i for i in rows if leaves[i][1].is_floating_point()]
+        if not rows:
+            return None
     tensors = [leaves[i][1] for i in rows]
     donor = next(
         (j for j in range(1, batch) if any(not torch.equal(t[j], t[0]) for t in tensors)), None
@@ -153,10 +168,14 @@ def _change_example_zero(
     with torch.no_grad():
         for i in rows:
             values[i] = values[i].detach().clone()
-            values[i][0] = values[i][donor]
+            if extreme:
+                peaks = values[i].abs().reshape(batch, -1).nan_to_num(0.0, 0.0, 0.0).amax(dim=1)
+                values[i][0] = 2 * values[i][int(peaks.argmax())]
+            else:
+                values[i][0] = values[i][donor]
     changed_args, changed_kwargs = tree_unflatten(values, spec)
     names = tuple(_input_name(leaves[i][0]) for i in rows)
-    return _Changed(tuple(changed_args), dict(changed_kwargs), names, donor)
+    return _Changed(tuple(changed_args), dict(changed_kwargs), names, None if extreme else donor)
 
 
 def _batch_first_floats(outputs: Any, batch: int) -> dict[str, torch.Tensor]:
@@ -236,8 +255,14 @@ def check_independent(
     *,
     subject: str,
     module: nn.Module | None = None,
+    targets: bool = False,
 ) -> Outcome:
     """Probe one call that gave ``reference`` for examples that depend on example 0.
+
+    Example 0 is changed twice: replaced by another example, then (where the inputs have
+    floating-point tensors) made twice the row that holds each one's largest magnitude, so
+    that a batch statistic that another example decides (a maximum) moves too. The second
+    probe is skipped if its run raises: inputs out of their usual range may be refused.
 
     Args:
         run: the call again (``run(args, kwargs)``), with nothing recorded.
@@ -248,6 +273,10 @@ def check_independent(
             re-run, and the state the real call left is restored afterwards.
         subject: what is probed, for messages ("the model (Net)").
         module: buffers to keep out of the re-runs' reach.
+        targets: every tensor argument with B leading rows belongs to the examples (a
+            criterion's predictions and targets); else a refusal is confirmed by changing
+            the first one alone (a model's other batch-sized arguments, such as a [T, T]
+            mask when T == B, need not be the examples').
 
     Returns:
         ``INDEPENDENT``; ``UNPROBED`` when this call has nothing to probe (B < 2, no
@@ -263,25 +292,33 @@ def check_independent(
     if changed is None:
         return Outcome.UNPROBED
     after = RandomState.capture()
+    clean: list[Any] = []
 
     def replay(a: tuple, k: dict) -> Any:
         random_state.restore()
         return run(a, k)
 
+    def moved_by(changed: _Changed, extreme: bool) -> tuple[_Changed, Movement | None]:
+        probed = replay(changed.args, changed.kwargs)
+        moved = moved_examples(reference, probed, batch)
+        if moved is None:
+            return changed, None
+        if not clean:
+            clean.append(replay(args, kwargs))
+        moved = moved_examples(clean[0], probed, batch)
+        if moved is not None and not targets and len(changed.names) > 1:
+            first = _change_example_zero(args, kwargs, batch, first_only=True, extreme=extreme)
+            if first is None:
+                return changed, None  # the first tensor's examples are all alike: unconfirmed
+            changed = first
+            moved = moved_examples(clean[0], replay(changed.args, changed.kwargs), batch)
+        return changed, moved
+
     try:
         with torch.no_grad(), _scratch_buffers(module):
-            probed = replay(changed.args, changed.kwargs)
-            moved = moved_examples(reference, probed, batch)
-            if moved is not None:
-                clean = replay(args, kwargs)
-                moved = moved_examples(clean, probed, batch)
-                if moved is not None and len(changed.names) > 1:
-                    changed = _change_example_zero(args, kwargs, batch, first_only=True)
-                    if changed is None:
-                        moved = None  # the first tensor's examples are all alike: unconfirmed
-                    else:
-                        moved = moved_examples(clean, replay(changed.args, changed.kwargs), batch)
+            changed, moved = moved_by(changed, extreme=False)
     except Exception as err:  # the probe's inputs are real rows, but a forward may refuse them
+        after.restore()
         warnings.warn(
             f"dpclip's independence probe of {subject} could not run ({type(err).__name__}: "
             f"{err}), so whether examples are independent is not checked: per-example "
@@ -290,8 +327,15 @@ def check_independent(
             stacklevel=2,
         )
         return Outcome.UNCHECKED
-    finally:
-        after.restore()
+    if moved is None:
+        extreme = _change_example_zero(args, kwargs, batch, first_only=False, extreme=True)
+        if extreme is not None:
+            try:
+                with torch.no_grad(), _scratch_buffers(module):
+                    changed, moved = moved_by(extreme, extreme=True)
+            except Exception:  # noqa: BLE001 - out-of-range inputs refused: the first probe stands
+                moved = None
+    after.restore()
     if moved is not None:
         raise ExamplesMixedError(_mixing_message(subject, changed, moved))
     return Outcome.INDEPENDENT
@@ -302,14 +346,18 @@ def _mixing_message(subject: str, changed: _Changed, moved: Movement) -> str:
         output = "loss"
     else:
         output = f"output {moved.output}" if moved.output else "output"
+    how = (
+        f"replaced by example {changed.donor}'s" if changed.donor is not None
+        else "made twice the row with the largest magnitude"
+    )
     return (
         f"{subject} mixes examples: changing only example 0 of the micro-batch (its rows of "
-        f"{', '.join(changed.names)} replaced by example {changed.donor}'s) changed example "
+        f"{', '.join(changed.names)} {how}) changed example "
         f"{moved.example}'s {output} by {moved.amount:.3g} (rounding allows "
         f"{moved.tolerance:.2g}). "
         "Per-example clipping bounds nothing then: each example's data reaches the other "
         "examples' gradients, and the privacy guarantee does not hold. Typical causes: batch "
-        "statistics (F.batch_norm with training=True, x - x.mean(0)); a transpose to "
+        "statistics (F.batch_norm with training=True, x - x.mean(0), x / x.abs().max()); a transpose to "
         "sequence-first followed by a layer that takes the batch for the sequence (e.g. an "
         "nn.MultiheadAttention built with batch_first=True given [T, B, E]); a loss over the "
         "batch (in-batch negatives, prototypes or statistics of the batch). Nothing was "

@@ -242,7 +242,9 @@ class DPCriterion:
     unless the clipper's ``check_independence`` is off): the criterion runs once
     more with example 0's inputs and targets changed, and the other examples'
     losses must not move; a loss over the batch raises ``ExamplesMixedError``
-    before any loss is returned.
+    before any loss is returned (every argument with B leading rows counts as the examples',
+    the targets too: predictions [B, 1] against a target [B] broadcast to [B, B], and each
+    example's loss would then depend on every example's target).
     """
 
     def __init__(self, criterion: nn.Module, optimizer: "DPOptimizer") -> None:
@@ -259,11 +261,14 @@ class DPCriterion:
                 outcome = check_independent(
                     self._per_example, args, kwargs, losses, losses.shape[0], random_state,
                     subject=f"the criterion ({type(self.criterion).__name__})",
-                    module=self.criterion,
+                    module=self.criterion, targets=True,
                 )
                 self._probe_pending = outcome is Outcome.UNPROBED
-            except ExamplesMixedError:
+            except ExamplesMixedError as err:
                 self.optimizer.clipper.discard()  # the refused micro-batch's forward
+                hint = _broadcast_hint(args, kwargs)
+                if hint:
+                    raise ExamplesMixedError(f"{err} {hint}") from None
                 raise
         return DPLoss(losses, self.optimizer, self.criterion.reduction)
 
@@ -272,6 +277,26 @@ class DPCriterion:
 
     def __repr__(self) -> str:
         return f"DPCriterion({self.criterion!r})"
+
+
+def _broadcast_hint(args: tuple, kwargs: dict) -> str:
+    """What to say of a criterion's first two tensor arguments of different shapes that
+    broadcast over each other's batch (predictions [B, 1], target [B]): "" otherwise."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)][:2]
+    if len(tensors) < 2 or tensors[0].shape == tensors[1].shape:
+        return ""
+    try:
+        shape = torch.broadcast_shapes(tensors[0].shape, tensors[1].shape)
+    except RuntimeError:
+        return ""
+    if shape == tensors[0].shape:
+        return ""
+    return (
+        f"Here the criterion's inputs have shapes {tuple(tensors[0].shape)} and "
+        f"{tuple(tensors[1].shape)}, which broadcast to {tuple(shape)}: every example's loss "
+        "then compares its prediction with every example's target. Give them the same shape "
+        "(output.squeeze(-1), or target.view(-1, 1))."
+    )
 
 
 def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:

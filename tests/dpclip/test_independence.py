@@ -62,12 +62,34 @@ class PrototypeLoss(nn.Module):
         return {"none": losses, "sum": losses.sum(), "mean": losses.mean()}[self.reduction]
 
 
+class BatchMaxScaled(nn.Module):
+    """A per-example normalisation written over the batch: x / x.abs().max(). Replacing
+    example 0 by another example moves nothing unless example 0 holds the maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x / x.abs().max())
+
+
+class BroadcastTarget(nn.MSELoss):
+    """The regression slip: predictions [B, 1] against a target [B], which MSELoss
+    broadcasts to [B, B] (torch only warns): example i's loss is over every target."""
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return super().forward(out[:, :1], y.to(out.dtype))
+
+
 #: (model, criterion, data kind): each mixes examples in its own way; B = SEQ so that the
 #: sequence-first model's shapes pass
 MIXING = {
     "functional_batch_norm": (FunctionalBatchNorm, nn.CrossEntropyLoss, "mlp"),
     "sequence_first": (SequenceFirstAttention, nn.CrossEntropyLoss, "transformer"),
     "batch_loss": (MLP, PrototypeLoss, "mlp"),
+    "batch_max": (BatchMaxScaled, nn.CrossEntropyLoss, "mlp"),
+    "broadcast_target": (MLP, BroadcastTarget, "mlp"),
 }
 
 
@@ -86,6 +108,10 @@ def _private(model, criterion, kind, *, n=4 * SEQ, batch_size=SEQ):
     )
 
 
+def _per_example(losses: torch.Tensor) -> torch.Tensor:
+    return losses.mean(dim=1) if losses.dim() > 1 else losses  # (BroadcastTarget's [B, B])
+
+
 def _counting_calls(module: nn.Module) -> list[int]:
     calls: list[int] = []
     module.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -100,8 +126,8 @@ def test_mixing_is_refused_before_anything_is_accumulated(case):
     before = copy.deepcopy(model.state_dict())
     x, y = next(iter(loader))
     subject = f"model ({make_model.__name__})"
-    if case == "batch_loss":
-        subject = "criterion (PrototypeLoss)"
+    if case in ("batch_loss", "broadcast_target"):
+        subject = f"criterion ({make_criterion.__name__})"
     with pytest.raises(ExamplesMixedError, match=re.escape(f"the {subject} mixes examples")) as err:
         criterion(model(x), y).backward()
     message = str(err.value)
@@ -126,12 +152,23 @@ def test_what_the_probe_refuses_leaks_one_example_into_the_others_gradients(case
     x, y = make_data(kind, SEQ, torch.Generator().manual_seed(0), torch.float64)
     neighbour = x.clone()
     neighbour[0] = make_data(kind, 1, torch.Generator().manual_seed(1), torch.float64)[0][0]
+    if case == "batch_max":  # a neighbour whose example 0 is an outlier
+        neighbour[0] *= 100
+    if case == "broadcast_target":  # (it mixes through the targets: change example 0's,
+        # by enough to move the mean target past the predictions: clipping keeps the
+        # gradients' lengths at C, and only a change of sign then moves them)
+        neighbour, y = x, torch.stack([y, torch.cat([y[:1] - 1000, y[1:]])])
+    else:
+        y = torch.stack([y, y])
     others = torch.ones(SEQ, dtype=torch.float64)
     others[0] = 0.0  # example 0's own gradient left out of the sum
     C = 0.1
     clipper = PerSampleClipper(model, C, check_independence=False)
     calls = _counting_calls(model)
-    sums = [clipper.clipped_sum(criterion(model(inputs), y) * others) for inputs in (x, neighbour)]
+    sums = [
+        clipper.clipped_sum(_per_example(criterion(model(inputs), labels)) * others)
+        for inputs, labels in zip((x, neighbour), y)
+    ]
     assert len(calls) == 2  # no probe ran
     moved = torch.sqrt(sum((sums[0][p] - sums[1][p]).pow(2).sum() for p in model.parameters()))
     if case == "per_example":
@@ -148,10 +185,34 @@ def test_per_example_models_are_probed_once_and_accepted(kind):
     calls = _counting_calls(model)
     x, y = make_data(kind, 6, torch.Generator().manual_seed(0))
     losses = F.cross_entropy(model(x), y, reduction="none")
-    assert len(calls) == 2  # the forward and the probe's
+    # the forward and the probe's: example 0 replaced, then (floating-point inputs) extreme
+    probes = 2 if x.is_floating_point() else 1
+    assert len(calls) == 1 + probes
     clipper.clipped_sum(losses)
     clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
-    assert len(calls) == 3  # probed once, then trained on: not again
+    assert len(calls) == 2 + probes  # probed once, then trained on: not again
+
+
+class RefusesLargeInputs(MLP):
+    """A model that checks its inputs' range (as some preprocessing does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max() > 100:
+            raise ValueError("inputs out of range")
+        return super().forward(x)
+
+
+def test_a_model_that_refuses_the_extreme_probes_inputs_is_accepted_without_a_warning():
+    torch.manual_seed(0)
+    model = RefusesLargeInputs().double()
+    clipper = PerSampleClipper(model, 1.0)
+    x, y = make_data("mlp", 6, torch.Generator().manual_seed(0), torch.float64)
+    x[2] = 60.0  # twice it is out of range: the second probe's run raises, the first stands
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = F.cross_entropy(model(x), y, reduction="none")
+    clipper.clipped_sum(losses)
+    assert not clipper.recorder.independence.pending  # probed (by the first probe), done
 
 
 def test_dropout_masks_are_the_real_forwards_and_the_random_state_is_left_as_it_was():
@@ -245,7 +306,31 @@ def test_per_token_criterion_is_probed_once_and_accepted():
     for tokens, _ in loader:
         criterion(model(tokens), tokens).backward()
         optimizer.step()
-    assert len(calls) == len(loader) + 1
+    assert len(calls) == len(loader) + 2  # probed with example 0 replaced, then extreme
+
+
+def test_a_regression_target_that_broadcasts_against_the_predictions_is_refused_naming_the_shapes():
+    # nn.MSELoss on predictions [B, 1] and a target [B]: [B, B] (torch only warns), each
+    # example's loss over every target; two datasets differing in one target gave updates
+    # 3.7 times 2C/L apart (review of the independence probe)
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    t = torch.randn(16, dtype=torch.float64)
+    model = nn.Linear(5, 1).double()
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=nn.MSELoss(),
+        data_loader=DataLoader(TensorDataset(x, t), batch_size=8), noise_multiplier=0.0,
+        max_grad_norm=0.1, poisson_sampling=False, accumulation_steps=2,
+    )
+    xb, tb = next(iter(loader))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's broadcasting warning)
+        with pytest.raises(ExamplesMixedError, match=r"shapes \(8, 1\) and \(8,\), which broadcast to \(8, 8\)"):
+            criterion(model(xb), tb)
+        assert optimizer.micro_batches_accumulated == 0
+        criterion(model(xb), tb.view(-1, 1)).backward()  # the fix the message names trains
+    assert optimizer.micro_batches_accumulated == 1
 
 
 def test_check_independence_false_skips_the_probe():
