@@ -494,10 +494,11 @@ class PrivacyEngine:
                     f"this {name} was already made private; make_private it once (build a "
                     "fresh model and optimizer for a new run)"
                 )
-        if getattr(criterion, "reduction", None) not in ("mean", "sum"):
+        if getattr(criterion, "reduction", None) not in ("mean", "sum", "batchmean"):
             raise ValueError(
                 "Expected criterion to be a loss module with reduction 'mean' or 'sum' "
-                f"(e.g. nn.CrossEntropyLoss()), got {criterion!r}"
+                "(or nn.KLDivLoss's 'batchmean'), e.g. nn.CrossEntropyLoss(); got "
+                f"{criterion!r} with reduction {getattr(criterion, 'reduction', None)!r}"
             )
         noise_multiplier = accounting.events.validate_noise_multiplier(noise_multiplier)
         max_grad_norm = validate_positive("max_grad_norm", max_grad_norm)

@@ -198,7 +198,8 @@ class DPLoss:
         self.backward()
 
     def detach(self) -> torch.Tensor:
-        """The loss reduced as the user's criterion would ("mean" or "sum"); NaN-free for B=0."""
+        """The loss reduced as the user's criterion would ("mean", "batchmean" or "sum");
+        NaN-free for B=0."""
         losses = self.loss_per_sample.detach()
         if self._reduction == "sum" or losses.numel() == 0:
             return losses.sum()
@@ -303,8 +304,9 @@ def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch
     """ℓ_i for each example, shape [B]: the loss module called with ``reduction="none"``
     (its own restored after), losses with more than one dimension (e.g. per token)
     reduced over the non-batch dimensions to the module's loss on that example alone:
-    a sum, or a mean over its positions (over its counted targets for losses over class
-    indices: ``_counted_targets``), so the privacy unit is one example (one sequence)."""
+    a sum ("sum", and ``nn.KLDivLoss``'s "batchmean": the sum over the entries divided by
+    one example), or a mean over its positions (over its counted targets for losses over
+    class indices: ``_counted_targets``), so the privacy unit is one example (one sequence)."""
     reduction = criterion.reduction
     criterion.reduction = "none"
     try:
@@ -318,7 +320,7 @@ def per_example_losses(criterion: nn.Module, *args: Any, **kwargs: Any) -> torch
         )
     if losses.dim() > 1:
         dims = tuple(range(1, losses.dim()))
-        if reduction == "sum":
+        if reduction in ("sum", "batchmean"):  # (batchmean: KL's sum over the entries, per example)
             return losses.sum(dim=dims)
         counted = _counted_targets(criterion, losses, args, kwargs)
         losses = losses.mean(dim=dims) if counted is None else losses.sum(dim=dims) / counted

@@ -180,3 +180,48 @@ def test_a_criterion_that_shifts_inside_is_each_example_alone(weight):
     torch.testing.assert_close(
         per_example_losses(criterion, logits, full), _alone(criterion, logits, full), rtol=1e-12, atol=0
     )
+
+
+def test_kl_divergence_with_batchmean_is_each_example_alone_and_trains():
+    # torch's recommended reduction for KL (distillation): "batchmean", the sum over an
+    # example's entries averaged over the batch; one example alone is its sum
+    gen = torch.Generator().manual_seed(0)
+    log_p = torch.randn(B, T, V, generator=gen, dtype=torch.float64).log_softmax(-1)
+    target = torch.randn(B, T, V, generator=gen, dtype=torch.float64).softmax(-1)
+    criterion = nn.KLDivLoss(reduction="batchmean")
+    losses = per_example_losses(criterion, log_p, target)
+    torch.testing.assert_close(losses, _alone(criterion, log_p, target), rtol=1e-12, atol=0)
+    assert criterion.reduction == "batchmean"
+
+    torch.manual_seed(0)
+    x = torch.randn(4 * B, 3, generator=gen, dtype=torch.float64)
+    soft = torch.randn(4 * B, V, generator=gen, dtype=torch.float64).softmax(-1)
+    model = nn.Sequential(nn.Linear(3, V), nn.LogSoftmax(-1)).double()
+    plain = nn.Sequential(nn.Linear(3, V), nn.LogSoftmax(-1)).double()
+    plain.load_state_dict(model.state_dict())
+    C = 0.05
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    model, optimizer, dp_criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=criterion,
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, soft), batch_size=B),
+        noise_multiplier=0.0, max_grad_norm=C, accumulation_steps=4, poisson_sampling=False,
+    )
+    expected = {n: torch.zeros_like(p) for n, p in plain.named_parameters()}
+    for i in range(4 * B):  # one example at a time: its KL, clipped to C, summed, over L = 4B
+        plain.zero_grad()
+        criterion(plain(x[i:i + 1]), soft[i:i + 1]).backward()
+        grads = {n: p.grad for n, p in plain.named_parameters()}
+        factor = min(1.0, C / float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))))
+        for n, g in grads.items():
+            expected[n] += factor * g / (4 * B)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reported = []
+    for xb, sb in loader:
+        loss = dp_criterion(model(xb), sb)
+        reported.append(loss.item())
+        loss.backward()
+    optimizer.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(before[n] - p.detach(), expected[n], rtol=1e-10, atol=1e-13, msg=n)
+    with torch.no_grad():  # what the criterion reports: its own reduction, batchmean
+        torch.testing.assert_close(reported[0], float(criterion(plain(x[:B]), soft[:B])), rtol=1e-12, atol=0)

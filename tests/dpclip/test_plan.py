@@ -21,12 +21,12 @@ GRAPH = "exact graph path"
 
 
 class InstanceNormNet(nn.Module):
-    """InstanceNorm: a layer type only Opacus has a per-sample rule for."""
+    """InstanceNorm with running statistics: a layer only Opacus has a per-sample rule for."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv1d(3, 4, 3)
-        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.inorm = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
         self.head = nn.Linear(4, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

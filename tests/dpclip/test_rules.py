@@ -18,6 +18,7 @@ from dpclip.clipping.rules.fallback import OpacusRule
 from dpclip.clipping.rules.linear import LinearRule
 from dpclip.clipping.rules.norm import NormRule
 from dpclip.clipping.rules.prelu import PreluRule
+from tests.dpclip.helpers import assert_clipped_sum_matches_reference
 from tests.dpclip.models import reference_update
 
 
@@ -61,7 +62,12 @@ CASES = [
     pytest.param(lambda: nn.ConvTranspose3d(2, 3, 3), ConvTransposeRule, id="conv-transpose3d"),
     pytest.param(lambda: nn.LayerNorm(4), NormRule, id="layernorm"),
     pytest.param(lambda: nn.GroupNorm(2, 4), NormRule, id="groupnorm"),
-    pytest.param(lambda: nn.InstanceNorm1d(4, affine=True), OpacusRule, id="instancenorm"),
+    pytest.param(lambda: nn.InstanceNorm1d(4, affine=True), NormRule, id="instancenorm"),
+    pytest.param(lambda: nn.InstanceNorm3d(4, affine=True), NormRule, id="instancenorm3d"),
+    pytest.param(
+        lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True), OpacusRule,
+        id="instancenorm-running-stats",  # (in eval mode it normalises by the running statistics)
+    ),
     pytest.param(lambda: nn.Embedding(5, 3, padding_idx=0), EmbeddingRule, id="embedding"),
     pytest.param(lambda: nn.Embedding(5, 3, max_norm=1.0), None, id="embedding-max-norm"),
     pytest.param(lambda: nn.Embedding(5, 3, sparse=True), None, id="embedding-sparse"),
@@ -144,8 +150,9 @@ def test_a_registered_family_is_used_and_matches_reference():
 @pytest.mark.usefixtures("registry")
 def test_fallback_entries_come_after_every_family_whatever_the_order():
     own = ScaleRule()
-    register(nn.InstanceNorm1d, own)  # registered after Opacus's fallback, which covers it
-    assert rule_for(nn.InstanceNorm1d(4, affine=True)) is own
+    # (with running statistics: no family covers it, Opacus's fallback does)
+    register(nn.InstanceNorm1d, own)  # registered after Opacus's fallback
+    assert rule_for(nn.InstanceNorm1d(4, affine=True, track_running_stats=True)) is own
     register(lambda module: True, None, fallback=True)
     assert type(rule_for(nn.Linear(2, 2))) is LinearRule
     assert rule_for(Scale(4)) is None
@@ -164,3 +171,33 @@ def test_gram_norm_is_the_norm_of_the_per_example_gradient(positions, bias):
     if bias:
         expected = expected + g.sum(dim=1).square().sum(dim=1)
     torch.testing.assert_close(gram_sq_norm(a, g, bias=bias).sq, expected, rtol=1e-12, atol=0)
+
+
+class InstanceNormPooled(nn.Module):
+    """A convolution, InstanceNorm2d(affine=True), global average pooling: the norm's weight
+    gets no gradient at all (the mean of x̂ over the positions is 0), only rounding, which
+    the first micro-batch's check took for a use of the weight it does not see (when the
+    layer had Opacus's rule: its rounding scale came from per-example gradients near 0)."""
+
+    def __init__(self, pooled: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(8, affine=True)
+        self.head = nn.Linear(8 if pooled else 8 * 36, 3)
+        self.pooled = pooled
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        return self.head(h.mean(dim=(2, 3)) if self.pooled else torch.tanh(h).flatten(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pooled", [True, False])
+def test_instance_norm_takes_the_norm_rule_and_matches_reference(pooled, dtype):
+    torch.manual_seed(0)
+    model = InstanceNormPooled(pooled).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 6, 6, generator=gen, dtype=dtype), torch.randint(0, 3, (6,), generator=gen)
+    tol = {torch.float32: (1e-4, 1e-6), torch.float64: (1e-9, 1e-12)}[dtype]
+    assert isinstance(rule_for(model.norm), NormRule)
+    assert_clipped_sum_matches_reference(model, x, y, "auto", rtol=tol[0], atol=tol[1])

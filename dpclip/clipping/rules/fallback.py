@@ -19,8 +19,9 @@ __all__ = ["OpacusRule"]
 
 
 class OpacusRule(Rule):
-    """Per-sample gradients from Opacus's rule for the layer type (InstanceNorm, RMSNorm,
-    grouped or 3-d convolutions, …), for layers without a rule of dpclip's own."""
+    """Per-sample gradients from Opacus's rule for the layer type (InstanceNorm with running
+    statistics, RMSNorm, grouped or 3-d convolutions, …), for layers without a rule of
+    dpclip's own."""
 
     def __init__(self, sampler: Callable[..., dict[nn.Parameter, torch.Tensor]]) -> None:
         self.sampler = sampler

@@ -1,4 +1,5 @@
-"""Normalisation layers: ``nn.LayerNorm`` / ``nn.GroupNorm``, and ``F.layer_norm`` /
+"""Normalisation layers: ``nn.LayerNorm`` / ``nn.GroupNorm`` / ``nn.InstanceNorm1d/2d/3d``
+(without running statistics), and ``F.layer_norm`` /
 ``F.group_norm`` with a trainable weight or bias in a module without a rule (a
 LayerNorm subclass with its own ``forward``, such as ConvNeXt's channels-first one),
 recorded from the operation by ``dpclip.clipping.functions``."""
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from dpclip.clipping.rules.base import Rule, register
 
@@ -22,7 +24,8 @@ __all__ = ["NORM", "NormRule", "functional_norm_rule"]
 
 
 class NormRule(Rule):
-    """``nn.LayerNorm`` / ``nn.GroupNorm``: y = x̂·γ + β with x̂ normalised per example, so
+    """``nn.LayerNorm`` / ``nn.GroupNorm`` / ``nn.InstanceNorm*``: y = x̂·γ + β with x̂
+    normalised per example, so
     ∇γ ℓ_i = Σ_positions g_i·x̂_i and ∇β ℓ_i = Σ_positions g_i, as many numbers per example
     as the layer has parameters: per-sample gradients are the cheap way to the norm."""
 
@@ -31,6 +34,8 @@ class NormRule(Rule):
         layer = call.module
         if isinstance(layer, nn.LayerNorm):
             return tuple(layer.normalized_shape), 0, layer.eps
+        if isinstance(layer, _InstanceNorm):  # a group norm with a group per channel
+            return None, layer.num_features, layer.eps
         return None, layer.num_groups, layer.eps
 
     def per_sample_grads(self, call: LayerCall) -> dict[str, torch.Tensor]:
@@ -106,7 +111,17 @@ def functional_norm_rule(normalized_shape: tuple[int, ...] | None, groups: int, 
     return _FUNCTIONAL[key]
 
 
-#: The rule of ``nn.LayerNorm`` and ``nn.GroupNorm``.
+def _is_instance_norm(module: nn.Module) -> bool:
+    """``nn.InstanceNorm1d/2d/3d`` with its own forward, normalising by each example's own
+    statistics in training and evaluation alike (no running statistics)."""
+    return (
+        isinstance(module, _InstanceNorm) and type(module).forward is _InstanceNorm.forward
+        and not module.track_running_stats
+    )
+
+
+#: The rule of ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.InstanceNorm1d/2d/3d``.
 NORM = NormRule()
 register(nn.LayerNorm, NORM)
 register(nn.GroupNorm, NORM)
+register(_is_instance_norm, NORM)
