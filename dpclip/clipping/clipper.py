@@ -353,18 +353,6 @@ class PerSampleClipper:
                 f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}"
             )
         self.check_coverage()
-        functions = self.recorder.functions
-        if functions is not None and functions.late is not None:
-            late, functions.late = functions.late, None
-            self.recorder.discard()
-            raise RuntimeError(
-                f"this forward ran the lookup module {late!r} later than the model's first "
-                "forwards ran any lookup: dpclip had stopped following the forward's "
-                "operations there (where the first forwards had recorded everything, to save "
-                "their cost), so this lookup's per-example gradients are unknown. Nothing was "
-                "added and the micro-batch was not counted: run its forward and backward again. "
-                "dpclip now follows every forward of this model to its end"
-            )
         if not self.recorder.root_ran and self.recorder.functions is not None:
             # lookups are recorded only inside the model's own call: one that ran outside it
             # (a submodule called alone, model.forward(x)) has no record (a linear probe's

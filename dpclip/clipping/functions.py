@@ -56,18 +56,6 @@ the module takes the exact graph path (``dpclip.clipping.graph``).
 
 Ops that involve neither a followed nor a batched tensor nor a watched
 parameter cost one pass over their arguments.
-
-Leaving early: most models record all they record by operation in their embeddings,
-at the start of the forward, and the mode then only follows the batch through the rest
-(a trip through Python for each of a few hundred operations). The first two complete
-forwards note, after each unit's forward hook, how many events (records, followed
-tensors, uses, windows) there have been; where both went alike, later forwards leave
-the mode at the hook after which they had none, if they have had as many by then and no
-window is open. Not with the model's own parameters recorded (their window is the whole
-forward), nor where a lookup ran outside its module's call. A lookup module called after
-the mode was left (a forward that goes otherwise than the first two) is noted, and the
-clipper refuses that micro-batch (its lookup was not recorded: the update would be
-wrong); the mode then follows every forward to its end.
 """
 
 from __future__ import annotations
@@ -420,27 +408,6 @@ class FunctionRecorder(TorchFunctionMode):
         self._random = 0
         #: each torch function's ``_kind`` and whether it is random (``_RANDOM``)
         self._kinds: dict[Any, tuple[str, bool]] = {}
-        #: leaving early (``layer_done``): changes to what the mode records or follows in
-        #: this forward (records, followed tensors, uses, windows), and unit hooks run
-        self._events = 0
-        self._hooks = 0
-        #: during the first two complete recording forwards, the events after each unit
-        #: hook; None once learned from
-        self._marks: list[int] | None = []
-        #: the first such forward's marks and events, which the second must repeat
-        self._first: tuple[list[int], int] | None = None
-        #: (unit hooks, events by then) after which those forwards changed nothing more:
-        #: later forwards that reach it with as many events leave the mode there
-        self._exit: tuple[int, int] | None = None
-        #: lookups recorded and lookup modules called, in the first forward (a lookup
-        #: outside its module's call would not be seen after the mode is left)
-        self._lookups = 0
-        self._lookup_calls = 0
-        #: the mode was left early in the running forward (``layer_done``)
-        self.exited = False
-        #: the name of a lookup module that ran after the mode was left in this forward
-        #: (its lookup was not recorded)
-        self.late: str | None = None
 
     @property
     def needed(self) -> bool:
@@ -458,38 +425,19 @@ class FunctionRecorder(TorchFunctionMode):
         for t in inputs:
             self._batched[id(t)] = weakref.ref(t)
         self.active = True
-        self._events = self._hooks = 0
-        self._lookups = self._lookup_calls = 0
-        self.late = None  # (of the forward whose records a backward will use: this one)
-        if self._marks is not None:
-            self._marks = []
         if self.root is not None:
             self._windows.append((self.root, len(self._records), self._uses(self.root), self._random))
         self.__enter__()
 
-    def stop(self, completed: bool = True) -> bool:
-        """Leave the mode (the root forward ended, or raised: ``completed`` False); keep
-        the records. True if the model's own parameters (``root``) took part only in
-        recorded operations; if not, their records are dropped (the model takes the graph
-        path). The first complete forward tells where later ones leave the mode
-        (``layer_done``)."""
+    def stop(self) -> bool:
+        """Leave the mode (the root forward ended, or raised); keep the records. True if
+        the model's own parameters (``root``) took part only in recorded operations; if
+        not, their records are dropped (the model takes the graph path)."""
         if not self.active:
             return False
         covered = self.root is not None and self.close(self.root)
         self.active = False
-        if not self.exited:
-            self.__exit__(None, None, None)
-        self.exited = False
-        if self._marks is not None and completed:
-            marks, self._marks = self._marks, None
-            # not with a window over the whole forward (the model's own parameters), nor
-            # where a lookup ran outside its module's call (no hook would see it later);
-            # and only once a second forward has gone as the first did
-            if self.root is None and self._lookups <= self._lookup_calls and self._events in marks:
-                if self._first is None:
-                    self._first, self._marks = (marks, self._events), []
-                elif self._first == (marks, self._events):
-                    self._exit = (marks.index(self._events) + 1, self._events)
+        self.__exit__(None, None, None)
         self._batched.clear()
         self._derived.clear()
         self._pending.clear()
@@ -517,39 +465,9 @@ class FunctionRecorder(TorchFunctionMode):
         records, self._records = self._records, []
         return records
 
-    def layer_done(self) -> None:
-        """A unit's forward hook ran. In the first two complete forwards, note how many
-        events (records, followed tensors, uses, windows) there have been; in a later one,
-        leave the mode at the hook after which those forwards (alike) had none, if this
-        forward has had as many by then and no window is open. The operations after it (most of a model's,
-        when its lookups come first) then cost no trip through Python. A lookup module
-        called after that is noted (``late``): the clipper refuses the micro-batch, and
-        the mode follows every later forward to its end."""
-        self._hooks += 1
-        if self._marks is not None:
-            self._marks.append(self._events)
-        elif (
-            self._exit is not None and self._exit == (self._hooks, self._events) and not self._windows
-            and torch._C._len_torch_function_stack() > 0
-            and torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is self
-        ):
-            self.__exit__(None, None, None)
-            self.exited = True
-
-    def lookup_called(self, name: str) -> None:
-        """A lookup unit's module (``name``) starts a forward call."""
-        if not self.active:
-            return
-        if self._marks is not None:
-            self._lookup_calls += 1
-        elif self.exited and self.late is None:
-            self.late = name
-            self._exit = None
-
     def open(self, unit: Unit) -> None:
         """A forward call of ``unit`` (no rule of its own) starts."""
         if self.active:
-            self._events += 1
             self._windows.append((unit, len(self._records), self._uses(unit), self._random))
 
     def close(self, unit: Unit) -> bool:
@@ -560,7 +478,6 @@ class FunctionRecorder(TorchFunctionMode):
         if not self.active or not self._windows or self._windows[-1][0] is not unit:
             return False
         _, start, uses, random = self._windows.pop()
-        self._events += 1
         mine = {id(p) for p in unit.params}
         window = self._records[start:]
         ours = [r for r in window if any(id(p) in mine for p, _ in r.targets.values())]
@@ -601,12 +518,10 @@ class FunctionRecorder(TorchFunctionMode):
             elif key in self._pending and self._pending[key][0]() is t:
                 expanded.append(t)
         if expanded:
-            self._events += 1
             self._settle(func, args, kwargs, expanded, batched)
         if watched and torch.is_grad_enabled():
             recorded = self._record(func, args, kwargs, batched, watched)
             if recorded is not None:
-                self._events += 1
                 return recorded
         else:
             watched = []
@@ -616,13 +531,11 @@ class FunctionRecorder(TorchFunctionMode):
         kind = kinds[0]
         self._random += kinds[1]
         if batched and derived and kind in ("broadcast", "inplace-broadcast"):
-            self._events += 1
             args, kwargs = self._meet(args, kwargs, derived, inplace=kind == "inplace-broadcast")
             derived = []
         result = func(*args, **kwargs)
         if watched and any(t.requires_grad for t in _outputs(result)):
             # a use the rules do not cover (reading .device or .shape is none)
-            self._events += 1
             for t in watched:
                 key = id(self._parameter(t))
                 self._unrecognised[key] = self._unrecognised.get(key, 0) + 1
@@ -633,12 +546,10 @@ class FunctionRecorder(TorchFunctionMode):
                 if dim == 0:
                     self._batch_dims.pop(id(t), None)
                 else:
-                    self._events += 1
                     self._batch_dims[id(t)] = (weakref.ref(t), dim)
             if kind.startswith("inplace") and args and isinstance(args[0], torch.Tensor):
                 self._batched[id(args[0])] = weakref.ref(args[0])
         elif derived:
-            self._events += 1
             sources = tuple({id(c): c for _, s in derived for c in s}.values())
             for t in _outputs(result):
                 if t.requires_grad:
@@ -1088,7 +999,6 @@ class FunctionRecorder(TorchFunctionMode):
             padding_idx += weight.shape[0]
         rule = embedding_rule(padding_idx)
         owner = self._owner[id(weight)][1]
-        self._lookups += 1
         if batched:
             self.refuse_moved(ids, f"an embedding lookup of module {owner.name!r}", "ids")
         result = F.embedding(*args, **kwargs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field
@@ -439,13 +438,10 @@ class FunctionRecorderLike(Protocol):
 
     active: bool
     root: Unit | None
-    late: str | None
 
     def records_calls_of(self, unit: Unit) -> bool: ...
     def start(self, args: tuple, kwargs: dict) -> None: ...
-    def stop(self, completed: bool = True) -> bool: ...
-    def layer_done(self) -> None: ...
-    def lookup_called(self, name: str) -> None: ...
+    def stop(self) -> bool: ...
     def take(self) -> list[Any]: ...
     def open(self, unit: Unit) -> None: ...
     def close(self, unit: Unit) -> bool: ...
@@ -538,10 +534,7 @@ class Recorder:
                     self._handles.append(
                         u.module.register_forward_hook(_Hook(self._call_hook(u)), with_kwargs=True)
                     )
-                elif u.module is not module:  # a lookup table: its lookups are recorded as
-                    # operations; its module's calls are counted (``FunctionRecorder.layer_done``)
-                    self._handles.append(u.module.register_forward_pre_hook(_Hook(self._lookup_called(u))))
-                continue
+                continue  # a lookup table: its lookups are recorded as operations
             if u.attention:
                 self._handles.append(u.module.register_forward_pre_hook(_Hook(self._attention_enter(u))))
                 self._handles.append(
@@ -642,18 +635,11 @@ class Recorder:
 
     def _functions_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.functions is not None and self.functions.active:
-            # (torch runs this hook inside its ``except`` when the forward raised)
-            covered = self.functions.stop(completed=sys.exc_info()[1] is None)
+            covered = self.functions.stop()
             self.calls.extend(self.functions.take())
             root = self.functions.root
             if root is not None and not covered:  # the model's own parameters: graph path
                 self._call_hook(root)(module, args, {}, output)
-
-    def _lookup_called(self, unit: Unit) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.functions.lookup_called(unit.name)
-
-        return hook
 
     def _open(self, unit: Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -698,16 +684,14 @@ class Recorder:
                 call = record(module, args, kwargs, output, rerun)
                 if unit.rule is None and self.functions is not None:  # (rerun False above)
                     rerun, call = self._scale_from_rerun(unit, args, kwargs, output)
-                result = None
-                if rerun:
-                    self.checkpointed = self.checkpointed or call is not None
-                    # (recorded or not, in the forward and in the re-run alike)
-                    slot = call if call is not None and call.rerun_input else None
-                    result = InputFromRerun.apply(output, args[0].detach(), slot)
-                    if self.functions is not None and self.functions.active:
-                        self.functions.alias(result, output)
+                if not rerun:
+                    return None
+                self.checkpointed = self.checkpointed or call is not None
+                # (recorded or not, in the forward and in the re-run alike)
+                slot = call if call is not None and call.rerun_input else None
+                result = InputFromRerun.apply(output, args[0].detach(), slot)
                 if self.functions is not None and self.functions.active:
-                    self.functions.layer_done()
+                    self.functions.alias(result, output)
                 return result
 
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any, rerun: bool) -> LayerCall | None:
