@@ -761,10 +761,14 @@ class PerSampleClipper:
             why = ("the model folds the batch into another dimension there (a reshape to "
                    "[B·T, H], or windows [B·W, …]), which dpclip does not attribute to examples")
         else:
-            why = ("the module runs on a tensor without the batch as its first dimension: "
-                   "computed from parameters alone (such as relative-position embeddings) and "
-                   "meeting the batch other than by a broadcasting add/sub/mul/div, where dpclip "
-                   "cannot tell each example's share of its gradient, or batch-second")
+            why = ("the module runs on a tensor without the batch as its first dimension, "
+                   "or gives one: computed from parameters alone (such as a relative-position "
+                   "bias), or batch-second. dpclip tells each example's share of such a "
+                   "computation only for an embedding lookup (nn.Embedding, F.embedding) whose "
+                   "result, and what is computed from it alone, meets the batch in a "
+                   "broadcasting add/sub/mul/div; a table indexed, gathered or multiplied "
+                   "otherwise (table[index], as BEiT's and DeBERTa's relative positions are) is "
+                   "not followed")
         raise RuntimeError(
             f"an output of module {name!r} has shape {tuple(shape)} but "
             f"the loss has {batch} per-sample values: dpclip needs batch-first tensors. Here "

@@ -363,3 +363,43 @@ def test_a_lookup_on_sequence_first_ids_is_refused_at_the_forward():
     with pytest.raises(RuntimeError, match=r"lookup of module 'tok' runs on ids of shape .* batch is dimension 1"):
         model(ids)
     clipper.remove()
+
+
+class IndexedRelativeBias(nn.Module):
+    """BEiT's relative-position bias: a table indexed by a [T, T] buffer (not a lookup
+    through F.embedding), permuted to [1, H, T, T] and added to the attention scores."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * T - 1, heads) * 0.1)
+        self.register_buffer("index", torch.arange(T).unsqueeze(0) - torch.arange(T).unsqueeze(1) + T - 1)
+
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1).unsqueeze(0)
+
+
+class IndexedBiasAttention(nn.Module):
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(VOCAB, D)
+        self.bias = IndexedRelativeBias(heads)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, ids):
+        h = self.tok(ids)
+        q = h.view(h.shape[0], T, self.heads, -1).transpose(1, 2)
+        scores = q @ q.transpose(-1, -2) + self.bias()
+        mixed = (scores.softmax(-1) @ q).transpose(1, 2).reshape(h.shape)
+        return self.head(mixed.mean(dim=1))
+
+
+def test_a_bias_table_indexed_rather_than_looked_up_is_refused_saying_so():
+    # (the message had said it met the batch other than by a broadcasting add, which it does not)
+    torch.manual_seed(0)
+    model = IndexedBiasAttention().double()
+    x, y = _data(3)
+    clipper = PerSampleClipper(model, 1.0)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    with pytest.raises(RuntimeError, match=r"module 'bias' has shape \(1, 2, 5, 5\).* table indexed, gathered or multiplied otherwise"):
+        clipper.clipped_sum(losses)
