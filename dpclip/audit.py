@@ -403,10 +403,11 @@ def run(
             f"dict), got a {type(example).__name__}{shape}"
         )
     reduction = getattr(criterion, "reduction", None)
-    if not isinstance(criterion, nn.Module) or reduction not in ("mean", "sum"):
+    if not isinstance(criterion, nn.Module) or reduction not in ("mean", "sum", "batchmean"):
         raise ValueError(
             "Expected the workload's criterion to be a loss module with reduction 'mean' or 'sum' "
-            f"(e.g. nn.CrossEntropyLoss()), got {criterion!r} with reduction {reduction!r}"
+            "(or nn.KLDivLoss's 'batchmean'), e.g. nn.CrossEntropyLoss(); got "
+            f"{criterion!r} with reduction {reduction!r}"
         )
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

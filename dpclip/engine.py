@@ -176,9 +176,15 @@ def plan_logical_batches(
         return _plan_opacus_poisson(sampler, n, accumulation_steps, max_physical_batch_size, poisson_sampling)
     batch = data_loader.batch_size
     if batch is None:
+        prepared = type(data_loader).__module__.startswith("accelerate")
         raise ValueError(
             "data_loader.batch_size is None (custom batch_sampler): dpclip reads the "
             "batch size from it; build the loader with batch_size="
+            + (
+                ". This loader is accelerate's (accelerator.prepare replaces the batch size by "
+                "a batch sampler): call make_private with the loader you built, then prepare "
+                "the loader make_private returns" if prepared else ""
+            )
         )
     if max_physical_batch_size is not None:
         m = validate_int("max_physical_batch_size", max_physical_batch_size)

@@ -19,24 +19,26 @@ batch is replaced by another example's row (so token ids, masks and lengths stay
 valid values), with the random state of the real run (the same dropout masks),
 under ``torch.no_grad()``; then examples 1..B-1 of every batch-first
 floating-point output must be unchanged up to rounding (``moved_examples``). Where
-the inputs have floating-point tensors with B leading rows, it runs once more with
-their row 0 made twice the row that holds their largest magnitude: a batch maximum
-(``x / x.abs().max()``) that another example holds does not move when row 0 is merely
-replaced. (A run of this second probe that raises is skipped: a model may refuse
-inputs out of their usual range.)
+the model's inputs have floating-point tensors with B leading rows that are neither
+integers (category codes, counts, masks) nor all within [0, 1] (probabilities), it
+runs once more with their row 0 made twice the row that holds their largest
+magnitude: a batch maximum (``x / x.abs().max()``) that another example holds does
+not move when row 0 is merely replaced. (A run of this second probe that raises is
+skipped: a model may refuse inputs out of their usual range.)
 
 Cost: two extra forwards of one micro-batch under ``torch.no_grad()`` (one for
 models whose inputs are token ids), once per run (on the first micro-batch of at
-least 2 examples), and two extra calls of the criterion. Where the re-run differs
+least 2 examples), and one extra call of the criterion. Where the re-run differs
 from the real forward it is checked against a re-run of the unchanged inputs
 (eval-mode fast paths differ from the recorded forward), and a model's refusal is
 confirmed by changing example 0 of the first input tensor alone (another tensor with
 B leading rows, such as a [T, T] mask when T == B, need not belong to the examples):
 a refused micro-batch costs up to three extra forwards more. A model that mixes
 examples only through inputs after its first tensor argument is therefore not
-refused. A criterion's arguments with B leading rows are all the examples' (its
-predictions and targets): a loss that mixes examples through the targets alone (a
-target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is refused.
+refused. A criterion's first two arguments with B leading rows are the examples'
+(its predictions and targets): a loss that mixes examples through the targets alone
+(a target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is
+refused.
 """
 
 from __future__ import annotations
@@ -140,42 +142,68 @@ def leading_batch(args: tuple, kwargs: dict) -> int | None:
 
 
 def _change_example_zero(
-    args: tuple, kwargs: dict, batch: int, first_only: bool, extreme: bool = False
+    args: tuple, kwargs: dict, batch: int, leading: int | None, extreme: bool = False
 ) -> _Changed | None:
     """A copy of the inputs with example 0 replaced by the first example that differs from
-    it in the changed tensors (every tensor with ``batch`` leading rows, or the first);
-    None when none differs. ``extreme``: the floating-point tensors' row 0 becomes twice
-    the row holding the tensor's largest magnitude instead, so that example 0 holds the
-    batch's extremes (a batch maximum that another example holds does not move when row 0
-    is merely replaced); None without such a tensor."""
+    it in the changed tensors (the tensors with ``batch`` leading rows, or the first
+    ``leading`` of them); None when none differs. ``extreme``: the changed tensors' row 0
+    becomes twice the row holding the tensor's largest magnitude instead, so that example 0
+    holds the batch's extremes (a batch maximum that another example holds does not move
+    when row 0 is merely replaced), in the floating-point tensors that can take it
+    (``_doubled_row``) and only where the first ``leading`` are all such; None otherwise."""
     leaves, spec = tree_flatten_with_path((args, kwargs))
     rows = [
         i for i, (_, t) in enumerate(leaves)
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
     ]
-    rows = rows[:1] if first_only else rows
-    if extreme:
-        rows = [i for i in rows if leaves[i][1].is_floating_point()]
-        if not rows:
-            return None
-    tensors = [leaves[i][1] for i in rows]
-    donor = next(
-        (j for j in range(1, batch) if any(not torch.equal(t[j], t[0]) for t in tensors)), None
-    )
-    if donor is None:
-        return None
+    rows = rows if leading is None else rows[:leading]
     values = [t for _, t in leaves]
-    with torch.no_grad():
-        for i in rows:
+    if extreme:
+        doubled = {i: row for i in rows if (row := _doubled_row(leaves[i][1], batch)) is not None}
+        if not doubled or (leading is not None and len(doubled) < len(rows)):
+            return None
+        rows = list(doubled)
+        for i, row in doubled.items():
             values[i] = values[i].detach().clone()
-            if extreme:
-                peaks = values[i].abs().reshape(batch, -1).nan_to_num(0.0, 0.0, 0.0).amax(dim=1)
-                values[i][0] = 2 * values[i][int(peaks.argmax())]
-            else:
+            values[i][0] = row
+        donor = None
+    else:
+        tensors = [leaves[i][1] for i in rows]
+        donor = next(
+            (j for j in range(1, batch) if any(not torch.equal(t[j], t[0]) for t in tensors)), None
+        )
+        if donor is None:
+            return None
+        with torch.no_grad():
+            for i in rows:
+                values[i] = values[i].detach().clone()
                 values[i][0] = values[i][donor]
     changed_args, changed_kwargs = tree_unflatten(values, spec)
     names = tuple(_input_name(leaves[i][0]) for i in rows)
-    return _Changed(tuple(changed_args), dict(changed_kwargs), names, None if extreme else donor)
+    return _Changed(tuple(changed_args), dict(changed_kwargs), names, donor)
+
+
+def _doubled_row(t: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Row 0 of a floating-point input for the second probe: its entries twice those of the
+    row holding the largest magnitude, at the positions (features) that can take it; None
+    where none can. A position whose values over the batch are all integers (a category
+    code that indexes a table, a count, a mask) or all within [0, 1] (a probability) keeps
+    example 0's value: doubled it may be out of range, and on CUDA an out-of-range index or
+    probability is a device-side assert, not an exception."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        flat = t.detach().reshape(batch, -1)
+        finite = torch.isfinite(flat)
+        fixed = ((flat == flat.round()) | ~finite).all(dim=0)
+        fixed |= (((flat >= 0) & (flat <= 1)) | ~finite).all(dim=0)
+        free = ~fixed
+        if not bool(free.any()):
+            return None
+        peaks = torch.where(free & finite, flat.abs(), 0).amax(dim=1)
+        row = flat[0].clone()
+        row[free] = 2 * flat[int(peaks.argmax()), free]
+        return row.reshape(t.shape[1:])
 
 
 def _batch_first_floats(outputs: Any, batch: int) -> dict[str, torch.Tensor]:
@@ -259,10 +287,11 @@ def check_independent(
 ) -> Outcome:
     """Probe one call that gave ``reference`` for examples that depend on example 0.
 
-    Example 0 is changed twice: replaced by another example, then (where the inputs have
-    floating-point tensors) made twice the row that holds each one's largest magnitude, so
-    that a batch statistic that another example decides (a maximum) moves too. The second
-    probe is skipped if its run raises: inputs out of their usual range may be refused.
+    Example 0 is changed twice: replaced by another example, then (a model's call, where
+    its inputs have floating-point tensors that can take it: ``_doubled_row``) made twice the
+    row that holds each one's largest magnitude, so that a batch statistic that another
+    example decides (a maximum) moves too. The second probe is skipped if its run raises:
+    inputs out of their usual range may be refused.
 
     Args:
         run: the call again (``run(args, kwargs)``), with nothing recorded.
@@ -273,10 +302,11 @@ def check_independent(
             re-run, and the state the real call left is restored afterwards.
         subject: what is probed, for messages ("the model (Net)").
         module: buffers to keep out of the re-runs' reach.
-        targets: every tensor argument with B leading rows belongs to the examples (a
-            criterion's predictions and targets); else a refusal is confirmed by changing
-            the first one alone (a model's other batch-sized arguments, such as a [T, T]
-            mask when T == B, need not be the examples').
+        targets: a criterion's call, whose first two arguments with B leading rows (the
+            predictions and the targets) are the examples': a refusal is confirmed by
+            changing those alone (a model's: its first alone; other batch-sized arguments,
+            such as a [T, T] mask when T == B or class weights when C == B, need not be the
+            examples'), and the second probe is not run.
 
     Returns:
         ``INDEPENDENT``; ``UNPROBED`` when this call has nothing to probe (B < 2, no
@@ -288,9 +318,13 @@ def check_independent(
     """
     if batch < 2 or not _batch_first_floats(reference, batch):
         return Outcome.UNPROBED
-    changed = _change_example_zero(args, kwargs, batch, first_only=False)
+    changed = _change_example_zero(args, kwargs, batch, None)
     if changed is None:
         return Outcome.UNPROBED
+    # a refusal is confirmed by changing the predictions and targets alone (a criterion's
+    # other batch-sized arguments, class weights when C == B, need not be the examples'), or
+    # a model's first input alone (a [T, T] mask when T == B need not be)
+    leading = 2 if targets else 1
     after = RandomState.capture()
     clean: list[Any] = []
 
@@ -306,36 +340,39 @@ def check_independent(
         if not clean:
             clean.append(replay(args, kwargs))
         moved = moved_examples(clean[0], probed, batch)
-        if moved is not None and not targets and len(changed.names) > 1:
-            first = _change_example_zero(args, kwargs, batch, first_only=True, extreme=extreme)
-            if first is None:
-                return changed, None  # the first tensor's examples are all alike: unconfirmed
-            changed = first
-            moved = moved_examples(clean[0], replay(changed.args, changed.kwargs), batch)
+        if moved is not None:
+            confirm = _change_example_zero(args, kwargs, batch, leading, extreme)
+            if confirm is None:
+                return changed, None  # nothing of the first inputs to change: unconfirmed
+            if confirm.names != changed.names:
+                changed = confirm
+                moved = moved_examples(clean[0], replay(changed.args, changed.kwargs), batch)
         return changed, moved
 
     try:
-        with torch.no_grad(), _scratch_buffers(module):
-            changed, moved = moved_by(changed, extreme=False)
-    except Exception as err:  # the probe's inputs are real rows, but a forward may refuse them
-        after.restore()
-        warnings.warn(
-            f"dpclip's independence probe of {subject} could not run ({type(err).__name__}: "
-            f"{err}), so whether examples are independent is not checked: per-example "
-            "clipping bounds each example's influence only if each example's outputs depend "
-            "on its own inputs alone",
-            stacklevel=2,
+        try:
+            with torch.no_grad(), _scratch_buffers(module):
+                changed, moved = moved_by(changed, extreme=False)
+        except Exception as err:  # the probe's inputs are real rows, but a forward may refuse them
+            warnings.warn(
+                f"dpclip's independence probe of {subject} could not run ({type(err).__name__}: "
+                f"{err}), so whether examples are independent is not checked: per-example "
+                "clipping bounds each example's influence only if each example's outputs depend "
+                "on its own inputs alone",
+                stacklevel=2,
+            )
+            return Outcome.UNCHECKED
+        extreme = None if moved is not None or targets else _change_example_zero(
+            args, kwargs, batch, None, extreme=True
         )
-        return Outcome.UNCHECKED
-    if moved is None:
-        extreme = _change_example_zero(args, kwargs, batch, first_only=False, extreme=True)
         if extreme is not None:
             try:
                 with torch.no_grad(), _scratch_buffers(module):
                     changed, moved = moved_by(extreme, extreme=True)
-            except Exception:  # noqa: BLE001 - out-of-range inputs refused: the first probe stands
+            except Exception:  # noqa: BLE001 - inputs out of their range refused: the first probe stands
                 moved = None
-    after.restore()
+    finally:
+        after.restore()
     if moved is not None:
         raise ExamplesMixedError(_mixing_message(subject, changed, moved))
     return Outcome.INDEPENDENT

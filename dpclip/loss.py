@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from dpclip.clipping.clipper import COMPILED_ADVICE
 from dpclip.independence import ExamplesMixedError, Outcome, RandomState, check_independent
 
 if TYPE_CHECKING:
@@ -84,6 +85,11 @@ class DPLoss:
                 "use_reentrant=False). Nothing was added"
             )
         if self._generation is None or self._generation != self._optimizer.clipper.generation:
+            if self._optimizer.clipper.recorder.compiled:  # (its hooks recorded nothing)
+                raise RuntimeError(
+                    f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}. "
+                    "Nothing was added"
+                )
             if self._optimizer.clipper.recorder.dropped:
                 raise RuntimeError(
                     "this loss's forward pass is no longer recorded: another forward of the model "
@@ -181,15 +187,21 @@ class DPLoss:
         anchor = torch.zeros((), device=self.loss_per_sample.device, requires_grad=True)
         return _PrivateBackward.apply(anchor, self.detach(), self)
 
-    def _averages_micro_batches(self, divisor: float) -> bool:
+    def _averages_micro_batches(self, divisor: float, rel_tol: float = 1e-9) -> bool:
         """Whether dividing by ``divisor`` is the frameworks' mean over the k micro-batches
-        (or 1): what the division by L already does."""
+        (or 1): what the division by L already does. ``rel_tol``: how far ``divisor`` may be
+        from it (1/k rounded to the loss tensor's dtype)."""
         steps = self._optimizer.accumulation_steps  # None: k varies
-        return math.isclose(divisor, 1.0) or (steps is not None and math.isclose(divisor, steps))
+        return math.isclose(divisor, 1.0, rel_tol=rel_tol) or (
+            steps is not None and math.isclose(divisor, steps, rel_tol=rel_tol)
+        )
 
     def _backward_scaled(self, grad: torch.Tensor) -> None:
         scale = float(grad)
-        if scale == 0 or not self._averages_micro_batches(1 / scale):
+        # a framework divides the loss tensor by k in its dtype: float32's 1/3 is 0.33333334,
+        # bfloat16's 0.333984 (Lightning's accumulate_grad_batches=3)
+        rel_tol = max(1e-9, 2 * torch.finfo(grad.dtype).eps) if grad.is_floating_point() else 1e-9
+        if scale == 0 or not self._averages_micro_batches(1 / scale, rel_tol):
             raise RuntimeError(
                 f"the private loss tensor (DPLoss.as_tensor()) reached backward() scaled by {scale:g}: "
                 "dpclip clips the unscaled per-example losses and divides by L itself; only the "
@@ -243,9 +255,9 @@ class DPCriterion:
     unless the clipper's ``check_independence`` is off): the criterion runs once
     more with example 0's inputs and targets changed, and the other examples'
     losses must not move; a loss over the batch raises ``ExamplesMixedError``
-    before any loss is returned (every argument with B leading rows counts as the examples',
-    the targets too: predictions [B, 1] against a target [B] broadcast to [B, B], and each
-    example's loss would then depend on every example's target).
+    before any loss is returned (its first two arguments with B leading rows count as the
+    examples', the targets too: predictions [B, 1] against a target [B] broadcast to
+    [B, B], and each example's loss would then depend on every example's target).
     """
 
     def __init__(self, criterion: nn.Module, optimizer: "DPOptimizer") -> None:
@@ -268,8 +280,10 @@ class DPCriterion:
             except ExamplesMixedError as err:
                 self.optimizer.clipper.discard()  # the refused micro-batch's forward
                 hint = _broadcast_hint(args, kwargs)
-                if hint:
-                    raise ExamplesMixedError(f"{err} {hint}") from None
+                if hint:  # (the likely cause first, before the advice to turn the check off)
+                    message = str(err)
+                    at = message.index("Only if you know")
+                    raise ExamplesMixedError(f"{message[:at]}{hint} {message[at:]}") from None
                 raise
         return DPLoss(losses, self.optimizer, self.criterion.reduction)
 

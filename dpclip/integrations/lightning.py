@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -129,6 +130,21 @@ class DPCallback(pl.Callback):
                 f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the noisy "
                 "gradient a second time, without privacy: leave it unset and give the per-example "
                 "bound as DPCallback(max_grad_norm=C)"
+            )
+        k = trainer.accumulate_grad_batches
+        if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+            raise ValueError(
+                "a GradientAccumulationScheduler changes accumulate_grad_batches during the fit, "
+                "and DPCallback's logical batch (k·B, what ε is accounted for) is fixed when the "
+                "fit starts: give a constant Trainer(accumulate_grad_batches=k) instead"
+            )
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int) and limit % k or isinstance(limit, float) and limit != 1.0:
+            raise ValueError(
+                f"Trainer(limit_train_batches={limit!r}) with accumulate_grad_batches={k}: Lightning "
+                "would step after a partial logical batch at each epoch's end, and dpclip refuses "
+                "a step that does not complete its logical batch. Give limit_train_batches as a "
+                f"whole number of logical batches (a multiple of {k}), or max_steps"
             )
         if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
             raise ValueError(

@@ -203,3 +203,22 @@ def test_compiling_after_make_private_is_refused_at_backward(kind, child, part):
     setattr(model, child, eager_child)
     s = clipper.clipped_sum(F.cross_entropy(model(x), y, reduction="none"))
     assert len(s) == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_compiling_after_make_private_is_refused_at_the_losses_backward_saying_so(first):
+    # through make_private's criterion: the compiled forward records nothing, and its loss's
+    # backward() had said the forward "was already used by a backward()" (new-user trial)
+    torch.manual_seed(0)
+    x, y = _data("mlp", 8)
+    model, optimizer, criterion, loader = _private(MODELS["mlp"](), x, y, 1.0)
+    batches = iter(loader)
+    if not first:  # after an eager micro-batch
+        xb, yb = next(batches)
+        criterion(model(xb), yb).backward()
+    compiled = torch.compile(model, backend="aot_eager")
+    xb, yb = next(batches)
+    loss = criterion(compiled(xb), yb)
+    with pytest.raises(RuntimeError, match="ran under torch.compile after make_private"):
+        loss.backward()
+    assert optimizer.micro_batches_accumulated == (0 if first else 1)

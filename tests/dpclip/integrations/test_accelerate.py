@@ -108,6 +108,19 @@ def test_an_accelerator_accumulating_other_than_k_is_refused_before_anything_is_
     assert optimizer.optimizer.micro_batches_accumulated == 0
 
 
+def test_a_loader_prepared_before_make_private_is_refused_naming_the_order():
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    x, y = data()
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(TensorDataset(x, y), batch_size=B))
+    with pytest.raises(ValueError, match="call make_private with the loader you built, then prepare"):
+        dpclip.PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
+            noise_multiplier=1.0, max_grad_norm=C, accumulation_steps=K,
+        )
+
+
 def test_resume_from_accelerate_save_state_mid_pass_is_bit_exact(tmp_path):
     def start():
         engine, model, optimizer, criterion, loader = private(1.0, noise_seed=None)

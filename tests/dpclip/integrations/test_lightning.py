@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -203,10 +203,56 @@ def test_a_loss_scaled_in_training_step_is_refused_loudly():
     [
         (dict(gradient_clip_val=1.0), {}, "gradient_clip_val"),
         ({}, dict(criterion="loss_fn"), "self.loss_fn"),
+        # (it had failed at the epoch's end: "step() after 2 micro-batches", naming no setting)
+        (dict(limit_train_batches=6), {}, r"limit_train_batches=6\) with accumulate_grad_batches=4"),
+        (dict(limit_train_batches=0.5), {}, r"a multiple of 4"),
     ],
 )
 def test_set_ups_that_would_not_be_private_are_refused(trainer_kw, callback_kw, message):
     cb = callback(1.0, **callback_kw)
     with pytest.raises(ValueError, match=message):
         trainer(cb, max_steps=1, **trainer_kw).fit(module(), train_dataloaders=DataLoader(data(), batch_size=B))
+    assert cb.privacy_engine.steps == 0
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_accumulation_by_three_in_single_precision_trains(precision):
+    # Lightning divides the loss tensor by k in its dtype: float32's 1/3 is 0.33333334, which
+    # was refused as a user's scaling at the first backward (new-user trial)
+    torch.manual_seed(0)
+    model = Classifier()
+    initial = Classifier()
+    initial.load_state_dict(model.state_dict())
+    x, y = data().tensors
+    dataset = TensorDataset(x.float(), y)
+    cb = callback(0.0)
+    trainer(cb, max_steps=1, accumulate_grad_batches=3, precision=precision).fit(
+        model, train_dataloaders=DataLoader(dataset, batch_size=B)
+    )
+    assert cb.privacy_engine.steps == 1
+    if precision != "32-true":
+        return
+    # what the sampler drew (the same generator), clipped one example at a time
+    by_hand = Classifier()
+    by_hand.load_state_dict(initial.state_dict())
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    _, _, _, loader = engine.make_private(
+        module=by_hand, optimizer=torch.optim.SGD(by_hand.parameters(), lr=LR), criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(dataset, batch_size=B), noise_multiplier=0.0, max_grad_norm=C,
+        accumulation_steps=3, sample_generator=torch.Generator().manual_seed(1),
+    )
+    seen = [batch for batch, _ in zip(loader, range(3))]
+    reference = clipped_update(initial, seen, C, 3 * B)
+    for p, p0, r in zip(model.parameters(), initial.parameters(), reference):
+        torch.testing.assert_close((p0.detach() - p.detach()) / LR, r, rtol=1e-4, atol=1e-6)
+
+
+def test_an_accumulation_schedule_is_refused_before_training():
+    # (it had failed at the first backward: "scaled by 0.25", naming no setting)
+    cb = callback(1.0)
+    schedule = GradientAccumulationScheduler({0: 4})
+    with pytest.raises(ValueError, match="GradientAccumulationScheduler changes accumulate_grad_batches"):
+        trainer(cb, max_steps=1, accumulate_grad_batches=1, callbacks=[cb, schedule]).fit(
+            module(), train_dataloaders=DataLoader(data(), batch_size=B)
+        )
     assert cb.privacy_engine.steps == 0
