@@ -24,7 +24,10 @@ integers (category codes, counts, masks) nor all within [0, 1] (probabilities), 
 runs once more with their row 0 made twice the row that holds their largest
 magnitude: a batch maximum (``x / x.abs().max()``) that another example holds does
 not move when row 0 is merely replaced. (A run of this second probe that raises is
-skipped: a model may refuse inputs out of their usual range.)
+skipped: a model may refuse inputs out of their usual range. It runs on the CPU only:
+on CUDA an index computed from a doubled feature, a bucket or a grid cell, out of its
+table is a device-side assert, not an exception. It cannot move a maximum over integer
+or [0, 1] inputs, such as images scaled by the batch's brightest pixel, nor a minimum.)
 
 Cost: two extra forwards of one micro-batch under ``torch.no_grad()`` (one for
 models whose inputs are token ids), once per run (on the first micro-batch of at
@@ -35,7 +38,7 @@ confirmed by changing example 0 of the first input tensor alone (another tensor 
 B leading rows, such as a [T, T] mask when T == B, need not belong to the examples):
 a refused micro-batch costs up to three extra forwards more. A model that mixes
 examples only through inputs after its first tensor argument is therefore not
-refused. A criterion's first two arguments with B leading rows are the examples'
+refused, but warned of (such an input may also be a table whose length equals B). A criterion's first two arguments with B leading rows are the examples'
 (its predictions and targets): a loss that mixes examples through the targets alone
 (a target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is
 refused.
@@ -287,11 +290,12 @@ def check_independent(
 ) -> Outcome:
     """Probe one call that gave ``reference`` for examples that depend on example 0.
 
-    Example 0 is changed twice: replaced by another example, then (a model's call, where
-    its inputs have floating-point tensors that can take it: ``_doubled_row``) made twice the
-    row that holds each one's largest magnitude, so that a batch statistic that another
-    example decides (a maximum) moves too. The second probe is skipped if its run raises:
-    inputs out of their usual range may be refused.
+    Example 0 is changed twice: replaced by another example, then (a model's call on the
+    CPU, where its inputs have floating-point tensors that can take it: ``_doubled_row``)
+    made twice the row that holds each one's largest magnitude, so that a batch statistic
+    that another example decides (a maximum) moves too. The second probe is skipped if its
+    run raises: inputs out of their usual range may be refused. A movement that changing
+    the first inputs alone does not confirm is warned of, not refused.
 
     Args:
         run: the call again (``run(args, kwargs)``), with nothing recorded.
@@ -311,15 +315,13 @@ def check_independent(
     Returns:
         ``INDEPENDENT``; ``UNPROBED`` when this call has nothing to probe (B < 2, no
         floating-point output with B leading rows, example 0 equal to all others);
-        ``UNCHECKED`` when a re-run raised (with a warning).
+        ``UNCHECKED`` when a re-run raised (with a warning). ``INDEPENDENT`` also when a
+        movement was not confirmed (with a warning).
 
     Raises:
         ExamplesMixedError: changing example 0 moved another example's outputs.
     """
     if batch < 2 or not _batch_first_floats(reference, batch):
-        return Outcome.UNPROBED
-    changed = _change_example_zero(args, kwargs, batch, None)
-    if changed is None:
         return Outcome.UNPROBED
     # a refusal is confirmed by changing the predictions and targets alone (a criterion's
     # other batch-sized arguments, class weights when C == B, need not be the examples'), or
@@ -327,6 +329,8 @@ def check_independent(
     leading = 2 if targets else 1
     after = RandomState.capture()
     clean: list[Any] = []
+    #: a movement that changing the first inputs alone did not confirm: said in a warning
+    unconfirmed: list[tuple[_Changed, Movement]] = []
 
     def replay(a: tuple, k: dict) -> Any:
         random_state.restore()
@@ -342,15 +346,20 @@ def check_independent(
         moved = moved_examples(clean[0], probed, batch)
         if moved is not None:
             confirm = _change_example_zero(args, kwargs, batch, leading, extreme)
-            if confirm is None:
-                return changed, None  # nothing of the first inputs to change: unconfirmed
-            if confirm.names != changed.names:
-                changed = confirm
-                moved = moved_examples(clean[0], replay(changed.args, changed.kwargs), batch)
+            confirmed = None
+            if confirm is not None:
+                confirmed = moved_examples(clean[0], replay(confirm.args, confirm.kwargs), batch)
+            if confirmed is None:
+                unconfirmed.append((changed, moved))
+                return changed, None
+            changed, moved = confirm, confirmed
         return changed, moved
 
     try:
         try:
+            changed = _change_example_zero(args, kwargs, batch, None)
+            if changed is None:
+                return Outcome.UNPROBED
             with torch.no_grad(), _scratch_buffers(module):
                 changed, moved = moved_by(changed, extreme=False)
         except Exception as err:  # the probe's inputs are real rows, but a forward may refuse them
@@ -362,20 +371,39 @@ def check_independent(
                 stacklevel=2,
             )
             return Outcome.UNCHECKED
-        extreme = None if moved is not None or targets else _change_example_zero(
-            args, kwargs, batch, None, extreme=True
-        )
-        if extreme is not None:
+        # (on the CPU only: elsewhere an input out of its range, a bucket or grid index
+        # computed from a doubled feature, is a device-side assert, not an exception)
+        extreme = None
+        if moved is None and not targets and not unconfirmed and _on_cpu(args, kwargs):
             try:
-                with torch.no_grad(), _scratch_buffers(module):
-                    changed, moved = moved_by(extreme, extreme=True)
+                extreme = _change_example_zero(args, kwargs, batch, None, extreme=True)
+                if extreme is not None:
+                    with torch.no_grad(), _scratch_buffers(module):
+                        changed, moved = moved_by(extreme, extreme=True)
             except Exception:  # noqa: BLE001 - inputs out of their range refused: the first probe stands
                 moved = None
     finally:
         after.restore()
     if moved is not None:
         raise ExamplesMixedError(_mixing_message(subject, changed, moved))
+    if unconfirmed:
+        changed, moved = unconfirmed[0]
+        warnings.warn(
+            f"dpclip's independence probe of {subject}: changing example 0 in "
+            f"{', '.join(changed.names)} moved example {moved.example}'s outputs by "
+            f"{moved.amount:.3g} (rounding allows {moved.tolerance:.2g}), but changing it in the "
+            f"first {'two inputs' if targets else 'input'} alone did not. If a later input holds "
+            "one row per example, the computation mixes examples and the privacy guarantee does "
+            "not hold (batch statistics over that input); if it is not per-example (a table whose "
+            "length equals the batch size by chance), this is expected. Training goes on",
+            stacklevel=2,
+        )
     return Outcome.INDEPENDENT
+
+
+def _on_cpu(args: tuple, kwargs: dict) -> bool:
+    leaves, _ = tree_flatten_with_path((args, kwargs))
+    return all(t.device.type == "cpu" for _, t in leaves if isinstance(t, torch.Tensor))
 
 
 def _mixing_message(subject: str, changed: _Changed, moved: Movement) -> str:

@@ -413,17 +413,27 @@ class TabularWithCodes(nn.Module):
 def test_the_second_probe_keeps_codes_in_range_and_takes_no_table_for_examples():
     # (review of the second probe: an out-of-range id is a device-side assert on CUDA; an
     # empty float input crashed the probe; a batch-sized float table was refused)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randint(0, 4, (6, 1), generator=gen).double(), torch.randn(6, 5, generator=gen, dtype=torch.float64)], 1)
+    y = torch.randint(0, CLASSES, (6,), generator=gen)
+    empty = torch.empty(6, 0, dtype=torch.float64)
     torch.manual_seed(0)
     model = TabularWithCodes().double()
     clipper = PerSampleClipper(model, 1.0)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randint(0, 4, (6, 1), generator=gen).double(), torch.randn(6, 5, generator=gen, dtype=torch.float64)], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = F.cross_entropy(model(x, empty, torch.zeros(6, 3, dtype=torch.float64)), y, reduction="none")
+    assert len(model.seen) == 3 and max(model.seen) <= 3  # the forward, both probes: codes in range
+    clipper.clipped_sum(losses)
+    # a table that is no example's moves the others when example 0's row changes, and changing
+    # the first input alone moves none: not refused, but said (a later per-example input
+    # could mix examples so)
+    torch.manual_seed(0)
+    model = TabularWithCodes().double()
+    clipper = PerSampleClipper(model, 1.0)
     table = torch.randn(6, 3, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, CLASSES, (6,), generator=gen)
-    losses = F.cross_entropy(model(x, torch.empty(6, 0, dtype=torch.float64), table), y, reduction="none")
-    # the forward, two probes, the unchanged re-run and two confirmations (the table moved
-    # the others: it is no example's, and changing the first input alone moves none)
-    assert len(model.seen) == 6 and max(model.seen) <= 3
+    with pytest.warns(UserWarning, match=r"example 0 in argument 0, argument 1, argument 2 moved .* first input alone did not"):
+        losses = F.cross_entropy(model(x, empty, table), y, reduction="none")
     clipper.clipped_sum(losses)
     assert not clipper.recorder.independence.pending
 
@@ -455,3 +465,39 @@ def test_a_criterions_batch_sized_argument_after_the_targets_is_not_taken_for_ex
         criterion(model(xb), yb, weight).backward()
         optimizer.step()
     assert engine.steps == 4
+
+
+class LaterInputBatchNorm(nn.Module):
+    """The tabular signature forward(categories, continuous) with batch statistics over the
+    second input: the first probe's refusal is confirmed by the first input alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(4, 3)
+        self.fc = nn.Linear(3 + 5, CLASSES)
+
+    def forward(self, codes: torch.Tensor, continuous: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.emb(codes), F.batch_norm(continuous, None, None, training=True)], 1))
+
+
+def test_mixing_through_a_later_input_is_warned_of_and_a_sparse_input_leaves_the_probe_unchecked():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 4, (6,), generator=gen)
+    continuous = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = LaterInputBatchNorm().double()
+    PerSampleClipper(model, 1.0)
+    with pytest.warns(UserWarning, match="argument 1 moved example .* the privacy guarantee does not hold"):
+        model(codes, continuous)
+    # a sparse input: the probe cannot compare its rows, and says so (it had crashed the forward)
+    torch.manual_seed(0)
+    model = WithSparseInput().double()
+    PerSampleClipper(model, 1.0)
+    x = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"probe of the model \(WithSparseInput\) could not run"):
+        model(x, x.to_sparse())
+
+
+class WithSparseInput(MLP):
+    def forward(self, x: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
