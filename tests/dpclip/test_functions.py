@@ -186,14 +186,19 @@ def test_scaling_embedding_subclass_tied_to_two_tables_is_exact(clipping):
     _assert_exact(TiedScaledEncoderDecoder(), batch=4, clipping=clipping)
 
 
-def test_batchless_lookup_that_meets_the_batch_unrecognised_is_refused():
+def _assert_refused(make: type[nn.Module], batch: int, match: str) -> None:
+    """The first micro-batch's clipped sum raises a RuntimeError matching ``match``."""
     torch.manual_seed(0)
-    model = LostChain().double()
-    x, y = _data(4)
+    model = make().double()
+    x, y = _data(batch)
     clipper = PerSampleClipper(model, 1.0)
     losses = F.cross_entropy(model(x), y, reduction="none")
-    with pytest.raises(RuntimeError, match=r"module 'pos' on ids without a batch dimension"):
+    with pytest.raises(RuntimeError, match=match):
         clipper.clipped_sum(losses)
+
+
+def test_batchless_lookup_that_meets_the_batch_unrecognised_is_refused():
+    _assert_refused(LostChain, 4, r"module 'pos' on ids without a batch dimension")
 
 
 class TransposedLinear(nn.Linear):
@@ -396,10 +401,6 @@ class IndexedBiasAttention(nn.Module):
 
 def test_a_bias_table_indexed_rather_than_looked_up_is_refused_saying_so():
     # (the message had said it met the batch other than by a broadcasting add, which it does not)
-    torch.manual_seed(0)
-    model = IndexedBiasAttention().double()
-    x, y = _data(3)
-    clipper = PerSampleClipper(model, 1.0)
-    losses = F.cross_entropy(model(x), y, reduction="none")
-    with pytest.raises(RuntimeError, match=r"module 'bias' has shape \(1, 2, 5, 5\).* table indexed, gathered or multiplied otherwise"):
-        clipper.clipped_sum(losses)
+    _assert_refused(
+        IndexedBiasAttention, 3, r"module 'bias' has shape \(1, 2, 5, 5\).* table indexed, gathered or multiplied otherwise"
+    )
