@@ -202,6 +202,14 @@ def _load_run(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path} is neither JSON nor a torch checkpoint ({type(err).__name__})") from None
         if isinstance(data, dict) and "privacy_engine" in data:
             data = data["privacy_engine"]
+        elif isinstance(data, dict) and isinstance(data.get("callbacks"), dict):
+            # a Lightning checkpoint: the engine state is the DPCallback's
+            states = [
+                v["engine"] for k, v in data["callbacks"].items()
+                if str(k).startswith("DPCallback") and isinstance(v, dict) and isinstance(v.get("engine"), dict)
+            ]
+            if len(states) == 1:
+                data = states[0]
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a report or an engine state")
     return data

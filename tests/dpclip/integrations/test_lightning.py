@@ -7,6 +7,9 @@ clipped update with plain autograd, and dp-accounting."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import dp_accounting
 import lightning.pytorch as pl
 import pytest
@@ -158,6 +161,17 @@ def test_resume_from_a_lightning_checkpoint_mid_epoch_is_bit_exact(tmp_path):
         return model, cb
 
     full, full_cb = fit(tmp_path / "full")
+    # the command line reads the privacy state in a Lightning checkpoint (it had said the file
+    # was neither a report nor an engine state)
+    import json
+
+    from dpclip import cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["report", str(tmp_path / "full" / "step=8.ckpt"), "--delta", "1e-5", "--json"]) == 0
+    report = json.loads(out.getvalue())
+    assert report["steps"] == 8
+    assert report["epsilon"] == pytest.approx(full_cb.privacy_engine.report(delta=1e-5).epsilon, rel=1e-12)
     # early in the first epoch (Lightning counts the epoch's batches on from the checkpoint's
     # index: the epoch must still end where the uninterrupted one did), and in the second
     for checkpoint in ("step=2.ckpt", "step=6.ckpt"):
