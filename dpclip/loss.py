@@ -90,7 +90,8 @@ class DPLoss:
                     f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}. "
                     "Nothing was added"
                 )
-            if self._optimizer.clipper.recorder.dropped:
+            recorder = self._optimizer.clipper.recorder
+            if recorder.dropped or self._generation in recorder.dropped_generations:
                 raise RuntimeError(
                     "this loss's forward pass is no longer recorded: another forward of the model "
                     "with gradients enabled started before this backward() (an evaluation without "

@@ -489,6 +489,9 @@ class Recorder:
         self.recording = True
         #: records of an unused forward were dropped; the next backward is audited
         self.dropped = False
+        #: the generations whose records were dropped so (the last 64): a loss made from one
+        #: is told so at its backward, also after a later backward cleared ``dropped``
+        self.dropped_generations: tuple[int, ...] = ()
         #: the last forward ran (partly) under torch.compile: its records are incomplete
         self.compiled = False
         #: a forward of the model itself (not of a submodule alone) recorded since the last
@@ -596,6 +599,7 @@ class Recorder:
             # no backward used the last forward (an evaluation with gradients on): keep one
             # forward's records, not all; if a loss does use it, the next backward's audit
             # sees gradient nothing recorded and refuses (a loss made before this is stale)
+            self.dropped_generations = (*self.dropped_generations[-63:], self.generation)
             self.discard()
             self.dropped = True
             if not self._warned_dropped:

@@ -91,6 +91,20 @@ def test_an_evaluation_between_a_forward_and_its_backward_is_named():
     assert run.optimizer.micro_batches_accumulated == 0
 
 
+def test_a_loss_whose_records_were_dropped_is_named_after_a_later_backward():
+    # forwards run ahead, then backward newest first: the older loss's forward was dropped
+    # when the next began, and after the newer backward its refusal had said the forward "was
+    # already used by a backward()" (new-user trial)
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    older = run.criterion(run.model(run.x[:4]), run.y[:4])
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        newer = run.criterion(run.model(run.x[4:8]), run.y[4:8])
+    newer.backward()
+    with pytest.raises(RuntimeError, match="this loss's forward pass is no longer recorded"):
+        older.backward()
+    assert run.optimizer.micro_batches_accumulated == 1
+
+
 def test_forwards_that_record_nothing_keep_the_pending_records():
     # A forward under torch.no_grad() or with other parameters (torch.func) between a
     # training forward and its backward is not a new training forward: nothing is dropped.
