@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from accounting.accountant import validate_delta
 from accounting.events import PoissonGaussian, validate_int
 from dpclip.engine import PrivacyEngine
-from dpclip.loss import per_example_losses
+from dpclip.loss import REDUCTIONS, per_example_losses
 
 __all__ = [
     "AuditResult",
@@ -403,7 +403,7 @@ def run(
             f"dict), got a {type(example).__name__}{shape}"
         )
     reduction = getattr(criterion, "reduction", None)
-    if not isinstance(criterion, nn.Module) or reduction not in ("mean", "sum", "batchmean"):
+    if not isinstance(criterion, nn.Module) or reduction not in REDUCTIONS:
         raise ValueError(
             "Expected the workload's criterion to be a loss module with reduction 'mean' or 'sum' "
             "(or nn.KLDivLoss's 'batchmean'), e.g. nn.CrossEntropyLoss(); got "

@@ -39,7 +39,7 @@ from dpclip.clipping.memory import check_memory
 from dpclip.distributed import (
     World, agree, data_fingerprint, inner_module, parameter_fingerprint, shared_seed, stop_ddp_sync, world_of,
 )
-from dpclip.loss import DPCriterion
+from dpclip.loss import REDUCTIONS, DPCriterion
 from dpclip.optimizer import DPOptimizer, LogicalBatchError
 from dpclip.report import FOREIGN_BATCHES, PrivacyReport, make_report
 from dpclip.sampling import (
@@ -500,7 +500,7 @@ class PrivacyEngine:
                     f"this {name} was already made private; make_private it once (build a "
                     "fresh model and optimizer for a new run)"
                 )
-        if getattr(criterion, "reduction", None) not in ("mean", "sum", "batchmean"):
+        if getattr(criterion, "reduction", None) not in REDUCTIONS:
             raise ValueError(
                 "Expected criterion to be a loss module with reduction 'mean' or 'sum' "
                 "(or nn.KLDivLoss's 'batchmean'), e.g. nn.CrossEntropyLoss(); got "

@@ -38,10 +38,10 @@ confirmed by changing example 0 of the first input tensor alone (another tensor 
 B leading rows, such as a [T, T] mask when T == B, need not belong to the examples):
 a refused micro-batch costs up to three extra forwards more. A model that mixes
 examples only through inputs after its first tensor argument is therefore not
-refused, but warned of (such an input may also be a table whose length equals B). A criterion's first two arguments with B leading rows are the examples'
-(its predictions and targets): a loss that mixes examples through the targets alone
-(a target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is
-refused.
+refused, but warned of (such an input may also be a table whose length equals B).
+A criterion's first two arguments with B leading rows are the examples' (its
+predictions and targets): a loss that mixes examples through the targets alone (a
+target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is refused.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import KeyPath, keystr, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import KeyPath, keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 __all__ = [
     "ExamplesMixedError",
@@ -287,6 +287,7 @@ def check_independent(
     subject: str,
     module: nn.Module | None = None,
     targets: bool = False,
+    hint: str = "",
 ) -> Outcome:
     """Probe one call that gave ``reference`` for examples that depend on example 0.
 
@@ -311,6 +312,7 @@ def check_independent(
             changing those alone (a model's: its first alone; other batch-sized arguments,
             such as a [T, T] mask when T == B or class weights when C == B, need not be the
             examples'), and the second probe is not run.
+        hint: the likely cause, said in a refusal before the advice to turn the check off.
 
     Returns:
         ``INDEPENDENT``; ``UNPROBED`` when this call has nothing to probe (B < 2, no
@@ -373,7 +375,6 @@ def check_independent(
             return Outcome.UNCHECKED
         # (on the CPU only: elsewhere an input out of its range, a bucket or grid index
         # computed from a doubled feature, is a device-side assert, not an exception)
-        extreme = None
         if moved is None and not targets and not unconfirmed and _on_cpu(args, kwargs):
             try:
                 extreme = _change_example_zero(args, kwargs, batch, None, extreme=True)
@@ -385,7 +386,7 @@ def check_independent(
     finally:
         after.restore()
     if moved is not None:
-        raise ExamplesMixedError(_mixing_message(subject, changed, moved))
+        raise ExamplesMixedError(_mixing_message(subject, changed, moved, hint))
     if unconfirmed:
         changed, moved = unconfirmed[0]
         warnings.warn(
@@ -402,11 +403,11 @@ def check_independent(
 
 
 def _on_cpu(args: tuple, kwargs: dict) -> bool:
-    leaves, _ = tree_flatten_with_path((args, kwargs))
-    return all(t.device.type == "cpu" for _, t in leaves if isinstance(t, torch.Tensor))
+    leaves, _ = tree_flatten((args, kwargs))
+    return all(t.device.type == "cpu" for t in leaves if isinstance(t, torch.Tensor))
 
 
-def _mixing_message(subject: str, changed: _Changed, moved: Movement) -> str:
+def _mixing_message(subject: str, changed: _Changed, moved: Movement, hint: str = "") -> str:
     if subject.startswith("the criterion"):
         output = "loss"
     else:
@@ -427,7 +428,8 @@ def _mixing_message(subject: str, changed: _Changed, moved: Movement) -> str:
         "nn.MultiheadAttention built with batch_first=True given [T, B, E]); a loss over the "
         "batch (in-batch negatives, prototypes or statistics of the batch). Nothing was "
         "recorded or accumulated. Make each example's outputs depend on its own inputs only "
-        "(nn.GroupNorm or nn.LayerNorm instead of batch statistics). Only if you know the "
+        f"(nn.GroupNorm or nn.LayerNorm instead of batch statistics). {hint + ' ' if hint else ''}"
+        "Only if you know the "
         "computation is per-example, turn this check off with "
         "make_private(..., check_independence=False)."
     )

@@ -16,7 +16,11 @@ from dpclip.independence import ExamplesMixedError, Outcome, RandomState, check_
 if TYPE_CHECKING:
     from dpclip.optimizer import DPOptimizer
 
-__all__ = ["DPCriterion", "DPLoss", "per_example_losses"]
+__all__ = ["REDUCTIONS", "DPCriterion", "DPLoss", "per_example_losses"]
+
+#: The criterion reductions dpclip takes: each example's loss is the criterion's on that
+#: example alone ("batchmean", nn.KLDivLoss's, is its sum)
+REDUCTIONS = ("mean", "sum", "batchmean")
 
 
 class DPLoss:
@@ -85,12 +89,12 @@ class DPLoss:
                 "use_reentrant=False). Nothing was added"
             )
         if self._generation is None or self._generation != self._optimizer.clipper.generation:
-            if self._optimizer.clipper.recorder.compiled:  # (its hooks recorded nothing)
+            recorder = self._optimizer.clipper.recorder
+            if recorder.compiled:  # (its hooks recorded nothing)
                 raise RuntimeError(
                     f"the model's forward ran under torch.compile after make_private. {COMPILED_ADVICE}. "
                     "Nothing was added"
                 )
-            recorder = self._optimizer.clipper.recorder
             if recorder.dropped or self._generation in recorder.dropped_generations:
                 raise RuntimeError(
                     "this loss's forward pass is no longer recorded: another forward of the model "
@@ -275,16 +279,11 @@ class DPCriterion:
                 outcome = check_independent(
                     self._per_example, args, kwargs, losses, losses.shape[0], random_state,
                     subject=f"the criterion ({type(self.criterion).__name__})",
-                    module=self.criterion, targets=True,
+                    module=self.criterion, targets=True, hint=_broadcast_hint(args, kwargs),
                 )
                 self._probe_pending = outcome is Outcome.UNPROBED
-            except ExamplesMixedError as err:
+            except ExamplesMixedError:
                 self.optimizer.clipper.discard()  # the refused micro-batch's forward
-                hint = _broadcast_hint(args, kwargs)
-                if hint:  # (the likely cause first, before the advice to turn the check off)
-                    message = str(err)
-                    at = message.index("Only if you know")
-                    raise ExamplesMixedError(f"{message[:at]}{hint} {message[at:]}") from None
                 raise
         return DPLoss(losses, self.optimizer, self.criterion.reduction)
 

@@ -139,7 +139,7 @@ class DPCallback(pl.Callback):
                 "fit starts: give a constant Trainer(accumulate_grad_batches=k) instead"
             )
         limit = trainer.limit_train_batches
-        if isinstance(limit, int) and limit % k or isinstance(limit, float) and limit != 1.0:
+        if (isinstance(limit, int) and limit % k) or (isinstance(limit, float) and limit != 1.0):
             raise ValueError(
                 f"Trainer(limit_train_batches={limit!r}) with accumulate_grad_batches={k}: Lightning "
                 "would step after a partial logical batch at each epoch's end, and dpclip refuses "
