@@ -148,6 +148,21 @@ class DPLoss:
             ".mean() or .sum() first); loss.item() or loss.detach() give the reduced value"
         )
 
+    def __getitem__(self, index: Any) -> Any:
+        # torch.autograd.grad(loss, ...) and torch.autograd.backward(loss) make a tuple of what
+        # is not a tensor, which indexes it: without this they fail with "'DPLoss' object is
+        # not iterable" (an __iter__ would make it an Iterable to frameworks' collection walks)
+        raise TypeError(
+            "a DPLoss is not a tensor, so torch.autograd.grad(loss, ...) and "
+            "torch.autograd.backward(loss) cannot take it (nor can anything that iterates over "
+            "it, nor index it: loss.loss_per_sample holds the examples' losses): its gradient is "
+            "the clipped per-example sum that loss.backward() adds to the optimizer, and an "
+            "unclipped gradient of the examples' losses would not be private. Call "
+            "loss.backward(). For a gradient that is not the model's update, such as the "
+            "input gradient of an adversarial example, compute a loss of your own from the "
+            "model's output with the original criterion and take torch.autograd.grad of that"
+        )
+
     def _not_scaled(self, other: Any) -> Any:
         raise TypeError(
             "the private loss (DPLoss) is not scaled: don't multiply it, or divide it by anything "

@@ -331,6 +331,26 @@ def test_reducing_the_private_loss_is_refused_with_the_fix(reduce):
 
 
 @pytest.mark.parametrize(
+    "take", [
+        lambda loss, params: torch.autograd.grad(loss, params),
+        lambda loss, params: torch.autograd.backward(loss),
+        lambda loss, params: loss[0],
+    ],
+    ids=["autograd.grad", "autograd.backward", "index"],
+)
+def test_autograd_functions_on_the_private_loss_are_refused_with_the_fix(take):
+    engine, model, optimizer, criterion, loader = _albert_run()
+    x, y = next(iter(loader))
+    loss = criterion(model(x), y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(TypeError, match=r"a DPLoss is not a tensor.*Call loss.backward\(\)"):
+        take(loss, params)
+    assert all(p.grad is None for p in params)
+    loss.backward()  # nothing was consumed
+    assert optimizer._micro_batches == 1
+
+
+@pytest.mark.parametrize(
     "scale, message",
     [
         (lambda l: l / (K + 1), rf"divided by {K + 1}, but the logical batch has k = {K} micro-batches"),
