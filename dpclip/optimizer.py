@@ -343,6 +343,29 @@ class DPOptimizer(Optimizer):
                 f"{self._micro_batches} of {planned} micro-batches: call optimizer.step() to "
                 "apply it (one accounted step) before training on the new pass"
             )
+        handed = self.schedule.upcoming()
+        if handed is not None and loss_per_sample.shape[0] > len(handed) == 0:
+            raise LogicalBatchError(
+                "the DP data loader handed out an empty micro-batch before this one, and the "
+                "loop went past it without counting it: the logical batches would no longer be "
+                "the ones the sampler drew, which the accountant assumes. Count it: run it through "
+                "the model as any other, or call optimizer.add_empty_micro_batch() for it. "
+                "Nothing was added"
+            )
+        forward = self.clipper.recorder.forward_batch
+        if handed is not None and loss_per_sample.shape[0] > len(handed) and (forward or 0) > len(handed):
+            # (a model run on the examples handed out, with a loss per token, is refused by
+            # the clipper, naming the flattening)
+            raise RuntimeError(
+                f"the loss has {loss_per_sample.shape[0]} per-example values but the DP data "
+                f"loader handed out {len(handed)} examples for this micro-batch: dpclip clips "
+                "each row of the loss to max_grad_norm as one example, so an example with "
+                "several rows (two augmented views concatenated along the batch, torch.cat([x, "
+                "flip(x)]), as SimCLR or multi-crop training does) would move the update by more "
+                "than its bound. Keep one row per example: pass the views as one input [B, V, ...] "
+                "and have the model's forward run its layers on each view x[:, v] (batch-first), "
+                "combining them into one output row per example. Nothing was added"
+            )
         self._planned = planned
         self._pass = self.schedule.pass_id
         self._applied_on_skip = False

@@ -88,6 +88,10 @@ class MicroBatchSchedule:
         """The sampler yielded the micro-batch ``indices`` (loader order is training order)."""
         self._pending.append(indices)
 
+    def upcoming(self) -> list[int] | None:
+        """The indices ``take`` returns next, left in place; None as for ``take``."""
+        return self._pending[0] if self._pending else None
+
     def take(self) -> list[int] | None:
         """The dataset indices of the micro-batch being trained on; None when training
         runs on batches that did not come from the DP loader."""

@@ -86,13 +86,22 @@ def validate_module(module: nn.Module) -> None:
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("module has no parameter with requires_grad=True: nothing to train")
+    norms = [
+        f"{name!r} ({type(sub).__name__})" for name, sub in module.named_modules()
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+    ]
+    if norms:
+        raise ValueError(
+            f"module {norms[0]} mixes examples in a batch, so per-sample gradients are not "
+            "defined; replace it with nn.GroupNorm or nn.LayerNorm. Frozen too, it normalises "
+            "with the batch's statistics in train mode: in a frozen pretrained body, replace it "
+            "with the fixed affine map of its running statistics (torchvision.ops."
+            "FrozenBatchNorm2d) or fold it into the convolution before it"
+            + (f". All {len(norms)} of them: {', '.join(norms)}" if len(norms) > 1 else "")
+        )
     for name, sub in module.named_modules():
         where = f"module {name or '<root>'!r} ({type(sub).__name__})"
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(
-                f"{where} mixes examples in a batch, so per-sample gradients are not defined; "
-                "replace it with nn.GroupNorm or nn.LayerNorm"
-            )
+        _refuse_weight_reparametrization(sub, where)
         if isinstance(sub, nn.RNNBase):
             raise ValueError(
                 f"{where} is not supported: use opacus.layers.DPLSTM / DPGRU / DPRNN instead"
@@ -116,6 +125,41 @@ def validate_module(module: nn.Module) -> None:
                 f"{where} has batch_first=False; dpclip needs the batch dimension first: "
                 "build it with batch_first=True"
             )
+
+
+def _refuse_weight_reparametrization(module: nn.Module, where: str) -> None:
+    """Raise ``ValueError`` if a trainable weight of ``module`` is computed from other
+    parameters before its forward (``nn.utils.parametrizations.weight_norm`` /
+    ``spectral_norm``, or their older hook versions): that computation has no batch, so
+    no example's share of its parameters' gradient can be told."""
+    from torch.nn.utils import parametrize
+
+    found = []
+    if parametrize.is_parametrized(module):
+        found = [
+            (f"a parametrization of {tensor!r} ("
+             f"{', '.join(type(f).__name__ for f in module.parametrizations[tensor])})",
+             f"nn.utils.parametrize.remove_parametrizations(module, {tensor!r})")
+            for tensor in module.parametrizations
+            if any(p.requires_grad for p in module.parametrizations[tensor].parameters())
+        ]
+    for hook in module._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if kind in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils"):
+            name = getattr(hook, "name", "weight")
+            if any(p.requires_grad for n, p in module.named_parameters(recurse=False) if n.startswith(name)):
+                undo = "remove_weight_norm" if kind == "WeightNorm" else "remove_spectral_norm"
+                found.append((f"{kind} on {name!r} (nn.utils.{undo[7:]})", f"nn.utils.{undo}(module)"))
+    if found:
+        what, undo = found[0]
+        raise ValueError(
+            f"{where} has {what}: its weight is computed from other parameters before each "
+            "forward, without the batch, and dpclip cannot tell each example's share of that "
+            f"computation's gradient. Remove it before make_private ({undo}: the weight keeps "
+            "its current value), or freeze those parameters. A weight normalised inside the "
+            "module's own forward (a Conv2d subclass that standardises its weight) is trained, "
+            "on the exact slower path"
+        )
 
 
 def _compiled(module: nn.Module) -> str | None:
@@ -685,9 +729,10 @@ class PerSampleClipper:
             )
         check_graph_units(used_graph, layer_calls + taken)
         for call in used_graph:
-            for shape, b in zip(call.shapes, call.backprops):
-                if b is not None and (not shape or shape[0] != batch):
-                    self._batch_error(call.unit.module, shape, batch)
+            batchless = call.batchless or [False] * len(call.shapes)
+            for shape, b, alone in zip(call.shapes, call.backprops, batchless):
+                if b is not None and (not shape or shape[0] != batch or alone):
+                    self._batch_error(call.unit.module, shape, batch, alone)
         full = [
             (p, g) for p, g in zip(trainable, grads[len(flat) + len(met):]) if g is not None and p not in checked
         ]
@@ -739,7 +784,7 @@ class PerSampleClipper:
     def _parameter_names(self) -> dict[nn.Parameter, str]:
         return {p: n for n, p in self.module.named_parameters()}
 
-    def _batch_error(self, module: nn.Module, shape: tuple[int, ...], batch: int) -> None:
+    def _batch_error(self, module: nn.Module, shape: tuple[int, ...], batch: int, batchless: bool = False) -> None:
         name = next((u.name for u in self.units if u.module is module), type(module).__name__)
         forward = self.recorder.forward_batch
         if forward is not None and batch > forward and batch % forward == 0:  # one per token
@@ -757,7 +802,7 @@ class PerSampleClipper:
                    "weight from parameters, without the batch, and dpclip clips no such "
                    "computation per example (remove it with nn.utils.parametrize."
                    "remove_parametrizations before make_private, or freeze the layer)")
-        elif rows > batch and rows % batch == 0:
+        elif rows > batch and rows % batch == 0 and not batchless:
             why = ("the model folds the batch into another dimension there (a reshape to "
                    "[B·T, H], or windows [B·W, …]), which dpclip does not attribute to examples")
         else:
@@ -769,8 +814,14 @@ class PerSampleClipper:
                    "broadcasting add/sub/mul/div; a table indexed, gathered or multiplied "
                    "otherwise (table[index], as BEiT's and DeBERTa's relative positions are) is "
                    "not followed")
+        has = (
+            f"has shape {tuple(shape)}, computed without the batch (its first dimension equals "
+            "the batch size by chance; a parameter expanded over the batch with expand() is "
+            "taken, a copy of it with repeat() is not), and"
+            if batchless and rows == batch else f"has shape {tuple(shape)} but"
+        )
         raise RuntimeError(
-            f"an output of module {name!r} has shape {tuple(shape)} but "
+            f"an output of module {name!r} {has} "
             f"the loss has {batch} per-sample values: dpclip needs batch-first tensors. Here "
             f"{why}: the model is not supported as built (freeze that module with "
             "requires_grad_(False) to leave it out of training)"

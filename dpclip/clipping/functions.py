@@ -259,7 +259,11 @@ def resolve_broadcast(
             f"{tuple(call.ids.shape)}) reaches the loss other than through broadcasting "
             "add/sub/mul/div onto batch-first tensors, which is where dpclip can tell each "
             "example's share of its gradient: combine it with the batch by broadcasting "
-            "(x + pos_emb), or pass ids with the batch dimension (expanded from the input)"
+            "(x + pos_emb), or pass ids with the batch dimension (expanded from the input). "
+            "Ids expanded from a buffer or a constant have no batch either, even at shape "
+            "[B, n]: peft's prompt tuning, prefix tuning and P-tuning look up their virtual "
+            "tokens so and join them to the input along the sequence, which is not supported "
+            "(LoRA is)"
         )
     return LayerCall(
         call.rule, call.module, [ids], None, call.targets, call.strategy, backprop=backprop,
@@ -573,6 +577,12 @@ class FunctionRecorder(TorchFunctionMode):
         entry = self._batch_dims.get(id(t))
         return 0 if entry is None or entry[0]() is not t else entry[1]
 
+    def carries_batch(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` was computed from the root forward's inputs, as far as the mode saw
+        (a tensor computed from parameters alone does not, whatever its first dimension)."""
+        ref = self._batched.get(id(t))
+        return ref is not None and ref() is t
+
     def moved(self, t: Any) -> bool:
         """Whether ``t``'s batch is known to be in another dimension than the first: a
         layer on it would take positions for examples (when T == B every shape check
@@ -629,7 +639,15 @@ class FunctionRecorder(TorchFunctionMode):
     def _meet(self, args: tuple, kwargs: dict, derived: list, inplace: bool) -> tuple[tuple, dict]:
         """Replace each batch-less operand by its view expanded over the batch (the
         operations in ``_BROADCASTING`` align operands at their last dimension)."""
-        ndim = max(a.dim() for a in argument_tensors(args, kwargs))
+        tensors = argument_tensors(args, kwargs)
+        ndim = max(a.dim() for a in tensors)
+        if any(
+            t.dim() == ndim and t.shape[0] not in (1, self.batch) for t in tensors
+            if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
+        ):
+            # the batch folded into its first dimension ([B·C, T, ·] of a multiple-choice
+            # head): expanded over B it would not broadcast; the backward refuses the fold
+            return args, kwargs
         swaps = {}
         for p, sources in derived:
             if inplace and args and p is args[0]:
@@ -989,7 +1007,10 @@ class FunctionRecorder(TorchFunctionMode):
         if (
             bound.get("max_norm") is not None or bound.get("scale_grad_by_freq") or bound.get("sparse")
             or not isinstance(ids, torch.Tensor) or any(t is ids for t in watched)
+            or weight is not self._parameter(weight)
         ):
+            # (a lookup into a view, such as peft's LoRA embedding F.embedding(x, A.T), has
+            # the parameter's gradient reshaped: its module takes the graph path)
             return None
         targets = self._targets({"weight": weight}, watched)
         if targets is None:

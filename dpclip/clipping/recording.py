@@ -294,6 +294,10 @@ class GraphCall:
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     dtypes: list[torch.dtype] = field(default_factory=list)
     backprops: list[torch.Tensor | None] = field(default_factory=list)
+    #: per output, whether the function mode saw it computed without the batch (from
+    #: parameters alone: a weight_norm's weight, a [T, D] position table), so that a first
+    #: dimension equal to B by chance is not taken for the examples'
+    batchless: list[bool] = field(default_factory=list)
 
     def __post_init__(self, outputs: list[torch.Tensor]) -> None:
         self.edges = [get_gradient_edge(t) for t in outputs]
@@ -314,6 +318,14 @@ def build_units(module: nn.Module, clipping: str | Mapping[str, str]) -> list[Un
         ]
         for sub in module.modules()
     }
+    # A ParameterDict or ParameterList is never called: the module that holds it uses its
+    # parameters in its own forward (peft's LoRA embedding and IA3 keep theirs in one), so
+    # that module answers for them, as a module without a rule, under the path "attr.key"
+    for sub in module.modules():
+        for attr, child in sub._modules.items():
+            if isinstance(child, _CONTAINERS) and owned.get(child) and rule_for(sub) is None:
+                owned[sub] = owned[sub] + [(f"{attr}.{r}", p) for r, p in owned[child]]
+                owned[child] = []
     owners: dict[nn.Parameter, int] = {}
     for named in owned.values():
         for _, p in named:
@@ -365,6 +377,22 @@ def check_strategies(clipping: str | Mapping[str, str]) -> None:
             f"Expected clipping to be one of {STRATEGIES} or a mapping from module name to one "
             f"of them, got {clipping!r}"
         )
+
+
+#: Modules that only hold parameters for the module above them.
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def parameter_at(module: nn.Module, role: str) -> nn.Parameter | None:
+    """The parameter a unit's module holds under ``role`` now: a name in its own
+    ``_parameters``, or "attr.key" in a ParameterDict / ParameterList it holds; None if none
+    (``torch.func.functional_call`` swaps them for the call)."""
+    attr, _, key = role.rpartition(".")
+    if attr:
+        module = module._modules.get(attr)
+        if module is None:
+            return None
+    return module._parameters.get(key)
 
 
 def _owned_below(sub: nn.Module, p: nn.Parameter) -> bool:
@@ -578,7 +606,7 @@ class Recorder:
         unit = self.units[0]
         if unit.attention:
             return any(p is unit.params[0] for p in unit.module.parameters())
-        return unit.module._parameters.get(unit.roles[0]) is unit.params[0]
+        return parameter_at(unit.module, unit.roles[0]) is unit.params[0]
 
     def _traced(self) -> bool:
         """True while torch.compile traces a hook. A compiled graph that holds a recorded
@@ -711,8 +739,7 @@ class Recorder:
                     t for t in tree_flatten(output)[0]
                     if isinstance(t, torch.Tensor) and t.requires_grad
                 ]
-            current = module._parameters
-            if not outputs or any(current.get(r) is not p for r, p in zip(unit.roles, unit.params)):
+            if not outputs or any(parameter_at(module, r) is not p for r, p in zip(unit.roles, unit.params)):
                 return None  # nothing to train, or other parameters (torch.func.functional_call)
             if self.functions is not None and self.functions.active:
                 for t in (*args[:1], *outputs):
@@ -734,7 +761,13 @@ class Recorder:
                 self.calls.append(call)
                 return call
             params = tuple(p for _, p in trainable)
-            self.calls.append(GraphCall(unit, outputs, params))
+            call = GraphCall(unit, outputs, params)
+            if self.functions is not None and self.functions.active:
+                # (a parameter expanded over the batch, stride 0, has a row per example)
+                call.batchless = [
+                    not self.functions.carries_batch(t) and not (t.dim() and t.stride(0) == 0) for t in outputs
+                ]
+            self.calls.append(call)
             return None
 
         return hook

@@ -501,18 +501,56 @@ def test_an_empty_forward_names_add_empty_micro_batch_before_the_model_fails():
     clipper.remove()
 
 
-def test_a_parametrized_weight_is_refused_naming_the_parametrization():
+@pytest.mark.parametrize("out_features", [6, 3])
+def test_a_parametrized_weight_is_refused_naming_the_parametrization(out_features):
     # weight_norm computes the weight from two parameters without the batch: the graph
-    # path's output is that weight, whose rows happened to be a multiple of B (Wav2Vec2's
-    # positional convolution), and the message blamed a reshape of the batch
+    # path's output is that weight. Its rows a multiple of B (Wav2Vec2's positional
+    # convolution), the message blamed a reshape of the batch; as many as B (3), the rows
+    # were taken for the examples' and the update was silently wrong
     class Normed(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lin = nn.utils.parametrizations.weight_norm(nn.Linear(4, 6))
-            self.head = nn.Linear(6, 3)
+            self.lin = nn.utils.parametrizations.weight_norm(nn.Linear(4, out_features))
+            self.head = nn.Linear(out_features, 3)
 
         def forward(self, x):
             return self.head(torch.tanh(self.lin(x)))
 
+    with pytest.raises(ValueError, match=r"module 'lin' \(ParametrizedLinear\) has a parametrization of 'weight' "
+                       r"\(_WeightNorm\).*remove_parametrizations"):
+        PerSampleClipper(Normed(), 1.0)
+
+
+class PositionTable(nn.Module):
+    """A module computing a [T, D] table from its parameters alone (a ViT's position
+    embedding scaled per channel): no batch, whatever T is."""
+
+    def __init__(self, positions: int, width: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(positions, width) * 0.1)
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self) -> torch.Tensor:
+        return self.pos * self.scale
+
+
+@pytest.mark.parametrize("batch", [4, 3])
+def test_a_table_computed_without_the_batch_is_refused_also_when_its_rows_equal_the_batch(batch):
+    # T = 4 positions: with B = 4 the table's rows were taken for the examples' (the graph
+    # path's shape check passed) and the update was silently wrong
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(5, 6)
+            self.table = PositionTable(4, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.proj(x) + self.table()).mean(1))
+
     torch.manual_seed(0)
-    _assert_refused(Normed(), torch.randn(3, 4), torch.tensor([0, 1, 2]), "a parametrization .*remove_parametrizations")
+    x, y = torch.randn(batch, 4, 5), torch.arange(batch) % 3
+    match = (r"module 'table' has shape \(4, 6\), computed without the batch \(its first dimension equals the "
+             r"batch size by chance;.*computed from parameters alone" if batch == 4
+             else r"module 'table' has shape \(4, 6\) but the loss has 3 per-sample values")
+    _assert_refused(Model(), x, y, match)

@@ -263,6 +263,20 @@ def _fresh():
         (dict(poisson_sampling="yes"), "poisson_sampling"),
         (dict(noise_generator=0), "noise_generator"),
         (dict(module=nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4))), "GroupNorm"),
+        # a frozen pretrained body's BatchNorm: the fix for it, and every one named
+        (dict(module=nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4).requires_grad_(False), nn.Linear(4, 4),
+                                   nn.BatchNorm1d(4))), r"FrozenBatchNorm2d.*All 2 of them: '1'.*'3'"),
+        # a weight computed from parameters without the batch: refused up front, naming the
+        # undo (with out_features == B it was silently taken for per-example rows)
+        (dict(module=nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(10, 4)), nn.Linear(4, 2))),
+         r"module '0' \(ParametrizedLinear\) has a parametrization of 'weight' \(_WeightNorm\).*"
+         r"remove_parametrizations\(module, 'weight'\)"),
+        (dict(module=nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(10, 4)), nn.Linear(4, 2))),
+         r"_SpectralNorm"),
+        (dict(module=nn.Sequential(nn.utils.weight_norm(nn.Linear(10, 4)), nn.Linear(4, 2))),
+         r"WeightNorm on 'weight'.*nn.utils.remove_weight_norm\(module\)"),
+        (dict(module=nn.Sequential(nn.utils.spectral_norm(nn.Linear(10, 4)), nn.Linear(4, 2))),
+         r"SpectralNorm on 'weight'.*nn.utils.remove_spectral_norm\(module\)"),
         (dict(module=nn.MultiheadAttention(4, 2)), "batch_first=False"),
         (dict(module=nn.LSTM(4, 4, batch_first=True)), "DPLSTM"),
         # (it crashed in the first backward with a SparseCPU error from the norm)

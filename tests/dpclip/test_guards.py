@@ -546,3 +546,37 @@ def test_submodules_called_alone_without_lookups_train_exactly(how):
     for n, p in model.named_parameters():
         if n in initial:
             torch.testing.assert_close(initial[n] - p.detach(), expected[n], rtol=1e-10, atol=1e-14)
+
+
+def test_two_views_of_each_example_concatenated_along_the_batch_are_refused():
+    # SimCLR's torch.cat([x, flip(x)]): each example had two rows of the loss, each clipped
+    # to C, so it moved the update by up to 2C while ε was computed for C
+    run = make_run("mlp", poisson_sampling=False)
+    xb, yb = next(iter(run.loader))
+    before = run.params()
+    with pytest.raises(RuntimeError, match=rf"the loss has {2 * len(yb)} per-example values but the DP data "
+                       rf"loader handed out {len(yb)} examples.*two augmented views.*Nothing was added"):
+        run.criterion(run.model(torch.cat([xb, xb.flip(-1)])), torch.cat([yb, yb])).backward()
+    _assert_unchanged(run, before)
+    assert run.optimizer.micro_batches_accumulated == 0
+    run.criterion(run.model(xb), yb).backward()  # one row per example: taken
+    assert run.optimizer.micro_batches_accumulated == 1
+
+
+def test_an_empty_micro_batch_skipped_without_counting_it_is_refused():
+    # `continue` past an empty Poisson micro-batch shifted every later logical batch: steps
+    # took examples of two of the sampler's draws, against the accountant's assumption
+    run = make_run("mlp", batch_size=2, accumulation_steps=2)
+    skipped = False
+    for xb, yb in run.loader:
+        if len(yb) == 0:
+            skipped = True
+            continue
+        if skipped:
+            break
+        train_logical_batch(run, [(xb, yb)], style=1)
+    assert skipped
+    before = run.params()
+    with pytest.raises(dpclip.LogicalBatchError, match=r"handed out an empty micro-batch.*add_empty_micro_batch"):
+        run.criterion(run.model(xb), yb).backward()
+    _assert_unchanged(run, before)

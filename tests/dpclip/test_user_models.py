@@ -143,7 +143,49 @@ IMAGE = {
     "resnet": _image(tf.ResNetForImageClassification, tf.ResNetConfig, embedding_size=8,
                      hidden_sizes=[8, 16], depths=[1, 1]),
 }
-BUILD = {**TEXT, **CAUSAL, **IMAGE}
+CHOICE = {
+    # [B, C, T] folded to [B·C, T] inside: its position embeddings [1, T, H] met the folded
+    # batch in an add, where dpclip expanded them over B and the forward crashed
+    "bert_multiple_choice": lambda: Classifier(tf.BertForMultipleChoice(tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=SEQ, **NO_DROPOUT))),
+}
+
+
+def _adapted(config) -> nn.Module:
+    """A tiny Llama with a peft adapter; its trainable weights moved off their initial
+    values (LoRA's B starts at zero), so that every one gets a gradient."""
+    import peft
+
+    base = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=SEQ))
+    model = LanguageModel(peft.get_peft_model(base, config))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _adapter(kind: str):
+    import peft
+
+    return lambda: _adapted({
+        "lora_embedding": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                          lora_dropout=0.0),
+        "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "loha": peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    }[kind])
+
+
+# peft adapters that keep their weights in a ParameterDict (never called itself: the layer
+# holding it uses them in its own forward). They were refused ("already used by a
+# backward()", "gets gradient from outside its own module's forward") or crashed (KeyError:
+# LoRA's embedding looks up F.embedding(x, A.T)); they train on the exact graph path
+ADAPTERS = {f"adapter_{kind}": _adapter(kind) for kind in ("lora_embedding", "ia3", "loha")}
+CAUSAL.update(ADAPTERS)
+BUILD = {**TEXT, **CAUSAL, **IMAGE, **CHOICE}
 
 WORKING = [
     "albert", "electra", "xlm_roberta", "mobilebert", "mpnet", "gpt_neo", "mistral", "phi", "gpt_neox",
@@ -157,6 +199,7 @@ REFUSED = {
     "opt": ("hf.model.decoder.layers.0.final_layer_norm", "folds the batch"),
     # window attention on [B·windows, tokens, C]
     "swin": ("hf.swin.encoder.layers.0.blocks.0.attention.q_proj", "folds the batch"),
+    "bert_multiple_choice": ("hf.bert.embeddings.LayerNorm", "folds the batch"),
 }
 
 
@@ -171,6 +214,9 @@ def make_data(name: str, n: int, dtype=torch.float64, seed: int = 0):
     ids = torch.randint(3, VOCAB, (n, SEQ), generator=gen)
     if name in CAUSAL:
         return ids, ids.roll(-1, 1)
+    if name in CHOICE:
+        ids = torch.randint(3, VOCAB, (n, CLASSES, SEQ), generator=gen)
+        return ids, torch.randint(0, CLASSES, (n,), generator=gen)
     lengths = torch.randint(SEQ // 2, SEQ + 1, (n,), generator=gen)
     ids[torch.arange(SEQ) >= lengths[:, None]] = PAD
     return ids, torch.randint(0, CLASSES, (n,), generator=gen)
@@ -239,6 +285,13 @@ def test_update_equals_one_example_at_a_time_reference_and_no_layer_takes_the_gr
     relative, engine = private_update_and_reference(name)
     assert relative < 1e-9
     assert engine.clipping_plan().slow_layers() == ()
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_adapter_weights_in_a_parameter_dict_train_exactly_on_the_graph_path(name):
+    relative, engine = private_update_and_reference(name)
+    assert relative < 1e-9
+    assert engine.clipping_plan().slow_layers() != ()
 
 
 @pytest.mark.parametrize("name", WORKING)
