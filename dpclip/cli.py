@@ -154,7 +154,12 @@ def _report(args: argparse.Namespace) -> tuple[Any, str]:
         from dpclip.engine import ENGINE_SCHEMA, READABLE_ENGINE_SCHEMAS
 
         if data.get("schema") not in READABLE_ENGINE_SCHEMAS:
-            raise ValueError(f"{args.run} is neither a {REPORT_SCHEMA} report nor a {ENGINE_SCHEMA} state")
+            keys = ", ".join(repr(k) for k in list(data)[:12])
+            raise ValueError(
+                f"{args.run} is neither a {REPORT_SCHEMA} report nor a {ENGINE_SCHEMA} state: dpclip "
+                "report reads a saved report, engine.state_dict(), or a checkpoint dict holding "
+                f"one engine state under any key (this one's keys: {keys})"
+            )
         delta = args.delta
         if delta is None:
             if not isinstance(data.get("budget"), dict) or "delta" not in data["budget"]:
@@ -208,6 +213,13 @@ def _load_run(path: Path) -> dict[str, Any]:
                 v["engine"] for k, v in data["callbacks"].items()
                 if str(k).startswith("DPCallback") and isinstance(v, dict) and isinstance(v.get("engine"), dict)
             ]
+            if len(states) == 1:
+                data = states[0]
+        elif isinstance(data, dict) and "schema" not in data:
+            # a checkpoint dict of the user's own: the engine state under a key of their choosing
+            from dpclip.engine import READABLE_ENGINE_SCHEMAS
+
+            states = [v for v in data.values() if isinstance(v, dict) and v.get("schema") in READABLE_ENGINE_SCHEMAS]
             if len(states) == 1:
                 data = states[0]
     if not isinstance(data, dict):

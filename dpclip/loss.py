@@ -168,7 +168,10 @@ class DPLoss:
             "the private loss (DPLoss) is not scaled: don't multiply it, or divide it by anything "
             "but the accumulation steps k (the optimizer divides the clipped sum by the logical "
             "batch size L). Call loss.backward() as it is; to weight the examples' terms, scale "
-            "them before the criterion"
+            "them before the criterion. A weighted auxiliary loss of the same forward is added "
+            "per example: criterion(out, y) + 0.4 * F.cross_entropy(aux, y, reduction='none') "
+            "(shape [B]). Mixup's lam * loss(y) + (1 - lam) * loss(y[perm]) mixes the examples' "
+            "labels and is not private either way"
         )
 
     __mul__ = __rmul__ = _not_scaled

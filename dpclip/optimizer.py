@@ -414,6 +414,15 @@ class DPOptimizer(Optimizer):
         self._planned = None
         self._examples = []
 
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Opacus's BatchMemoryManager hook: refused, since dpclip needs no such manager."""
+        raise RuntimeError(
+            "dpclip needs no BatchMemoryManager (it called signal_skip_step): the data loader "
+            "make_private returns already yields micro-batches (of max_physical_batch_size, or "
+            "the logical batch over accumulation_steps), and step() applies once per logical "
+            "batch. Iterate that loader directly"
+        )
+
     def add_empty_micro_batch(self) -> None:
         """Count a micro-batch with no examples without running the model.
 

@@ -636,7 +636,10 @@ class PerSampleClipper:
                 _warn_low_precisions(shown, hidden=True)
             self.recorder.watch_checkpointing = False
         recompute = hooked if self.mode == "low" else set()
-        early = EarlyNorms(hooked, recompute, batch, meter, audit, _add_call_scales, self.recorder.checkpointed)
+        early = EarlyNorms(
+            hooked, recompute, batch, meter, audit, _add_call_scales, self.recorder.checkpointed,
+            order={c: i for i, c in enumerate(calls)},
+        )
         # a hooked call's output is captured only where nothing captured is below it (its
         # input needs no gradient: a lookup); the pass reaches the others on the way down
         nodes = {c.edge.node for c in layer}

@@ -29,7 +29,7 @@ backward): "low" where the kept bytes exceed ``AUTO_LOW_ABOVE`` times the saved 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -309,9 +309,12 @@ class EarlyNorms:
         audit: bool,
         scales_of: Callable[[LayerCall, Scales], None],
         rerun_samples: bool = False,
+        order: Mapping[LayerCall, int] | None = None,
     ) -> None:
         self.batch, self.meter, self.recompute = batch, meter, recompute
-        self.parts: list[torch.Tensor] = []
+        #: each call's parts, under its place in the forward (``order``)
+        self._parts: list[tuple[int, list[torch.Tensor]]] = []
+        self._order = order or {}
         self.ghost: list[GhostPart] = []
         self.kept: list[LayerCall] = []
         self.recomputed: list[LayerCall] = []
@@ -328,6 +331,14 @@ class EarlyNorms:
         # a hook on the node the output's gradient enters: it fires when the node runs
         # (a node the pass does not run is one whose gradient the clipper captures)
         self._handles = [c.edge.node.register_prehook(self._hook(c)) for c in calls]
+
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """The calls' [B] contributions to ‖g_i‖², in the forward's order of the calls, not
+        the order the pass reached them: that order changes with what else the pass computes
+        (the first micro-batch's check of the parameters' gradients), and with it the
+        rounding of their sum, which a resumed run would not reproduce bit for bit."""
+        return [t for _, ts in sorted(self._parts, key=lambda entry: entry[0]) for t in ts]
 
     def took(self, call: LayerCall) -> bool:
         """Whether a gradient of the call's output was taken."""
@@ -367,15 +378,16 @@ class EarlyNorms:
             if ghost:
                 norm = call.rule.ghost_sq_norms(call)
                 if norm.scale is None:
-                    self.parts.append(norm.sq)
+                    parts = [norm.sq]
                 elif recompute:
-                    self.parts.append(exact_where_rounded(call, norm))
+                    parts = [exact_where_rounded(call, norm)]
                 else:
-                    self.parts.append(norm.sq)
+                    parts = [norm.sq]
                     self.ghost.append(GhostPart(norm, call))
             else:
                 call.per_sample = call.rule.per_sample_grads(call)
-                self.parts.extend(row_sq_norms(g) for g in call.per_sample.values())
+                parts = [row_sq_norms(g) for g in call.per_sample.values()]
+        self._parts.append((self._order.get(call, len(self._order)), parts))
         if self.meter is not None:
             self.meter.note_keeps(call, "nothing" if recompute else KEEPS[ghost])
         if self._audit:  # (with its per-example gradients' part, where it has them)

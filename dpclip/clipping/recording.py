@@ -646,8 +646,8 @@ class Recorder:
             self._warned_empty = True  # (said before the forward: many models fail on it)
             warnings.warn(
                 "the model's forward got an empty micro-batch (Poisson sampling draws them, "
-                "rarely). Models that cannot run on no examples (Hugging Face models, "
-                "nn.MultiheadAttention) raise inside their forward: skip forward and backward "
+                "rarely). A model that cannot run on no examples (many Hugging Face models do "
+                "not) raises inside its forward: skip forward and backward "
                 "for it and call optimizer.add_empty_micro_batch() instead (the micro-batch "
                 "still counts in its logical batch)",
                 stacklevel=4,

@@ -378,7 +378,12 @@ class DPTrainer(transformers.Trainer):
         if labels is None:
             raise ValueError(
                 "DPTrainer needs the batch's 'labels' for the per-example losses; the collator "
-                f"gave {sorted(inputs)}"
+                f"gave {sorted(inputs)}. A head whose targets have other names (question "
+                "answering's start_positions and end_positions) trains when the dataset gives them "
+                "as one 'labels' tensor ([B, 2]), with TrainingArguments(label_names=['labels']) "
+                "(the Trainer drops a column the model's forward does not take and label_names "
+                "does not list) and per_example_loss=fn, fn(outputs, labels) -> one loss per "
+                "example (shape [B])"
             )
         if labels.shape[0] == 0:  # an empty Poisson micro-batch: counted, nothing to clip
             self._dp_optimizer.add_empty_micro_batch()

@@ -87,6 +87,9 @@ def saved(tmp_path_factory):
     report["steps"] = "ten"
     (folder / "bad_report.json").write_text(json.dumps(report))
     torch.save({"model": run[0].state_dict(), "privacy_engine": engine.state_dict()}, folder / "ckpt.pt")
+    # the engine state under a key of the user's choosing (the report said it was neither)
+    torch.save({"model": run[0].state_dict(), "dp": engine.state_dict()}, folder / "own_key.pt")
+    torch.save({"model": run[0].state_dict(), "step": 3}, folder / "no_engine.pt")
     return engine, folder
 
 
@@ -104,7 +107,14 @@ def test_report_of_a_saved_report(saved):
     assert "UNCHECKED" in text.stdout
 
 
-@pytest.mark.parametrize("name", ["engine.json", "ckpt.pt"])
+def test_report_of_a_checkpoint_without_an_engine_state_names_its_keys(saved):
+    _, folder = saved
+    out = _cli("report", folder / "no_engine.pt", "--delta", 1e-6)
+    assert out.returncode != 0
+    assert "under any key (this one's keys: 'model', 'step')" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["engine.json", "ckpt.pt", "own_key.pt"])
 def test_report_of_an_engine_checkpoint_recomputes_from_its_ledger(saved, name, tmp_path):
     engine, folder = saved
     plot = tmp_path / "eps.png"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -554,3 +555,48 @@ def test_a_table_computed_without_the_batch_is_refused_also_when_its_rows_equal_
              r"batch size by chance;.*computed from parameters alone" if batch == 4
              else r"module 'table' has shape \(4, 6\) but the loss has 3 per-sample values")
     _assert_refused(Model(), x, y, match)
+
+
+class SmallViT(nn.Module):
+    """Patches, a class token, and pre-norm blocks of nn.MultiheadAttention and an MLP."""
+
+    def __init__(self, dim: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(
+                ln1=nn.LayerNorm(dim), attn=nn.MultiheadAttention(dim, 4, batch_first=True), ln2=nn.LayerNorm(dim),
+                mlp=nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+            ))
+            for _ in range(depth)
+        )
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for b in self.blocks:
+            h = b["ln1"](x)
+            x = x + b["attn"](h, h, h, need_weights=False)[0]
+            x = x + b["mlp"](b["ln2"](x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_the_first_micro_batch_check_changes_no_bit_of_the_clipped_sum():
+    # the check asks the pass for the parameters' gradients too, which changed the order in
+    # which the layers' norms arrived and so the rounding of their sum: a run resumed from a
+    # checkpoint (checked again on its first micro-batch) differed from the uninterrupted one
+    torch.manual_seed(0)
+    model = SmallViT()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    sums = []
+    for checked in (True, False):
+        clipper = PerSampleClipper(copy.deepcopy(model), 0.5)
+        clipper._audited = not checked
+        names = {p: n for n, p in clipper.module.named_parameters()}
+        got = clipper.clipped_sum(F.cross_entropy(clipper.module(x), y, reduction="none"))
+        sums.append({names[p]: s for p, s in got.items()})
+    assert sums[0].keys() == sums[1].keys()
+    assert all(torch.equal(sums[0][n], sums[1][n]) for n in sums[0])

@@ -580,3 +580,14 @@ def test_an_empty_micro_batch_skipped_without_counting_it_is_refused():
     with pytest.raises(dpclip.LogicalBatchError, match=r"handed out an empty micro-batch.*add_empty_micro_batch"):
         run.criterion(run.model(xb), yb).backward()
     _assert_unchanged(run, before)
+
+
+def test_an_opacus_batch_memory_manager_around_the_dp_loader_is_refused_with_the_fix():
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    run = make_run("mlp", poisson_sampling=False)
+    with pytest.raises(RuntimeError, match=r"needs no BatchMemoryManager.*Iterate that loader directly"):
+        with BatchMemoryManager(data_loader=run.loader, max_physical_batch_size=2, optimizer=run.optimizer) as loader:
+            for xb, yb in loader:
+                run.criterion(run.model(xb), yb).backward()
+    assert run.optimizer.micro_batches_accumulated == 0
