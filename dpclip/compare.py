@@ -607,7 +607,17 @@ def run(
     workload: Any = model_fn if isinstance(model_fn, str) else (model_fn, dataset, criterion)
     if not isinstance(model_fn, str) and (dataset is None or criterion is None):
         raise ValueError("pass dataset and criterion with a model_fn (or a workload spec string)")
-    n = len(_resolve(workload)[1])  # type: ignore[arg-type]
+    data = _resolve(workload)[1]
+    n = len(data)  # type: ignore[arg-type]
+    item = data[0] if n else None
+    if n and not (isinstance(item, (tuple, list)) and len(item) == 2):
+        shape = f"a {type(item).__name__} of {len(item)}" if isinstance(item, (tuple, list)) else type(item).__name__
+        raise ValueError(
+            f"the workload's dataset gives {shape} per example; compare takes (x, y) pairs, with "
+            "x the model's one input: for a model of several inputs, such as (categories, "
+            "continuous, y), give one tensor the model splits (the features side by side, in "
+            "one dtype) and y"
+        )
     if logical_batch > n:
         raise ValueError(f"logical_batch={logical_batch} exceeds the dataset size {n}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

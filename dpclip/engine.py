@@ -814,10 +814,17 @@ class PrivacyEngine:
         if self.budget is None:
             return
         if self.steps_remaining == 0:
+            # the budget is spent: this logical batch can never be applied. Its clipped sums
+            # are dropped (no parameter, noise or ledger changed), so that the run can save
+            # its final state (state_dict() refuses a logical batch in progress)
+            micro_batches = self.optimizer.micro_batches_accumulated
+            self.optimizer._reset_logical_batch()
             raise PrivacyBudgetExceeded(
                 f"step {self.ledger.steps + 1} would take ε past max_epsilon={self.budget.max_epsilon:g} "
-                f"at delta={self.budget.delta:g} ({self.budget.method}); it was not taken: "
-                f"ε so far is {self.ledger.epsilon(self.budget.delta, self.budget.method):.4f}"
+                f"at delta={self.budget.delta:g} ({self.budget.method}); it was not taken, and its "
+                f"logical batch ({micro_batches} micro-batches) was dropped: "
+                f"ε so far is {self.ledger.epsilon(self.budget.delta, self.budget.method):.4f}. "
+                "Save the model and engine.state_dict() now"
             )
 
     def add_step_callback(self, callback: Callable[["PrivacyEngine"], None]) -> None:
@@ -876,6 +883,15 @@ class PrivacyEngine:
                 f"a logical batch is in progress ({self.optimizer.micro_batches_accumulated} "
                 "micro-batches accumulated, not yet applied): save the engine state right after "
                 "an optimizer.step() that applied (optimizer.micro_batches_accumulated == 0)"
+            )
+        schedule = self.optimizer.schedule
+        if schedule.left_early and not schedule._active:
+            warnings.warn(
+                "engine.state_dict() after the loop broke out of the DP loader's pass: that pass "
+                "ended there, so this state resumes with a new pass (as this process would if it "
+                "iterated the loader again), not inside the one the loop left. To resume inside a "
+                "pass, take the state inside the loop, right after an optimizer.step() that applied",
+                stacklevel=2,
             )
         generator = self.optimizer.generator
         state["rng"] = {

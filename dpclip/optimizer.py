@@ -17,6 +17,7 @@ noise and no update.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -343,29 +344,7 @@ class DPOptimizer(Optimizer):
                 f"{self._micro_batches} of {planned} micro-batches: call optimizer.step() to "
                 "apply it (one accounted step) before training on the new pass"
             )
-        handed = self.schedule.upcoming()
-        if handed is not None and loss_per_sample.shape[0] > len(handed) == 0:
-            raise LogicalBatchError(
-                "the DP data loader handed out an empty micro-batch before this one, and the "
-                "loop went past it without counting it: the logical batches would no longer be "
-                "the ones the sampler drew, which the accountant assumes. Count it: run it through "
-                "the model as any other, or call optimizer.add_empty_micro_batch() for it. "
-                "Nothing was added"
-            )
-        forward = self.clipper.recorder.forward_batch
-        if handed is not None and loss_per_sample.shape[0] > len(handed) and (forward or 0) > len(handed):
-            # (a model run on the examples handed out, with a loss per token, is refused by
-            # the clipper, naming the flattening)
-            raise RuntimeError(
-                f"the loss has {loss_per_sample.shape[0]} per-example values but the DP data "
-                f"loader handed out {len(handed)} examples for this micro-batch: dpclip clips "
-                "each row of the loss to max_grad_norm as one example, so an example with "
-                "several rows (two augmented views concatenated along the batch, torch.cat([x, "
-                "flip(x)]), as SimCLR or multi-crop training does) would move the update by more "
-                "than its bound. Keep one row per example: pass the views as one input [B, V, ...] "
-                "and have the model's forward run its layers on each view x[:, v] (batch-first), "
-                "combining them into one output row per example. Nothing was added"
-            )
+        self._check_handed_out(loss_per_sample.shape[0])
         self._planned = planned
         self._pass = self.schedule.pass_id
         self._applied_on_skip = False
@@ -395,6 +374,55 @@ class DPOptimizer(Optimizer):
                 self._count_micro_batch()
             raise
         self._count_micro_batch()
+
+    def _check_handed_out(self, rows: int) -> None:
+        """Refuse a loss with more rows than the DP loader handed out examples for this
+        micro-batch (each row is clipped as one example), or one after an empty micro-batch
+        the loop skipped; warn of fewer rows (a collate that drops examples, or a skipped
+        micro-batch). Nothing is changed."""
+        handed = self.schedule.upcoming()
+        if handed is None or rows == len(handed):
+            return
+        n = len(handed)
+        if n == 0:
+            raise LogicalBatchError(
+                "the DP data loader handed out an empty micro-batch before this one, and the "
+                "loop went past it without counting it: the logical batches would no longer be "
+                "the ones the sampler drew, which the accountant assumes. Count it: run it through "
+                "the model as any other, or call optimizer.add_empty_micro_batch() for it. "
+                "Nothing was added"
+            )
+        skipped = (
+            "A micro-batch the loader handed out and the loop skipped (except ...: continue) "
+            "shifts the logical batches from the ones the sampler drew: count a skipped one with "
+            "optimizer.add_empty_micro_batch()"
+        )
+        if rows < n:
+            warnings.warn(
+                f"the loss has {rows} per-example values but the DP data loader handed out {n} "
+                f"examples for this micro-batch: fine if the collate function dropped examples. "
+                f"{skipped}",
+                stacklevel=4,
+            )
+            return
+        forward = self.clipper.recorder.forward_batch
+        per_token = ""
+        if forward == n and rows % n == 0:
+            per_token = (
+                f" The model's forward had a batch of {n}: a loss per token (logits flattened to "
+                "[B·T, V] with logits.view(-1, V), as Hugging Face's own loss does) keeps the batch "
+                "dimension as nn.CrossEntropyLoss on logits.transpose(1, 2) with labels [B, T] "
+                "(dpclip averages each sequence's tokens)."
+            )
+        raise RuntimeError(
+            f"the loss has {rows} per-example values but the DP data loader handed out {n} "
+            "examples for this micro-batch: dpclip clips each row of the loss as one example."
+            f"{per_token} Several rows per example (two augmented views concatenated along the "
+            "batch, torch.cat([x, flip(x)]), in the loop or in the model, as SimCLR or multi-crop "
+            "training does) would move the update by more than its bound: keep one row per "
+            "example (pass the views as one input [B, V, ...] and have the model's forward run "
+            f"its layers on each view x[:, v]). {skipped}. Nothing was added"
+        )
 
     def _count_micro_batch(self) -> None:
         self._micro_batches += 1

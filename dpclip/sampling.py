@@ -60,6 +60,8 @@ class MicroBatchSchedule:
         self.pass_id = 0
         #: micro-batches of the current pass whose logical batches the optimizer applied
         self.consumed = 0
+        #: the last pass ended before its end (a break out of the loop over the loader)
+        self.left_early = False
         self._active = False
         self._pending: deque[list[int]] = deque()
 
@@ -79,8 +81,12 @@ class MicroBatchSchedule:
         self.pass_id += 1
         self.consumed = consumed
         self._pending.clear()
+        self.left_early = False
         try:
             yield
+        except BaseException:  # (GeneratorExit: the loop broke out of the pass)
+            self.left_early = True
+            raise
         finally:
             self._active = False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import warnings
 
 import pytest
@@ -600,3 +601,55 @@ def test_the_first_micro_batch_check_changes_no_bit_of_the_clipped_sum():
         sums.append({names[p]: s for p, s in got.items()})
     assert sums[0].keys() == sums[1].keys()
     assert all(torch.equal(sums[0][n], sums[1][n]) for n in sums[0])
+
+
+@dataclass
+class Batch:
+    """A user's batch object, which dpclip's search for tensors does not open."""
+
+    x: torch.Tensor
+
+
+class EinsumLayer(nn.Module):
+    """A layer on dpclip's graph path: its weight in torch.einsum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 4) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,ij->bj", x, self.w)
+
+
+class GatedOnBatch(nn.Module):
+    """The graph-path layer fed from a batch object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = EinsumLayer()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(torch.tanh(self.gate(batch.x)))
+
+
+def test_a_graph_path_layer_fed_from_a_batch_object_is_not_taken_for_batch_less():
+    # the mode sees no batched input in a dataclass: the layer's output, rows = B, was refused
+    # as computed without the batch (a false refusal of a model that trained exactly)
+    torch.manual_seed(0)
+    model = GatedOnBatch().double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    max_grad_norm = 0.2
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(4):  # one example at a time
+        model.zero_grad()
+        F.cross_entropy(model(Batch(x[i : i + 1])), y[i : i + 1]).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+        for n, p in model.named_parameters():
+            expected[n] += p.grad * min(1.0, max_grad_norm / float(norm))
+    model.zero_grad()
+    clipper = PerSampleClipper(model, max_grad_norm)
+    got = clipper.clipped_sum(F.cross_entropy(model(Batch(x)), y, reduction="none"))
+    names = {p: n for n, p in model.named_parameters()}
+    for p, g in got.items():
+        torch.testing.assert_close(g, expected[names[p]], rtol=1e-9, atol=1e-12)

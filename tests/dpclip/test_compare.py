@@ -67,6 +67,15 @@ def test_bad_arguments_are_named():
                     noise_multiplier=1.0, max_grad_norm=1.0)
 
 
+def test_a_dataset_of_more_than_pairs_is_named_with_the_fix():
+    # (categories, continuous, y): "too many values to unpack" from inside a run
+    w = tiny()
+    triples = torch.utils.data.TensorDataset(*w.dataset.tensors[:1], *w.dataset.tensors)
+    with pytest.raises(ValueError, match=r"gives a tuple of 3 per example; compare takes \(x, y\) pairs"):
+        compare.run(w.model_fn, triples, w.criterion, logical_batch=16, micro_batch=4, steps=1,
+                    noise_multiplier=1.0, max_grad_norm=1.0)
+
+
 def test_isolated_runs_need_a_picklable_model_factory():
     w = tiny()
     with pytest.raises(ValueError, match="picklable"):

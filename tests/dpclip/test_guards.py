@@ -5,6 +5,8 @@ micro-batch skipped by the loop."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -308,6 +310,39 @@ def test_per_example_auxiliary_loss_added_to_the_private_loss():
         torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
 
 
+def test_per_example_weights_multiply_the_private_loss():
+    # sample weights (w[B] from the data): ℓ_i·w_i clipped as one; refused before as a scaling
+    run = make_run("mlp", batch_size=4, accumulation_steps=2, max_grad_norm=0.3)
+    weights = torch.linspace(0.5, 2.0, 8, dtype=run.x.dtype)
+    before = run.params()
+    for i in range(2):
+        xb, yb = _micro(run, i)
+        w = weights[4 * i : 4 * i + 4]
+        loss = run.criterion(run.model(xb), yb) * w if i == 0 else w * run.criterion(run.model(xb), yb)
+        assert isinstance(loss, dpclip.DPLoss)
+        loss.backward()
+    run.optimizer.step()
+    expected = {n: torch.zeros_like(p) for n, p in before.items()}
+    for i in range(8):  # one example at a time, its loss times its weight
+        part = _clipped_update(run.reference_model, before, run.x[i : i + 1], run.y[i : i + 1], 0.3, 8,
+                               lambda out, yi, w=weights[i]: F.cross_entropy(out, yi) * w)
+        for n in expected:
+            expected[n] += part[n]
+    for name, p in run.model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("weight", [torch.tensor(2.0), torch.ones(3), torch.ones(4, 1)])
+def test_a_weight_that_is_not_one_per_example_is_refused(weight):
+    run = make_run("mlp", batch_size=4, accumulation_steps=2)
+    xb, yb = _micro(run, 0)
+    loss = run.criterion(run.model(xb), yb)
+    with pytest.raises(TypeError, match=r"is not scaled.*tensor of their weights, shape \[B\]"):
+        loss * weight.to(run.x.dtype)
+    loss.backward()  # nothing was consumed
+    assert run.optimizer.micro_batches_accumulated == 1
+
+
 def test_adding_a_non_per_example_term_to_a_private_loss_is_refused():
     run = make_run("mlp", batch_size=4, accumulation_steps=2)
     out = run.model(run.x[:4])
@@ -563,6 +598,38 @@ def test_two_views_of_each_example_concatenated_along_the_batch_are_refused():
     assert run.optimizer.micro_batches_accumulated == 1
 
 
+class ViewsInside(nn.Module):
+    """An augmentation inside the model: two views of each example along the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.body(torch.cat([x, x.flip(-1)]))
+
+
+def test_two_views_concatenated_inside_the_model_are_refused():
+    # every layer saw 2B rows, as many as the loss: only the loader's count tells
+    run = make_run("mlp", poisson_sampling=False, model=ViewsInside().double(), max_grad_norm=1.0)
+    xb, yb = next(iter(run.loader))
+    before = run.params()
+    with pytest.raises(RuntimeError, match=rf"the loss has {2 * len(yb)} per-example values.*in the loop or in "
+                       r"the model"):
+        run.criterion(run.model(xb), torch.cat([yb, yb])).backward()
+    _assert_unchanged(run, before)
+
+
+def test_fewer_loss_rows_than_handed_out_are_warned_of():
+    # a collate that drops examples is fine; a skipped micro-batch is not: said, not refused
+    run = make_run("mlp", poisson_sampling=False)
+    xb, yb = next(iter(run.loader))
+    with pytest.warns(UserWarning, match=rf"the loss has {len(yb) - 1} per-example values but the DP data loader "
+                      rf"handed out {len(yb)}.*add_empty_micro_batch"):
+        run.criterion(run.model(xb[1:]), yb[1:]).backward()
+    assert run.optimizer.micro_batches_accumulated == 1
+
+
 def test_an_empty_micro_batch_skipped_without_counting_it_is_refused():
     # `continue` past an empty Poisson micro-batch shifted every later logical batch: steps
     # took examples of two of the sampler's draws, against the accountant's assumption
@@ -591,3 +658,20 @@ def test_an_opacus_batch_memory_manager_around_the_dp_loader_is_refused_with_the
             for xb, yb in loader:
                 run.criterion(run.model(xb), yb).backward()
     assert run.optimizer.micro_batches_accumulated == 0
+
+
+def test_a_state_taken_after_breaking_out_of_the_loader_says_it_resumes_at_a_new_pass():
+    # (the resumed run then takes a new pass, not the rest of the one the loop left: silently
+    # not the uninterrupted run, which a user saving after `break` expected)
+    run = make_run("mlp", batch_size=8, accumulation_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for xb, yb in run.loader:
+            train_logical_batch(run, [(xb, yb)], style=1)
+            if run.engine.steps == 1:
+                inside = run.engine.state_dict()  # inside the loop: no warning
+                break
+    with pytest.warns(UserWarning, match=r"after the loop broke out of the DP loader's pass.*resumes with a new "
+                      r"pass.*inside the loop"):
+        after = run.engine.state_dict()
+    assert inside["rng"]["sampling"]["in_pass"] and not after["rng"]["sampling"]["in_pass"]

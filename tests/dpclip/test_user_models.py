@@ -362,8 +362,9 @@ def test_flattened_token_logits_are_refused_naming_the_criterion(name):
     xb, yb = next(iter(loader))
     logits = model(xb)
     loss = criterion(logits.view(-1, logits.shape[-1]), yb.view(-1))  # the Hugging Face way
-    with pytest.raises(RuntimeError, match=rf"returned {B * SEQ} per-sample losses but the model's "
-                       rf"forward had a batch of {B}.*transpose\(1, 2\)"):
+    with pytest.raises(RuntimeError, match=rf"the loss has {B * SEQ} per-example values but the DP data loader "
+                       rf"handed out {B} examples.*forward had a batch of {B}: a loss per token.*"
+                       rf"transpose\(1, 2\)"):
         loss.backward()
 
 
