@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import secrets
@@ -50,6 +51,7 @@ from dpclip.sampling import (
     PoissonMicroBatchSampler,
     Sampling,
     encode_generator_state,
+    micro_batch_rows,
     restore_generator_state,
     wrap_data_loader,
 )
@@ -678,6 +680,9 @@ class PrivacyEngine:
         if budget is not None:
             self._budget_state()  # the steps the cap allows, known from the start
         loader = wrap_data_loader(data_loader, batch_sampler)
+        clipper.recorder.independence.data_rows = functools.partial(
+            micro_batch_rows, loader.dataset, loader.collate_fn, batch_sampler.schedule
+        )
         if world.distributed:
             # it yields this rank's share of each global logical batch already: accelerate's
             # prepare() must not shard it again (the attribute it checks for that)

@@ -37,8 +37,10 @@ from the real forward it is checked against a re-run of the unchanged inputs
 confirmed by changing example 0 of the first input tensor alone (another tensor with
 B leading rows, such as a [T, T] mask when T == B, need not belong to the examples):
 a refused micro-batch costs up to three extra forwards more. A model that mixes
-examples only through inputs after its first tensor argument is therefore not
-refused, but warned of (such an input may also be a table whose length equals B).
+examples only through inputs after its first tensor argument is refused when the DP
+loader's dataset gives that input's values for the micro-batch (it is then the examples'
+own: ``micro_batch_rows``), and otherwise warned of (such an input may also be a table
+whose length equals B).
 A criterion's first two arguments with B leading rows are the examples' (its
 predictions and targets): a loss that mixes examples through the targets alone (a
 target of shape [B] against predictions [B, 1], which broadcast to [B, B]) is refused.
@@ -145,7 +147,8 @@ def leading_batch(args: tuple, kwargs: dict) -> int | None:
 
 
 def _change_example_zero(
-    args: tuple, kwargs: dict, batch: int, leading: int | None, extreme: bool = False
+    args: tuple, kwargs: dict, batch: int, leading: int | None, extreme: bool = False,
+    also: frozenset[int] = frozenset(),
 ) -> _Changed | None:
     """A copy of the inputs with example 0 replaced by the first example that differs from
     it in the changed tensors (the tensors with ``batch`` leading rows, or the first
@@ -153,13 +156,15 @@ def _change_example_zero(
     becomes twice the row holding the tensor's largest magnitude instead, so that example 0
     holds the batch's extremes (a batch maximum that another example holds does not move
     when row 0 is merely replaced), in the floating-point tensors that can take it
-    (``_doubled_row``) and only where the first ``leading`` are all such; None otherwise."""
+    (``_doubled_row``) and only where the first ``leading`` are all such; None otherwise.
+    ``also``: positions among the flattened inputs changed besides the first ``leading``
+    (inputs known to be the examples' data)."""
     leaves, spec = tree_flatten_with_path((args, kwargs))
     rows = [
         i for i, (_, t) in enumerate(leaves)
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
     ]
-    rows = rows if leading is None else rows[:leading]
+    rows = rows if leading is None else rows[:leading] + [i for i in rows[leading:] if i in also]
     values = [t for _, t in leaves]
     if extreme:
         doubled = {i: row for i in rows if (row := _doubled_row(leaves[i][1], batch)) is not None}
@@ -184,6 +189,26 @@ def _change_example_zero(
     changed_args, changed_kwargs = tree_unflatten(values, spec)
     names = tuple(_input_name(leaves[i][0]) for i in rows)
     return _Changed(tuple(changed_args), dict(changed_kwargs), names, donor)
+
+
+def _data_positions(args: tuple, kwargs: dict, batch: int, data: list[torch.Tensor]) -> frozenset[int]:
+    """Positions among the flattened inputs with ``batch`` leading rows whose values are
+    one of the ``data`` tensors (the micro-batch as the dataset gives it): the examples'
+    own inputs, not a table that has B rows by chance."""
+    leaves, _ = tree_flatten_with_path((args, kwargs))
+    found = set()
+    for i, (_, t) in enumerate(leaves):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
+            if any(_same_values(t, d) for d in data):
+                found.add(i)
+    return frozenset(found)
+
+
+def _same_values(t: torch.Tensor, d: torch.Tensor) -> bool:
+    if t.shape != d.shape or t.is_complex() or d.is_complex():
+        return False
+    a, b = t.detach().to("cpu", torch.float64), d.detach().to("cpu", torch.float64)
+    return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True))
 
 
 def _doubled_row(t: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -288,6 +313,7 @@ def check_independent(
     module: nn.Module | None = None,
     targets: bool = False,
     hint: str = "",
+    data: Callable[[], list[torch.Tensor]] | None = None,
 ) -> Outcome:
     """Probe one call that gave ``reference`` for examples that depend on example 0.
 
@@ -313,6 +339,10 @@ def check_independent(
             such as a [T, T] mask when T == B or class weights when C == B, need not be the
             examples'), and the second probe is not run.
         hint: the likely cause, said in a refusal before the advice to turn the check off.
+        data: the micro-batch's tensors as the DP data loader's dataset gives them (empty
+            when unknown): a later input with their values is the examples' own, so a
+            movement it causes is refused, not warned of (a two-tower model's item features
+            scored against the batch's: in-batch negatives).
 
     Returns:
         ``INDEPENDENT``; ``UNPROBED`` when this call has nothing to probe (B < 2, no
@@ -333,6 +363,8 @@ def check_independent(
     clean: list[Any] = []
     #: a movement that changing the first inputs alone did not confirm: said in a warning
     unconfirmed: list[tuple[_Changed, Movement]] = []
+    #: the positions of the later inputs that are the micro-batch's data (``data``), once asked
+    known: list[frozenset[int]] = []
 
     def replay(a: tuple, k: dict) -> Any:
         random_state.restore()
@@ -351,6 +383,13 @@ def check_independent(
             confirmed = None
             if confirm is not None:
                 confirmed = moved_examples(clean[0], replay(confirm.args, confirm.kwargs), batch)
+            if confirmed is None and data is not None:
+                if not known:
+                    known.append(_data_positions(args, kwargs, batch, data()))
+                if known[0]:
+                    confirm = _change_example_zero(args, kwargs, batch, leading, extreme, also=known[0])
+                    if confirm is not None:
+                        confirmed = moved_examples(clean[0], replay(confirm.args, confirm.kwargs), batch)
             if confirmed is None:
                 unconfirmed.append((changed, moved))
                 return changed, None
@@ -396,7 +435,9 @@ def check_independent(
             f"first {'two inputs' if targets else 'input'} alone did not. If a later input holds "
             "one row per example, the computation mixes examples and the privacy guarantee does "
             "not hold (batch statistics over that input); if it is not per-example (a table whose "
-            "length equals the batch size by chance), this is expected. Training goes on",
+            "length equals the batch size by chance), this is expected. Training goes on. (An "
+            "input whose values are the DP data loader's micro-batch is the examples' own: a "
+            "movement it causes is refused)",
             stacklevel=2,
         )
     return Outcome.INDEPENDENT
@@ -455,6 +496,9 @@ class ForwardProbe:
         self._run = run
         self._random_state: RandomState | None = None
         self._probed = False  # the current forward was probed
+        #: the current micro-batch's tensors as the DP loader's dataset gives them (set by
+        #: make_private; None: not known)
+        self.data_rows: Callable[[], list[torch.Tensor]] | None = None
 
     def before_forward(self) -> None:
         """From the root's forward pre-hook of a forward that records."""
@@ -471,7 +515,8 @@ class ForwardProbe:
             return
         subject = f"the model ({type(self.module).__name__})"
         outcome = check_independent(
-            self._run, args, kwargs, output, batch, state, subject=subject, module=self.module
+            self._run, args, kwargs, output, batch, state, subject=subject, module=self.module,
+            data=self.data_rows,
         )
         self._probed = outcome is Outcome.INDEPENDENT
         if outcome is Outcome.UNCHECKED:

@@ -309,6 +309,7 @@ class DPCriterion:
                     self._per_example, args, kwargs, losses, losses.shape[0], random_state,
                     subject=f"the criterion ({type(self.criterion).__name__})",
                     module=self.criterion, targets=True, hint=_broadcast_hint(args, kwargs),
+                    data=self.optimizer.clipper.recorder.independence.data_rows,
                 )
                 self._probe_pending = outcome is Outcome.UNPROBED
             except ExamplesMixedError:

@@ -17,13 +17,13 @@ import base64
 import enum
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = [
     "FixedSchedule",
@@ -507,6 +507,36 @@ def _empty_aware_collate(dataset: Any, collate_fn: Any) -> Any:
         return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, example)
 
     return collate
+
+
+def micro_batch_rows(dataset: Any, collate_fn: Callable[[list[Any]], Any], schedule: MicroBatchSchedule) -> list[torch.Tensor]:
+    """The tensors of the micro-batch being trained on (``schedule.upcoming``) as the
+    dataset and the loader's collate function give them; empty when none is known or
+    fetching it fails. torch's, Python's and NumPy's global random states are left as they
+    were (a dataset's random augmentation draws from them)."""
+    import random
+
+    indices = schedule.upcoming()
+    if not indices:
+        return []
+    states = [torch.get_rng_state(), random.getstate()]
+    try:
+        import numpy
+
+        states.append(numpy.random.get_state())
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        numpy = None
+    try:
+        batch = collate_fn([dataset[i] for i in indices])
+        leaves, _ = tree_flatten(batch)
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+    except Exception:  # noqa: BLE001 - a probe's aid: without it the probe warns instead
+        return []
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        if numpy is not None:
+            numpy.random.set_state(states[2])
 
 
 def wrap_data_loader(loader: DataLoader, batch_sampler: Sampler) -> DataLoader:

@@ -501,3 +501,96 @@ def test_mixing_through_a_later_input_is_warned_of_and_a_sparse_input_leaves_the
 class WithSparseInput(MLP):
     def forward(self, x: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
+
+
+class TwoTower(nn.Module):
+    """Users against the batch's items: in-batch negatives, each user scored on every item."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users, self.items = nn.Linear(5, 4), nn.Linear(6, 4)
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        return self.users(user) @ self.items(item).T  # [B, B]
+
+
+class InBatchNegatives(nn.Module):
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(scores, torch.arange(scores.shape[0]), reduction=self.reduction)
+
+
+class NormalisedByBatchWeight(nn.Module):
+    """Per-example losses weighted by w / Σ w over the batch: each depends on all weights."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(out, y, reduction="none") * w / w.sum()
+        return losses if self.reduction == "none" else losses.sum()
+
+
+def _private_on(model, criterion, *tensors):
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    return engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=criterion,
+        data_loader=DataLoader(TensorDataset(*tensors), batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=0.1, poisson_sampling=False,
+    )
+
+
+@pytest.mark.parametrize("case", ["two_tower", "later_input_batch_norm", "weights_normalised_over_the_batch"])
+def test_mixing_through_a_later_input_from_the_dp_loader_is_refused(case):
+    # the input's values are the micro-batch's own (the loader's dataset gives them), so it is
+    # no table with B rows by chance: refused, where it was only warned of and trained
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    n = 12
+    y = torch.randint(0, CLASSES, (n,), generator=gen)
+    if case == "two_tower":
+        model, criterion = TwoTower().double(), InBatchNegatives()
+        data = (torch.randn(n, 5, generator=gen, dtype=torch.float64), torch.randn(n, 6, generator=gen, dtype=torch.float64), y)
+    elif case == "later_input_batch_norm":
+        model, criterion = LaterInputBatchNorm().double(), nn.CrossEntropyLoss()
+        data = (torch.randint(0, 4, (n,), generator=gen), torch.randn(n, 5, generator=gen, dtype=torch.float64), y)
+    else:
+        model, criterion = nn.Linear(5, CLASSES).double(), NormalisedByBatchWeight()
+        data = (torch.randn(n, 5, generator=gen, dtype=torch.float64), y, torch.rand(n, generator=gen, dtype=torch.float64) + 0.5)
+    model, optimizer, criterion, loader = _private_on(model, criterion, *data)
+    batch = next(iter(loader))
+    with pytest.raises(dpclip.ExamplesMixedError, match=r"mixes examples: changing only example 0"):
+        if case == "weights_normalised_over_the_batch":
+            x, yb, w = batch
+            criterion(model(x), yb, w).backward()
+        else:
+            *inputs, yb = batch
+            criterion(model(*inputs), yb).backward()
+    assert optimizer.micro_batches_accumulated == 0
+
+
+def test_a_later_input_that_is_not_the_loaders_data_is_only_warned_of():
+    # a table with B rows by chance, passed by the loop: not the examples'
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 5, generator=gen, dtype=torch.float64), torch.randint(0, CLASSES, (12,), generator=gen)
+    table = torch.randn(4, 5, generator=gen, dtype=torch.float64)  # B == 4 rows
+    model, optimizer, criterion, loader = _private_on(TableArgument().double(), nn.CrossEntropyLoss(), x, y)
+    xb, yb = next(iter(loader))
+    with pytest.warns(UserWarning, match="but changing it in the first input alone did not"):
+        loss = criterion(model(xb, table), yb)
+    loss.backward()
+    assert optimizer.micro_batches_accumulated == 1
+
+
+class TableArgument(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, CLASSES)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + table.mean(dim=0))
