@@ -642,11 +642,13 @@ class FunctionRecorder(TorchFunctionMode):
         tensors = argument_tensors(args, kwargs)
         ndim = max(a.dim() for a in tensors)
         if any(
-            t.dim() == ndim and t.shape[0] not in (1, self.batch) for t in tensors
+            t.dim() == ndim and t.shape[0] != self.batch for t in tensors
             if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
         ):
             # the batch folded into its first dimension ([B·C, T, ·] of a multiple-choice
-            # head): expanded over B it would not broadcast; the backward refuses the fold
+            # head): expanded over B it would not broadcast; one example's slice (h[:1]):
+            # expanded, the result would have B rows, not 1. Left as it is (the backward
+            # refuses a lookup whose gradient it then cannot tell apart by example)
             return args, kwargs
         swaps = {}
         for p, sources in derived:

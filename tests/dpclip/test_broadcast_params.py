@@ -471,3 +471,29 @@ def test_a_table_used_by_batched_and_batchless_lookups_is_clipped_as_one(clippin
     x = torch.randint(0, 20, (4, 8)) if ids == "random" else torch.arange(8).repeat(4, 1)
     y = torch.randint(0, 3, (4,))
     assert_clipped_sum_matches_reference(model, x, y, clipping, rtol=1e-9, atol=1e-12)
+
+
+class _SliceMeetsPositions(nn.Module):
+    """Position embeddings [1, T, D] added to the whole batch and to example 0's slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D_IN, D)
+        self.pos = nn.Embedding(T, D)
+        self.head = nn.Linear(D, CLASSES)
+        self.first_shape: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pos(torch.arange(x.shape[1]))[None]  # [1, T, D], without the batch
+        h = self.inp(x)
+        self.first_shape = tuple((h[:1] + p).shape)  # one example's slice: [1, T, D]
+        return self.head(torch.tanh(h + p).mean(1))
+
+
+def test_a_batchless_lookup_meeting_one_examples_slice_leaves_its_shape():
+    # dpclip expanded the position embeddings over the batch there too, so that h[:1] + p
+    # came out [B, T, D]: the model computed something else under dpclip (a sum over it B times)
+    model = _SliceMeetsPositions()
+    clipper = _assert_exact(model, "auto")
+    assert model.first_shape == (1, T, D)
+    clipper.remove()
