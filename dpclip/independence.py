@@ -147,7 +147,7 @@ def leading_batch(args: tuple, kwargs: dict) -> int | None:
 
 
 def _change_example_zero(
-    args: tuple, kwargs: dict, batch: int, leading: int | None, extreme: bool = False,
+    args: tuple, kwargs: dict, batch: int, leading: int | None, extreme: bool | str = False,
     also: frozenset[int] = frozenset(),
 ) -> _Changed | None:
     """A copy of the inputs with example 0 replaced by the first example that differs from
@@ -157,6 +157,8 @@ def _change_example_zero(
     holds the batch's extremes (a batch maximum that another example holds does not move
     when row 0 is merely replaced), in the floating-point tensors that can take it
     (``_doubled_row``) and only where the first ``leading`` are all such; None otherwise.
+    ``extreme="topped"``: row 0 takes, at the positions ``_doubled_row`` leaves alone, a
+    value above the batch's largest that stays in the feature's range (``_topped_row``).
     ``also``: positions among the flattened inputs changed besides the first ``leading``
     (inputs known to be the examples' data)."""
     leaves, spec = tree_flatten_with_path((args, kwargs))
@@ -167,7 +169,8 @@ def _change_example_zero(
     rows = rows if leading is None else rows[:leading] + [i for i in rows[leading:] if i in also]
     values = [t for _, t in leaves]
     if extreme:
-        doubled = {i: row for i in rows if (row := _doubled_row(leaves[i][1], batch)) is not None}
+        make = _topped_row if extreme == "topped" else _doubled_row
+        doubled = {i: row for i in rows if (row := make(leaves[i][1], batch)) is not None}
         if not doubled or (leading is not None and len(doubled) < len(rows)):
             return None
         rows = list(doubled)
@@ -231,6 +234,31 @@ def _doubled_row(t: torch.Tensor, batch: int) -> torch.Tensor | None:
         peaks = torch.where(free & finite, flat.abs(), 0).amax(dim=1)
         row = flat[0].clone()
         row[free] = 2 * flat[int(peaks.argmax()), free]
+        return row.reshape(t.shape[1:])
+
+
+def _topped_row(t: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Row 0 of a floating-point input for the third probe: at the positions whose values
+    over the batch are all integers (counts), one more than the batch's largest; at those
+    within [0, 1] otherwise (min-max scaled features), 1 where the batch's largest is below
+    it; elsewhere example 0's value. None where nothing changes. So that a batch maximum
+    over such features (x / x.max(0)) moves: doubling skips them. A code that indexes a
+    table may be out of range then: that run raises, and its probe is skipped."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        flat = t.detach().reshape(batch, -1)
+        finite = torch.isfinite(flat)
+        if not bool(finite.all()):
+            return None
+        peak = flat.amax(dim=0)
+        counts = (flat == flat.round()).all(dim=0)
+        unit = ~counts & ((flat >= 0) & (flat <= 1)).all(dim=0) & (peak < 1)
+        if not bool((counts | unit).any()):
+            return None
+        row = flat[0].clone()
+        row[counts] = peak[counts] + 1
+        row[unit] = 1.0
         return row.reshape(t.shape[1:])
 
 
@@ -317,10 +345,11 @@ def check_independent(
 ) -> Outcome:
     """Probe one call that gave ``reference`` for examples that depend on example 0.
 
-    Example 0 is changed twice: replaced by another example, then (a model's call on the
-    CPU, where its inputs have floating-point tensors that can take it: ``_doubled_row``)
-    made twice the row that holds each one's largest magnitude, so that a batch statistic
-    that another example decides (a maximum) moves too. The second probe is skipped if its
+    Example 0 is changed up to three times: replaced by another example, then (a model's
+    call on the CPU, where its inputs have floating-point tensors that can take it:
+    ``_doubled_row``) made twice the row that holds each one's largest magnitude, so that a
+    batch statistic that another example decides (a maximum) moves too, and then topped at
+    the integer-valued and [0, 1] features that doubling leaves alone (``_topped_row``). The second probe is skipped if its
     run raises: inputs out of their usual range may be refused. A movement that changing
     the first inputs alone does not confirm is warned of, not refused.
 
@@ -370,7 +399,7 @@ def check_independent(
         random_state.restore()
         return run(a, k)
 
-    def moved_by(changed: _Changed, extreme: bool) -> tuple[_Changed, Movement | None]:
+    def moved_by(changed: _Changed, extreme: bool | str) -> tuple[_Changed, Movement | None]:
         probed = replay(changed.args, changed.kwargs)
         moved = moved_examples(reference, probed, batch)
         if moved is None:
@@ -415,13 +444,16 @@ def check_independent(
         # (on the CPU only: elsewhere an input out of its range, a bucket or grid index
         # computed from a doubled feature, is a device-side assert, not an exception)
         if moved is None and not targets and not unconfirmed and _on_cpu(args, kwargs):
-            try:
-                extreme = _change_example_zero(args, kwargs, batch, None, extreme=True)
-                if extreme is not None:
-                    with torch.no_grad(), _scratch_buffers(module):
-                        changed, moved = moved_by(extreme, extreme=True)
-            except Exception:  # noqa: BLE001 - inputs out of their range refused: the first probe stands
-                moved = None
+            for kind in (True, "topped"):
+                try:
+                    extreme = _change_example_zero(args, kwargs, batch, None, extreme=kind)
+                    if extreme is not None:
+                        with torch.no_grad(), _scratch_buffers(module):
+                            changed, moved = moved_by(extreme, extreme=kind)
+                except Exception:  # noqa: BLE001 - inputs out of their range refused: the first probe stands
+                    moved = None
+                if moved is not None or unconfirmed:
+                    break
     finally:
         after.restore()
     if moved is not None:

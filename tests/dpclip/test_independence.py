@@ -423,7 +423,9 @@ def test_the_second_probe_keeps_codes_in_range_and_takes_no_table_for_examples()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         losses = F.cross_entropy(model(x, empty, torch.zeros(6, 3, dtype=torch.float64)), y, reduction="none")
-    assert len(model.seen) == 3 and max(model.seen) <= 3  # the forward, both probes: codes in range
+    # the forward and the first two probes: codes in range; the third (on the CPU only) tops
+    # the integer column by one, out of the table's range: its run raised and was skipped
+    assert len(model.seen) == 4 and max(model.seen[:3]) <= 3 and model.seen[3] == 4
     clipper.clipped_sum(losses)
     # a table that is no example's moves the others when example 0's row changes, and changing
     # the first input alone moves none: not refused, but said (a later per-example input
@@ -594,3 +596,33 @@ class TableArgument(nn.Module):
 
     def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return self.fc(x + table.mean(dim=0))
+
+
+class ScaledByBatchMaximum(nn.Module):
+    """Features already within [0, 1] (min-max scaled) or counts, divided by the batch's
+    maximum: the second probe leaves such features alone (doubled, they could leave their
+    range), so example 0 rarely held the maximum and the model trained."""
+
+    def __init__(self, per_column: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, CLASSES)
+        self.per_column = per_column
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x / (x.amax(dim=0) if self.per_column else x.max()))
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+@pytest.mark.parametrize("features", ["unit", "counts"])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_batch_maximum_over_unit_or_count_features_is_refused(per_column, features, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(8, 5, generator=gen, dtype=torch.float64)
+    if features == "counts":
+        x = torch.randint(0, 20, (8, 5), generator=gen).double() + 1
+    y = torch.randint(0, CLASSES, (8,), generator=gen)
+    torch.manual_seed(0)
+    model = ScaledByBatchMaximum(per_column).double()
+    PerSampleClipper(model, 1.0)
+    with pytest.raises(dpclip.ExamplesMixedError, match="mixes examples"):
+        model(x)
