@@ -890,7 +890,8 @@ class PrivacyEngine:
                 "an optimizer.step() that applied (optimizer.micro_batches_accumulated == 0)"
             )
         schedule = self.optimizer.schedule
-        if schedule.left_early and not schedule._active:
+        spent = self.budget is not None and self.steps_remaining == 0
+        if schedule.left_early and not schedule._active and not spent:
             warnings.warn(
                 "engine.state_dict() after the loop broke out of the DP loader's pass: that pass "
                 "ended there, so this state resumes with a new pass (as this process would if it "

@@ -167,25 +167,16 @@ class DPLoss:
         raise TypeError(
             "the private loss (DPLoss) is not scaled: don't multiply it, or divide it by anything "
             "but the accumulation steps k (the optimizer divides the clipped sum by the logical "
-            "batch size L). Call loss.backward() as it is; to weight the examples, multiply by a "
-            "tensor of their weights, shape [B] (loss * w). A weighted auxiliary loss of the same forward is added "
+            "batch size L). Call loss.backward() as it is. Sample weights go into the criterion: "
+            "a criterion module taking (output, target, weight) that returns each example's "
+            "weighted loss under reduction='none' (dpclip probes it: a weight normalised over "
+            "the batch, w / w.sum(), mixes the examples). A weighted auxiliary loss of the same forward is added "
             "per example: criterion(out, y) + 0.4 * F.cross_entropy(aux, y, reduction='none') "
             "(shape [B]). Mixup's lam * loss(y) + (1 - lam) * loss(y[perm]) mixes the examples' "
             "labels and is not private either way"
         )
 
-    def __mul__(self, other: Any) -> "DPLoss":
-        """ℓ_i · w_i per example, for a tensor ``w`` of shape [B] (each example's own
-        weight, from its data: one normalised over the batch would mix the examples);
-        anything else would scale the loss, which is refused (``TypeError``)."""
-        shape = tuple(self.loss_per_sample.shape)
-        if isinstance(other, torch.Tensor) and other.dim() == 1 and tuple(other.shape) == shape:
-            combined = DPLoss(self.loss_per_sample * other, self._optimizer, self._reduction)
-            combined._generation, combined._forward = self._generation, self._forward
-            return combined
-        return self._not_scaled(other)
-
-    __rmul__ = __mul__
+    __mul__ = __rmul__ = _not_scaled
 
     def __truediv__(self, other: Any) -> "DPLoss":
         """``loss / k`` with k the accumulation steps (or 1) is this loss unchanged.

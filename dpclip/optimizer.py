@@ -381,8 +381,8 @@ class DPOptimizer(Optimizer):
         the loop skipped; warn of fewer rows (a collate that drops examples, or a skipped
         micro-batch). Nothing is changed."""
         handed = self.schedule.upcoming()
-        if handed is None or rows == len(handed):
-            return
+        if handed is None or rows == len(handed) or rows == 0:
+            return  # (an empty micro-batch counted for a handed-out one: add_empty_micro_batch)
         n = len(handed)
         if n == 0:
             raise LogicalBatchError(

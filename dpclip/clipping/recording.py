@@ -762,13 +762,11 @@ class Recorder:
                 return call
             params = tuple(p for _, p in trainable)
             call = GraphCall(unit, outputs, params)
-            if (
-                self.functions is not None and self.functions.active and self.functions.batch > 0
-                and not any(self.functions.carries_batch(t) for t in argument_tensors(args, kwargs))
-            ):
-                # a module given no batched tensor (a table of its own parameters) whose output
-                # was not computed from the batch (a parameter expanded over the batch, stride 0,
-                # has a row per example); only where the mode saw the forward's batched inputs
+            if self.functions is not None and self.functions.active and self.functions.batch > 0:
+                # an output not computed from the batch (a table of the module's parameters,
+                # also one cut to the input's length), only where the mode saw the forward's
+                # batched inputs (not a batch object it does not open); a parameter expanded
+                # over the batch (stride 0) has a row per example
                 call.batchless = [
                     not self.functions.carries_batch(t) and not (t.dim() and t.stride(0) == 0) for t in outputs
                 ]

@@ -536,6 +536,30 @@ class PositionTable(nn.Module):
         return self.pos * self.scale
 
 
+class PositionTableOfLength(PositionTable):
+    """The table cut to the input's length: the module gets the batch, its output does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward()[: x.shape[1]]
+
+
+def test_a_table_cut_to_the_inputs_length_is_refused_when_its_rows_equal_the_batch():
+    # (review: refused only for a module given no batched input, it trained silently wrong)
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(5, 6)
+            self.table = PositionTableOfLength(8, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.proj(x) + self.table(x)).mean(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 4, 5), torch.arange(4) % 3
+    _assert_refused(Model(), x, y, r"module 'table' has shape \(4, 6\), computed without the batch")
+
+
 @pytest.mark.parametrize("batch", [4, 3])
 def test_a_table_computed_without_the_batch_is_refused_also_when_its_rows_equal_the_batch(batch):
     # T = 4 positions: with B = 4 the table's rows were taken for the examples' (the graph

@@ -5,12 +5,14 @@ micro-batch skipped by the loop."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 from torch.func import functional_call, grad, vmap
 
 import dpclip
@@ -310,34 +312,54 @@ def test_per_example_auxiliary_loss_added_to_the_private_loss():
         torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
 
 
-def test_per_example_weights_multiply_the_private_loss():
-    # sample weights (w[B] from the data): ℓ_i·w_i clipped as one; refused before as a scaling
-    run = make_run("mlp", batch_size=4, accumulation_steps=2, max_grad_norm=0.3)
-    weights = torch.linspace(0.5, 2.0, 8, dtype=run.x.dtype)
-    before = run.params()
-    for i in range(2):
-        xb, yb = _micro(run, i)
-        w = weights[4 * i : 4 * i + 4]
-        loss = run.criterion(run.model(xb), yb) * w if i == 0 else w * run.criterion(run.model(xb), yb)
-        assert isinstance(loss, dpclip.DPLoss)
-        loss.backward()
-    run.optimizer.step()
+class WeightedCrossEntropy(nn.Module):
+    """Sample weights the README's way: the criterion takes them, and honours reduction."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(out, y, reduction="none") * w
+        return losses if self.reduction == "none" else losses.mean()
+
+
+def test_sample_weights_through_the_criterion_equal_the_reference():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 10, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+    w = torch.linspace(0.5, 2.0, 16, dtype=torch.float64)
+    model = MLP().double()
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = dpclip.PrivacyEngine(accountant="rdp")
+    model, optimizer, criterion, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=WeightedCrossEntropy(),
+        data_loader=DataLoader(TensorDataset(x, y, w), batch_size=4), noise_multiplier=0.0, max_grad_norm=0.3,
+        accumulation_steps=2, poisson_sampling=False,
+    )
+    for xb, yb, wb in loader:
+        criterion(model(xb), yb, wb).backward()
+        if optimizer.step() is not None or engine.steps:
+            break
+    assert engine.steps == 1
     expected = {n: torch.zeros_like(p) for n, p in before.items()}
     for i in range(8):  # one example at a time, its loss times its weight
-        part = _clipped_update(run.reference_model, before, run.x[i : i + 1], run.y[i : i + 1], 0.3, 8,
-                               lambda out, yi, w=weights[i]: F.cross_entropy(out, yi) * w)
+        part = _clipped_update(reference, before, x[i : i + 1], y[i : i + 1], 0.3, 8,
+                               lambda out, yi, wi=w[i]: F.cross_entropy(out, yi) * wi)
         for n in expected:
             expected[n] += part[n]
-    for name, p in run.model.named_parameters():
+    for name, p in model.named_parameters():
         torch.testing.assert_close(before[name] - p.detach(), expected[name], atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("weight", [torch.tensor(2.0), torch.ones(3), torch.ones(4, 1)])
-def test_a_weight_that_is_not_one_per_example_is_refused(weight):
+@pytest.mark.parametrize("weight", [torch.tensor(2.0), torch.ones(4), torch.ones(4, 1)])
+def test_multiplying_the_private_loss_is_refused_with_the_sample_weight_recipe(weight):
+    # (a [B] weight normalised over the batch, w / w.sum(), mixes the examples unseen)
     run = make_run("mlp", batch_size=4, accumulation_steps=2)
     xb, yb = _micro(run, 0)
     loss = run.criterion(run.model(xb), yb)
-    with pytest.raises(TypeError, match=r"is not scaled.*tensor of their weights, shape \[B\]"):
+    with pytest.raises(TypeError, match=r"is not scaled.*Sample weights go into the criterion"):
         loss * weight.to(run.x.dtype)
     loss.backward()  # nothing was consumed
     assert run.optimizer.micro_batches_accumulated == 1
@@ -618,6 +640,18 @@ def test_two_views_concatenated_inside_the_model_are_refused():
                        r"the model"):
         run.criterion(run.model(xb), torch.cat([yb, yb])).backward()
     _assert_unchanged(run, before)
+
+
+def test_a_refused_micro_batch_counted_empty_is_not_warned_of():
+    # the refusal says to count it with add_empty_micro_batch(): doing so warned each time
+    run = make_run("mlp", poisson_sampling=False)
+    xb, yb = next(iter(run.loader))
+    with pytest.raises(RuntimeError, match="per-example values but the DP data loader"):
+        run.criterion(run.model(torch.cat([xb, xb])), torch.cat([yb, yb])).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.optimizer.add_empty_micro_batch()
+    assert run.optimizer.micro_batches_accumulated == 1
 
 
 def test_fewer_loss_rows_than_handed_out_are_warned_of():
