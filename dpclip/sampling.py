@@ -17,7 +17,7 @@ import base64
 import enum
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -503,10 +503,30 @@ def _empty_aware_collate(dataset: Any, collate_fn: Any) -> Any:
     def collate(batch: list[Any]) -> Any:
         if len(batch) > 0:
             return collate_fn(batch)
-        example = collate_fn([dataset[0]])
-        return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, example)
+        return _emptied(collate_fn([dataset[0]]))
 
     return collate
+
+
+def _emptied(batch: Any) -> Any:
+    """``batch`` with every tensor cut to zero rows, also inside mappings that torch's tree
+    functions do not open (Hugging Face's BatchEncoding, a UserDict: its one example was
+    left whole, and trained on as the empty micro-batch)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        items = {k: _emptied(v) for k, v in batch.items()}
+        if type(batch) is dict:
+            return items
+        try:
+            return type(batch)(items)
+        except TypeError:
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(_emptied(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_emptied(v) for v in batch)
+    return tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, batch)
 
 
 def micro_batch_rows(dataset: Any, collate_fn: Callable[[list[Any]], Any], schedule: MicroBatchSchedule) -> list[torch.Tensor]:

@@ -147,9 +147,12 @@ class DPCallback(pl.Callback):
                 f"whole number of logical batches (a multiple of {k}), or max_steps"
             )
         if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
+            why = (
+                "its loss scaler would rescale dpclip's clipped sums" if "mixed" in str(trainer.precision)
+                else "float16 weights are not taken by the callback"
+            )
             raise ValueError(
-                f"DPCallback does not take precision={trainer.precision!r} (its loss scaler would "
-                "rescale dpclip's clipped sums): use 'bf16-mixed' or 32"
+                f"DPCallback does not take precision={trainer.precision!r} ({why}): use 'bf16-mixed' or 32"
             )
         if not isinstance(getattr(pl_module, self._criterion_name, None), nn.Module):
             raise ValueError(

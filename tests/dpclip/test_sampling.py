@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import UserDict
 
 import pytest
 import torch
@@ -111,3 +112,27 @@ def test_loader_turns_empty_micro_batches_into_zero_length_tensors():
     shapes = [(tuple(x.shape), y.dtype) for x, y in loader]
     assert len(shapes) == len(loader) == 80
     assert ((0, 3, 2), torch.int64) in shapes
+
+
+class Encoding(UserDict):
+    """A collate's mapping that torch's tree functions do not open (as Hugging Face's
+    BatchEncoding, which DataCollatorWithPadding returns)."""
+
+
+@pytest.mark.parametrize("wrap", [Encoding, dict])
+def test_an_empty_micro_batch_of_a_mapping_collate_has_no_rows(wrap):
+    # (its one example was left whole: the empty micro-batch trained on dataset[0])
+    ids = torch.arange(40).reshape(20, 2)
+
+    def collate(items):
+        return wrap({"input_ids": torch.stack([ids[i] for i in items]), "labels": torch.tensor(items),
+                     "meta": [torch.zeros(1) for _ in items]})
+
+    sampler = PoissonMicroBatchSampler(
+        num_samples=20, sample_rate=0.05, steps=20, micro_batches=4, generator=torch.Generator().manual_seed(3),
+    )
+    loader = wrap_data_loader(DataLoader(list(range(20)), batch_size=1, collate_fn=collate), sampler)
+    batches = list(loader)
+    empty = [b for b in batches if b["labels"].shape[0] == 0]
+    assert empty and all(type(b) is wrap for b in empty)
+    assert all(b["input_ids"].shape == (0, 2) for b in empty)
