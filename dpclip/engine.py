@@ -940,7 +940,18 @@ class PrivacyEngine:
             if state.get(key) != mine[key]:
                 raise ValueError(f"saved {key}={state.get(key)!r} differs from this engine's {mine[key]!r}")
         if state.get("plan") != mine["plan"]:
-            raise ValueError(f"saved batching {state.get('plan')} differs from this engine's {mine['plan']}")
+            saved = state.get("plan") if isinstance(state.get("plan"), dict) else {}
+            changed = [
+                f"{key} {saved.get(key)!r} saved, {mine['plan'].get(key)!r} here"
+                for key in sorted(set(saved) | set(mine["plan"])) if saved.get(key) != mine["plan"].get(key)
+            ]
+            what = "; ".join(changed) or repr(state.get("plan"))
+            raise ValueError(
+                f"the saved batching differs from this engine's ({what}): "
+                "the state resumes only the run it was saved from. Make the model private as that run "
+                "did (the same dataset, batch size, accumulation steps or max_physical_batch_size, "
+                "sampling and processes), or start a new run (and account for both)"
+            )
         ledger = Ledger()
         ledger.load_state_dict(state.get("ledger"))
         check_ledger_against_plan(ledger, self.plan, self.noise_multiplier)

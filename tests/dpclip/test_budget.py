@@ -93,6 +93,11 @@ def test_load_state_dict_refuses_another_run():
         other.load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match="schema"):
         other.load_state_dict({"ledger": {}})
+    # another dataset size: the field named, and the fix (it printed the two plans whole)
+    bigger, *_ = private_mlp(n=96)
+    with pytest.raises(ValueError, match=r"saved batching differs from this engine's \(dataset_size 80 saved, 96 here;"
+                       r".*the same dataset, batch size"):
+        bigger.load_state_dict(first.state_dict())
 
 
 @pytest.mark.parametrize(
