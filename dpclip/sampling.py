@@ -16,11 +16,13 @@ from __future__ import annotations
 import base64
 import enum
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils._pytree import tree_flatten, tree_map
@@ -534,18 +536,10 @@ def micro_batch_rows(dataset: Any, collate_fn: Callable[[list[Any]], Any], sched
     dataset and the loader's collate function give them; empty when none is known or
     fetching it fails. torch's, Python's and NumPy's global random states are left as they
     were (a dataset's random augmentation draws from them)."""
-    import random
-
     indices = schedule.upcoming()
     if not indices:
         return []
-    states = [torch.get_rng_state(), random.getstate()]
-    try:
-        import numpy
-
-        states.append(numpy.random.get_state())
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        numpy = None
+    states = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
     try:
         batch = collate_fn([dataset[i] for i in indices])
         leaves, _ = tree_flatten(batch)
@@ -555,8 +549,7 @@ def micro_batch_rows(dataset: Any, collate_fn: Callable[[list[Any]], Any], sched
     finally:
         torch.set_rng_state(states[0])
         random.setstate(states[1])
-        if numpy is not None:
-            numpy.random.set_state(states[2])
+        numpy.random.set_state(states[2])
 
 
 def wrap_data_loader(loader: DataLoader, batch_sampler: Sampler) -> DataLoader:

@@ -641,10 +641,7 @@ class FunctionRecorder(TorchFunctionMode):
         operations in ``_BROADCASTING`` align operands at their last dimension)."""
         tensors = argument_tensors(args, kwargs)
         ndim = max(a.dim() for a in tensors)
-        if any(
-            t.dim() == ndim and t.shape[0] != self.batch for t in tensors
-            if self._batched.get(id(t)) is not None and self._batched[id(t)]() is t
-        ):
+        if any(t.dim() == ndim and t.shape[0] != self.batch for t in tensors if self.carries_batch(t)):
             # the batch folded into its first dimension ([B·C, T, ·] of a multiple-choice
             # head): expanded over B it would not broadcast; one example's slice (h[:1]):
             # expanded, the result would have B rows, not 1. Left as it is (the backward

@@ -543,43 +543,38 @@ class PositionTableOfLength(PositionTable):
         return super().forward()[: x.shape[1]]
 
 
+class WithTable(nn.Module):
+    """A projection of the input plus ``table``'s output: called with the input where it
+    takes one (``PositionTableOfLength``), else with nothing."""
+
+    def __init__(self, table: nn.Module) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 6)
+        self.table = table
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        rows = self.table(x) if isinstance(self.table, PositionTableOfLength) else self.table()
+        return self.head(torch.tanh(self.proj(x) + rows).mean(1))
+
+
 def test_a_table_cut_to_the_inputs_length_is_refused_when_its_rows_equal_the_batch():
     # (review: refused only for a module given no batched input, it trained silently wrong)
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = nn.Linear(5, 6)
-            self.table = PositionTableOfLength(8, 6)
-            self.head = nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.proj(x) + self.table(x)).mean(1))
-
     torch.manual_seed(0)
     x, y = torch.randn(4, 4, 5), torch.arange(4) % 3
-    _assert_refused(Model(), x, y, r"module 'table' has shape \(4, 6\), computed without the batch")
+    _assert_refused(WithTable(PositionTableOfLength(8, 6)), x, y, r"module 'table' has shape \(4, 6\), computed without the batch")
 
 
 @pytest.mark.parametrize("batch", [4, 3])
 def test_a_table_computed_without_the_batch_is_refused_also_when_its_rows_equal_the_batch(batch):
     # T = 4 positions: with B = 4 the table's rows were taken for the examples' (the graph
     # path's shape check passed) and the update was silently wrong
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = nn.Linear(5, 6)
-            self.table = PositionTable(4, 6)
-            self.head = nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.proj(x) + self.table()).mean(1))
-
     torch.manual_seed(0)
     x, y = torch.randn(batch, 4, 5), torch.arange(batch) % 3
     match = (r"module 'table' has shape \(4, 6\), computed without the batch \(its first dimension equals the "
              r"batch size by chance;.*computed from parameters alone" if batch == 4
              else r"module 'table' has shape \(4, 6\) but the loss has 3 per-sample values")
-    _assert_refused(Model(), x, y, match)
+    _assert_refused(WithTable(PositionTable(4, 6)), x, y, match)
 
 
 class SmallViT(nn.Module):
